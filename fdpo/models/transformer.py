@@ -1,0 +1,251 @@
+"""The decoder of Qwen2 (Qwen2.5-Coder) and Llama (DeepSeek-Coder), in Flax NNX.
+
+Read it next to transformers' `modeling_qwen2.py` and `modeling_llama.py`: the blocks are
+the same; the two architectures differ only in the config flags `qkv_bias`, `o_bias`,
+`tie_embeddings` and the rope settings (see `config.py`).
+
+Layout choices:
+- The layers' parameters are stacked on a leading `layers` axis (one `Block` holds all of
+  them). `scan_layers=True` runs them with `jax.lax.scan` (one compiled block, fast
+  compiles); `False` unrolls a Python loop over the same arrays. The checkpoint layout is
+  the same either way.
+- Projection kernels keep the head axis apart (`q: [embed, heads, head_dim]`), so heads can
+  be sharded without reshapes. The unembedding is `[vocab, embed]`, like the embedding.
+- Rotary embeddings use HF's half-split layout (`rotate_half`), so converted q/k weights
+  need no permutation.
+
+Attention structure is explicit, for packed batches and shared-prefix pairs: token i
+attends to token j iff `segment_ids` match, j <= i, and `branch_ids[j]` is 0 (the shared
+trunk) or equals `branch_ids[i]`. Positions are passed in, so the second branch can
+continue from the trunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fdpo import sharding
+from fdpo.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal"):
+    if init == "normal":  # transformers' initializer_range default
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks. Parameters of a Block have a leading `layers` axis; inside the forward
+# each module sees one layer's slice.
+# ----------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    # As HF: normalise in float32, cast back to the input dtype, then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, factor: float):
+    """cos, sin of shape [batch, length, head_dim] for HF's half-split rotary layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / factor  # linear scaling; factor is 1.0 for "default"
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [batch, length, heads, head_dim]; cos, sin: [batch, length, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array, branch_ids: Array) -> Array:
+    """[batch, length, length] bool: may query i attend to key j."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_branch = branch_ids[:, None, :]
+    same_branch = (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    return causal[None] & same_segment & same_branch
+
+
+class RMSNorm(nnx.Module):
+
+    def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+        axes = ("layers",) * len(stack) + ("norm",)
+        self.scale = _param(rngs, stack + (cfg.hidden_size,), axes, _dtype(cfg.param_dtype),
+                            init="ones")
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+
+    def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = _dtype(cfg.param_dtype)
+        lay = ("layers",) * len(stack)
+        self.q_kernel = _param(rngs, stack + (d, h, hd), lay + ("embed", "heads", "head_dim"), pd)
+        self.k_kernel = _param(rngs, stack + (d, kv, hd), lay + ("embed", "kv_heads", "head_dim"),
+                               pd)
+        self.v_kernel = _param(rngs, stack + (d, kv, hd), lay + ("embed", "kv_heads", "head_dim"),
+                               pd)
+        self.o_kernel = _param(rngs, stack + (h, hd, d), lay + ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:  # Qwen2 always; Llama with attention_bias
+            self.q_bias = _param(rngs, stack + (h, hd), lay + ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(rngs, stack + (kv, hd), lay + ("kv_heads", "head_dim"), pd,
+                                 "zeros")
+            self.v_bias = _param(rngs, stack + (kv, hd), lay + ("kv_heads", "head_dim"), pd,
+                                 "zeros")
+        if cfg.o_bias:  # never in Qwen2
+            self.o_bias = _param(rngs, stack + (d,), lay + ("embed",), pd, "zeros")
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        cfg = self.cfg
+        cd = x.dtype
+
+        def project(kernel, bias_name):
+            y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(cd))
+            if hasattr(self, bias_name):
+                y = y + getattr(self, bias_name)[...].astype(cd)
+            return y
+
+        q = apply_rope(project(self.q_kernel, "q_bias"), cos, sin)
+        k = apply_rope(project(self.k_kernel, "k_bias"), cos, sin)
+        v = project(self.v_kernel, "v_bias")
+
+        # Grouped-query attention: query heads are [kv_heads, group].
+        b, t, _, hd = q.shape
+        group = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, group, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(
+            jnp.float32(hd))
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(cd))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(cd)
+        return out
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        pd = _dtype(cfg.param_dtype)
+        lay = ("layers",) * len(stack)
+        self.gate_kernel = _param(rngs, stack + (d, f), lay + ("embed", "mlp"), pd)
+        self.up_kernel = _param(rngs, stack + (d, f), lay + ("embed", "mlp"), pd)
+        self.down_kernel = _param(rngs, stack + (f, d), lay + ("mlp", "embed"), pd)
+
+    def __call__(self, x: Array) -> Array:
+        cd = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(cd))
+        up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(cd))
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(cd))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, stack, rngs)
+        self.attn = Attention(cfg, stack, rngs)
+        self.mlp_norm = RMSNorm(cfg, stack, rngs)
+        self.mlp = MLP(cfg, stack, rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.mlp(self.mlp_norm(x))
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Token ids -> logits (or final hidden states)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = _dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = Block(cfg, (cfg.num_layers,), rngs)
+        self.final_norm = RMSNorm(cfg, (), rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                  pd)
+
+    def unembedding(self) -> Array:
+        """[vocab, embed]: the lm_head, or the embedding when they are tied."""
+        return (self.embed if self.cfg.tie_embeddings else self.lm_head)[...]
+
+    def __call__(self, input_ids: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None, branch_ids: Array | None = None, *,
+                 return_hidden: bool = False) -> Array:
+        """input_ids, positions, segment_ids, branch_ids: int [batch, length].
+
+        Defaults: positions 0..length-1, one segment, no branches. Returns logits
+        [batch, length, vocab] in the compute dtype, or the final-normed hidden states
+        [batch, length, embed] with `return_hidden=True` (for chunked log-probs).
+        """
+        cfg = self.cfg
+        cd = _dtype(cfg.compute_dtype)
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if branch_ids is None:
+            branch_ids = jnp.zeros((b, t), jnp.int32)
+        mask = attention_mask(segment_ids, branch_ids)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cd)
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(h, state):
+            return nnx.merge(graphdef, state)(h, cos, sin, mask)
+
+        if cfg.remat_policy != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy],
+                                       prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda h, s: (one_layer(h, s), None), x, layer_state)
+        else:
+            for i in range(cfg.num_layers):
+                x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
+
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        logits = jnp.einsum("btd,vd->btv", x, self.unembedding().astype(cd))
+        return sharding.constrain(logits, ("batch", "length", "act_vocab"))

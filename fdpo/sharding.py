@@ -1,0 +1,165 @@
+"""Logical axis names, the rules that map them onto a device mesh, and the one helper that
+constrains activations.
+
+Every parameter carries a tuple of logical axis names in its `logical_axes` metadata
+(`('embed', 'heads', 'head_dim')`, ...). A run config holds one rules table, a sequence of
+`(logical_name, mesh_axis or tuple of mesh axes or None)`, mapping them onto the mesh
+`('data', 'fsdp', 'tensor')`. A GPU run and a TPU-pod run differ only in that table and the
+mesh shape.
+
+A dimension that does not divide evenly over its mesh axes (a vocabulary of 32,001 over 2
+tensor shards, or 2 KV heads over 4) is replicated instead, since XLA requires even
+shards for device_put; `explain_shardings` reports where that happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameters are sharded over fsdp on the model dimension and over tensor on heads/mlp/vocab;
+# activations split the batch over data and fsdp. This is the usual FSDP + tensor
+# parallel layout (flax lm1b, t5x standard rules).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_mlp", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one -1 entry takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if len(devices) % rest:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // rest
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices; "
+                         f"{len(devices)} are available")
+    device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> P:
+    """PartitionSpec for an array of `shape` whose dims carry `logical_axes`."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        if target is None:
+            spec.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
+        # A mesh axis may appear only once in a spec; size-1 axes are dropped for clarity.
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """NamedShardings for every variable of an (abstract or concrete) nnx state."""
+
+    def one(v: nnx.Variable):
+        axes = v.get_metadata().get("logical_axes")
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        if axes is None:
+            axes = (None,) * len(value.shape)
+        return v.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def explain_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> list[str]:
+    """One line per parameter whose rule asked for sharding that had to be dropped."""
+    table = dict(rules)
+    notes = []
+    for path, v in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_variable):
+        axes = v.get_metadata().get("logical_axes") or ()
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        spec = logical_to_spec(axes, value.shape, mesh, rules)
+        for name, dim, got in zip(axes, value.shape, spec):
+            if table.get(name) is not None and got is None:
+                notes.append(f"{jax.tree_util.keystr(path)}: dim {name}={dim} replicated "
+                             f"(not divisible over {table[name]})")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------
+# Activation constraints. The model calls `constrain(x, ('batch', 'length', 'act_embed'))`
+# at block boundaries; it is a no-op unless a mesh is active through `use_mesh`.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    mesh: Mesh
+    rules: Rules
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("fdpo_mesh",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    token = _ACTIVE.set(_Active(mesh, tuple(rules)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, active.mesh, active.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
+
+
+def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    """Sharding for [batch, length, ...] host batches: batch over the data axes."""
+    axes = ("batch",) + (None,) * (ndim - 1)
+    spec = []
+    for name in axes:
+        target = dict(rules).get(name) if name else None
+        spec.append(target)
+    return NamedSharding(mesh, P(*spec))
