@@ -114,3 +114,17 @@ def load_model(path: str | pathlib.Path, mesh: Mesh, rules=shd.DEFAULT_RULES,
     state = nnx.State(abstract)
     nnx.replace_by_pure_dict(state, params)
     return cfg, graphdef, state
+
+
+def load_checkpoint_or_hf(mesh: Mesh, *, checkpoint: str | None = None,
+                          hf_dir: str | None = None, rules=shd.DEFAULT_RULES,
+                          **config_overrides):
+    """(cfg, graphdef, state, dir holding tokenizer files) from exactly one source."""
+    if (checkpoint is None) == (hf_dir is None):
+        raise ValueError("give exactly one of checkpoint= and hf_dir=")
+    if checkpoint is not None:
+        cfg, graphdef, state = load_model(checkpoint, mesh, rules, **config_overrides)
+        return cfg, graphdef, state, pathlib.Path(checkpoint) / EXTRAS_DIR
+    cfg = ModelConfig.from_hf_dir(hf_dir, **config_overrides)
+    graphdef, state = convert.load_hf_params(hf_dir, cfg, mesh, rules)
+    return cfg, graphdef, state, pathlib.Path(hf_dir)

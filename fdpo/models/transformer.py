@@ -227,7 +227,10 @@ class Decoder(nnx.Module):
         mask = attention_mask(segment_ids, branch_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
 
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cd)
+        # Gather from a table whose model dimension is whole on every device (FSDP gathers
+        # parameters before use anyway); XLA otherwise falls back to full replication.
+        table = sharding.constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(cd)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
         graphdef, layer_state = nnx.split(self.layers)
