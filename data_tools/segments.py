@@ -185,7 +185,7 @@ def select_pairs(seqs: Sequence[np.ndarray], ranks: Sequence[int], correct: Sequ
     kept: list[Pair] = []
     first_reason = None
     for c in candidates:
-        reason = _candidate_reason(c, seqs, max_response_len)
+        reason = candidate_reason(c, max_response_len)
         if reason is not None:
             filtered[reason] = filtered.get(reason, 0) + 1
             first_reason = first_reason or reason
@@ -195,7 +195,8 @@ def select_pairs(seqs: Sequence[np.ndarray], ranks: Sequence[int], correct: Sequ
     return Selection(kept, None if kept else first_reason, filtered)
 
 
-def _candidate_reason(c: Pair, seqs, max_response_len) -> str | None:
+def candidate_reason(c: Pair, max_response_len: int | None) -> str | None:
+    """The filter that removes candidate pair ``c``, or None when it is kept."""
     if c.chosen_len == c.rejected_len and c.prefix_len == c.chosen_len:
         return IDENTICAL
     if c.chosen_mid_len == 0:
