@@ -56,6 +56,7 @@ log = logging.getLogger("data_tools.build")
 BLANK_LINE = "blank_line"
 MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"
+MALFORMED_UTF8 = "malformed_utf8"
 MAX_PAIRS_PER_PROBLEM = 1000  # pair_id = line_number * 1000 + k stays unique and traceable
 SPLITS = ("train", "validation")
 
@@ -117,7 +118,7 @@ class Drops:
     def add(self, line: int, reason: str, detail: str = "", name: str | None = None) -> None:
         self.reasons[reason] += 1
         self.entries.append({"line": line, "id": name, "reason": reason, "detail": detail})
-        if reason in (MALFORMED_JSON, MALFORMED_RECORD) and self.reasons[reason] <= 20:
+        if reason in (MALFORMED_JSON, MALFORMED_RECORD, MALFORMED_UTF8) and self.reasons[reason] <= 20:
             log.warning("line %d dropped (%s): %s", line, reason, detail)
 
 
@@ -195,30 +196,27 @@ def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
     from tqdm import tqdm
 
     chunk: list[Item] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        bar = tqdm(desc=f"read {os.path.basename(path)}", unit=" lines", disable=not progress,
-                   file=sys.stderr)
-        line_no = 0
-        while True:
-            try:
-                raw = f.readline()
-            except UnicodeDecodeError as e:  # the rest of the file cannot be trusted
-                raise ValueError(f"{path}: line {line_no + 1} is not valid UTF-8: {e}") from e
-            if not raw:
-                break
-            line_no += 1
+    # Binary mode, decoded line by line: one line of bad UTF-8 is dropped with its own line
+    # number instead of failing (or mis-numbering) the whole buffered read.
+    with open(path, "rb") as f, tqdm(desc=f"read {os.path.basename(path)}", unit=" lines",
+                                     disable=not progress, file=sys.stderr) as bar:
+        for line_no, raw in enumerate(f, start=1):
             bar.update(1)
             if (line_no - 1) % config.num_shards != config.shard_index:
                 continue  # another host's line
             counts["lines_in"] += 1
-            item = _parse_line(line_no, raw, drops)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                drops.add(line_no, MALFORMED_UTF8, f"line {line_no}: not valid UTF-8: {e}")
+                continue
+            item = _parse_line(line_no, text, drops)
             if item is not None:
                 counts["problems_in" if item.passed is not None else "ready_pairs_in"] += 1
                 chunk.append(item)
             if len(chunk) >= config.chunk_size:
                 yield chunk
                 chunk = []
-        bar.close()
     if chunk:
         yield chunk
 
@@ -452,7 +450,7 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
     }
     drops_path = os.path.join(out_dir, f"drops-{tag}.jsonl")
     with open(drops_path, "w") as f:
-        for e in drops.entries:
+        for e in sorted(drops.entries, key=lambda e: e["line"]):  # parse and pipeline drops interleave
             f.write(json.dumps(e) + "\n")
     splits = {s: {"records": writers[s].count,
                   "shards": [{"path": os.path.basename(paths[s]), "records": writers[s].count}]}

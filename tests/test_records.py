@@ -148,3 +148,15 @@ def test_manifest_roundtrip_and_merge(tmp_path):
     bad["max_len"] = 32
     with pytest.raises(ValueError, match="max_len"):
         records.merge_manifests([m0, bad])
+
+
+def test_data_modules_do_not_import_jax():
+    """The data tools stay light: records, rank, segments and build never import jax."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fdpo.records, data_tools.rank, data_tools.segments, data_tools.build; "
+            "sys.exit(1 if 'jax' in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+    assert res.returncode == 0, "a data module imported jax: " + res.stderr
