@@ -101,6 +101,18 @@ def line_boundaries(newline_flags: Sequence[bool]) -> np.ndarray:
     return out
 
 
+def newline_flags_from_offsets(text: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Per-token newline flags from character offsets (``(start, end)`` per token into ``text``,
+    e.g. a fast tokenizer's ``offset_mapping``): a token is flagged when its span holds a newline.
+    """
+    nl = np.zeros(len(text) + 1, np.int64)
+    nl[1:] = np.cumsum([ch == "\n" for ch in text])  # nl[i] = newlines in text[:i]
+    off = np.asarray(offsets, np.int64).reshape(-1, 2)
+    if off.size and (off.min() < 0 or off.max() > len(text)):
+        raise ValueError(f"token offsets outside the text of length {len(text)}")
+    return nl[off[:, 1]] > nl[off[:, 0]]
+
+
 def snap_to_lines(prefix_len: int, suffix_len: int, bound_a: np.ndarray, bound_b: np.ndarray) -> tuple[int, int]:
     """Moves the prefix end back and the suffix start forward to boundaries in both sequences.
 

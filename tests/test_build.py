@@ -10,7 +10,7 @@ import pytest
 from data_tools import build
 from fdpo import records
 from fdpo.records import Segment
-from tests.helpers.tokenizer import build_tiny_tokenizer
+from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,10 +20,8 @@ OTHER = "class Stack:\n    def __init__(self):\n        self.items = []\n"
 
 
 @pytest.fixture(scope="module")
-def tok_dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tok")
-    return {"chat": str(build_tiny_tokenizer(base / "chat", chat_template=True)),
-            "plain": str(build_tiny_tokenizer(base / "plain", chat_template=False))}
+def tok_dirs(tiny_tokenizer_dirs):  # noqa: F811
+    return tiny_tokenizer_dirs
 
 
 @pytest.fixture(scope="module")

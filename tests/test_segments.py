@@ -68,6 +68,14 @@ def test_line_snapping():
     assert sg.snap_to_lines(3, 4, sg.line_boundaries(flat), sg.line_boundaries(flat)) == (0, 0)
 
 
+def test_newline_flags_from_offsets():
+    text = "a = 1\nb = 2\n"
+    offsets = [(0, 1), (1, 5), (5, 6), (6, 7), (7, 12)]  # "a", " = 1", "\n", "b", " = 2\n"
+    assert sg.newline_flags_from_offsets(text, offsets).tolist() == [False, False, True, False, True]
+    with pytest.raises(ValueError, match="outside the text"):
+        sg.newline_flags_from_offsets(text, [(0, 40)])
+
+
 def test_segment_ids_layout():
     seg = sg.segment_ids(prompt_len=3, response_len=6, prefix_len=2, suffix_len=1, max_len=12)
     P, X, M, S, O = (int(v) for v in (Segment.PROMPT, Segment.PREFIX, Segment.MID, Segment.SUFFIX, Segment.PAD))

@@ -5,12 +5,19 @@ Use it wherever a test needs a real ``AutoTokenizer``-loadable tokenizer without
     from tests.helpers.tokenizer import build_tiny_tokenizer
     path = build_tiny_tokenizer(tmp_path / "tok", chat_template=True)
 
+or, as a session-scoped pytest fixture (import it into the test module to use it)::
+
+    from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401
+    def test_x(tiny_tokenizer_dirs): AutoTokenizer.from_pretrained(tiny_tokenizer_dirs["chat"])
+
 Training is deterministic for a fixed corpus and takes well under a second.
 """
 from __future__ import annotations
 
 import os
 import pathlib
+
+import pytest
 
 # A ChatML-style template (the format Qwen2.5 uses), simplified: no system prompt injection.
 CHAT_TEMPLATE = (
@@ -61,3 +68,11 @@ def build_tiny_tokenizer(path: str | os.PathLike, chat_template: bool = False,
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """{"chat": dir with a ChatML template, "plain": dir without one}."""
+    base = tmp_path_factory.mktemp("tiny_tokenizers")
+    return {"chat": str(build_tiny_tokenizer(base / "chat", chat_template=True)),
+            "plain": str(build_tiny_tokenizer(base / "plain", chat_template=False))}
