@@ -95,6 +95,10 @@ def test_array_record_and_grain_source(tmp_path):
         np.testing.assert_array_equal(got["rejected_segments"], rec.rejected_segments)
         assert int(got["pair_id"]) == rec.pair_id
     assert src.record(0).problem_name == "prob/1"
+    # grain's worker processes receive the source pickled: it must survive a round trip.
+    import pickle
+    clone = pickle.loads(pickle.dumps(src))
+    assert len(clone) == 8 and int(clone[7]["pair_id"]) == 102 and repr(clone) == repr(src)
 
     # Through grain itself: a shuffled, batched MapDataset sees every pair exactly once.
     # Only records of one kind batch together (ref_logps present or not), so use shard a.
