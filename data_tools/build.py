@@ -1,0 +1,582 @@
+"""Builds Focused-DPO pair records from sampled codes, tests and verdicts.
+
+    python -m data_tools.build --input SAMPLES.jsonl --tokenizer HF_DIR --out DIR --max_len 2048
+
+Input: JSON Lines, each line one of
+
+* a problem: ``{"id", "prompt", "codes": [str], "tests": [...], "passed": [[bool]]}`` with
+  ``passed[i][j]`` true when code i passes test j; codes are ranked (``--ranker``), classified,
+  and the best (correct, incorrect) pairs selected (``--lam``, ``--pairs_per_problem``);
+* a ready pair: ``{"prompt", "chosen", "rejected"}`` (optional ``"id"``), used as given.
+
+Tokenisation: when the tokenizer has a chat template, the prompt is the template applied to one
+user message with the generation prompt appended; otherwise the prompt is the plain text
+tokenised with the tokenizer's own special tokens (e.g. BOS), and the response follows it
+directly (plain concatenation). Each response is tokenised on its own, without special tokens,
+and the EOS token is appended (the policy learns to stop; for ChatML tokenizers EOS is
+``<|im_end|>``). Segments are computed on these response token ids.
+
+Output in ``--out`` for shard i of n (``--shard_index/--num_shards``; host i reads input lines
+``i, i+n, ...``, 0-based, so hosts write disjoint shards):
+
+* ``train-0000i-of-0000n.array_record``, ``validation-...``: :mod:`fdpo.records` records;
+  the split is by a hash of the problem id (``--val_fraction``), so it is deterministic and a
+  problem never lands in both splits;
+* ``manifest-0000i-of-0000n.json`` (and ``manifest.json`` when n = 1; ``--merge`` merges the
+  shard manifests of a finished multi-host build into ``manifest.json``);
+* ``drops-0000i-of-0000n.jsonl``: every dropped input line with its line number and reason;
+* ``preview-0000i-of-0000n.html``: the first pairs with prefix / mid / suffix marked.
+
+Every input line of the shard is either used (yields at least one record) or dropped with one
+reason: ``lines_in = lines_used + lines_dropped`` is checked before the manifest is written.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import html
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from data_tools import rank as rank_lib
+from data_tools import segments as seg_lib
+from fdpo import records
+
+log = logging.getLogger("data_tools.build")
+
+# Input-level drop reasons (pipeline reasons live in data_tools.segments).
+BLANK_LINE = "blank_line"
+MALFORMED_JSON = "malformed_json"
+MALFORMED_RECORD = "malformed_record"
+MALFORMED_UTF8 = "malformed_utf8"
+MAX_PAIRS_PER_PROBLEM = 1000  # pair_id = line_number * 1000 + k stays unique and traceable
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    max_len: int = 2048
+    ranker: str = "mutual"
+    damping: float = rank_lib.DEFAULT_DAMPING
+    max_iter: int = rank_lib.DEFAULT_MAX_ITER
+    patience: int = rank_lib.DEFAULT_PATIENCE
+    lam: float = seg_lib.DEFAULT_LAMBDA
+    pairs_per_problem: int = 1
+    granularity: str = "token"  # or "line"
+    val_fraction: float = 1 / 6  # the paper's 5,000 train : 1,000 validation
+    shard_index: int = 0
+    num_shards: int = 1
+    chunk_size: int = 2048
+    preview_pairs: int = 20
+
+    def validate(self) -> None:
+        if self.ranker not in rank_lib.RANKERS:
+            raise ValueError(f"--ranker={self.ranker!r}: choose one of {sorted(rank_lib.RANKERS)}")
+        if self.granularity not in ("token", "line"):
+            raise ValueError(f"--granularity={self.granularity!r}: choose 'token' or 'line'")
+        if self.max_len < 2:
+            raise ValueError(f"--max_len={self.max_len} must be >= 2")
+        if not 1 <= self.pairs_per_problem <= MAX_PAIRS_PER_PROBLEM:
+            raise ValueError(f"--pairs_per_problem={self.pairs_per_problem} must be in 1..{MAX_PAIRS_PER_PROBLEM}")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1]")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"--shard_index={self.shard_index} must be in [0, --num_shards={self.num_shards})")
+        if self.chunk_size < 1:
+            raise ValueError("--chunk_size must be >= 1")
+
+    def shard_tag(self) -> str:
+        return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+
+@dataclasses.dataclass
+class Item:
+    """One parsed input line."""
+
+    line: int  # 1-based line number in the input file
+    name: str  # problem id (string), drives the split and problem_id
+    prompt: str
+    codes: list[str]  # for a ready pair: [chosen, rejected]
+    passed: np.ndarray | None  # bool[codes, tests]; None for a ready pair
+
+
+class Drops:
+    """Counts and lists every dropped input line."""
+
+    def __init__(self):
+        self.reasons: collections.Counter = collections.Counter()
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, line: int, reason: str, detail: str = "", name: str | None = None) -> None:
+        self.reasons[reason] += 1
+        self.entries.append({"line": line, "id": name, "reason": reason, "detail": detail})
+        if reason in (MALFORMED_JSON, MALFORMED_RECORD, MALFORMED_UTF8) and self.reasons[reason] <= 20:
+            log.warning("line %d dropped (%s): %s", line, reason, detail)
+
+
+# ------------------------------------------------------------------------------- parsing
+
+def _parse_line(line_no: int, text: str, drops: Drops) -> Item | None:
+    if not text.strip():
+        drops.add(line_no, BLANK_LINE)
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        drops.add(line_no, MALFORMED_JSON, f"line {line_no}: {e}")
+        return None
+    try:
+        return _to_item(line_no, obj)
+    except ValueError as e:
+        name = obj.get("id") if isinstance(obj, dict) else None
+        drops.add(line_no, MALFORMED_RECORD, f"line {line_no}: {e}", None if name is None else str(name))
+        return None
+
+
+def _to_item(line_no: int, obj: Any) -> Item:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+
+    def text(key):
+        if key not in obj:
+            raise ValueError(f"missing field {key!r}")
+        if not isinstance(obj[key], str):
+            raise ValueError(f"field {key!r} must be a string, got {type(obj[key]).__name__}")
+        return obj[key]
+
+    def ident():
+        v = obj.get("id")
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"field 'id' must be a string or an integer, got {type(v).__name__}")
+        return str(v)
+
+    if "codes" in obj:
+        name = ident()
+        if name is None:
+            raise ValueError("missing field 'id'")
+        prompt = text("prompt")
+        codes, tests, passed = obj["codes"], obj.get("tests"), obj.get("passed")
+        if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
+            raise ValueError("field 'codes' must be a non-empty list of strings")
+        if not isinstance(tests, list):
+            raise ValueError("field 'tests' must be a list")
+        if not isinstance(passed, list) or len(passed) != len(codes):
+            n = len(passed) if isinstance(passed, list) else type(passed).__name__
+            raise ValueError(f"field 'passed' must have one row per code ({len(codes)}), got {n}")
+        for i, row in enumerate(passed):
+            if not isinstance(row, list) or len(row) != len(tests):
+                raise ValueError(f"'passed' row {i} must have one verdict per test ({len(tests)})")
+            # bool, or 0/1 integers: anything else (null, strings) is an ambiguous verdict.
+            if not all(v is True or v is False or (type(v) is int and v in (0, 1)) for v in row):
+                raise ValueError(f"'passed' row {i} holds a value that is not a boolean or 0/1")
+        arr = np.array(passed, bool).reshape(len(codes), len(tests))
+        return Item(line_no, name, prompt, list(codes), arr)
+    if "chosen" in obj or "rejected" in obj:
+        prompt, chosen, rejected = text("prompt"), text("chosen"), text("rejected")
+        name = ident()
+        if name is None:  # same prompt -> same split, so no prompt leaks into validation
+            name = "prompt-sha256:" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+        return Item(line_no, name, prompt, [chosen, rejected], None)
+    raise ValueError("neither a problem ('id', 'prompt', 'codes', 'tests', 'passed') "
+                     "nor a ready pair ('prompt', 'chosen', 'rejected')")
+
+
+def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
+                 counts: collections.Counter) -> Iterator[list[Item]]:
+    from tqdm import tqdm
+
+    chunk: list[Item] = []
+    # Binary mode, decoded line by line: one line of bad UTF-8 is dropped with its own line
+    # number instead of failing (or mis-numbering) the whole buffered read.
+    with open(path, "rb") as f, tqdm(desc=f"read {os.path.basename(path)}", unit=" lines",
+                                     disable=not progress, file=sys.stderr) as bar:
+        for line_no, raw in enumerate(f, start=1):
+            bar.update(1)
+            if (line_no - 1) % config.num_shards != config.shard_index:
+                continue  # another host's line
+            counts["lines_in"] += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                drops.add(line_no, MALFORMED_UTF8, f"line {line_no}: not valid UTF-8: {e}")
+                continue
+            item = _parse_line(line_no, text, drops)
+            if item is not None:
+                counts["problems_in" if item.passed is not None else "ready_pairs_in"] += 1
+                chunk.append(item)
+            if len(chunk) >= config.chunk_size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------------------- tokenising
+
+class Encoder:
+    """Prompt and response tokenisation as described in the module docstring."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+        self._newline: dict[int, bool] = {}
+
+    def prompts(self, prompts: list[str]) -> list[np.ndarray]:
+        if self.chat:
+            texts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                  add_generation_prompt=True) for p in prompts]
+            # The rendered template spells its special tokens; the tokenizer maps them back.
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tok(prompts, add_special_tokens=True)["input_ids"]
+        return [np.asarray(x, np.int64) for x in ids]
+
+    def responses(self, texts: list[str]) -> list[np.ndarray]:
+        # Duplicate samples are common at high temperature: tokenise each distinct text once.
+        unique = list(dict.fromkeys(texts))
+        ids = self.tok(unique, add_special_tokens=False)["input_ids"] if unique else []
+        tail = [self.eos] if self.eos is not None else []
+        by_text = {t: np.asarray(list(x) + tail, np.int64) for t, x in zip(unique, ids)}
+        return [by_text[t] for t in texts]
+
+    def newline_flags(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty(len(ids), bool)
+        for k, i in enumerate(ids.tolist()):
+            flag = self._newline.get(i)
+            if flag is None:
+                flag = self._newline[i] = "\n" in self.tok.decode([i])
+            out[k] = flag
+        return out
+
+    def identity(self, path: str) -> dict[str, Any]:
+        tok_json = os.path.join(path, "tokenizer.json")
+        sha = None
+        if os.path.isfile(tok_json):
+            with open(tok_json, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+        template = getattr(self.tok, "chat_template", None)
+        return {
+            "name_or_path": path,
+            "class": type(self.tok).__name__,
+            "vocab_size": len(self.tok),
+            "tokenizer_json_sha256": sha,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
+            "prompt_format": "chat_template" if self.chat else "plain",
+            "eos_token_id": self.eos,
+            "eos_appended": self.eos is not None,
+            "pad_token_id_in_records": self.pad,
+        }
+
+
+# ---------------------------------------------------------------------------------- build
+
+def split_of(name: str, val_fraction: float) -> str:
+    """Deterministic split by a salted sha256 of the problem id."""
+    h = hashlib.sha256(b"fdpo-split:" + name.encode("utf-8")).digest()
+    return "validation" if int.from_bytes(h[:8], "little") / 2**64 < val_fraction else "train"
+
+
+def _make_record(item: Item, pair_index: int, prompt: np.ndarray, chosen: np.ndarray,
+                 rejected: np.ndarray, pair: seg_lib.Pair, L: int, pad: int) -> records.PairRecord:
+    def side(resp):
+        ids = np.full(L, pad, np.int32)
+        ids[:len(prompt)] = prompt
+        ids[len(prompt):len(prompt) + len(resp)] = resp
+        return ids
+
+    return records.PairRecord(
+        chosen_ids=side(chosen), rejected_ids=side(rejected),
+        chosen_segments=seg_lib.segment_ids(len(prompt), len(chosen), pair.prefix_len, pair.suffix_len, L),
+        rejected_segments=seg_lib.segment_ids(len(prompt), len(rejected), pair.prefix_len, pair.suffix_len, L),
+        pair_id=item.line * MAX_PAIRS_PER_PROBLEM + pair_index,
+        problem_id=records.stable_problem_id(item.name), problem_name=item.name)
+
+
+def _ready_pair(chosen: np.ndarray, rejected: np.ndarray, enc: Encoder, config: BuildConfig) -> seg_lib.Pair:
+    p, s = seg_lib.common_prefix_suffix(chosen, rejected)
+    if config.granularity == "line":
+        p, s = seg_lib.snap_to_lines(p, s, seg_lib.line_boundaries(enc.newline_flags(chosen)),
+                                     seg_lib.line_boundaries(enc.newline_flags(rejected)))
+    longest = max(len(chosen), len(rejected))
+    common = (p + s) / longest if longest else 1.0
+    # A ready pair has no ranking: rank_diff is 0 and Diff is the common fraction alone.
+    return seg_lib.Pair(0, 1, p, s, len(chosen), len(rejected), 0.0, common, config.lam * common)
+
+
+def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: Drops,
+                   counts: collections.Counter, timings: collections.Counter) -> list[tuple]:
+    """Ranks, tokenises and pairs one chunk; returns a list of
+    (split, record, item, pair, chosen_ids, rejected_ids, prompt_ids)."""
+    L = config.max_len
+    t = time.perf_counter()
+    problems = [it for it in items if it.passed is not None]
+    verdicts = ranks = None
+    if problems:
+        A, cm, tm = rank_lib.pad_batch([it.passed for it in problems])
+        kwargs = {}
+        if config.ranker == "mutual":
+            kwargs = dict(damping=config.damping, max_iter=config.max_iter, patience=config.patience)
+        res = rank_lib.rank(A, cm, tm, method=config.ranker, **kwargs)
+        verdicts = rank_lib.classify(A, res, cm, tm)
+        ranks = res.ranks
+    timings["rank"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompt_ids = enc.prompts([it.prompt for it in items])
+    # Only problems with both a correct and an incorrect code need their codes tokenised.
+    need = {}
+    for b, it in enumerate(problems):
+        c = len(it.codes)
+        if verdicts.correct[b, :c].any() and verdicts.incorrect[b, :c].any():
+            need[id(it)] = b
+    texts = []
+    for it in items:
+        if it.passed is None or id(it) in need:
+            texts.extend(it.codes)
+    flat = enc.responses(texts)
+    timings["tokenize"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    out = []
+    pos = 0
+    prob_index = {id(it): b for b, it in enumerate(problems)}
+    for it, prompt in zip(items, prompt_ids):
+        room = L - len(prompt)
+        if it.passed is None:
+            chosen, rejected = flat[pos], flat[pos + 1]
+            pos += 2
+            pair = _ready_pair(chosen, rejected, enc, config)
+            reason = seg_lib.candidate_reason(pair, room)
+            if reason is not None:
+                counts["candidate_pairs_filtered." + reason] += 1
+                drops.add(it.line, reason, name=it.name)
+                continue
+            selected = [(pair, chosen, rejected)]
+        else:
+            b = prob_index[id(it)]
+            c = len(it.codes)
+            if id(it) not in need:
+                reason = seg_lib.NO_CORRECT if not verdicts.correct[b, :c].any() else seg_lib.NO_INCORRECT
+                drops.add(it.line, reason, name=it.name)
+                continue
+            seqs = flat[pos:pos + c]
+            pos += c
+            flags = [enc.newline_flags(s) for s in seqs] if config.granularity == "line" else None
+            sel = seg_lib.select_pairs(seqs, ranks[b, :c], verdicts.correct[b, :c], verdicts.incorrect[b, :c],
+                                       lam=config.lam, max_pairs=config.pairs_per_problem,
+                                       max_response_len=room, newline_flags=flags,
+                                       snap_lines=config.granularity == "line")
+            for reason, n in sel.filtered.items():
+                counts["candidate_pairs_filtered." + reason] += n
+            if not sel.pairs:
+                drops.add(it.line, sel.drop_reason, name=it.name)
+                continue
+            selected = [(p, seqs[p.chosen], seqs[p.rejected]) for p in sel.pairs]
+        counts["lines_used"] += 1
+        split = split_of(it.name, config.val_fraction)
+        for k, (pair, chosen, rejected) in enumerate(selected):
+            rec = _make_record(it, k, prompt, chosen, rejected, pair, L, enc.pad)
+            out.append((split, rec, it, pair, chosen, rejected, prompt))
+    assert pos == len(flat), "tokenised responses were not all consumed"
+    timings["pairs"] += time.perf_counter() - t
+    return out
+
+
+def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfig = BuildConfig(),
+          progress: bool = False, tokenizer=None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Runs the whole builder for one shard; returns (manifest, seconds per stage)."""
+    config.validate()
+    if not os.path.isfile(input_path):
+        raise FileNotFoundError(f"--input: no such file {input_path}")
+    timings: collections.Counter = collections.Counter()
+    t0 = time.perf_counter()
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except Exception as e:  # transformers raises many types; name the flag in the error
+            raise ValueError(f"--tokenizer={tokenizer_path}: cannot load a tokenizer: {e}") from e
+    enc = Encoder(tokenizer)
+    timings["load_tokenizer"] += time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    tag = config.shard_tag()
+    drops = Drops()
+    counts: collections.Counter = collections.Counter()
+    paths = {s: os.path.join(out_dir, f"{s}-{tag}.array_record") for s in SPLITS}
+    writers = {s: records.RecordWriter(paths[s]) for s in SPLITS}
+    preview = []
+    try:
+        t_read = time.perf_counter()
+        for chunk in _read_chunks(input_path, config, drops, progress, counts):
+            timings["parse"] += time.perf_counter() - t_read
+            for split, rec, it, pair, chosen, rejected, prompt in _process_chunk(
+                    chunk, enc, config, drops, counts, timings):
+                t = time.perf_counter()
+                writers[split].write(rec)
+                timings["write"] += time.perf_counter() - t
+                if len(preview) < config.preview_pairs:
+                    preview.append((split, rec, it, pair, chosen, rejected, prompt))
+            t_read = time.perf_counter()
+        timings["parse"] += time.perf_counter() - t_read
+    finally:
+        for w in writers.values():
+            w.close()
+
+    lines_dropped = sum(drops.reasons.values())
+    counts["lines_dropped"] = lines_dropped
+    if counts["lines_in"] != counts["lines_used"] + lines_dropped:
+        raise AssertionError(f"bookkeeping bug: {counts['lines_in']} lines in != "
+                             f"{counts['lines_used']} used + {lines_dropped} dropped")
+    filtered = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("candidate_pairs_filtered.")}
+    out_counts = {
+        "lines_in": counts["lines_in"], "lines_used": counts["lines_used"], "lines_dropped": lines_dropped,
+        "problems_in": counts["problems_in"], "ready_pairs_in": counts["ready_pairs_in"],
+        "records_out": {s: writers[s].count for s in SPLITS},
+        "candidate_pairs_filtered": dict(sorted(filtered.items())),
+    }
+    drops_path = os.path.join(out_dir, f"drops-{tag}.jsonl")
+    with open(drops_path, "w") as f:
+        for e in sorted(drops.entries, key=lambda e: e["line"]):  # parse and pipeline drops interleave
+            f.write(json.dumps(e) + "\n")
+    splits = {s: {"records": writers[s].count,
+                  "shards": [{"path": os.path.basename(paths[s]), "records": writers[s].count}]}
+              for s in SPLITS}
+    cfg = dataclasses.asdict(config)
+    for k in ("chunk_size", "preview_pairs"):  # do not change the data, so not part of its identity
+        cfg.pop(k)
+    manifest = records.make_manifest(max_len=config.max_len, tokenizer=enc.identity(tokenizer_path),
+                                     counts=out_counts, drop_reasons=dict(drops.reasons), splits=splits,
+                                     config=cfg)
+    manifest["input"] = os.path.abspath(input_path)
+    manifest["drops_files"] = [os.path.basename(drops_path)]
+    records.write_manifest(os.path.join(out_dir, f"manifest-{tag}.json"), manifest)
+    if config.num_shards == 1:
+        records.write_manifest(os.path.join(out_dir, "manifest.json"), manifest)
+    _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
+    timings["total"] = time.perf_counter() - t0
+    return manifest, dict(timings)
+
+
+def merge(out_dir: str) -> dict[str, Any]:
+    """Merges ``manifest-*-of-*.json`` of a multi-host build into ``manifest.json``."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "manifest-*-of-*.json")))
+    if not paths:
+        raise FileNotFoundError(f"--out={out_dir}: no manifest-*-of-*.json to merge")
+    manifests = [records.read_manifest(p) for p in paths]
+    n = manifests[0]["config"]["num_shards"]
+    found = sorted(m["config"]["shard_index"] for m in manifests)
+    if found != list(range(n)):
+        raise ValueError(f"--out={out_dir}: expected shard manifests 0..{n - 1}, found {found}")
+    merged = records.merge_manifests(manifests)
+    merged["input"] = manifests[0].get("input")
+    merged["drops_files"] = sum((m.get("drops_files", []) for m in manifests), [])
+    records.write_manifest(os.path.join(out_dir, "manifest.json"), merged)
+    return merged
+
+
+# -------------------------------------------------------------------------------- preview
+
+_CSS = """body{font-family:sans-serif;margin:2em} pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
+.prefix{color:#555}.mid-c{background:#c8f7c5}.mid-r{background:#f7c5c5}.suffix{color:#225}
+td{vertical-align:top;width:50%}"""
+
+
+def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -> None:
+    dec = enc.tok.decode
+
+    def side(resp, pair, mid_class):
+        p, s = pair.prefix_len, pair.suffix_len
+        parts = [("prefix", resp[:p]), (mid_class, resp[p:len(resp) - s]), ("suffix", resp[len(resp) - s:])]
+        return "".join(f'<span class="{c}">{html.escape(dec(x.tolist()))}</span>' for c, x in parts)
+
+    rows = [f"<html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>",
+            "<h1>fdpo pair preview</h1>",
+            f"<p>grey: common prefix; green: chosen mid; red: rejected mid; blue: common suffix. "
+            f"Counts: <code>{html.escape(json.dumps(manifest['counts']))}</code></p>"]
+    for split, rec, it, pair, chosen, rejected, prompt in preview:
+        rows.append(f"<h2>line {it.line} &middot; {html.escape(it.name)} &middot; {split} &middot; "
+                    f"pair_id {rec.pair_id}</h2>")
+        rows.append(f"<p>chosen code {pair.chosen}, rejected code {pair.rejected}; prefix {pair.prefix_len}, "
+                    f"mids {pair.chosen_mid_len}/{pair.rejected_mid_len}, suffix {pair.suffix_len} tokens; "
+                    f"rank diff {pair.rank_diff:.3f}, common {pair.common_frac:.3f}, Diff {pair.diff:.3f}</p>")
+        rows.append(f"<pre>{html.escape(dec(prompt.tolist()))}</pre>")
+        rows.append(f"<table><tr><th>chosen</th><th>rejected</th></tr><tr>"
+                    f"<td><pre>{side(chosen, pair, 'mid-c')}</pre></td>"
+                    f"<td><pre>{side(rejected, pair, 'mid-r')}</pre></td></tr></table>")
+    rows.append("</body></html>")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(rows))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
+    flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory (AutoTokenizer).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("max_len", 2048, "Record length L (prompt + response + padding).")
+    flags.DEFINE_enum("ranker", "mutual", sorted(rank_lib.RANKERS), "Code ranker.")
+    flags.DEFINE_float("damping", rank_lib.DEFAULT_DAMPING, "Mutual-reinforcement damping d.")
+    flags.DEFINE_integer("max_iter", rank_lib.DEFAULT_MAX_ITER, "Mutual reinforcement: max iterations.")
+    flags.DEFINE_integer("patience", rank_lib.DEFAULT_PATIENCE,
+                         "Mutual reinforcement: stop after this many iterations without a ranking change.")
+    flags.DEFINE_float("lam", seg_lib.DEFAULT_LAMBDA, "lambda in Diff = rank diff + lambda * common fraction.")
+    flags.DEFINE_integer("pairs_per_problem", 1, "Pairs kept per problem (highest Diff first).")
+    flags.DEFINE_enum("granularity", "token", ["token", "line"], "Segment boundaries: tokens or lines.")
+    flags.DEFINE_float("val_fraction", 1 / 6, "Fraction of problems (by id hash) in validation.")
+    flags.DEFINE_integer("shard_index", 0, "This host's shard.")
+    flags.DEFINE_integer("num_shards", 1, "Number of hosts building disjoint shards.")
+    flags.DEFINE_integer("chunk_size", 2048, "Problems ranked and tokenised together.")
+    flags.DEFINE_integer("preview_pairs", 20, "Pairs shown in the HTML preview.")
+    flags.DEFINE_bool("merge", False, "Only merge the shard manifests found in --out into manifest.json.")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    FLAGS = flags_obj
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if FLAGS.out is None:
+        raise SystemExit("--out is required")
+    if FLAGS.merge:
+        merged = merge(FLAGS.out)
+        print(json.dumps(merged["counts"], indent=2))
+        return
+    for name in ("input", "tokenizer"):
+        if getattr(FLAGS, name) is None:
+            raise SystemExit(f"--{name} is required")
+    config = BuildConfig(
+        max_len=FLAGS.max_len, ranker=FLAGS.ranker, damping=FLAGS.damping, max_iter=FLAGS.max_iter,
+        patience=FLAGS.patience, lam=FLAGS.lam, pairs_per_problem=FLAGS.pairs_per_problem,
+        granularity=FLAGS.granularity, val_fraction=FLAGS.val_fraction, shard_index=FLAGS.shard_index,
+        num_shards=FLAGS.num_shards, chunk_size=FLAGS.chunk_size, preview_pairs=FLAGS.preview_pairs)
+    try:
+        manifest, timings = build(FLAGS.input, FLAGS.tokenizer, FLAGS.out, config, progress=FLAGS.progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]}, indent=2))
+    print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    flags_obj = _define_flags()
+    app.run(main)

@@ -1,0 +1,353 @@
+"""The preference-pair record: one schema shared by the data builder and the trainer.
+
+One record holds one (chosen, rejected) pair, both laid out as
+``[prompt tokens | response tokens | padding]`` in a fixed length ``L``, with a per-token
+segment id (see :class:`Segment`). The trainer sums per-token log-probs per segment, so
+the segment arrays are all it needs to apply the Focused-DPO weight table.
+
+Serialisation is a fixed little-endian binary layout (no pickle, no npz): a 40-byte header
+followed by the arrays, decoded with ``np.frombuffer`` views. Layout of version 1::
+
+    offset  size   field
+    0       4      magic b"FDPR"
+    4       2      schema version (uint16)
+    6       2      flags (uint16; bit 0: ref_logps present)
+    8       4      L (uint32)
+    12      4      problem name length in bytes, N (uint32)
+    16      8      pair_id (int64)
+    24      8      problem_id (int64)
+    32      8      reserved (zero)
+    40      4L     chosen_ids    int32[L]
+    ..      4L     rejected_ids  int32[L]
+    ..      L      chosen_segments   int8[L]
+    ..      L      rejected_segments int8[L]
+    ..      24     ref_logps float32[2, 3]  (only when flag bit 0 is set)
+    ..      N      problem name, UTF-8
+
+This module is numpy-only (no jax) so the data tools stay light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import struct
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MAGIC = b"FDPR"
+_HEADER = struct.Struct("<4sHHIIqq8x")  # 40 bytes, see the module docstring
+_FLAG_REF_LOGPS = 1
+# Records are read back one at a time by index, so each ArrayRecord chunk holds one record
+# (group_size:1): random access then decodes exactly one record, as grain recommends.
+ARRAY_RECORD_OPTIONS = "group_size:1"
+
+
+class Segment(enum.IntEnum):
+    """Per-token segment ids stored in ``*_segments``."""
+
+    PAD = 0
+    PROMPT = 1
+    PREFIX = 2  # common prefix of the two responses
+    MID = 3  # the differing middle: the error-prone point
+    SUFFIX = 4  # common suffix of the two responses
+
+
+# Row/column order of ``ref_logps[side, segment]``.
+SIDES = ("chosen", "rejected")
+RESPONSE_SEGMENTS = (Segment.PREFIX, Segment.MID, Segment.SUFFIX)
+
+
+class RecordError(ValueError):
+    """A record that violates the schema (on encode) or a corrupt byte string (on decode)."""
+
+
+def stable_problem_id(name: str) -> int:
+    """A stable non-negative int63 id for a problem name (sha256; no Python ``hash`` salt)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclasses.dataclass
+class PairRecord:
+    """One preference pair. Arrays have length ``L`` (the dataset's ``max_len``)."""
+
+    chosen_ids: np.ndarray  # int32[L]
+    rejected_ids: np.ndarray  # int32[L]
+    chosen_segments: np.ndarray  # int8[L], values in Segment
+    rejected_segments: np.ndarray  # int8[L]
+    pair_id: int
+    problem_id: int
+    problem_name: str = ""
+    ref_logps: np.ndarray | None = None  # float32[2, 3]: (chosen, rejected) x (prefix, mid, suffix)
+
+    @property
+    def max_len(self) -> int:
+        return int(np.asarray(self.chosen_ids).shape[0])
+
+    def validate(self) -> None:
+        L = self.max_len
+        for name, dtype in (("chosen_ids", np.int32), ("rejected_ids", np.int32),
+                            ("chosen_segments", np.int8), ("rejected_segments", np.int8)):
+            arr = np.asarray(getattr(self, name))
+            if arr.shape != (L,):
+                raise RecordError(f"{name} has shape {arr.shape}, expected ({L},)")
+            if arr.dtype != dtype:
+                raise RecordError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        for name in ("chosen_segments", "rejected_segments"):
+            arr = np.asarray(getattr(self, name))
+            if arr.size and (arr.min() < 0 or arr.max() > int(Segment.SUFFIX)):
+                raise RecordError(f"{name} holds values outside Segment 0..4")
+        for name in ("chosen_ids", "rejected_ids"):
+            arr = np.asarray(getattr(self, name))
+            if arr.size and arr.min() < 0:
+                raise RecordError(f"{name} holds negative token ids")
+        if self.ref_logps is not None:
+            ref = np.asarray(self.ref_logps)
+            if ref.shape != (2, 3) or ref.dtype != np.float32:
+                raise RecordError(f"ref_logps must be float32[2, 3], got {ref.dtype}{list(ref.shape)}")
+        if not 0 <= int(self.problem_id) < 2**63 or not -(2**63) <= int(self.pair_id) < 2**63:
+            raise RecordError("pair_id / problem_id must fit in int64 (problem_id non-negative)")
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        """The numeric view the grain source yields (what the trainer batches)."""
+        out = {
+            "chosen_ids": np.asarray(self.chosen_ids, np.int32),
+            "rejected_ids": np.asarray(self.rejected_ids, np.int32),
+            "chosen_segments": np.asarray(self.chosen_segments, np.int8),
+            "rejected_segments": np.asarray(self.rejected_segments, np.int8),
+            "pair_id": np.asarray(self.pair_id, np.int64),
+            "problem_id": np.asarray(self.problem_id, np.int64),
+        }
+        if self.ref_logps is not None:
+            out["ref_logps"] = np.asarray(self.ref_logps, np.float32)
+        return out
+
+
+def encode(record: PairRecord, validate: bool = True) -> bytes:
+    """Serialises one record to the fixed binary layout (see module docstring)."""
+    if validate:
+        record.validate()
+    L = record.max_len
+    name = record.problem_name.encode("utf-8")
+    flags = _FLAG_REF_LOGPS if record.ref_logps is not None else 0
+    parts = [
+        _HEADER.pack(MAGIC, SCHEMA_VERSION, flags, L, len(name), int(record.pair_id),
+                     int(record.problem_id)),
+        np.ascontiguousarray(record.chosen_ids, "<i4").tobytes(),
+        np.ascontiguousarray(record.rejected_ids, "<i4").tobytes(),
+        np.ascontiguousarray(record.chosen_segments, "i1").tobytes(),
+        np.ascontiguousarray(record.rejected_segments, "i1").tobytes(),
+    ]
+    if flags & _FLAG_REF_LOGPS:
+        parts.append(np.ascontiguousarray(record.ref_logps, "<f4").tobytes())
+    parts.append(name)
+    return b"".join(parts)
+
+
+def _expected_size(L: int, flags: int, name_len: int) -> int:
+    return _HEADER.size + 10 * L + (24 if flags & _FLAG_REF_LOGPS else 0) + name_len
+
+
+def decode(data: bytes, expected_len: int | None = None) -> PairRecord:
+    """Parses bytes written by :func:`encode`. Arrays are read-only views into ``data``."""
+    if len(data) < _HEADER.size:
+        raise RecordError(f"record of {len(data)} bytes is shorter than the {_HEADER.size}-byte header")
+    magic, version, flags, L, name_len, pair_id, problem_id = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise RecordError(f"bad magic {magic!r}: not an fdpo pair record")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"record schema version {version}, this code reads {SCHEMA_VERSION}")
+    if len(data) != _expected_size(L, flags, name_len):
+        raise RecordError(f"record is {len(data)} bytes, header implies {_expected_size(L, flags, name_len)}")
+    if expected_len is not None and L != expected_len:
+        raise RecordError(f"record has L={L}, the dataset manifest says {expected_len}")
+    off = _HEADER.size
+    chosen_ids = np.frombuffer(data, "<i4", L, off); off += 4 * L
+    rejected_ids = np.frombuffer(data, "<i4", L, off); off += 4 * L
+    chosen_seg = np.frombuffer(data, "i1", L, off); off += L
+    rejected_seg = np.frombuffer(data, "i1", L, off); off += L
+    ref = None
+    if flags & _FLAG_REF_LOGPS:
+        ref = np.frombuffer(data, "<f4", 6, off).reshape(2, 3); off += 24
+    name = bytes(data[off:off + name_len]).decode("utf-8")
+    return PairRecord(chosen_ids.astype(np.int32, copy=False), rejected_ids.astype(np.int32, copy=False),
+                      chosen_seg, rejected_seg, pair_id, problem_id, name, ref)
+
+
+def decode_to_dict(data: bytes, expected_len: int | None = None) -> dict[str, np.ndarray]:
+    return decode(data, expected_len).to_dict()
+
+
+class RecordWriter:
+    """Writes records to one ArrayRecord file. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, options: str = ARRAY_RECORD_OPTIONS):
+        from array_record.python import array_record_module  # imported lazily: a C extension
+
+        self.path = os.fspath(path)
+        self._writer = array_record_module.ArrayRecordWriter(self.path, options)
+        self.count = 0
+        self._max_len: int | None = None
+
+    def write(self, record: PairRecord) -> None:
+        # One file, one L: the manifest states a single max_len for every shard.
+        if self._max_len is None:
+            self._max_len = record.max_len
+        elif record.max_len != self._max_len:
+            raise RecordError(f"{self.path}: record with L={record.max_len} in a file of L={self._max_len}")
+        self._writer.write(encode(record))
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_array_record(path: str | os.PathLike, records: Iterable[PairRecord]) -> int:
+    """Writes all ``records`` to one ArrayRecord file; returns how many were written."""
+    with RecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+        return writer.count
+
+
+class PairDataSource:
+    """A grain ``RandomAccessDataSource`` over ArrayRecord shards of :class:`PairRecord`.
+
+    ``source[i]`` is a dict of numpy arrays: ``chosen_ids``, ``rejected_ids`` (int32[L]),
+    ``chosen_segments``, ``rejected_segments`` (int8[L]), ``pair_id``, ``problem_id`` (int64
+    scalars) and, when present, ``ref_logps`` (float32[2, 3]). Picklable (for grain's worker
+    processes): the underlying array_record source reopens its readers lazily.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 max_len: int | None = None):
+        from array_record.python import array_record_data_source
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self._paths = [os.fspath(p) for p in paths]
+        if not self._paths:
+            raise ValueError("PairDataSource needs at least one ArrayRecord path")
+        for p in self._paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"ArrayRecord shard not found: {p}")
+        self._max_len = max_len
+        self._source = array_record_data_source.ArrayRecordDataSource(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return decode_to_dict(self._source[index], self._max_len)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return [decode_to_dict(b, self._max_len) for b in self._source.__getitems__(indices)]
+
+    def record(self, index: int) -> PairRecord:
+        """The full record, including the problem name (for tools and previews)."""
+        return decode(self._source[index], self._max_len)
+
+    def __repr__(self) -> str:
+        # grain's DataLoader checkpointing keys on repr: keep it deterministic.
+        return f"PairDataSource(paths={self._paths!r}, max_len={self._max_len})"
+
+    @classmethod
+    def from_manifest(cls, manifest_path: str | os.PathLike, split: str) -> "PairDataSource":
+        """The source for one split of a built dataset, checked against its manifest."""
+        manifest = read_manifest(manifest_path)
+        base = os.path.dirname(os.fspath(manifest_path))
+        if split not in manifest["splits"]:
+            raise KeyError(f"{manifest_path}: no split {split!r}; has {sorted(manifest['splits'])}")
+        shards = [os.path.join(base, s["path"]) for s in manifest["splits"][split]["shards"]]
+        return cls(shards, max_len=manifest["max_len"])
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest: one JSON file per built dataset (or per builder shard, merged afterwards).
+
+def make_manifest(*, max_len: int, tokenizer: Mapping[str, Any], counts: Mapping[str, Any],
+                  drop_reasons: Mapping[str, int], splits: Mapping[str, Any],
+                  config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "fdpo.records.PairRecord in ArrayRecord (" + ARRAY_RECORD_OPTIONS + ")",
+        "max_len": int(max_len),
+        "segments": {s.name.lower(): int(s) for s in Segment},
+        "ref_logps_layout": {"rows": list(SIDES), "cols": [s.name.lower() for s in RESPONSE_SEGMENTS]},
+        "tokenizer": dict(tokenizer),
+        "counts": dict(counts),
+        "drop_reasons": dict(sorted(drop_reasons.items())),
+        "splits": dict(splits),
+        "config": dict(config),
+    }
+
+
+def write_manifest(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        manifest = json.load(f)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{path}: manifest schema version {version}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def merge_manifests(manifests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merges per-shard manifests (from ``--num_shards`` builds) into one.
+
+    Counts and drop reasons add up; shard lists concatenate; max_len, tokenizer and the
+    builder config (less the shard index) must agree, else this raises.
+    """
+    if not manifests:
+        raise ValueError("no manifests to merge")
+    first = manifests[0]
+
+    def _cfg(m):
+        return {k: v for k, v in m["config"].items() if k != "shard_index"}
+
+    for m in manifests[1:]:
+        for key in ("schema_version", "max_len", "tokenizer"):
+            if m[key] != first[key]:
+                raise ValueError(f"cannot merge manifests that differ in {key}: {m[key]!r} != {first[key]!r}")
+        if _cfg(m) != _cfg(first):
+            raise ValueError("cannot merge manifests built with different configs")
+    counts: dict[str, Any] = {}
+    drops: dict[str, int] = {}
+    splits: dict[str, Any] = {}
+    for m in manifests:
+        for k, v in m["counts"].items():
+            if isinstance(v, dict):
+                sub = counts.setdefault(k, {})
+                for kk, vv in v.items():
+                    sub[kk] = sub.get(kk, 0) + vv
+            else:
+                counts[k] = counts.get(k, 0) + v
+        for k, v in m["drop_reasons"].items():
+            drops[k] = drops.get(k, 0) + v
+        for name, split in m["splits"].items():
+            s = splits.setdefault(name, {"records": 0, "shards": []})
+            s["records"] += split["records"]
+            s["shards"].extend(split["shards"])
+    config = _cfg(first)
+    return make_manifest(max_len=first["max_len"], tokenizer=first["tokenizer"], counts=counts,
+                         drop_reasons=drops, splits=splits, config=config)
