@@ -1,0 +1,62 @@
+"""The miniature's task family: references, canonical programs, held-out split, oracle tests."""
+
+import random
+
+import pytest
+
+from data_tools import toy_tasks as tt
+
+
+def run(task, program, xs):
+    namespace = {}
+    exec(program, namespace)
+    return namespace[task.entry_point](xs)
+
+
+def test_canonical_programs_match_their_references():
+    rng = random.Random(0)
+    tasks = tt.all_tasks()
+    assert len({t.task_id for t in tasks}) == len(tasks) > 500
+    for task in tasks:
+        for xs in tt.random_inputs(rng, 10) + [[], [8, 9, 10, 11, 12]]:
+            assert run(task, task.prompt + task.solution, xs) == task.reference(xs), task.task_id
+
+
+def test_hand_checked_examples():
+    by_id = {t.task_id: t for t in tt.all_tasks()}
+    t = by_id["toy/gt8odd-mul3-sum"]
+    assert t.description == ("Keep the odd numbers greater than eight, multiply each by three, "
+                             "and return their sum.")
+    assert t.reference([7, 9, 10, 11, 3]) == 27 + 33
+    assert by_id["toy/even-id-count"].reference([1, 2, 4, -2]) == 3
+    assert by_id["toy/lt5-sub2-list"].reference([6, 4, -1]) == [2, -3]
+    assert "if x > 8 and x % 2 == 1:" in t.solution
+
+
+def test_held_out_split_is_disjoint_deterministic_and_covers_every_part():
+    seen, held = tt.split_tasks(0.2, seed=0)
+    assert not {t.task_id for t in seen} & {t.task_id for t in held}
+    assert len(seen) + len(held) == len(tt.all_tasks())
+    assert 0.1 < len(held) / (len(seen) + len(held)) < 0.3
+    assert [t.task_id for t in tt.split_tasks(0.2, seed=0)[1]] == [t.task_id for t in held]
+    assert [t.task_id for t in tt.split_tasks(0.2, seed=1)[1]] != [t.task_id for t in held]
+    # Held-out tasks test composition: every part of them also occurs in seen tasks.
+    for attr in ("filter", "transform", "aggregate"):
+        assert {getattr(t, attr).key for t in held} <= {getattr(t, attr).key for t in seen}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_oracle_tests_corrupt_the_stated_fraction(fraction):
+    task = tt.all_tasks()[123]
+    rng = random.Random(1)
+    tests, ok = tt.oracle_tests(task, rng, 10, corrupt_fraction=fraction)
+    assert len(tests) == 10 and sum(not o for o in ok) == round(10 * fraction)
+    namespace = {}
+    exec(task.prompt + task.solution, namespace)
+    for test, good in zip(tests, ok):
+        try:
+            exec(test, dict(namespace))
+            passed = True
+        except AssertionError:
+            passed = False
+        assert passed == good, test
