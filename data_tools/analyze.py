@@ -315,7 +315,7 @@ def plot(result: PhiResult, path: str) -> None:
     x = np.arange(len(SEGMENTS))
     corr = [result.tables[n].in_correct for n in SEGMENTS]
     inc = [result.tables[n].in_incorrect for n in SEGMENTS]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     w = 0.38
     ax.bar(x - w / 2, [v if v is not None else 0 for v in corr], w, label="in correct code", color="#4c9a2a")
     ax.bar(x + w / 2, [v if v is not None else 0 for v in inc], w, label="in incorrect code", color="#c0392b")
@@ -325,7 +325,8 @@ def plot(result: PhiResult, path: str) -> None:
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("fraction of samples containing the segment")
     ax.set_title(f"{result.problems_used} problems, {result.samples_counted} samples")
-    ax.legend(loc="upper right", fontsize=8, bbox_to_anchor=(1.0, 0.97))
+    # Below the axes: inside, it would cover the Phi labels above the bars.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
