@@ -266,6 +266,8 @@ class _FileVisitor(ast.NodeVisitor):
             self.add("builtins." + f.id, API, node)
         elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Constant) and isinstance(f.value.value, str):
             self.add("str." + f.attr, API, node)
+        if self.resolve(f) in ("collections.namedtuple", "typing.NamedTuple"):  # functional form
+            self.add("namedtuple", CONSTRUCT, node)
         self.generic_visit(node)
 
     # -- constructs

@@ -115,6 +115,10 @@ CONSTRUCTS = {
     "dataclass": "import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int",
     "enum": "from enum import Enum\nclass Color(Enum):\n    RED = 1",
     "namedtuple": "from typing import NamedTuple\nclass P(NamedTuple):\n    x: int",
+    "metaclass": "class A(metaclass=Meta):\n    pass",
+    "async_with": "async def f():\n    async with lock:\n        pass",
+    "classmethod": "class A:\n    @classmethod\n    def make(cls):\n        return cls()",
+    "abstract_base_class": "from abc import ABC\nclass A(ABC):\n    pass",
     "abstract_method": "import abc\nclass A(abc.ABC):\n    @abc.abstractmethod\n    def f(self): ...",
     "dunder_methods": "class V:\n    def __add__(self, o): return self",
     "iterator_protocol": "class It:\n    def __iter__(self): return self",
@@ -143,6 +147,18 @@ CONSTRUCTS = {
 @pytest.mark.parametrize("name", sorted(CONSTRUCTS))
 def test_construct_detected(name):
     assert f"construct:{name}" in names(CONSTRUCTS[name])
+
+
+def test_namedtuple_functional_form():
+    assert "construct:namedtuple" in names("import collections\nP = collections.namedtuple('P', 'x y')")
+
+
+def test_every_construct_is_tested():
+    import re
+    src = open(C.__file__).read()
+    emitted = set(re.findall(r'_simple\("(\w+)"\)', src)) | set(re.findall(r'self\.add\("(\w+)", CONSTRUCT', src))
+    emitted |= {"property", "staticmethod", "classmethod"}  # added through the decorator's short name
+    assert emitted == set(CONSTRUCTS)
 
 
 def test_no_constructs_for_plain_code():
