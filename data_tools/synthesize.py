@@ -347,16 +347,19 @@ def make_requests(concepts: Sequence[dict[str, Any]], config) -> list[Request]:
     names = [r["concept"] for r in rows]
     weights = np.array([math.log1p(max(int(r.get("count", 1)), 1)) for r in rows], float)
     templates = list(config.generation_templates)
+    p = weights / weights.sum()
+    index = {nm: k for k, nm in enumerate(names)}
     out = []
     for seed in seeds:
-        others = [k for k, nm in enumerate(names) if nm != seed["concept"]]
         for _ in range(config.per_concept):
-            extra = int(rng.integers(0, config.max_concepts_per_problem)) if others else 0
+            extra = min(int(rng.integers(0, config.max_concepts_per_problem)), len(names) - 1)
             chosen = [seed["concept"]]
             if extra:
-                w = weights[others] / weights[others].sum()
-                pick = rng.choice(len(others), size=min(extra, len(others)), replace=False, p=w)
-                chosen += [names[others[k]] for k in sorted(pick)]
+                # Draw one more than needed over all concepts and drop the seed if drawn: the
+                # same as drawing from the others, without an O(#concepts) list per request.
+                pick = [k for k in rng.choice(len(names), size=extra + 1, replace=False, p=p)
+                        if k != index[seed["concept"]]][:extra]
+                chosen += [names[k] for k in sorted(pick)]
             bullets = "\n".join(f"- {describe_concept(c)}" for c in chosen)
             template = templates[len(out) % len(templates)]
             out.append(Request(len(out), chosen, template.replace("{concepts}", bullets)))
