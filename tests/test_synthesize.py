@@ -1,0 +1,241 @@
+"""Synthesis: parsing, validation and dedupe of hand-written generations; requests; CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import synthesize as syn_config
+from data_tools import synthesize as S
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VALID = '''## Description
+Given a list of integers and a window size k, return the largest sum of any k consecutive
+elements. If the list has fewer than k elements, return None.
+
+## Signature
+```python
+def max_window_sum(nums: list[int], k: int) -> int | None:
+    """Largest sum of k consecutive elements."""
+```
+
+## Examples
+```python
+assert max_window_sum([1, 2, 3, 4], 2) == 7
+assert max_window_sum([5], 2) is None
+```
+'''
+
+LEAKED = VALID.replace('''    """Largest sum of k consecutive elements."""''', '''    if len(nums) < k:
+        return None
+    best = cur = sum(nums[:k])
+    for i in range(k, len(nums)):
+        cur += nums[i] - nums[i - k]
+        best = max(best, cur)
+    return best''')
+
+LEAKED_ELSEWHERE = VALID + '''
+Here is how one could solve it:
+```python
+def max_window_sum(nums, k):
+    return max(sum(nums[i:i + k]) for i in range(len(nums) - k + 1))
+```
+'''
+
+LEAKED_SECTION = VALID + "\n## Solution\nUse a sliding window over the list.\n"
+
+BROKEN_SIGNATURE = VALID.replace("def max_window_sum(nums: list[int], k: int) -> int | None:",
+                                 "def max_window_sum(nums: list[int], k: int -> int | None:")
+
+NO_ENTRY_POINT = VALID.replace("def max_window_sum(nums: list[int], k: int) -> int | None:",
+                               "max_window_sum(nums, k) -> int")
+
+NOT_CALLING = VALID.replace("assert max_window_sum([5], 2) is None", "assert other([5], 2) is None")
+
+BAD_EXAMPLE_SYNTAX = VALID.replace("assert max_window_sum([5], 2) is None", "max_window_sum([5], 2) -> None")
+
+NO_EXAMPLES = VALID.split("## Examples")[0]
+
+SHORT = VALID.replace('''Given a list of integers and a window size k, return the largest sum of any k consecutive
+elements. If the list has fewer than k elements, return None.''', "Window sums.")
+
+BARE_STYLE = '''**Description:**
+Return the number of distinct words in a sentence, ignoring case and punctuation marks.
+
+**Signature:**
+def count_distinct(sentence: str) -> int:
+
+**Examples:**
+assert count_distinct("A a b.") == 2
+'''
+
+PARAPHRASE = VALID.replace("return the largest sum", "return the biggest sum")
+
+OTHER = '''## Description
+Return True when the string of brackets "()[]{}" given is balanced: every opening bracket is
+closed by the matching bracket in the right order.
+
+## Signature
+```python
+def balanced(s: str) -> bool: ...
+```
+
+## Examples
+```python
+assert balanced("([]{})")
+assert not balanced("(]")
+```
+'''
+
+
+def test_valid():
+    p = S.parse_problem(VALID, concepts=["pattern:sliding_window"])
+    assert isinstance(p, S.Problem)
+    assert p.entry_point == "max_window_sum"
+    assert p.signature == ('def max_window_sum(nums: list[int], k: int) -> int | None:\n'
+                           '    """Largest sum of k consecutive elements."""')
+    assert p.examples == ["assert max_window_sum([1, 2, 3, 4], 2) == 7", "assert max_window_sum([5], 2) is None"]
+    assert p.description.startswith("Given a list") and p.concepts == ["pattern:sliding_window"]
+
+
+def test_valid_variants():
+    p = S.parse_problem(BARE_STYLE)
+    assert isinstance(p, S.Problem), p
+    assert p.signature == "def count_distinct(sentence: str) -> int:"
+    p = S.parse_problem(OTHER)
+    assert isinstance(p, S.Problem), p
+    assert p.signature == "def balanced(s: str) -> bool:" and len(p.examples) == 2
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", S.EMPTY),
+    ("   \n", S.EMPTY),
+    ("just some text without sections", S.MISSING_SECTION),
+    (NO_EXAMPLES, S.MISSING_SECTION),
+    (LEAKED, S.SOLUTION_LEAKED),
+    (LEAKED_ELSEWHERE, S.SOLUTION_LEAKED),
+    (LEAKED_SECTION, S.SOLUTION_LEAKED),
+    (BROKEN_SIGNATURE, S.BROKEN_SIGNATURE),
+    (NO_ENTRY_POINT, S.MISSING_ENTRY_POINT),
+    (NOT_CALLING, S.BAD_EXAMPLES),
+    (BAD_EXAMPLE_SYNTAX, S.BAD_EXAMPLES),
+    (SHORT, S.SHORT_DESCRIPTION),
+])
+def test_rejections(text, reason):
+    r = S.parse_problem(text)
+    assert isinstance(r, S.Rejection) and r.reason == reason, r
+    assert not r
+
+
+def test_two_defs_in_signature_is_broken():
+    text = VALID.replace('    """Largest sum of k consecutive elements."""',
+                         '    """Doc."""\n\ndef helper(x):\n    ...')
+    r = S.parse_problem(text)
+    assert r.reason == S.BROKEN_SIGNATURE
+
+
+def test_example_count_limits():
+    v = S.Validation(min_description_chars=10, min_examples=3, max_examples=5)
+    assert S.parse_problem(VALID, v).reason == S.BAD_EXAMPLES
+
+
+def test_dedupe_exact_and_near():
+    probs = [S.parse_problem(t) for t in (VALID, OTHER, VALID, PARAPHRASE)]
+    # Formatting-only differences are exact duplicates after normalisation.
+    probs.append(S.parse_problem(VALID.replace("Given a list", "GIVEN  a list,")))
+    assert all(isinstance(p, S.Problem) for p in probs)
+    kept, dropped = S.dedupe(probs, n=3, threshold=0.7)
+    assert kept == [0, 1]
+    assert dropped == [(2, S.DUPLICATE, 0), (3, S.NEAR_DUPLICATE, 0), (4, S.DUPLICATE, 0)]
+    # A strict threshold keeps the paraphrase.
+    kept, _ = S.dedupe(probs, n=3, threshold=0.99)
+    assert kept == [0, 1, 3]
+
+
+def test_jaccard_and_ngrams():
+    a = S.ngrams(S.normalise("The quick, brown fox!"), 2)
+    assert a == {("the", "quick"), ("quick", "brown"), ("brown", "fox")}
+    assert S.jaccard(a, a) == 1.0 and S.jaccard(set(), set()) == 1.0
+    assert S.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+
+
+def _config(**kw):
+    c = syn_config.get_config()
+    c.unlock()
+    c.update(kw)
+    return c
+
+
+CONCEPTS = [{"concept": "pattern:binary_search", "kind": "pattern", "count": 30},
+            {"concept": "api:collections.Counter", "kind": "api", "count": 100},
+            {"concept": "construct:generator_function", "kind": "construct", "count": 5}]
+
+
+def test_make_requests_deterministic_and_bounded():
+    c = _config(per_concept=5)
+    reqs = S.make_requests(CONCEPTS, c)
+    assert len(reqs) == 15 and [r.index for r in reqs] == list(range(15))
+    assert reqs[0].concepts[0] == "api:collections.Counter"  # most frequent seed first
+    for r in reqs:
+        assert 1 <= len(r.concepts) <= 3 and len(set(r.concepts)) == len(r.concepts)
+        assert "{concepts}" not in r.prompt and "## Signature" in r.prompt
+        assert all(S.describe_concept(x) in r.prompt for x in r.concepts)
+    assert [r.concepts for r in S.make_requests(CONCEPTS, c)] == [r.concepts for r in reqs]
+    with pytest.raises(ValueError, match="no concepts of kinds"):
+        S.make_requests(CONCEPTS, _config(kinds=("nothing",)))
+
+
+def test_process_generations_counts_and_format():
+    c = _config(per_concept=1)
+    reqs = S.make_requests(CONCEPTS, c)
+    gens = [[VALID, LEAKED], [VALID, OTHER], [BROKEN_SIGNATURE, ""]]
+    records, counts, rejected = S.process_generations(reqs, gens, c)
+    assert counts["generations"] == 6 and counts["kept"] == 2 and counts["rejected"] == 4
+    by = counts["rejected_by_reason"]
+    assert by[S.SOLUTION_LEAKED] == 1 and by[S.DUPLICATE] == 1 and by[S.BROKEN_SIGNATURE] == 1 and by[S.EMPTY] == 1
+    assert {(r["request"], r["sample"], r["reason"]) for r in rejected} == {
+        (0, 1, S.SOLUTION_LEAKED), (1, 0, S.DUPLICATE), (2, 0, S.BROKEN_SIGNATURE), (2, 1, S.EMPTY)}
+    r0 = records[0]
+    assert set(r0) == {"id", "prompt", "entry_point", "signature", "concepts", "examples", "description"}
+    assert r0["entry_point"] == "max_window_sum" and r0["concepts"] == reqs[0].concepts
+    assert r0["id"].startswith("syn-") and len({r["id"] for r in records}) == 2
+    assert r0["signature"] in r0["prompt"] and r0["examples"][0] in r0["prompt"]
+    # The prompt it writes is itself a problem: the description and signature parse back.
+    assert "def max_window_sum" in r0["prompt"] and r0["description"] in r0["prompt"]
+
+
+def test_generate_without_sampler_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fdpo.sampler", None)  # as if fdpo/sampler.py did not exist
+    with pytest.raises(RuntimeError, match="needs the KV-cache sampler"):
+        S.generate(["p"], 1, hf_dir="/nonexistent")
+
+
+def test_cli_with_saved_generations_and_no_jax(tmp_path):
+    concepts = tmp_path / "c.jsonl"
+    concepts.write_text("".join(json.dumps(c) + "\n" for c in CONCEPTS))
+    gens = tmp_path / "g.jsonl"
+    texts = [[VALID], [OTHER], [LEAKED]]
+    gens.write_text("".join(json.dumps({"request": i, "texts": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "p.jsonl"
+    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+                        "--generations", str(gens), "--out", str(out), "--per_concept", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout)
+    assert counts["kept"] == 2 and counts["rejected_by_reason"]["solution_leaked"] == 1
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["entry_point"] for x in lines] == ["max_window_sum", "balanced"]
+    assert (tmp_path / "p.jsonl.rejected.jsonl").read_text().count("solution_leaked") == 1
+    # A missing model flag is a clear error.
+    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--checkpoint" in r.stderr + r.stdout
+
+
+def test_module_imports_no_jax():
+    r = subprocess.run([sys.executable, "-c", "import sys, data_tools.synthesize, data_tools.concepts; "
+                        "assert 'jax' not in sys.modules, 'jax imported'"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
