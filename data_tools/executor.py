@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import json
 import os
 import queue
@@ -105,6 +106,7 @@ DEFAULT_PRELOAD = (
 # Per-worker uids, outside the usual system/user ranges. Spread by host pid so two
 # executors on one machine do not share RLIMIT_NPROC counters.
 _UID_BASE = 200_000
+_INSTANCES = itertools.count()
 _MAX_WORKERS = 64
 # Memory the judge and the scratch tmpfs may use on top of the program's own.
 _JUDGE_MEMORY_MB = 128
@@ -185,11 +187,10 @@ class _Cgroups:
     """One memory+pids cgroup per worker slot (cgroup v2, or v1 memory and pids
     hierarchies). Created on start, removed on close."""
 
-    def __init__(self, workers: int, limits: Limits):
+    def __init__(self, workers: int, limits: Limits, tag: str):
         self.dirs: list[list[str]] = []  # per slot: the cgroup dirs to join
         mem = (limits.memory_mb + limits.scratch_mb + _JUDGE_MEMORY_MB) << 20
         tasks = limits.max_procs + _JUDGE_TASKS
-        tag = f"fdpo-exec-{os.getpid()}"
         v2 = "/sys/fs/cgroup"
         try:
             if os.path.exists(os.path.join(v2, "cgroup.controllers")):
@@ -378,10 +379,15 @@ class Executor:
         self.isolation = isolation
         self.python = python or sys.executable
         self.preload = list(preload)
-        self._uids = [
-            _UID_BASE + (os.getpid() % 8192) * _MAX_WORKERS + s for s in range(self.workers)
-        ]
-        self._cgroups = _Cgroups(self.workers, limits) if isolation == "full" else None
+        # Unique per executor instance (host pid, instance counter): two executors never
+        # share a uid's RLIMIT_NPROC counter or a cgroup.
+        instance = next(_INSTANCES)
+        block = (os.getpid() * 16 + instance) % 65536
+        self._uids = [_UID_BASE + block * _MAX_WORKERS + s for s in range(self.workers)]
+        self._cgroups = (
+            _Cgroups(self.workers, limits, f"fdpo-exec-{os.getpid()}-{instance}")
+            if isolation == "full" else None
+        )
         self._bwrap = (
             _bwrap_args(self.python, _python_roots(self.python), limits)
             if isolation != "none" else None
