@@ -1,11 +1,13 @@
 """In-sandbox judge for `data_tools.executor`. Standard library only; never imported by the
 host, only executed by a fresh interpreter (`python -I -B _sandbox_harness.py`).
 
-Protocol. The host writes one JSON job on stdin and closes it:
-    {"nonce", "codes", "tests", "timeout", "pid1", "scratch", "uid", "gid", "limits", "preload"}
-The harness answers on stdout with one JSON line per cell (code i, test j), in order,
-    {"n": nonce, "c": i, "t": j, "s": status, "d": detail, "w": seconds}
-and finally {"n": nonce, "done": true}. Nothing else is written to stdout.
+Protocol. The host writes JSON lines on stdin: first the configuration
+    {"nonce", "timeout", "pid1", "scratch", "uid", "gid", "limits", "preload"}
+then one job per problem, {"j": job_id, "codes": [...], "tests": [...]}, and closes stdin
+to stop the judge. For each job the judge answers on stdout with one line per cell (code i,
+test j), in order,
+    {"n": nonce, "j": job_id, "c": i, "t": j, "s": status, "d": detail, "w": seconds}
+and finally {"n": nonce, "j": job_id, "done": true}. Nothing else is written to stdout.
 
 Each cell runs in a fresh child forked from this single-threaded, pre-loaded interpreter:
 the child compiles and executes the code, then the test, in one namespace, and reports on a
@@ -185,10 +187,10 @@ def _wipe(path):
             pass
 
 
-def _run_cell(job, code, test, devnull):
+def _run_cell(cfg, code, test, devnull):
     """Returns (status, detail, seconds, code_loaded)."""
-    pid1 = job["pid1"]
-    timeout = job["timeout"]
+    pid1 = cfg["pid1"]
+    timeout = cfg["timeout"]
     key = os.urandom(16).hex()
     r, w = os.pipe()
     start = time.monotonic()
@@ -196,7 +198,7 @@ def _run_cell(job, code, test, devnull):
     if pid == 0:
         try:
             os.close(r)
-            _child(w, key, code, test, job["limits"], devnull, job["oom_adj"])
+            _child(w, key, code, test, cfg["limits"], devnull, cfg["oom_adj"])
         finally:
             _exit(70)  # whatever happens, a child never runs judge code after this point
     os.close(w)
@@ -244,7 +246,7 @@ def _run_cell(job, code, test, devnull):
             pass
     os.close(r)
     os.close(pidfd)
-    _wipe(job["scratch"])
+    _wipe(cfg["scratch"])
 
     code_loaded = False
     verdicts = []
@@ -290,31 +292,43 @@ def _run_cell(job, code, test, devnull):
     return v["s"], v["d"], elapsed, code_loaded
 
 
+class _Lines:
+    """Newline-delimited reader on a raw fd (no Python buffering shared with anything)."""
+
+    def __init__(self, fd):
+        self.fd, self.buf = fd, b""
+
+    def readline(self):
+        while b"\n" not in self.buf:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
 def main():
-    raw = b""
-    while True:
-        chunk = os.read(0, 1 << 20)
-        if not chunk:
-            break
-        raw += chunk
-    job = json.loads(raw)
-    del raw
+    # The host's pipes move to private descriptors; 0 and 1 become /dev/null so that
+    # stray prints (ours or a preloaded module's) never reach the host.
     devnull = os.open(os.devnull, os.O_RDWR)
+    inp, out = os.dup(0), os.dup(1)
     os.dup2(devnull, 0)
-    out = os.dup(1)
-    os.dup2(devnull, 1)  # stray prints (ours or a preloaded module's) never reach the host
-    if job["pid1"]:
+    os.dup2(devnull, 1)
+    lines = _Lines(inp)
+    cfg = json.loads(lines.readline())
+    if cfg["pid1"]:
         # PID 1 only ignores in-namespace signals whose disposition is SIG_DFL.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    job["oom_adj"] = job["uid"] is not None and os.getuid() == 0
-    if job["oom_adj"]:
-        if not job["pid1"]:  # the sandbox's /tmp is already 1777; a host temp dir is not
-            os.chown(job["scratch"], job["uid"], job["gid"])
-            os.chmod(job["scratch"], 0o700)
-        _drop_privileges(job["uid"], job["gid"])
+    cfg["oom_adj"] = cfg["uid"] is not None and os.getuid() == 0
+    if cfg["oom_adj"]:
+        if not cfg["pid1"]:  # the sandbox's /tmp is already 1777; a host temp dir is not
+            os.chown(cfg["scratch"], cfg["uid"], cfg["gid"])
+            os.chmod(cfg["scratch"], 0o700)
+        _drop_privileges(cfg["uid"], cfg["gid"])
     _prctl(PR_SET_DUMPABLE, 0)
-    os.chdir(job["scratch"])
-    for name in job["preload"]:
+    os.chdir(cfg["scratch"])
+    for name in cfg["preload"]:
         try:
             __import__(name)
         except ImportError:
@@ -322,22 +336,28 @@ def main():
     gc.collect()
     gc.freeze()  # keeps forked children from touching (and copying) the judge's pages
 
-    nonce = job["nonce"]
-    codes, tests = job["codes"], job["tests"]
-    for i, code in enumerate(codes):
-        inherited = None  # a verdict that holds for every test of a code that never loads
-        for j, test in enumerate(tests):
-            if inherited is not None:
-                status, detail, secs = inherited[0], inherited[1], 0.0
-            else:
-                status, detail, secs, loaded = _run_cell(job, code, test, devnull)
-                if status != "pass" and not loaded:
-                    inherited = (status, detail)
-            line = json.dumps(
-                {"n": nonce, "c": i, "t": j, "s": status, "d": detail, "w": round(secs, 6)}
-            )
-            _write_all(out, (line + "\n").encode())
-    _write_all(out, (json.dumps({"n": nonce, "done": True}) + "\n").encode())
+    nonce = cfg["nonce"]
+    # One job (problem) per line until the host closes the pipe. Jobs share nothing: each
+    # cell is a fresh fork of this process, and everything else is killed and wiped after it.
+    while True:
+        line = lines.readline()
+        if line is None:
+            return
+        job = json.loads(line)
+        jid = job["j"]
+        for i, code in enumerate(job["codes"]):
+            inherited = None  # a verdict that holds for every test of a code that never loads
+            for j, test in enumerate(job["tests"]):
+                if inherited is not None:
+                    status, detail, secs = inherited[0], inherited[1], 0.0
+                else:
+                    status, detail, secs, loaded = _run_cell(cfg, code, test, devnull)
+                    if status != "pass" and not loaded:
+                        inherited = (status, detail)
+                msg = {"n": nonce, "j": jid, "c": i, "t": j, "s": status, "d": detail,
+                       "w": round(secs, 6)}
+                _write_all(out, (json.dumps(msg) + "\n").encode())
+        _write_all(out, (json.dumps({"n": nonce, "j": jid, "done": True}) + "\n").encode())
 
 
 def _write_all(fd, data):

@@ -114,6 +114,7 @@ _JUDGE_TASKS = 8
 # The judge answers each cell within timeout + clean-up; beyond this the host gives up.
 _JUDGE_GRACE_S = 30.0
 _MAX_STDERR = 16384
+_JOBS_PER_SANDBOX = 1000
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -392,6 +393,7 @@ class Executor:
             _bwrap_args(self.python, _python_roots(self.python), limits)
             if isolation != "none" else None
         )
+        self._sandboxes: list[_Sandbox | None] = [None] * self.workers
         self._slots: queue.Queue[int] = queue.Queue()
         for s in range(self.workers):
             self._slots.put(s)
@@ -402,6 +404,10 @@ class Executor:
         return list(self._uids)
 
     def close(self):
+        for k, sb in enumerate(self._sandboxes):
+            if sb is not None:
+                sb.close()
+            self._sandboxes[k] = None
         if self._cgroups is not None:
             self._cgroups.close()
 
@@ -427,107 +433,20 @@ class Executor:
         secs = [[0.0] * n_t for _ in range(n_c)]
         start = time.monotonic()
         if n_c and n_t:
-            self._sandbox(codes, tests, slot, status, detail, secs)
-        for i in range(n_c):
-            for j in range(n_t):
-                if status[i][j] is None:  # filled in by _sandbox on failure; belt and braces
-                    status[i][j] = "sandbox_error"
+            sb = self._sandboxes[slot]
+            if sb is None or sb.jobs >= _JOBS_PER_SANDBOX:
+                if sb is not None:
+                    sb.close()
+                sb = self._sandboxes[slot] = _Sandbox(self, slot)
+            if not sb.run(codes, tests, status, detail, secs):
+                sb.close(force=True)
+                self._sandboxes[slot] = None
+            _fill(status, detail, "sandbox_error", "the judge gave no verdict")  # never expected
         return ProblemResult(
             passed=[[s == "pass" for s in row] for row in status],
             status=status, detail=detail, time_s=secs,
             wall_s=round(time.monotonic() - start, 6),
         )
-
-    def _sandbox(self, codes, tests, slot, status, detail, secs):
-        nonce = os.urandom(16).hex()
-        pid1 = self.isolation != "none"
-        scratch = "/tmp" if pid1 else tempfile.mkdtemp(prefix="fdpo-exec-")
-        uid = self._uids[slot] if os.geteuid() == 0 else None
-        job = {
-            "nonce": nonce, "codes": codes, "tests": tests, "timeout": self.limits.timeout_s,
-            "pid1": pid1, "scratch": scratch, "uid": uid, "gid": uid,
-            "limits": self.limits.rlimits(), "preload": self.preload,
-        }
-        if pid1:
-            cmd = list(self._bwrap)
-            if self._cgroups is not None:
-                # Join the slot's cgroups before exec'ing bwrap, so that every process of
-                # the sandbox is accounted from its first instruction.
-                cmd = (["/bin/sh", "-c",
-                        'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; '
-                        'shift; exec "$@"', "fdpo-sandbox"]
-                       + self._cgroups.procs_files(slot) + ["--"] + cmd)
-            cwd = "/"
-        else:
-            cmd = [self.python, "-I", "-B", HARNESS]
-            cwd = scratch
-        stderr_tail = b""
-        forced = False
-        try:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env={"PATH": _PATH}, cwd=cwd, close_fds=True, start_new_session=True,
-            )
-        except OSError as e:
-            _fill(status, detail, "sandbox_error", f"cannot start the sandbox: {e}")
-            return
-        try:
-            try:
-                proc.stdin.write(json.dumps(job).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            sel = selectors.DefaultSelector()
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            sel.register(proc.stderr, selectors.EVENT_READ)
-            buf = b""
-            done = False
-            idle = self.limits.timeout_s + _JUDGE_GRACE_S
-            last = time.monotonic()
-            open_streams = 2
-            while open_streams and not done:
-                events = sel.select(timeout=max(0.0, last + idle - time.monotonic()))
-                if not events:
-                    forced = True
-                    break
-                for key, _ in events:
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        open_streams -= 1
-                        continue
-                    if key.fileobj is proc.stderr:
-                        stderr_tail = (stderr_tail + chunk)[-_MAX_STDERR:]
-                        continue
-                    last = time.monotonic()
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if _take_line(line, nonce, status, detail, secs):
-                            done = True
-                    if len(buf) > 1 << 20:  # the judge never writes such lines
-                        forced = True
-                        open_streams = 0
-                        break
-            sel.close()
-        finally:
-            if forced or proc.poll() is None:
-                try:
-                    proc.wait(timeout=5 if not forced else 0.001)
-                except subprocess.TimeoutExpired:
-                    forced = True
-                    proc.kill()  # bwrap: --die-with-parent takes the namespace down with it
-                    proc.wait()
-            for f in (proc.stdout, proc.stderr):
-                f.close()
-            if forced and self._cgroups is not None:
-                self._cgroups.wait_empty(slot)
-            if not pid1:
-                shutil.rmtree(scratch, onerror=_force_rm)
-        if any(s is None for row in status for s in row):
-            why = "judge unresponsive, killed" if forced else f"sandbox exited with {proc.returncode}"
-            tail = stderr_tail.decode("utf-8", "replace").strip()[-500:]
-            _fill(status, detail, "sandbox_error", why + (f": {tail}" if tail else ""))
 
     # -- many problems ------------------------------------------------------------------
     def map(self, problems: Iterable[dict]) -> Iterator[tuple[str, ProblemResult]]:
@@ -555,14 +474,141 @@ class Executor:
                     yield pending.pop(fut), fut.result()
 
 
-def _take_line(line, nonce, status, detail, secs) -> bool:
-    """Records one judge line; True on the final line. Lines without the nonce are
-    ignored (only the judge holds this pipe; the nonce guards against mix-ups)."""
+class _Sandbox:
+    """One judge process (in its bwrap sandbox unless isolation="none") serving the jobs
+    of one worker slot, one at a time. Reusing it across problems carries nothing from one
+    cell to the next: each cell is a fresh fork of the judge, and after each cell all other
+    processes are killed and the scratch directory is wiped. It is replaced after
+    _JOBS_PER_SANDBOX jobs and whenever it misbehaves."""
+
+    def __init__(self, ex: "Executor", slot: int):
+        self.ex, self.slot, self.jobs = ex, slot, 0
+        self.nonce = os.urandom(16).hex()
+        self.pid1 = ex.isolation != "none"
+        self.scratch = "/tmp" if self.pid1 else tempfile.mkdtemp(prefix="fdpo-exec-")
+        uid = ex._uids[slot] if os.geteuid() == 0 else None
+        cfg = {
+            "nonce": self.nonce, "timeout": ex.limits.timeout_s, "pid1": self.pid1,
+            "scratch": self.scratch, "uid": uid, "gid": uid,
+            "limits": ex.limits.rlimits(), "preload": ex.preload,
+        }
+        if self.pid1:
+            cmd = list(ex._bwrap)
+            if ex._cgroups is not None:
+                # Join the slot's cgroups before exec'ing bwrap, so that every process of
+                # the sandbox is accounted from its first instruction.
+                cmd = (["/bin/sh", "-c",
+                        'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; '
+                        'shift; exec "$@"', "fdpo-sandbox"]
+                       + ex._cgroups.procs_files(slot) + ["--"] + cmd)
+            cwd = "/"
+        else:
+            cmd = [ex.python, "-I", "-B", HARNESS]
+            cwd = self.scratch
+        self.stderr_tail = b""
+        self.buf = b""
+        self.start_error = None
+        self.sel = None
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env={"PATH": _PATH}, cwd=cwd, close_fds=True, start_new_session=True,
+            )
+        except OSError as e:
+            self.proc = None
+            self.start_error = f"cannot start the sandbox: {e}"
+            return
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.sel.register(self.proc.stderr, selectors.EVENT_READ)
+        self._send(cfg)
+
+    def _send(self, obj) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+            return True
+        except OSError:  # BrokenPipeError included: the judge is gone
+            return False
+
+    def run(self, codes, tests, status, detail, secs) -> bool:
+        """Fills the matrices; False when the sandbox failed (the caller replaces it)."""
+        if self.proc is None:
+            _fill(status, detail, "sandbox_error", self.start_error)
+            return False
+        self.jobs += 1
+        jid = self.jobs
+        ok = self._send({"j": jid, "codes": codes, "tests": tests})
+        done = False
+        idle = self.ex.limits.timeout_s + _JUDGE_GRACE_S
+        last = time.monotonic()
+        why = "sandbox exited"
+        while ok and not done:
+            events = self.sel.select(timeout=max(0.0, last + idle - time.monotonic()))
+            if not events:
+                why = "judge unresponsive"
+                break
+            for key, _ in events:
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    ok = False  # the judge is gone
+                    break
+                if key.fileobj is self.proc.stderr:
+                    self.stderr_tail = (self.stderr_tail + chunk)[-_MAX_STDERR:]
+                    continue
+                last = time.monotonic()
+                self.buf += chunk
+                *lines, self.buf = self.buf.split(b"\n")
+                for line in lines:
+                    if _take_line(line, self.nonce, jid, status, detail, secs):
+                        done = True
+                if len(self.buf) > 1 << 20:  # the judge never writes such lines
+                    ok, why = False, "garbage from the judge"
+                    break
+        if not done:
+            self.close(force=True)
+            rc = self.proc.returncode
+            tail = self.stderr_tail.decode("utf-8", "replace").strip()[-500:]
+            _fill(status, detail, "sandbox_error",
+                  f"{why} (exit status {rc})" + (f": {tail}" if tail else ""))
+            return False
+        return True
+
+    def close(self, force: bool = False):
+        if self.proc is None or self.sel is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                if not force:
+                    self.proc.stdin.close()  # EOF: the judge finishes and exits
+                    self.proc.wait(timeout=5)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+            if self.proc.poll() is None:
+                force = True
+                self.proc.kill()  # bwrap: --die-with-parent takes the namespace down with it
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.sel.close()
+        self.sel = None
+        if force and self.ex._cgroups is not None:
+            self.ex._cgroups.wait_empty(self.slot)
+        if not self.pid1:
+            shutil.rmtree(self.scratch, onerror=_force_rm)
+
+
+def _take_line(line, nonce, jid, status, detail, secs) -> bool:
+    """Records one judge line; True on the job's final line. Lines without the nonce or
+    of another job are ignored (only the judge holds this pipe; they guard mix-ups)."""
     try:
         msg = json.loads(line)
     except ValueError:
         return False
-    if not isinstance(msg, dict) or msg.get("n") != nonce:
+    if not isinstance(msg, dict) or msg.get("n") != nonce or msg.get("j") != jid:
         return False
     if msg.get("done"):
         return True

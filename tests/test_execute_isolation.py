@@ -36,12 +36,18 @@ def ex():
 
 
 def _survivors(uids):
+    """Processes running as a sandbox uid, other than the judges themselves (a judge is
+    PID 1 of its namespace; it lives as long as its Executor)."""
     out = []
     for p in psutil.process_iter(["pid", "uids", "cmdline"]):
         try:
-            if p.info["uids"] and p.info["uids"].real in uids:
-                out.append((p.info["pid"], p.info["cmdline"]))
-        except psutil.Error:
+            if not (p.info["uids"] and p.info["uids"].real in uids):
+                continue
+            with open(f"/proc/{p.info['pid']}/status") as f:
+                nspid = [ln.split()[1:] for ln in f if ln.startswith("NSpid:")][0]
+            if nspid[-1] != "1":
+                out.append((p.info["pid"], nspid, p.info["cmdline"]))
+        except (psutil.Error, OSError):
             pass
     return out
 
@@ -228,7 +234,9 @@ def test_memory_bomb_many_processes_hits_the_cgroup(ex):
         statuses = [os.waitpid(k, 0)[1] for k in kids]
         """)
     r = ex.run([code, "x = 1"], ["assert statuses == [0] * 6, statuses", "assert x == 1"])
-    assert r.status[0][0] == "fail", r.detail  # some children were OOM-killed (signal 9)
+    # Some children were OOM-killed (signal 9): the cell fails, or times out when reclaim
+    # under the cgroup limit is slow on a loaded machine. It never passes.
+    assert r.status[0][0] in ("fail", "timeout"), r.detail
     assert r.status[1][1] == "pass"  # the judge survived the OOM killer
     events = ""
     for dirs in ex._cgroups.dirs:
