@@ -434,9 +434,10 @@ class Executor:
         start = time.monotonic()
         if n_c and n_t:
             sb = self._sandboxes[slot]
-            if sb is None or sb.jobs >= _JOBS_PER_SANDBOX:
+            if (sb is None or sb.jobs >= _JOBS_PER_SANDBOX or sb.proc is None
+                    or sb.proc.poll() is not None):
                 if sb is not None:
-                    sb.close()
+                    sb.close(force=sb.proc is not None and sb.proc.poll() is not None)
                 sb = self._sandboxes[slot] = _Sandbox(self, slot)
             if not sb.run(codes, tests, status, detail, secs):
                 sb.close(force=True)
