@@ -150,14 +150,15 @@ def _kill_everything_else(pid1, child):
         _reap(block=True)
     else:
         # Weak mode: only the cell's session/process group can be found and killed.
-        try:
-            os.killpg(child, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            os.waitpid(child, 0)
-        except ChildProcessError:
-            pass
+        if child is not None:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.waitpid(child, 0)
+            except ChildProcessError:
+                pass
         _reap(block=False)
 
 
@@ -194,7 +195,13 @@ def _run_cell(cfg, code, test, devnull):
     key = os.urandom(16).hex()
     r, w = os.pipe()
     start = time.monotonic()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # e.g. EAGAIN while the kernel still tears down a fork bomb
+        os.close(r)
+        os.close(w)
+        _kill_everything_else(pid1, None)
+        return "sandbox_error", f"judge could not fork: {e}", 0.0, True
     if pid == 0:
         try:
             os.close(r)

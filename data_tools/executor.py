@@ -41,7 +41,9 @@ module guarantees, each from *outside* the program's process:
     Junk on the pipe, two verdicts, or an exit after a verdict make the cell an error.
   * Independence. A cell that times out, crashes or leaves processes/files behind
     cannot change another cell's verdict: different process, killed stragglers, wiped
-    scratch. Different problems run in different sandboxes.
+    scratch. That is also all that separates consecutive problems of one worker: a sandbox
+    is started once per worker and serves many problems (its start-up would otherwise cost
+    more than the cells), and it is replaced whenever it fails.
 
 What it does not guarantee (inherent to in-process tests, documented rather than hidden):
 the test runs in the same interpreter as the program, so a program that deliberately

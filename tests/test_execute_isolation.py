@@ -477,6 +477,26 @@ def test_weaker_modes_give_the_same_verdicts(mode, monkeypatch):
     assert r.status == [["pass", "fail", "pass"], ["timeout"] * 3], r.detail
 
 
+def test_a_judge_killed_from_outside_is_replaced(ex):
+    assert ex.run(["x = 1"], ["assert x == 1"]).status == [["pass"]]
+    for sb in ex._sandboxes:
+        if sb is not None:
+            sb.proc.kill()
+            sb.proc.wait()
+    r = ex.run(["x = 1"], ["assert x == 1"])
+    assert r.status == [["pass"]], r.detail
+
+
+def test_weak_mode_survives_a_cell_that_kills_the_judge():
+    # Without a PID namespace the judge is an ordinary parent: a cell can kill it. The
+    # rest of that problem is a sandbox_error, the next problem gets a new judge.
+    with Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation="none") as e:
+        r1 = e.run(["import os\nos.kill(os.getppid(), 9)", "x = 1"], ["assert True"])
+        r2 = e.run(["x = 1"], ["assert x == 1"])
+    assert r1.status == [["sandbox_error"], ["sandbox_error"]], r1.detail
+    assert r2.status == [["pass"]]
+
+
 def test_bad_isolation_mode_and_limits_are_clear_errors():
     with pytest.raises(ValueError, match="isolation must be one of"):
         Executor(Limits(), isolation="sandbox")
