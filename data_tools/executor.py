@@ -86,11 +86,13 @@ import os
 import queue
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from typing import Iterable, Iterator, Sequence
 
 STATUSES = ("pass", "fail", "error", "timeout", "crash", "sandbox_error")
@@ -231,6 +233,25 @@ class _Cgroups:
                 "(flag --isolation=no_cgroup) to rely on per-process rlimits only."
             ) from e
 
+    @staticmethod
+    def sweep_stale():
+        """Removes empty cgroups left by executors whose process died without closing
+        (rmdir only succeeds on an empty cgroup, so live ones are never touched)."""
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"):
+            try:
+                names = os.listdir(root)
+            except OSError:
+                continue
+            for name in names:
+                parts = name.split("-")
+                if len(parts) != 5 or parts[:2] != ["fdpo", "exec"] or not parts[2].isdigit():
+                    continue
+                if int(parts[2]) != os.getpid() and not os.path.exists(f"/proc/{parts[2]}"):
+                    try:
+                        os.rmdir(os.path.join(root, name))
+                    except OSError:
+                        pass
+
     def procs_files(self, slot: int) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.dirs[slot]]
 
@@ -245,7 +266,17 @@ class _Cgroups:
         return False
 
     def close(self):
-        for dirs in self.dirs:
+        # Sandboxes may still be dying (e.g. at interpreter exit the pool threads end
+        # first and take their bwrap processes with them): wait for the cgroups to empty,
+        # and kill what is left in them, which can only be this executor's sandboxes.
+        for slot, dirs in enumerate(self.dirs):
+            if not self.wait_empty(slot, timeout=2.0):
+                for pid in {int(x) for p in self.procs_files(slot) for x in _read(p).split()}:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                self.wait_empty(slot, timeout=5.0)
             for d in dirs:
                 try:
                     os.rmdir(d)
@@ -387,18 +418,28 @@ class Executor:
         instance = next(_INSTANCES)
         block = (os.getpid() * 16 + instance) % 65536
         self._uids = [_UID_BASE + block * _MAX_WORKERS + s for s in range(self.workers)]
-        self._cgroups = (
-            _Cgroups(self.workers, limits, f"fdpo-exec-{os.getpid()}-{instance}")
-            if isolation == "full" else None
-        )
         self._bwrap = (
             _bwrap_args(self.python, _python_roots(self.python), limits)
             if isolation != "none" else None
         )
+        if isolation == "full":
+            _Cgroups.sweep_stale()
+        self._cgroups = (
+            _Cgroups(self.workers, limits, f"fdpo-exec-{os.getpid()}-{instance}")
+            if isolation == "full" else None
+        )
         self._sandboxes: list[_Sandbox | None] = [None] * self.workers
+        # Sandboxes are only ever started from these threads, which live as long as the
+        # executor: bwrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the
+        # *thread* that spawned it exits, not the process. A sandbox started from a
+        # caller's short-lived thread would die under the next caller.
+        self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fdpo-exec")
         self._slots: queue.Queue[int] = queue.Queue()
         for s in range(self.workers):
             self._slots.put(s)
+        # An executor that is never closed still releases its sandboxes and cgroups.
+        self._finalizer = weakref.finalize(self, Executor._cleanup, self._sandboxes,
+                                           self._cgroups, self._pool)
 
     @property
     def uids(self) -> list[int]:
@@ -406,12 +447,17 @@ class Executor:
         return list(self._uids)
 
     def close(self):
-        for k, sb in enumerate(self._sandboxes):
+        self._finalizer()
+
+    @staticmethod
+    def _cleanup(sandboxes, cgroups, pool):
+        for k, sb in enumerate(sandboxes):
             if sb is not None:
                 sb.close()
-            self._sandboxes[k] = None
-        if self._cgroups is not None:
-            self._cgroups.close()
+            sandboxes[k] = None
+        if cgroups is not None:
+            cgroups.close()
+        pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -421,10 +467,14 @@ class Executor:
 
     # -- one problem --------------------------------------------------------------------
     def run(self, codes: Sequence[str], tests: Sequence[str]) -> ProblemResult:
-        """Runs all cells of one problem in one sandbox (blocks for a free worker slot)."""
+        """Runs all cells of one problem in one sandbox (blocks for a free worker slot).
+        Safe to call from any number of threads."""
+        return self._pool.submit(self._run_any_slot, list(codes), list(tests)).result()
+
+    def _run_any_slot(self, codes: list[str], tests: list[str]) -> ProblemResult:
         slot = self._slots.get()
         try:
-            return self._run_in_slot(list(codes), list(tests), slot)
+            return self._run_in_slot(codes, tests, slot)
         finally:
             self._slots.put(slot)
 
@@ -455,26 +505,26 @@ class Executor:
     def map(self, problems: Iterable[dict]) -> Iterator[tuple[str, ProblemResult]]:
         """Yields (id, result) as problems finish (not in input order). Problems are
         validated as they are consumed; at most 2 x workers are in flight."""
-        with cf.ThreadPoolExecutor(self.workers, thread_name_prefix="fdpo-exec") as pool:
-            pending: dict[cf.Future, str] = {}
-            it = iter(problems)
-            exhausted = False
-            k = 0
-            while True:
-                while not exhausted and len(pending) < 2 * self.workers:
-                    try:
-                        p = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    validate_problem(p, f"problem #{k}")
-                    k += 1
-                    pending[pool.submit(self.run, p["codes"], p["tests"])] = p["id"]
-                if not pending:
-                    return
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    yield pending.pop(fut), fut.result()
+        pending: dict[cf.Future, str] = {}
+        it = iter(problems)
+        exhausted = False
+        k = 0
+        while True:
+            while not exhausted and len(pending) < 2 * self.workers:
+                try:
+                    p = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                validate_problem(p, f"problem #{k}")
+                k += 1
+                fut = self._pool.submit(self._run_any_slot, list(p["codes"]), list(p["tests"]))
+                pending[fut] = p["id"]
+            if not pending:
+                return
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                yield pending.pop(fut), fut.result()
 
 
 class _Sandbox:

@@ -477,6 +477,23 @@ def test_weaker_modes_give_the_same_verdicts(mode, monkeypatch):
     assert r.status == [["pass", "fail", "pass"], ["timeout"] * 3], r.detail
 
 
+def test_sandboxes_outlive_the_threads_that_call_the_executor(ex):
+    # bwrap's --die-with-parent fires when the spawning *thread* exits: the executor must
+    # start sandboxes from its own long-lived threads, not from callers' threads.
+    results = []
+    for _ in range(3):
+        t = threading.Thread(target=lambda: results.append(ex.run(["x = 1"], ["assert x == 1"])))
+        t.start()
+        t.join()
+        results.extend(r for _, r in ex.map([{"id": "p", "codes": ["y = 2"],
+                                               "tests": ["assert y == 2"]}]))
+    assert [r.status for r in results] == [[["pass"]]] * 6
+    started = [sb for sb in ex._sandboxes if sb is not None]
+    assert started and all(sb.proc.poll() is None for sb in started)
+    assert all(sb.jobs >= 1 for sb in started)
+    assert sum(sb.jobs for sb in started) >= 6
+
+
 def test_a_judge_killed_from_outside_is_replaced(ex):
     assert ex.run(["x = 1"], ["assert x == 1"]).status == [["pass"]]
     for sb in ex._sandboxes:
