@@ -172,20 +172,39 @@ def _reap(block):
             return
 
 
-def _wipe(path):
-    """Empty the scratch directory between cells. A cell may leave entries without
-    permissions; we own them (same uid) so chmod and retry."""
-    for entry in os.scandir(path):
-        p = entry.path
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                os.chmod(p, 0o700)
-                _wipe(p)
-                os.rmdir(p)
-            else:
-                os.unlink(p)
-        except FileNotFoundError:
-            pass
+def _wipe(root):
+    """Empty the scratch directory between cells. Iterative and relative (chdir down and
+    back up with a stack of names), so arbitrarily deep trees cannot exhaust the judge's
+    recursion limit or PATH_MAX. Entries without permissions are ours (same uid): chmod
+    them. Each descent is checked against the entry's inode, so a directory swapped for a
+    symlink (possible only in the weak mode, where stragglers may survive) is not
+    followed."""
+    os.chdir(root)
+    names = []
+    while True:
+        descended = False
+        with os.scandir(".") as it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        os.chmod(e.name, 0o700)
+                        os.chdir(e.name)
+                        here = os.stat(".")
+                        if (here.st_ino, here.st_dev) != (st.st_ino, st.st_dev):
+                            raise OSError(f"scratch entry {e.name!r} changed under the judge")
+                        names.append(e.name)
+                        descended = True
+                        break
+                    os.unlink(e.name)
+                except FileNotFoundError:
+                    pass
+        if descended:
+            continue
+        if not names:
+            return
+        os.chdir("..")
+        os.rmdir(names.pop())
 
 
 def _run_cell(cfg, code, test, devnull):

@@ -186,6 +186,25 @@ def test_scratch_is_wiped_between_cells(ex):
     assert r.status == [["pass", "pass"]], r.detail
 
 
+def test_deep_and_locked_scratch_trees_are_wiped(ex):
+    # Deeper than the judge's recursion limit and than PATH_MAX, with locked directories.
+    code = _src("""
+        import os
+        os.chdir("/tmp")
+        for k in range(3000):
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+        open("leaf", "w").write("x")
+        os.chdir("/tmp")
+        os.mkdir("locked")
+        open("locked/f", "w").write("x")
+        os.chmod("locked", 0)
+        """)
+    r = ex.run([code, "import os"], ["assert True", "assert os.listdir('/tmp') == []"])
+    # Code 0 rebuilds its tree before its own listdir (fail); code 1 starts from empty.
+    assert r.status == [["pass", "fail"], ["pass", "pass"]], r.detail
+
+
 # -- environment, stdin ------------------------------------------------------------------------
 def test_no_inherited_secrets(monkeypatch):
     monkeypatch.setenv("FDPO_SECRET_TOKEN", "s3cr3t-value")
