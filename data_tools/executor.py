@@ -440,6 +440,16 @@ class Executor:
         # An executor that is never closed still releases its sandboxes and cgroups.
         self._finalizer = weakref.finalize(self, Executor._cleanup, self._sandboxes,
                                            self._cgroups, self._pool)
+        # Installed is not working (e.g. bwrap in a container without the privileges it
+        # needs): check with one trivial cell now rather than report every cell as a
+        # sandbox_error later.
+        probe = self.run(["x = 1"], ["assert x == 1"])
+        if probe.status != [["pass"]]:
+            self.close()
+            raise IsolationUnavailable(
+                f"isolation={isolation!r}: the sandbox does not work on this machine "
+                f"({probe.status[0][0]}: {probe.detail[0][0]})"
+            )
 
     @property
     def uids(self) -> list[int]:

@@ -393,6 +393,23 @@ def test_judge_is_not_reachable_through_proc(ex):
     assert run1(ex, code, "assert reached == [], reached") == ("pass", "")
 
 
+def test_cells_run_unprivileged(ex):
+    code = _src("""
+        import ctypes, os
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+        libc = ctypes.CDLL(None, use_errno=True)
+        traced = libc.ptrace(16, 1, 0, 0)  # PTRACE_ATTACH to the judge
+        """)
+    test = ("assert os.getuid() != 0 and os.getgid() != 0 and os.getgroups() == []\n"
+            "assert int(status['CapEff'], 16) == 0 and int(status['CapPrm'], 16) == 0\n"
+            "assert int(status['CapBnd'], 16) == 0\n"
+            "assert status['NoNewPrivs'].strip() == '1'\n"
+            "assert traced == -1\n"
+            "import socket\ntry:\n    os.setuid(0)\nexcept PermissionError:\n    pass\n"
+            "else:\n    raise RuntimeError('setuid(0) worked')\n")
+    assert run1(ex, code, test) == ("pass", "")
+
+
 # -- forged verdicts ---------------------------------------------------------------------------
 FORGERIES = {
     "print_pass": ("print('pass')\nprint('{\"s\": \"pass\"}')", "assert False"),
@@ -531,6 +548,14 @@ def test_weak_mode_survives_a_cell_that_kills_the_judge():
         r2 = e.run(["x = 1"], ["assert x == 1"])
     assert r1.status == [["sandbox_error"], ["sandbox_error"]], r1.detail
     assert r2.status == [["pass"]]
+
+
+def test_a_sandbox_that_cannot_start_is_a_clear_error(monkeypatch):
+    real = ex_mod._bwrap_args
+    monkeypatch.setattr(ex_mod, "_bwrap_args",
+                        lambda *a: ["bwrap", "--no-such-option"] + real(*a)[1:])
+    with pytest.raises(ex_mod.IsolationUnavailable, match="does not work on this machine"):
+        Executor(Limits(timeout_s=TIMEOUT), workers=1)
 
 
 def test_bad_isolation_mode_and_limits_are_clear_errors():
