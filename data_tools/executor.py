@@ -54,13 +54,20 @@ other cells, other problems or the host. Reading world-readable files of the bou
 interpreter/library trees is allowed. There is no seccomp filter: the kernel's attack
 surface is the usual one for an unprivileged process in namespaces.
 
-Exceptions to "never forgeable" apart, the weaker modes, chosen explicitly, are:
+Per-worker uids are derived from the host pid and an instance counter, so concurrent
+executors get different uids (and RLIMIT_NPROC counters) unless two host pids collide
+modulo 4096. If the host process dies, each judge sees EOF on its job pipe (or EPIPE on
+its verdict pipe) and exits within one cell's time limit; the kernel then kills the rest
+of its namespace.
+
+Weaker modes, only when chosen explicitly:
   * isolation="no_cgroup": everything but the cgroup, so total memory is only bounded by
     max_procs x memory_mb and total tasks by RLIMIT_NPROC.
-  * isolation="none": no namespaces at all: rlimits, a clean environment and a temporary
-    working directory only. Network, the file system and the judge's parent are reachable,
-    and a daemon that leaves the cell's session survives. Only for trusted code or
-    machines where bwrap/root are unavailable.
+  * isolation="none": no namespaces: rlimits, a clean environment, a temporary working
+    directory, and (when run as root) the per-worker uid. The network and the file
+    system are reachable, a cell can kill the judge (the rest of that problem becomes
+    sandbox_error), and a daemon that leaves the cell's session survives. Only for
+    trusted code or machines without root/bwrap.
 
 Processes and threads. The host never forks Python: sandboxes are started with
 `subprocess.Popen` (fork+exec in C, no Python code between them), so this module is safe
@@ -90,7 +97,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from typing import Iterable, Iterator, Sequence
