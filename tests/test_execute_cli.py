@@ -1,0 +1,116 @@
+"""`python -m data_tools.execute`: output format, malformed-line reporting, resuming, and
+use from a process that has JAX (threads) loaded."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "data_tools.execute", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+GOOD = [
+    json.dumps({"id": "a", "codes": ["def f(x): return x + 1", "def f(x): return x"],
+                "tests": ["assert f(1) == 2", "assert f(0) == 0"], "extra": 1}),
+    json.dumps({"id": "b", "codes": ["while True: pass"], "tests": ["assert True"]}),
+    json.dumps({"id": "c", "codes": ["x = 1"], "tests": ["assert x == 1"]}),
+]
+
+
+def _read(path):
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_outputs_matrices_and_summary(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, GOOD)
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1", "--workers", "2"])
+    assert r.returncode == 0, r.stderr
+    res = _read(out)
+    assert set(res) == {"a", "b", "c"}
+    assert res["a"]["passed"] == [[True, False], [False, True]]
+    assert res["a"]["status"] == [["pass", "fail"], ["fail", "pass"]]
+    assert res["b"]["status"] == [["timeout"]]
+    assert len(res["a"]["time_s"]) == 2 and res["a"]["wall_s"] > 0
+    assert "3 problems, 6 cells" in r.stdout
+    assert "pass" in r.stdout and "timeout" in r.stdout
+
+
+def test_malformed_lines_are_all_reported_with_line_numbers(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [GOOD[0], "{not json", json.dumps({"id": "x", "codes": "nope", "tests": []}),
+                 "", json.dumps({"id": "a", "codes": [], "tests": []}),
+                 json.dumps({"codes": [], "tests": []}), GOOD[2]])
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    assert r.returncode == 1
+    for lineno in (2, 3, 4, 5, 6):
+        assert f"{inp}:{lineno}:" in r.stderr, r.stderr
+    assert "duplicate id 'a'" in r.stderr
+    assert "5 malformed input lines" in r.stderr
+    assert set(_read(out)) == {"a", "c"}  # the valid lines still ran
+
+
+def test_resume_skips_done_ids_and_redoes_a_truncated_line(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, GOOD)
+    done = {"id": "a", "passed": [[True]], "status": [["pass"]], "detail": [[""]],
+            "time_s": [[0.0]], "wall_s": 0.0}  # sentinel content: must be kept as is
+    out.write_text(json.dumps(done) + "\n" + '{"id": "c", "passed": [[tr')
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "truncated last line" in r.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    res = _read(out)
+    assert res["a"] == done
+    assert res["c"]["status"] == [["pass"]] and res["b"]["status"] == [["timeout"]]
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    assert "0 to run" in r.stderr and len(out.read_text().splitlines()) == 3
+
+
+def test_corrupt_output_in_the_middle_is_an_error(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, GOOD)
+    out.write_text("garbage\n" + json.dumps({"id": "a"}) + "\n")
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    assert r.returncode != 0
+    assert f"{out}:1: malformed line in the existing output" in r.stderr
+
+
+def test_bad_flags_are_clear(tmp_path):
+    r = _run(["--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
+              "--timeout", "1"])
+    assert r.returncode != 0 and "--input" in r.stderr and "missing.jsonl" in r.stderr
+    r = _run(["--input", "x", "--output", "y"])
+    assert r.returncode != 0 and "timeout" in r.stderr
+    inp = tmp_path / "in.jsonl"
+    _write(inp, GOOD[2:])
+    r = _run(["--input", str(inp), "--output", str(tmp_path / "o"), "--timeout", "-1"])
+    assert r.returncode != 0 and "timeout_s must be > 0" in r.stderr
+
+
+def test_library_is_safe_in_a_process_with_jax_threads():
+    # JAX starts thread pools; the executor must only spawn (fork+exec in C), never fork
+    # Python. A deadlock here would hit the subprocess timeout.
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "jnp.ones(4).sum().block_until_ready()\n"
+        "import threading; assert threading.active_count() >= 1\n"
+        "from data_tools.executor import run_problems\n"
+        "ps = [{'id': str(k), 'codes': ['def f(): return %d' % k], 'tests': ['assert f() == %d' % k]}"
+        " for k in range(20)]\n"
+        "res = list(run_problems(ps, timeout=2, workers=2))\n"
+        "assert len(res) == 20 and all(r['passed'] == [[True]] for r in res), res\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
