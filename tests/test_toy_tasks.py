@@ -60,3 +60,32 @@ def test_oracle_tests_corrupt_the_stated_fraction(fraction):
         except AssertionError:
             passed = False
         assert passed == good, test
+
+
+def test_toy_data_files(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from data_tools import toy_data
+
+    meta = toy_data.write(tmp_path, seed=0, num_tests=6, corrupt_fraction=0.5)
+    prompts = [json.loads(l) for l in open(tmp_path / "prompts.jsonl")]
+    tests = {r["id"]: r for r in map(json.loads, open(tmp_path / "tests.jsonl"))}
+    sft = [json.loads(l) for l in open(tmp_path / "sft_pairs.jsonl")]
+    assert len(prompts) == len(tests) == sum(meta["counts"].values())
+    assert {p["split"] for p in prompts} == {"seen", "held_out"}
+    assert len(sft) == meta["counts"]["seen"]
+    assert all(sum(not ok for ok in r["tests_correct"]) == 3 for r in tests.values())
+    by_id = {t.task_id: t for t in tt.all_tasks()}
+    for pair in sft[:50]:
+        task = by_id[pair["id"]]
+        assert pair["chosen"] == task.solution and pair["rejected"] != task.solution
+        # The wrong variant is wrong on some input.
+        rng = random.Random(0)
+        inputs = tt.random_inputs(rng, 200) + [[8, 9, 10, 11, 12, 13, 14, 15]]
+        assert any(run(task, pair["prompt"] + pair["rejected"], xs) != task.reference(xs)
+                   for xs in inputs), pair
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    text = sft[0]["prompt"] + sft[0]["chosen"]
+    assert tok.decode(tok(text)["input_ids"]) == text and tok.eos_token == "<|endoftext|>"

@@ -1,0 +1,115 @@
+"""Files for the embedded miniature: a tokenizer, prompts, oracle tests and SFT pairs.
+
+    python -m data_tools.toy_data --out DIR [--seed 0] [--held_out_fraction 0.2]
+
+writes, from the task family in `toy_tasks.py`:
+
+    DIR/tokenizer/          byte-level BPE trained offline on the family's text (HF format)
+    DIR/prompts.jsonl       {"id", "prompt", "entry_point", "split": "seen"|"held_out"}
+    DIR/tests.jsonl         {"id", "tests": [...], "tests_correct": [bool]} oracle tests; a
+                            stated fraction expects a wrong value (for ranking to have work)
+    DIR/eval_tests.jsonl    {"id", "tests": [...]} uncorrupted tests for pass@1
+    DIR/sft_pairs.jsonl     {"id", "prompt", "chosen", "rejected"} for seen tasks: chosen is
+                            the canonical body, rejected a wrong variant (ignored by the
+                            `sft` loss preset, which trains on the chosen response only)
+    DIR/toy_data.json       the settings and counts
+
+The model completes a function body after the prompt (signature + docstring), as in
+HumanEval, so a program is `prompt + response`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+from absl import app, flags
+
+from data_tools import toy_tasks
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(out_dir: pathlib.Path, tasks: list[toy_tasks.Task], vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    corpus = [t.prompt + t.solution for t in tasks]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    fast.save_pretrained(out_dir)
+
+
+def wrong_variant(task: toy_tasks.Task, rng: random.Random) -> str:
+    """A plausible wrong body: the canonical one with the condition or update changed."""
+    body = task.solution
+    swaps = [(" > ", " >= "), (" < ", " <= "), ("== 0", "== 1"), ("== 1", "== 0"),
+             ("x * ", "x + "), ("x + ", "x * "), ("x - ", "x + "), ("+= 1", "+= x")]
+    rng.shuffle(swaps)
+    for old, new in swaps:
+        if old in body:
+            return body.replace(old, new, 1)
+    return body.replace("return ", "return 1 + ", 1) if "out" not in body else \
+        body.replace("return out", "return out[1:]")
+
+
+def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
+          num_tests: int = 8, eval_tests: int = 16, corrupt_fraction: float = 0.25,
+          vocab_size: int = 384) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    seen, held = toy_tasks.split_tasks(held_out_fraction, seed=seed)
+    train_tokenizer(out / "tokenizer", seen + held, vocab_size)
+    rng = random.Random(seed)
+    counts = {"seen": len(seen), "held_out": len(held)}
+    with open(out / "prompts.jsonl", "w") as prompts, open(out / "tests.jsonl", "w") as tests, \
+            open(out / "eval_tests.jsonl", "w") as evals, \
+            open(out / "sft_pairs.jsonl", "w") as sft:
+        for split, tasks in (("seen", seen), ("held_out", held)):
+            for task in tasks:
+                prompts.write(json.dumps({"id": task.task_id, "prompt": task.prompt,
+                                          "entry_point": task.entry_point,
+                                          "split": split}) + "\n")
+                t, ok = toy_tasks.oracle_tests(task, rng, num_tests, corrupt_fraction)
+                tests.write(json.dumps({"id": task.task_id, "tests": t, "tests_correct": ok})
+                            + "\n")
+                t, _ = toy_tasks.oracle_tests(task, rng, eval_tests, 0.0)
+                evals.write(json.dumps({"id": task.task_id, "tests": t}) + "\n")
+                if split == "seen":
+                    sft.write(json.dumps({"id": task.task_id, "prompt": task.prompt,
+                                          "chosen": task.solution,
+                                          "rejected": wrong_variant(task, rng)}) + "\n")
+    meta = {"seed": seed, "held_out_fraction": held_out_fraction, "num_tests": num_tests,
+            "eval_tests": eval_tests, "corrupt_fraction": corrupt_fraction,
+            "vocab_size": vocab_size, "counts": counts,
+            "program": "prompt + response (function body completion)"}
+    (out / "toy_data.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_integer("seed", 0, "Seed for the held-out split and the tests.")
+flags.DEFINE_float("held_out_fraction", 0.2, "Fraction of task combinations held out.")
+flags.DEFINE_integer("num_tests", 8, "Oracle tests per task for self-verification.")
+flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wrong expected "
+                   "value.")
+flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
+
+
+def main(argv):
+    del argv
+    meta = write(pathlib.Path(FLAGS.out), seed=FLAGS.seed,
+                 held_out_fraction=FLAGS.held_out_fraction, num_tests=FLAGS.num_tests,
+                 corrupt_fraction=FLAGS.corrupt_fraction, vocab_size=FLAGS.vocab_size)
+    print(f"wrote {FLAGS.out}: {meta['counts']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
