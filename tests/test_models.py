@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from fdpo import logprobs, sharding
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ConfigError, ModelConfig, preset
-from launch import export_hf
 from tests.hf_models import make_hf_model, torch_token_logprobs
 
 torch.set_num_threads(2)
@@ -98,7 +97,7 @@ def test_import_export_bitwise_and_transformers_loads(hf_case, tmp_path):
                           hf_config=json.loads((hf_dir / "config.json").read_text()),
                           extras_from=hf_dir)
     out = tmp_path / "hf2"
-    export_hf.export(ckpt, out, ONE_DEVICE, max_shard_bytes=40_000)  # force several shards
+    checkpoint.export_hf(ckpt, out, ONE_DEVICE, max_shard_bytes=40_000)  # force several shards
 
     original = _read_all(hf_dir)
     exported = _read_all(out)
@@ -128,7 +127,7 @@ def test_sharded_safetensors_and_bfloat16_roundtrip(tmp_path):
     assert cfg.checkpoint_dtype == cfg.param_dtype == "bfloat16"
     graphdef, state = convert.load_hf_params(tmp_path / "hf", cfg, ONE_DEVICE)
     checkpoint.save_model(tmp_path / "ck", cfg, state, extras_from=tmp_path / "hf")
-    export_hf.export(tmp_path / "ck", tmp_path / "out", ONE_DEVICE, max_shard_bytes=1 << 30)
+    checkpoint.export_hf(tmp_path / "ck", tmp_path / "out", ONE_DEVICE, max_shard_bytes=1 << 30)
     assert (tmp_path / "out" / "model.safetensors").is_file()  # below threshold: one file
     a, b = _read_all(tmp_path / "hf"), _read_all(tmp_path / "out")
     assert a == b

@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 
 from fdpo import sharding as shd
 from fdpo.models import convert
-from fdpo.models.config import ModelConfig
+from fdpo.models.config import ModelConfig, preset as model_preset
+from fdpo.models.transformer import Decoder
 
 FORMAT_VERSION = 1
 METADATA_FILE = "fdpo_model.json"
@@ -128,3 +129,68 @@ def load_checkpoint_or_hf(mesh: Mesh, *, checkpoint: str | None = None,
     cfg = ModelConfig.from_hf_dir(hf_dir, **config_overrides)
     graphdef, state = convert.load_hf_params(hf_dir, cfg, mesh, rules)
     return cfg, graphdef, state, pathlib.Path(hf_dir)
+
+
+def export_hf(checkpoint_dir, out_dir, mesh: Mesh,
+              max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+    """Writes an HF directory: safetensors in the original dtype, config.json (the original
+    one when the checkpoint kept it), generation config and tokenizer files."""
+    from tqdm import tqdm
+
+    ckpt = pathlib.Path(checkpoint_dir)
+    meta = read_metadata(ckpt)
+    cfg, _, state = load_model(ckpt, mesh)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = nnx.to_pure_dict(state)
+    tensors = tqdm(convert.iter_hf_tensors(cfg, params), total=convert.num_hf_tensors(cfg),
+                   desc="export", unit="tensor")
+    if jax.process_index() == 0:
+        convert.write_safetensors(tensors, out, max_shard_bytes)
+        hf_config = meta.get("hf_config") or cfg.to_hf_config()
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        extras = ckpt / EXTRAS_DIR
+        if extras.is_dir():
+            copy_hf_extras(extras, out)
+        if not (out / "generation_config.json").exists():
+            gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
+                                     ("eos_token_id", cfg.eos_token_id),
+                                     ("pad_token_id", cfg.pad_token_id)) if v is not None}
+            (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    else:
+        for _ in tensors:  # every process takes part in gathering sharded arrays
+            pass
+    return out
+
+
+TINY_QWEN2 = dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, qkv_bias=True, tie_embeddings=True,
+                  max_position_embeddings=2048)
+
+
+def init_random(out, *, preset: str | None = None, fields: dict | None = None,
+                tokenizer: str | None = None, seed: int = 0) -> pathlib.Path:
+    """A randomly initialised checkpoint (normal std 0.02, as transformers): the base is a
+    preset or a tiny Qwen2 shape, `fields` override it, and a tokenizer directory sets the
+    vocabulary size and special ids and is stored with the checkpoint."""
+    fields = dict(fields or {})
+    if tokenizer:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        fields.setdefault("vocab_size", len(tok))
+        fields.setdefault("eos_token_id", tok.eos_token_id)
+        fields.setdefault("pad_token_id", tok.pad_token_id)
+        fields.setdefault("bos_token_id", tok.bos_token_id)
+    base = model_preset(preset) if preset else ModelConfig(**TINY_QWEN2)
+    if "head_dim" not in fields and ("hidden_size" in fields or "num_heads" in fields):
+        fields["head_dim"] = (fields.get("hidden_size", base.hidden_size) //
+                              fields.get("num_heads", base.num_heads))
+    cfg = base.replace(**fields)
+    mesh = shd.make_mesh((1, -1, 1))
+    model = Decoder(cfg, nnx.Rngs(seed))
+    _, state = nnx.split(model)
+    shardings = shd.state_shardings(state, mesh, shd.DEFAULT_RULES)
+    state = jax.device_put(state, shardings)
+    return save_model(out, cfg, state, hf_config=cfg.to_hf_config(), extras_from=tokenizer,
+                      metadata={"init_seed": seed})
