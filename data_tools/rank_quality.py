@@ -298,7 +298,7 @@ def build(cfg: Config, log=print) -> dict:
         for k in ("candidates", "produced", "identical", "duplicate", "compile_error"):
             mut_counts[k] += getattr(mstats, k)
         prepared.append({"task": task, "tests": tests, "canonical": canonical, "mutants": muts,
-                         "rng": rng})
+                         "rng": rng, "outputs": outs})
 
     # Stage 1: screen canonical + pool against one cell holding all correct tests.
     t1 = time.monotonic()
@@ -380,13 +380,21 @@ def build(cfg: Config, log=print) -> dict:
             "id": tid, "A": A[perm], "truth": truth[perm],
             "descriptions": [descs[i] for i in perm], "sources": [sources[i] for i in perm],
             "tests": tests, "canonical_index": perm.index(0),
+            # Every correct test expects a bool: a wrong test then expects the negation, which
+            # an answer-flipping mutant produces, so wrong codes and wrong tests agree.
+            "bool_outputs": all(isinstance(ast.literal_eval(p["outputs"][t["input"]]["repr"]), bool)
+                                for t in tests if t["correct"]),
         })
         counts["tests_correct"] += int(correct_t.sum())
         counts["tests_wrong"] += int((~correct_t).sum())
         counts["codes"] += len(sources)
         counts["codes_truly_correct"] += int(truth.sum())
 
-    metrics = evaluate(records)
+    by_output = {
+        kind: {"tasks": len(sub), "metrics": {k: v["top1_correct"] for k, v in evaluate(sub).items()}}
+        for kind, sub in (("bool", [r for r in records if r["bool_outputs"]]),
+                          ("other", [r for r in records if not r["bool_outputs"]]))}
+    metrics = evaluate(records)  # again, so the records keep the all-task scores
     report = {
         "config": dataclasses.asdict(cfg),
         "tasks_in": len(tasks), "tasks_used": len(records),
@@ -395,6 +403,7 @@ def build(cfg: Config, log=print) -> dict:
         "mutants": dict(sorted(mut_counts.items())),
         "cell_status": dict(sorted(status_counts.items())),
         "metrics": metrics,
+        "top1_by_output": by_output,
         "seconds": {"reference": round(t_ref, 2), "screen": round(t_screen, 2),
                     "matrix": round(t_matrix, 2), "total": round(time.monotonic() - t0, 2)},
         "matrix_cells": n_cells,
@@ -473,6 +482,13 @@ def markdown(report: dict) -> str:
                      f"{r['gt_exact']:.3f} | {r['label_accuracy']:.3f} |")
     if "random" in m:
         lines.append(f"| random pick | {m['random']['top1_correct']:.3f} | - | - | - | - |")
+    by = report.get("top1_by_output", {})
+    if by:
+        lines.append("")
+        lines.append("Top-1 truly correct by output type: " + "; ".join(
+            f"{kind} outputs ({v['tasks']} tasks): " + ", ".join(
+                f"{k} {x:.3f}" for k, x in v["metrics"].items())
+            for kind, v in by.items() if v["tasks"]) + ".")
     used = report["tasks_used"]
     excl = ", ".join(f"{k} {v['count']}" for k, v in report["excluded"].items()) or "none"
     lines += [

@@ -151,6 +151,11 @@ def test_end_to_end_report_fields(small_run):
         assert r["spearman_defined"] + r["spearman_undefined"] == report["tasks_used"]
         assert r["spearman"] is None or -1.0 <= r["spearman"] <= 1.0
     assert 0.0 < m["random"]["top1_correct"] <= 0.5
+    by = report["top1_by_output"]
+    assert by["bool"]["tasks"] + by["other"]["tasks"] == report["tasks_used"]
+    assert by["bool"]["tasks"] >= 1  # HumanEval/0 and /3 return bools
+    for v in by.values():
+        assert all(0.0 <= x <= 1.0 for x in v["metrics"].values())
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["metrics"] == m
     table = (out / "report.md").read_text()
