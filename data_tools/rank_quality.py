@@ -322,9 +322,10 @@ def build(cfg: Config, log=print) -> dict:
         chosen = []
         for (src, desc), ok, st in zip(p["mutants"], (r[0] for r in res.passed[1:]),
                                        (r[0] for r in res.status[1:])):
-            if ok and not cfg.keep_equivalent:
-                mut_counts["equivalent"] += 1
-                continue
+            if ok:
+                mut_counts["equivalent"] += 1  # kept as a correct code with keep_equivalent
+                if not cfg.keep_equivalent:
+                    continue
             if len(chosen) < cfg.mutants:
                 chosen.append((src, desc))
                 mut_counts[f"screen_status_{st}"] += 1
@@ -499,7 +500,8 @@ def markdown(report: dict) -> str:
         f"Tests: {c.get('tests_correct', 0)} correct + {c.get('tests_wrong', 0)} wrong; "
         f"{c.get('tests_canonical_disagrees', 0)} dropped where the canonical solution disagreed. "
         f"Mutants: {mu.get('produced', 0)} generated, {mu.get('equivalent', 0)} "
-        f"+ {mu.get('equivalent_late', 0)} behaviourally equivalent on the inputs; "
+        f"+ {mu.get('equivalent_late', 0)} behaviourally equivalent on the inputs "
+        f"({'kept as correct codes' if report['config']['keep_equivalent'] else 'dropped'}); "
         f"skipped: {mu.get('identical', 0)} identical, {mu.get('duplicate', 0)} duplicate, "
         f"{mu.get('compile_error', 0)} not compiling. "
         f"Inputs not usable: {c.get('inputs_unrepresentable', 0)} unrepresentable, "
