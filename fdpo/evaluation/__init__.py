@@ -1,0 +1,5 @@
+"""Benchmark evaluation (HumanEval(+), MBPP(+), LiveCodeBench) in the sandboxed executor.
+
+`tasks`: loading and the per-split executor tests; `runner`: running, pass@k, reports;
+`_cell`: the code that runs inside the sandbox (oracles, time limits). No jax.
+"""

@@ -1,0 +1,151 @@
+"""Evaluates code samples on HumanEval(+), MBPP(+) or LiveCodeBench, in the sandbox.
+
+    python -m launch.evaluate --benchmark humaneval+ --samples samples.jsonl --out eval/
+    python -m launch.evaluate --benchmark mbpp+ --checkpoint CKPT --n 1 --temperature 0 --out eval/
+    python -m launch.evaluate --benchmark livecodebench --dataset lcb.jsonl --samples s.jsonl --out eval/
+
+Samples (EvalPlus format): one JSON line per sample, {"task_id", "solution"} (a whole
+program) or {"task_id", "completion"} (appended to the task's prompt). With --checkpoint
+the samples are generated first (needs fdpo/sampler.py) and written to OUT/samples.jsonl
+in that format. Outputs in --out: results.json (pass@k, status counts, settings, dataset
+hash, per-sample verdicts), tasks.md and tasks.csv (one row per task). See
+fdpo/evaluation/ and the README's "Evaluation" section for oracles and time limits.
+"""
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import pathlib
+
+from absl import app, flags, logging
+
+from fdpo.evaluation import runner as rn
+from fdpo.evaluation import tasks as tk
+
+BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
+                              required=True)
+SAMPLES = flags.DEFINE_string("samples", None, "EvalPlus samples JSONL to evaluate.")
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint to sample from.")
+HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to sample from.")
+DATASET = flags.DEFINE_string(
+    "dataset", None, "Benchmark file (EvalPlus .jsonl[.gz], or LiveCodeBench JSONL); "
+    "default: ../shared/data/evalplus/<release> beside the checkout.")
+OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+N = flags.DEFINE_integer("n", 1, "Samples per task (--checkpoint).")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (--checkpoint); "
+                                 "0 = greedy.")
+TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling (--checkpoint).")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 768, "Generation length.")
+SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+KS = flags.DEFINE_list("k", ["1", "10", "100"], "pass@k values (those with n >= k).")
+WORKERS = flags.DEFINE_integer("workers", None, "Parallel sandboxes (default: all cores).")
+ISOLATION = flags.DEFINE_enum("isolation", "full", ["full", "no_cgroup", "none"],
+                              "Executor isolation (see data_tools/executor.py).")
+MEMORY_MB = flags.DEFINE_integer("memory_mb", 4096, "Memory per program (EvalPlus: 4 GB).")
+FLOOR_S = flags.DEFINE_float("min_time_limit", 4.0, "Per-input time limit floor, seconds.")
+FACTOR = flags.DEFINE_float("time_limit_factor", 4.0,
+                            "Per-input limit = max(floor, factor x reference time).")
+BUDGET_S = flags.DEFINE_float("split_budget", 60.0,
+                              "Cap on a sample's summed time on one split, seconds.")
+LCB_TIMEOUT = flags.DEFINE_float("lcb_timeout", 6.0, "LiveCodeBench seconds per test.")
+PARTIAL = flags.DEFINE_bool("partial", False, "Allow samples for only some tasks.")
+
+
+def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sample]:
+    """The one place that needs a model; imports the sampler lazily."""
+    try:
+        from fdpo import sampler
+    except ImportError as e:
+        raise app.UsageError(
+            "--checkpoint/--hf_dir needs the KV-cache sampler (fdpo/sampler.py), which is "
+            "not in this checkout; generate samples elsewhere and pass --samples") from e
+    from transformers import AutoTokenizer
+
+    from fdpo.models.checkpoint import load_checkpoint_or_hf
+    from launch import common
+
+    common.quiet_tokenizers()
+    mesh = common.init_jax()
+    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(
+        mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = list(tasks)
+    prompts = [prompt_for(tasks[t], benchmark) for t in ids]
+    texts = sampler.sample_texts(
+        cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
+        temperature=TEMPERATURE.value, top_p=TOP_P.value,
+        max_new_tokens=MAX_NEW_TOKENS.value, batch_size=16, seed=SEED.value)
+    return [rn.Sample(t, rn.extract_code(x)) for t, outs in zip(ids, texts) for x in outs]
+
+
+def prompt_for(task: tk.Task, benchmark: str) -> str:
+    """The user message: the task and a request for a complete program in a code block."""
+    if benchmark == "livecodebench":
+        extra = (f"\n\nUse this starter code:\n```python\n{task.starter_code}\n```"
+                 if task.starter_code else "\n\nRead the input from stdin and write the "
+                 "answer to stdout.")
+        return task.prompt + extra + "\nAnswer with the complete program in one ```python block."
+    return ("Complete the following Python function. Answer with the complete, "
+            f"self-contained program in one ```python block.\n```python\n{task.prompt}```")
+
+
+def main(argv):
+    del argv
+    pylogging.getLogger().setLevel(pylogging.INFO)
+    model = CHECKPOINT.value or HF_DIR.value
+    if (SAMPLES.value is None) == (model is None):
+        raise app.UsageError("give exactly one of --samples and --checkpoint/--hf_dir")
+    if CHECKPOINT.value and HF_DIR.value:
+        raise app.UsageError("give only one of --checkpoint and --hf_dir")
+    bench = BENCHMARK.value
+    try:
+        tasks, _ = tk.load_tasks(bench, DATASET.value)
+    except tk.DataError as e:
+        raise app.UsageError(str(e)) from e
+    out = pathlib.Path(OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = None
+    samples_path = SAMPLES.value
+    if model is not None:
+        samples = generate(tasks, bench, N.value)
+        samples_path = out / "samples.jsonl"
+        with open(samples_path, "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps({"task_id": s.task_id, "solution": s.solution}) + "\n")
+        logging.info("wrote %d samples to %s", len(samples), samples_path)
+    cfg = rn.RunConfig(
+        policy=tk.TimePolicy(floor_s=FLOOR_S.value, factor=FACTOR.value,
+                             budget_s=BUDGET_S.value, lcb_timeout_s=LCB_TIMEOUT.value),
+        workers=WORKERS.value, isolation=ISOLATION.value, memory_mb=MEMORY_MB.value)
+    from tqdm import tqdm
+
+    total = None
+    if samples is None:
+        try:
+            samples = rn.read_samples(samples_path, tasks, bench)
+        except (OSError, rn.SampleError) as e:
+            raise app.UsageError(str(e)) from e
+    total = len(samples)
+    with tqdm(total=total, unit="sample") as bar:
+        try:
+            summary, records, meta = rn.evaluate(
+                bench, dataset=DATASET.value, samples=samples, cfg=cfg,
+                ks=[int(k) for k in KS.value], partial=PARTIAL.value, progress=bar.update)
+        except rn.SampleError as e:
+            raise app.UsageError(str(e)) from e
+    meta["samples"] = str(samples_path)
+    if model is not None:
+        meta["generation"] = {"model": model, "n": N.value, "temperature": TEMPERATURE.value,
+                              "top_p": TOP_P.value, "max_new_tokens": MAX_NEW_TOKENS.value,
+                              "seed": SEED.value}
+    paths = rn.write_outputs(out, summary, records, meta)
+    for name, scores in summary["pass_at_k"].items():
+        logging.info("%s %s: %s", bench, name,
+                     ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items()))
+    for sp, counts in summary["status_counts"].items():
+        logging.info("%s statuses: %s", sp, {k: v for k, v in counts.items() if v})
+    logging.info("wrote %s", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,115 @@
+"""LiveCodeBench format on hand-written fixtures (functional and stdin problems, difficulty
+labels, compressed private tests) and the `launch.evaluate` program end to end."""
+import base64
+import collections
+import json
+import pickle
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from fdpo.evaluation import runner as rn
+from fdpo.evaluation import tasks as tk
+
+REPO = tk.REPO
+FIXTURE = REPO / "tests/data/lcb_fixture.jsonl"
+CFG = rn.RunConfig(policy=tk.TimePolicy(lcb_timeout_s=1.0), workers=2)
+
+TWO_SUM = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+           "        seen = {}\n        for i, x in enumerate(nums):\n"
+           "            if target - x in seen:\n                return (seen[target - x], i)\n"
+           "            seen[x] = i\n")
+SUM = "n = int(input())\nprint(sum(map(int, input().split())))\n"
+SUM_MAIN = ("import sys\ndef main():\n    data = sys.stdin.buffer.read().split()\n"
+            "    sys.stdout.write(str(sum(map(int, data[1:]))) + '\\n')\n"
+            "if __name__ == '__main__':\n    main()\n")
+HALVES = "a, b = map(int, input().split())\nprint(f'{a / b:.2f}', b / a)\n"
+
+
+def test_loads_fixture():
+    tasks = tk.load_lcb(FIXTURE)
+    assert {t: (v.testtype, v.difficulty, len(v.tests)) for t, v in tasks.items()} == {
+        "lcb-func-1": ("functional", "easy", 3),   # 1 public + 2 compressed private
+        "lcb-stdin-1": ("stdin", "medium", 3), "lcb-stdin-2": ("stdin", "hard", 2)}
+    assert tasks["lcb-func-1"].entry_point == "twoSum"
+
+
+def test_refuses_pickled_objects(tmp_path):
+    row = json.loads(FIXTURE.read_text().splitlines()[0])
+    # any class (os.system in an attack) needs find_class, which is refused
+    row["private_test_cases"] = base64.b64encode(zlib.compress(pickle.dumps(
+        collections.OrderedDict(a=1)))).decode()
+    path = tmp_path / "evil.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(tk.DataError, match="refusing to unpickle"):
+        tk.load_lcb(path)
+
+
+def test_verdicts_and_difficulty_breakdown():
+    tasks = tk.load_lcb(FIXTURE)
+    samples = [
+        rn.Sample("lcb-func-1", TWO_SUM),                                # tuple -> list: ok
+        rn.Sample("lcb-func-1", TWO_SUM.replace("return (seen[target - x], i)",
+                                                "return [i, seen[target - x]]")),  # wrong
+        rn.Sample("lcb-stdin-1", SUM),
+        rn.Sample("lcb-stdin-1", SUM_MAIN),                              # __main__, buffer
+        rn.Sample("lcb-stdin-1", "while True:\n    pass\n"),             # timeout
+        rn.Sample("lcb-stdin-1", "print(6)\n"),                          # wrong on private
+        rn.Sample("lcb-stdin-2", HALVES),                                # 0.50 == 0.5
+        rn.Sample("lcb-stdin-2", "print('0.5 2.0')\n"),
+    ]
+    recs = rn.run(tasks, samples, "livecodebench", CFG)
+    assert [r["all_status"] for r in recs] == [
+        "pass", "fail", "pass", "pass", "timeout", "fail", "pass", "fail"], \
+        [r["all_detail"] for r in recs]
+    s = rn.summarize(tasks, recs, "livecodebench", ks=(1, 2))
+    assert s["pass_at_k"]["easy"] == {"pass@1": 0.5, "pass@2": 1.0}
+    assert s["pass_at_k"]["medium"] == {"pass@1": 0.5, "pass@2": pytest.approx(5 / 6)}
+    assert s["pass_at_k"]["hard"] == {"pass@1": 0.5, "pass@2": 1.0}
+    assert s["status_counts"]["all"]["timeout"] == 1
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_samples_mode(tmp_path):
+    tasks, _ = tk.load_tasks("humaneval+")
+    lines = []
+    for tid in ("HumanEval/0", "HumanEval/2"):
+        t = tasks[tid]
+        lines.append({"task_id": tid, "completion": t.reference[len(t.prompt):]})
+        lines.append({"task_id": tid, "solution": t.prompt + "    return None\n"})
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    r = run_cli("--benchmark=humaneval+", f"--samples={samples}", f"--out={out}",
+                "--partial", "--workers=2", "--k=1,2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["pass_at_k"] == {"base": {"pass@1": 0.5, "pass@2": 1.0},
+                                "plus": {"pass@1": 0.5, "pass@2": 1.0}}
+    assert res["partial"] and res["num_samples"] == 4 and len(res["dataset_sha256"]) == 64
+    assert [e["base_status"] for e in res["eval"]["HumanEval/0"]] == ["pass", "fail"]
+    md = (out / "tasks.md").read_text().splitlines()
+    assert md[0].startswith("| task_id | n | base_correct | plus_correct")
+    assert md[2].startswith("| HumanEval/0 | 2 | 1 | 1 | pass:1 fail:1")
+    assert (out / "tasks.csv").read_text().splitlines()[1].startswith("HumanEval/0,2,1,1,")
+    # without --partial, 162 tasks without samples are an error
+    r = run_cli("--benchmark=humaneval+", f"--samples={samples}", f"--out={out}")
+    assert r.returncode != 0 and "have no samples" in r.stderr
+
+
+def test_cli_errors(tmp_path):
+    r = run_cli("--benchmark=mbpp+", f"--dataset={tmp_path}/nope.jsonl.gz",
+                f"--samples={tmp_path}/s.jsonl", f"--out={tmp_path}/o")
+    assert r.returncode != 0 and "dataset file not found" in r.stderr
+    r = run_cli("--benchmark=livecodebench", f"--samples={tmp_path}/s.jsonl",
+                f"--out={tmp_path}/o")
+    assert r.returncode != 0 and "livecodebench needs --dataset" in r.stderr
+    if not (REPO / "fdpo/sampler.py").exists():
+        r = run_cli("--benchmark=humaneval", "--checkpoint=/nonexistent", f"--out={tmp_path}/o")
+        assert r.returncode != 0 and "needs the KV-cache sampler" in r.stderr
