@@ -12,6 +12,9 @@ writes, from the task family in `toy_tasks.py`:
     DIR/sft_pairs.jsonl     {"id", "prompt", "chosen", "rejected"} for seen tasks: chosen is
                             the canonical body, rejected a wrong variant (ignored by the
                             `sft` loss preset, which trains on the chosen response only)
+    DIR/eval_{seen,held_out}.jsonl  EvalPlus-format tasks (prompt, entry_point,
+                            canonical_solution, base_input) for `launch.evaluate`; seen
+                            tasks are subsampled to `eval_seen` of them
     DIR/toy_data.json       the settings and counts
 
 The model completes a function body after the prompt (signature + docstring), as in
@@ -62,7 +65,7 @@ def wrong_variant(task: toy_tasks.Task, rng: random.Random) -> str:
 
 def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
           num_tests: int = 8, eval_tests: int = 16, corrupt_fraction: float = 0.25,
-          vocab_size: int = 384) -> dict:
+          vocab_size: int = 384, eval_seen: int = 64) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seen, held = toy_tasks.split_tasks(held_out_fraction, seed=seed)
     train_tokenizer(out / "tokenizer", seen + held, vocab_size)
@@ -85,6 +88,18 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
                     sft.write(json.dumps({"id": task.task_id, "prompt": task.prompt,
                                           "chosen": task.solution,
                                           "rejected": wrong_variant(task, rng)}) + "\n")
+    eval_rng = random.Random(seed + 1)
+    for split, tasks in (("seen", eval_rng.sample(seen, min(eval_seen, len(seen)))),
+                         ("held_out", held)):
+        with open(out / f"eval_{split}.jsonl", "w") as f:
+            for task in tasks:
+                inputs = toy_tasks.random_inputs(eval_rng, eval_tests)
+                f.write(json.dumps({
+                    "task_id": task.task_id, "prompt": task.prompt,
+                    "entry_point": task.entry_point, "canonical_solution": task.solution,
+                    "base_input": [[xs] for xs in inputs], "plus_input": [], "atol": 0,
+                }) + "\n")
+        counts[f"eval_{split}"] = len(tasks)
     meta = {"seed": seed, "held_out_fraction": held_out_fraction, "num_tests": num_tests,
             "eval_tests": eval_tests, "corrupt_fraction": corrupt_fraction,
             "vocab_size": vocab_size, "counts": counts,

@@ -73,7 +73,11 @@ def test_toy_data_files(tmp_path):
     prompts = [json.loads(l) for l in open(tmp_path / "prompts.jsonl")]
     tests = {r["id"]: r for r in map(json.loads, open(tmp_path / "tests.jsonl"))}
     sft = [json.loads(l) for l in open(tmp_path / "sft_pairs.jsonl")]
-    assert len(prompts) == len(tests) == sum(meta["counts"].values())
+    assert len(prompts) == len(tests) == meta["counts"]["seen"] + meta["counts"]["held_out"]
+    held_eval = [json.loads(l) for l in open(tmp_path / "eval_held_out.jsonl")]
+    assert len(held_eval) == meta["counts"]["held_out"] and held_eval[0]["plus_input"] == []
+    assert {r["task_id"] for r in held_eval} == {p["id"] for p in prompts
+                                                 if p["split"] == "held_out"}
     assert {p["split"] for p in prompts} == {"seen", "held_out"}
     assert len(sft) == meta["counts"]["seen"]
     assert all(sum(not ok for ok in r["tests_correct"]) == 3 for r in tests.values())
