@@ -1,0 +1,42 @@
+"""Synthetic preference pairs in the record layout, for the loss and training tests.
+
+Each pair is ``[prompt | prefix | mid | suffix | pad]`` on both sides: prompt, prefix and
+suffix tokens are shared, the mids differ (the rejected mid may be empty), padding uses
+token 0 and segment 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fdpo.records import PairRecord, Segment
+
+
+def random_pairs(n: int, length: int, vocab: int, seed: int = 0,
+                 lengths: tuple[tuple[int, int], ...] = ((2, 6), (0, 5), (1, 5), (0, 5), (0, 5))
+                 ) -> list[PairRecord]:
+    """`lengths`: inclusive (lo, hi) token counts of prompt, prefix, chosen mid, rejected
+    mid, suffix."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        p, pre, mc, mr, suf = (int(rng.integers(lo, hi + 1)) for lo, hi in lengths)
+        prompt, prefix, suffix = (rng.integers(1, vocab, k) for k in (p, pre, suf))
+        sides = {}
+        for side, m in (("chosen", mc), ("rejected", mr)):
+            ids = np.concatenate([prompt, prefix, rng.integers(1, vocab, m), suffix])
+            seg = [Segment.PROMPT] * p + [Segment.PREFIX] * pre + [Segment.MID] * m + \
+                [Segment.SUFFIX] * suf
+            if len(ids) > length:
+                raise ValueError(f"pair of {len(ids)} tokens does not fit length {length}")
+            sides[side] = (np.pad(ids, (0, length - len(ids))).astype(np.int32),
+                           np.pad(np.asarray(seg, np.int8), (0, length - len(ids))))
+        records.append(PairRecord(sides["chosen"][0], sides["rejected"][0], sides["chosen"][1],
+                                  sides["rejected"][1], pair_id=i, problem_id=i,
+                                  problem_name=f"p{i}"))
+    return records
+
+
+def stack(records: list[PairRecord]) -> dict[str, np.ndarray]:
+    """Records -> the dict of [n, ...] arrays grain's batching produces."""
+    dicts = [r.to_dict() for r in records]
+    return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
