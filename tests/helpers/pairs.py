@@ -40,3 +40,30 @@ def stack(records: list[PairRecord]) -> dict[str, np.ndarray]:
     """Records -> the dict of [n, ...] arrays grain's batching produces."""
     dicts = [r.to_dict() for r in records]
     return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def write_dataset(out_dir, splits: dict[str, list[PairRecord]], shards: int = 2) -> str:
+    """Writes each split as `shards` ArrayRecord files plus `manifest.json` (the layout
+    `data_tools.build` writes); returns the manifest path."""
+    import os
+
+    from fdpo import records as rec
+
+    os.makedirs(out_dir, exist_ok=True)
+    max_len = next(iter(splits.values()))[0].max_len
+    manifest_splits = {}
+    for name, items in splits.items():
+        entries = []
+        for s in range(shards):
+            part = items[s::shards]
+            path = f"{name}-{s:05d}-of-{shards:05d}.array_record"
+            rec.write_array_record(os.path.join(out_dir, path), part)
+            entries.append({"path": path, "records": len(part)})
+        manifest_splits[name] = {"records": len(items), "shards": entries}
+    manifest = rec.make_manifest(max_len=max_len, tokenizer={"name": "synthetic"},
+                                 counts={"pairs": sum(len(v) for v in splits.values())},
+                                 drop_reasons={}, splits=manifest_splits,
+                                 config={"synthetic": True})
+    path = os.path.join(out_dir, "manifest.json")
+    rec.write_manifest(path, manifest)
+    return path
