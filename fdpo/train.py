@@ -140,6 +140,23 @@ def _response_tokens(segments: Array) -> Array:
     return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
 
 
+def make_score_fn(model_cfg: ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                  chunk: int = 256):
+    """jit(params, ids [N, L], segments [N, L]) -> [N, 3] per-segment log-prob sums: the
+    train step's own log-prob function, for precomputing the reference (N must divide
+    over the data-parallel devices)."""
+    rules = tuple(tuple(r) for r in rules)
+    graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
+    param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, rules))
+    rows = NamedSharding(mesh, P(dict(rules).get("batch"), None))
+
+    def score(params, ids, segments):
+        with shd.use_mesh(mesh, rules):
+            return sequence_segment_logps(graphdef, params, ids, segments, chunk)
+
+    return jax.jit(score, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
+
+
 # ----------------------------------------------------------------------------------------
 # The trainer: shardings, state initialisation, jitted train / eval / scoring functions
 # ----------------------------------------------------------------------------------------
@@ -193,11 +210,7 @@ class Trainer:
                                  in_shardings=(self.param_shardings, self.batch_shardings,
                                                ref_sh),
                                  out_shardings=self.replicated)
-        self.score = jax.jit(self._score,
-                             in_shardings=(self.param_shardings,
-                                           NamedSharding(mesh, P(batch_axes, None)),
-                                           NamedSharding(mesh, P(batch_axes, None))),
-                             out_shardings=NamedSharding(mesh, P(batch_axes, None)))
+        self.score = make_score_fn(model_cfg, mesh, self.rules, chunk)
 
     @property
     def _uses_ref_params(self) -> bool:
@@ -280,17 +293,19 @@ class Trainer:
         mask = batch["pair_mask"]
         return mask.sum(), jnp.sum(mask * _response_tokens(batch["chosen_segments"]))
 
-    def _scan_micro(self, fn, batch):
-        """Applies fn to every micro-batch and sums its (pytree) outputs."""
-        first = fn(jax.tree.map(lambda x: x[0], batch))
+    @staticmethod
+    def _scan_micro(fn, batch):
+        """Applies fn to every micro-batch and sums its (pytree) outputs. One scan body, so
+        the forward and backward are compiled once whatever the number of micro-batches."""
         if batch["pair_mask"].shape[0] == 1:
-            return first
+            return fn(jax.tree.map(lambda x: x[0], batch))
+        shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def body(acc, micro):
             return jax.tree.map(jnp.add, acc, fn(micro)), None
 
-        rest = jax.tree.map(lambda x: x[1:], batch)
-        return jax.lax.scan(body, first, rest)[0]
+        return jax.lax.scan(body, zeros, batch)[0]
 
     def _train_step(self, state, batch, ref_params):
         params = state["params"]
@@ -340,9 +355,6 @@ class Trainer:
         sums["pairs"], sums["chosen_tokens"] = num_pairs, num_chosen
         return sums
 
-    def _score(self, params, ids, segments):
-        with shd.use_mesh(self.mesh, self.rules):
-            return sequence_segment_logps(self.graphdef, params, ids, segments, self.chunk)
 
 
 def eval_metrics(sums: dict[str, Any], loss_cfg: loss_lib.LossConfig) -> dict[str, float]:

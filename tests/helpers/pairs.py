@@ -36,6 +36,26 @@ def random_pairs(n: int, length: int, vocab: int, seed: int = 0,
     return records
 
 
+def random_params(cfg, seed: int = 0, scale: float = 0.1) -> dict:
+    """A random pure-dict parameter tree for `cfg`, drawn with numpy (eager `Decoder`
+    initialisation dispatches one small compiled op per parameter: seconds per model)."""
+    import jax
+    from flax import nnx
+
+    from fdpo.models import convert
+
+    abstract = nnx.to_pure_dict(nnx.split(convert.abstract_model(cfg))[1])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        x = scale * rng.standard_normal(leaf.shape)
+        if str(getattr(path[-1], "key", "")) == "scale":  # RMSNorm scales around 1
+            x = 1.0 + x
+        return jax.numpy.asarray(x, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def stack(records: list[PairRecord]) -> dict[str, np.ndarray]:
     """Records -> the dict of [n, ...] arrays grain's batching produces."""
     dicts = [r.to_dict() for r in records]
