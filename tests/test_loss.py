@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -125,26 +124,64 @@ def fdpo_eval(models, pairs, loss_cfg, micro_batches=2, reference="frozen", data
     return train.eval_metrics(sums, loss_cfg)
 
 
+@pytest.fixture(scope="module")
+def fdpo_sums(models, pairs):
+    """Per-segment sums [B, 2, 3] of policy and reference from fdpo's forward (the train
+    step's own log-prob function, compiled once)."""
+    score = train.make_score_fn(models["cfg"], ONE_DEVICE, chunk=8)
+    b = len(pairs["chosen_ids"])
+    ids = np.concatenate([pairs["chosen_ids"], pairs["rejected_ids"]])
+    seg = np.concatenate([pairs["chosen_segments"], pairs["rejected_segments"]])
+    out = {}
+    for name in ("policy", "reference"):
+        sums = np.asarray(score(models[name][1], ids, seg))
+        out[name] = np.stack([sums[:b], sums[b:]], 1)
+    return out
+
+
+def test_segment_sums_match_torch(fdpo_sums, torch_sums):
+    for name in ("policy", "reference"):
+        np.testing.assert_allclose(fdpo_sums[name], torch_sums[name], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_loss_matches_torch_reference(name, models, pairs, torch_sums):
+def test_loss_matches_torch_reference(name, fdpo_sums, pairs, torch_sums):
+    """fdpo's loss functions on fdpo's sums against the written-out formula on torch's."""
+    loss_cfg, formula = CASES[name]
+    want, margins = expected_loss(torch_sums, **formula)
+    pol = jnp.asarray(fdpo_sums["policy"], jnp.float32)
+    ref = jnp.asarray(fdpo_sums["reference"], jnp.float32)
+    terms = loss_lib.pair_terms(pol, ref if loss_cfg.needs_reference else None, loss_cfg)
+    b = pol.shape[0]
+    n_chosen = float((pairs["chosen_segments"] >= Segment.PREFIX).sum())
+    got = loss_lib.total_loss(terms, pol, jnp.ones(b), float(b), n_chosen, loss_cfg)
+    assert float(got) == pytest.approx(want, abs=LOSS_ATOL, rel=LOSS_RTOL)
+    np.testing.assert_allclose(terms["rewards_margin"], margins, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    if name != "sft":  # the pairs must make the test discriminating
+        assert abs(margins).mean() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["focused_dpo_rpo", "sft"])
+def test_trainer_loss_matches_torch_reference(name, models, pairs, torch_sums):
+    """The same through the trainer's jitted step code (micro-batches, masks, metrics)."""
     loss_cfg, formula = CASES[name]
     want, margins = expected_loss(torch_sums, **formula)
     got = fdpo_eval(models, pairs, loss_cfg)
     assert got["loss"] == pytest.approx(want, abs=LOSS_ATOL, rel=LOSS_RTOL)
     assert got["rewards/margins"] == pytest.approx(margins.mean(), abs=LOSS_ATOL, rel=LOSS_RTOL)
     assert got["rewards/accuracies"] == pytest.approx((margins > 0).mean())
-    if name != "sft":  # the pairs must make the test discriminating
-        assert abs(margins).mean() > 1e-2
 
 
-def test_all_weights_one_is_standard_dpo(models, pairs, torch_sums):
+def test_all_weights_one_is_standard_dpo(fdpo_sums, torch_sums):
     """dpo preset = -log sigmoid(beta * (dc - dr)) on whole-response log-prob sums."""
     beta = 0.5
     dc = torch_sums["policy_chosen_total"] - torch_sums["reference_chosen_total"]
     dr = torch_sums["policy_rejected_total"] - torch_sums["reference_rejected_total"]
-    want = np.mean(-log_sigmoid(beta * (dc - dr)))
-    got = fdpo_eval(models, pairs, loss_lib.preset("dpo", beta=beta))
-    assert got["loss"] == pytest.approx(want, abs=LOSS_ATOL, rel=LOSS_RTOL)
+    want = -log_sigmoid(beta * (dc - dr))
+    terms = loss_lib.pair_terms(jnp.asarray(fdpo_sums["policy"], jnp.float32),
+                                jnp.asarray(fdpo_sums["reference"], jnp.float32),
+                                loss_lib.preset("dpo", beta=beta))
+    np.testing.assert_allclose(terms["dpo_loss"], want, atol=LOSS_ATOL, rtol=LOSS_RTOL)
     # And as pure functions on arbitrary sums, to float32 rounding.
     rng = np.random.default_rng(1)
     pol, ref = (jnp.asarray(rng.normal(size=(16, 2, 3)) * 10, jnp.float32) for _ in range(2))
@@ -155,7 +192,7 @@ def test_all_weights_one_is_standard_dpo(models, pairs, torch_sums):
     np.testing.assert_allclose(terms["dpo_loss"], std, rtol=1e-5, atol=1e-6)
 
 
-def test_focused_dpo_prefix_terms_cancel(models, pairs, torch_sums):
+def test_focused_dpo_prefix_terms_cancel(fdpo_sums, torch_sums):
     """Shared prefixes give equal prefix sums on both sides, so the loss is the short form
     -log sigmoid(beta (w dmid_c + dsuffix_c - dmid_r)), and the gradient with respect to
     the two prefix sums is equal and opposite."""
@@ -164,13 +201,13 @@ def test_focused_dpo_prefix_terms_cancel(models, pairs, torch_sums):
     np.testing.assert_allclose(torch_sums["policy"][:, 0, 0], torch_sums["policy"][:, 1, 0],
                                atol=1e-5)  # same tokens, same context
     short = -log_sigmoid(beta * (w * d[:, 0, 1] + d[:, 0, 2] - d[:, 1, 1]))
-    got = fdpo_eval(models, pairs, loss_lib.preset("focused_dpo", beta=beta))
-    assert got["loss"] == pytest.approx(short.mean(), abs=LOSS_ATOL, rel=LOSS_RTOL)
-    assert got["rewards/margins_prefix"] == pytest.approx(0.0, abs=1e-5)
-
     cfg = loss_lib.preset("focused_dpo", beta=beta)
-    pol = jnp.asarray(torch_sums["policy"], jnp.float32)
-    ref = jnp.asarray(torch_sums["reference"], jnp.float32)
+    pol = jnp.asarray(fdpo_sums["policy"], jnp.float32)
+    ref = jnp.asarray(fdpo_sums["reference"], jnp.float32)
+    terms = loss_lib.pair_terms(pol, ref, cfg)
+    np.testing.assert_allclose(terms["dpo_loss"], short, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(terms["segment_margins"][:, 0], 0.0, atol=1e-5)
+
     grad = jax.grad(lambda p: loss_lib.pair_terms(p, ref, cfg)["dpo_loss"].sum())(pol)
     assert np.all(np.asarray(grad[:, 0, 0] + grad[:, 1, 0]) == 0.0)
     assert np.all(np.asarray(grad[:, 1, 2]) == 0.0)  # rejected suffix weight 0
@@ -242,40 +279,17 @@ def test_chunked_segment_sums_match_naive_with_weighted_gradients():
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
 
 
-def test_precomputed_reference_gives_the_same_loss(models, pairs):
-    """ref_logps scored once by the trainer's scoring function = the frozen reference."""
+def test_precomputed_reference_gives_the_same_loss(models, pairs, fdpo_sums):
+    """ref_logps scored once (`make_score_fn`, as launch.precompute_ref does) give the
+    loss of the frozen reference evaluated in the step."""
     loss_cfg = loss_lib.preset("focused_dpo", beta=0.5, nll_weight=0.1)
-    tx, _ = train.make_optimizer(train.OptimizerConfig(), 10)
-    scorer = train.Trainer(models["cfg"], loss_cfg, tx, ONE_DEVICE, chunk=16)
-    b = len(pairs["chosen_ids"])
-    ids = np.concatenate([pairs["chosen_ids"], pairs["rejected_ids"]])
-    seg = np.concatenate([pairs["chosen_segments"], pairs["rejected_segments"]])
-    sums = np.asarray(scorer.score(models["reference"][1], ids, seg))  # [2b, 3]
-    data = dict(pairs, ref_logps=np.stack([sums[:b], sums[b:]], 1).astype(np.float32))
+    data = dict(pairs, ref_logps=fdpo_sums["reference"].astype(np.float32))
     frozen = fdpo_eval(models, pairs, loss_cfg)
     pre = fdpo_eval(models, pairs, loss_cfg, reference="precomputed", data=data)
     for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/margins_mid"):
         assert pre[key] == pytest.approx(frozen[key], abs=1e-6, rel=1e-6), key
     with pytest.raises(ValueError, match="precompute_ref"):
         fdpo_eval(models, pairs, loss_cfg, reference="precomputed")
-
-
-def test_micro_batches_accumulate_the_full_batch_gradient(models, pairs):
-    """1 x 8 pairs and 4 x 2 pairs give the same loss and the same SGD update (the NLL
-    term is normalised by the whole batch's chosen tokens, not per micro-batch)."""
-    loss_cfg = loss_lib.preset("focused_dpo", beta=0.5, nll_weight=0.3)
-    results = []
-    for micro in (1, 4):
-        trainer = train.Trainer(models["cfg"], loss_cfg, optax.sgd(1.0), ONE_DEVICE, chunk=8)
-        state = trainer.init_state(models["policy"][1])
-        state, metrics = trainer.train_step(state, trainer.make_batch(pairs, micro),
-                                            models["reference"][1])
-        results.append((jax.device_get(metrics), jax.device_get(state["params"])))
-    (m1, p1), (m4, p4) = results
-    assert m4["loss"] == pytest.approx(m1["loss"], rel=1e-6)
-    assert m4["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
-        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
 
 
 def test_config_errors_are_named():

@@ -96,6 +96,15 @@ def test_tiny_model_overfits_8_pairs(pairs8):
         0.0, abs=1e-4)
 
 
+def test_micro_batches_accumulate_the_full_batch_gradient(pairs8, one_device_run):
+    """1 x 8 pairs = 2 x 4 pairs (the baseline): the same losses and SGD updates. The NLL
+    term is normalised by the whole batch's chosen tokens, not per micro-batch."""
+    s2, l2 = one_device_run
+    _, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, micro=1)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    assert_params_close(s2["params"], s1["params"], rtol=1e-5)
+
+
 def test_remat_gives_the_same_step(pairs8, one_device_run):
     """The model config's remat policy reaches the step (the model tests cover every
     policy and scan/unrolled on the forward and gradient)."""
