@@ -277,3 +277,25 @@ def test_chunked_logprob_memory_does_not_hold_the_logits():
         h, w, ids, chunk=64).sum())
     assert full > 2 * logits_bytes
     assert chunked < 0.5 * logits_bytes
+
+
+def test_train_state_restores_onto_another_mesh(tmp_path):
+    """A checkpoint written on one device restores into the 2x2x2 mesh's shardings (the
+    restore target carries the current shardings, never the stored ones)."""
+    import orbax.checkpoint as ocp
+
+    tx, _ = train.make_optimizer(train.OptimizerConfig(lr=1e-3), 10)
+    loss_cfg = loss_lib.preset("focused_dpo")
+    one = train.Trainer(TINY, loss_cfg, tx, ONE_DEVICE)
+    state = one.init_state(init_params())
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
+    eight = train.Trainer(TINY, loss_cfg, tx, sharding.make_mesh((2, 2, 2)))
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        restored = manager.restore(3, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(eight.abstract_state()))).state
+    mu = restored["opt_state"][1][0].mu["layers"]["mlp"]["up_kernel"]  # adam's first moment
+    assert mu.sharding == eight.param_shardings["layers"]["mlp"]["up_kernel"]
+    assert len(mu.sharding.device_set) == 8
+    assert_params_close(state, restored, atol=0, rtol=0)
