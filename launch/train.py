@@ -56,6 +56,18 @@ def loss_config(c):
     return loss_lib.preset(c.preset, w_focused=c.w_focused, **overrides)
 
 
+def _config_changes(old, new, prefix=""):
+    """'key: old -> new' for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 class _Sigterm:
     """Remembers a SIGTERM until the loop reaches a step boundary."""
 
@@ -153,10 +165,14 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
     if latest is not None:
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(trainer.abstract_state()),
-            data=ocp.args.JsonRestore()))
+            data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
         state = restored.state
         batches.set_state(restored.data)
         logging.info("resumed from %s step %d", manager.directory, latest)
+        changed = _config_changes(restored.config, json.loads(config.to_json_best_effort()))
+        if changed:
+            logging.warning("the config differs from the checkpoint's (the run will not "
+                            "reproduce an uninterrupted one): %s", "; ".join(changed))
     else:
         state = trainer.init_state(init_params)
     del init_params
