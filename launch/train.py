@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -265,6 +266,16 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
 
     # The trained model, in the model checkpoint format (load_model, export_hf).
     final = workdir / "final"
+    stale = (final / checkpoint.METADATA_FILE).exists() and \
+        checkpoint.read_metadata(final).get("steps") != step
+    if stale:  # a finished run continued with more steps: replace its final model
+        if is_main:
+            shutil.rmtree(final)
+            shutil.rmtree(workdir / "hf", ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("fdpo_replace_final")
     if not (final / checkpoint.METADATA_FILE).exists():
         abstract = nnx.split(convert.abstract_model(trainer.model_cfg))[1]
         params_state = nnx.State(abstract)
