@@ -4,12 +4,13 @@
 
 1. Train step: a Qwen2-shaped model (hidden 512, 8 layers, 8 heads, 2 KV heads, head_dim 64,
    MLP 2816, vocab 32000, untied), 4 pairs of length 512 per step (8 sequences, 4,096
-   tokens, all real), frozen reference in the step (or precomputed), AdamW, one device. Reports compile
-   time, median step time, pairs/s, tokens/s, and model FLOP/s against the peak float32
-   `jnp.dot` rate measured in the same process (2048^3 matmuls). Model FLOPs per step =
-   tokens x (3 x forward for the policy's forward + backward, + 1 x forward for the
-   frozen reference; `--reference precomputed` drops that one); forward = 2 x matmul parameters (incl. the unembedding) + the attention
-   score and value products over the full L x L (the model computes them unmasked).
+   tokens, all real), frozen reference in the step (or precomputed), AdamW, one device.
+   Reports compile time, median step time, pairs/s, tokens/s, and model FLOP/s against the
+   peak float32 `jnp.dot` rate measured in the same process (2048^3 matmuls). Model FLOPs
+   per step = tokens x (3 forwards for the policy's forward and backward, + 1 for the frozen
+   reference; `--reference precomputed` drops it); forward = 2 x matmul parameters (incl.
+   the unembedding) + the attention score and value products over the full L x L (the
+   model computes them unmasked).
 2. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
    summed log-probs with respect to the hidden states and the unembedding, at vocab
    152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
