@@ -7,7 +7,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from configs import focused_dpo
 from configs.common import parse_arg
