@@ -1,0 +1,167 @@
+"""Benchmark: the Focused-DPO train step, and log-prob memory (chunked vs full logits).
+
+    python -m benchmarks.bench_train [--steps 5] [--compute_dtype float32] [--remat none]
+
+1. Train step: a Qwen2-shaped model (hidden 512, 8 layers, 8 heads, 2 KV heads, head_dim 64,
+   MLP 2816, vocab 32000, untied), 4 pairs of length 512 per step (8 sequences, 4,096
+   tokens, all real), frozen reference in the step (or precomputed), AdamW, one device.
+   Reports compile time, median step time, pairs/s, tokens/s, and model FLOP/s against the
+   peak float32 `jnp.dot` rate measured in the same process (2048^3 matmuls). Model FLOPs
+   per step = tokens x (3 forwards for the policy's forward and backward, + 1 for the frozen
+   reference; `--reference precomputed` drops it); forward = 2 x matmul parameters (incl.
+   the unembedding) + the attention score and value products over the full L x L (the
+   model computes them unmasked).
+2. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
+   summed log-probs with respect to the hidden states and the unembedding, at vocab
+   152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
+   chunked path (`token_logprobs_from_hidden`). Compile-only: nothing that large is run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fdpo import logprobs, sharding, train  # noqa: E402
+from fdpo import loss as loss_lib  # noqa: E402
+from fdpo.models.config import ModelConfig  # noqa: E402
+from tests.helpers.pairs import random_params  # noqa: E402
+
+GiB = 1024**3
+
+
+def bench_shape(compute_dtype: str, remat: str) -> ModelConfig:
+    return ModelConfig(architecture="qwen2", vocab_size=32000, hidden_size=512,
+                       intermediate_size=2816, num_layers=8, num_heads=8, num_kv_heads=2,
+                       head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                       tie_embeddings=False, compute_dtype=compute_dtype, remat_policy=remat)
+
+
+def forward_flops_per_token(cfg: ModelConfig, length: int) -> float:
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    matmul_params = cfg.num_layers * (d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                                      + 3 * d * f) + cfg.vocab_size * d
+    attention = cfg.num_layers * 2 * 2 * length * cfg.num_heads * hd  # QK^T and PV
+    return 2 * matmul_params + attention
+
+
+def measured_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    dot = jax.jit(lambda x, y: x @ y)
+    dot(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dot(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
+
+
+def bench_step(args) -> dict:
+    cfg = bench_shape(args.compute_dtype, args.remat)
+    pairs, length = args.pairs, args.length
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    loss_cfg = loss_lib.preset("focused_dpo", beta=0.1)
+    tx, schedule = train.make_optimizer(train.OptimizerConfig(lr=1e-5, warmup_steps=0), 1000)
+    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, chunk=args.chunk, schedule=schedule,
+                            reference=args.reference)
+    params = random_params(cfg, 0, scale=0.02)
+    ref = train.copy_params(params) if args.reference == "frozen" else None
+    state = trainer.init_state(params)
+    rng = np.random.default_rng(0)
+    prompt, prefix, suffix = 128, 192, 96
+    mid = length - prompt - prefix - suffix
+    seg = np.array([1] * prompt + [2] * prefix + [3] * mid + [4] * suffix, np.int8)
+    examples = {
+        "chosen_ids": rng.integers(0, cfg.vocab_size, (pairs, length)).astype(np.int32),
+        "rejected_ids": rng.integers(0, cfg.vocab_size, (pairs, length)).astype(np.int32),
+        "chosen_segments": np.tile(seg, (pairs, 1)),
+        "rejected_segments": np.tile(seg, (pairs, 1)),
+        "ref_logps": np.zeros((pairs, 2, 3), np.float32),
+    }
+    batch = trainer.make_batch(examples, 1)
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, ref).compile()
+    compile_s = time.perf_counter() - t
+    state, m = compiled(state, batch, ref)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch, ref)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    tokens = 2 * pairs * length
+    passes = 4 if args.reference == "frozen" else 3
+    flops = passes * tokens * forward_flops_per_token(cfg, length)
+    return {"params_M": cfg.num_params / 1e6, "compile_s": compile_s, "step_s": step,
+            "pairs_per_s": pairs / step, "tokens_per_s": tokens / step,
+            "model_flops_per_s": flops / step, "loss": float(m["loss"])}
+
+
+def logprob_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
+                   hidden: int = 512) -> dict:
+    h = jax.ShapeDtypeStruct((sequences, length, hidden), jnp.float32)
+    w = jax.ShapeDtypeStruct((vocab, hidden), jnp.float32)
+    ids = jax.ShapeDtypeStruct((sequences, length), jnp.int32)
+
+    def naive(h, w, ids):
+        return logprobs.token_logprobs(jnp.einsum("btd,vd->btv", h, w), ids).sum()
+
+    def chunked(chunk):
+        return lambda h, w, ids: logprobs.token_logprobs_from_hidden(h, w, ids, chunk).sum()
+
+    out = {}
+    for name, fn in (("full logits", naive), ("chunked 256", chunked(256)),
+                     ("chunked 64", chunked(64))):
+        grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        mem = grad.lower(h, w, ids).compile().memory_analysis()
+        out[name] = {"temp_GiB": mem.temp_size_in_bytes / GiB,
+                     "peak_GiB": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                  + mem.output_size_in_bytes) / GiB}
+    out["logits_tensor_GiB"] = sequences * length * vocab * 4 / GiB
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--reference", default="frozen", choices=["frozen", "precomputed"])
+    ap.add_argument("--skip_step", action="store_true")
+    args = ap.parse_args()
+    print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
+    mem = logprob_memory()
+    print(f"log-prob value+grad, vocab 152064, 8 x 512 tokens, hidden 512 "
+          f"(one [8, 512, V] float32 logits tensor = {mem.pop('logits_tensor_GiB'):.2f} GiB):")
+    for name, m in mem.items():
+        print(f"  {name:12s} temp {m['temp_GiB']:6.2f} GiB   peak (temp+args+outputs) "
+              f"{m['peak_GiB']:6.2f} GiB")
+    if args.skip_step:
+        return
+    peak = measured_peak_flops()
+    r = bench_step(args)
+    print(f"peak jnp.dot float32 (2048^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"train step, {r['params_M']:.1f}M params, {args.pairs} pairs x {args.length} tokens, "
+          f"{args.compute_dtype}, remat {args.remat}, {args.reference} reference:")
+    print(f"  compile {r['compile_s']:.1f} s; step {r['step_s']:.3f} s (median of {args.steps}); "
+          f"{r['pairs_per_s']:.2f} pairs/s; {r['tokens_per_s']:.0f} tokens/s; "
+          f"{r['model_flops_per_s'] / 1e9:.1f} model GFLOP/s = "
+          f"{100 * r['model_flops_per_s'] / peak:.0f}% of the measured dot peak")
+
+
+if __name__ == "__main__":
+    main()

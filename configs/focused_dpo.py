@@ -1,0 +1,84 @@
+r"""Focused-DPO (and its baselines) on pair records built by `data_tools.build`.
+
+    python -m launch.train --workdir=WORKDIR \
+        --config=configs/focused_dpo.py:model=CKPT,data=DATA_DIR[,preset=dpo][,runlocal]
+
+`model` is an fdpo checkpoint written by `launch.import_hf` (or set `init_hf_dir` to read a
+Hugging Face directory directly); `data` a directory with `manifest.json`. `preset` picks
+the weight table: focused_dpo, dpo, step_dpo_like, target_dpo_like, sft. Any field can be
+overridden, e.g. `--config.optimizer.lr=5e-6 --config.loss.w_focused=5`; the config is
+locked, so a misspelt field is an error. `runlocal` shrinks the run for a laptop.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs.common import parse_arg
+from fdpo.sharding import DEFAULT_RULES
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, model="", data="", preset="focused_dpo", runlocal=False)
+    c = ml_collections.ConfigDict()
+
+    # Initialisation: exactly one of these.
+    c.init_checkpoint = arg.model  # fdpo checkpoint (launch.import_hf output)
+    c.init_hf_dir = config_dict.placeholder(str)
+    # How the model runs (ModelConfig fields); parameters train in float32.
+    c.model = ml_collections.ConfigDict(dict(
+        param_dtype="float32", compute_dtype="bfloat16", remat_policy="none",
+        scan_layers=True))
+
+    # Mesh (data, fsdp, tensor); one -1 takes the remaining devices. Rules map logical axis
+    # names to mesh axes (fdpo.sharding).
+    c.mesh_shape = (1, -1, 1)
+    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+
+    # Loss: preset weight table (METHOD.md section 3); unset fields come from the preset.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.preset = arg.preset
+    c.loss.w_focused = 2.0  # chosen-mid weight of focused_dpo
+    c.loss.weights = config_dict.placeholder(str)  # "cp,cm,cs/rp,rm,rs" replaces the table
+    c.loss.loss_type = config_dict.placeholder(str)  # sigmoid | ipo | hinge | none
+    c.loss.beta = 0.1
+    c.loss.label_smoothing = 0.0
+    c.loss.nll_weight = config_dict.placeholder(float)  # RPO term; sft: 1
+    c.loss.reference = "frozen"  # or "precomputed" (ref_logps in the data)
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=5e-6, warmup_steps=10, decay="cosine", end_lr_ratio=0.0, b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # pairs per step, all processes together
+    c.train.micro_batches = 1  # gradient accumulation
+    c.train.num_epochs = 3
+    c.train.num_steps = -1  # > 0 overrides num_epochs
+    c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = arg.data
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.shuffle = True
+    c.data.seed = 0
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, use_async=True))
+    c.log = ml_collections.ConfigDict(dict(
+        every_steps=10, eval_every_steps=100, eval_max_batches=-1, tensorboard=True))
+    c.export_hf = False  # also write WORKDIR/hf (safetensors) at the end
+
+    if arg.runlocal:
+        c.model.compute_dtype = "float32"
+        c.train.batch_size = 8
+        c.train.num_steps = 20
+        c.optimizer.warmup_steps = 2
+        c.log.every_steps = 1
+        c.log.eval_every_steps = 10
+        c.log.eval_max_batches = 2
+        c.checkpoint.every_steps = 10
+    return c

@@ -1,0 +1,68 @@
+"""Pair batches for training and evaluation, read with grain from ArrayRecord shards.
+
+Training: one global, deterministic order (`shuffle(seed)`, reshuffled every epoch by
+grain's `repeat`) cut into per-process batches of `global_batch / process_count` pairs;
+process `i` reads every `process_count`-th of them, so global batch `k` is the
+concatenation, in process order, of batch `k * P + i` of each process `i`. Each process
+reads only its own records. The iterator state (`{"next_index": k}`) goes into every
+checkpoint; restoring it continues with exactly the next batch.
+
+Evaluation: the split in order, once, in global batches padded with masked pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from fdpo.records import PairDataSource
+
+
+def train_dataset(source: PairDataSource, *, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  shuffle: bool = True) -> grain.MapDataset:
+    """This process's infinite sequence of [global_batch / process_count] batches."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                         f"processes")
+    if len(source) < global_batch:
+        raise ValueError(f"{len(source)} training pairs are fewer than one batch of "
+                         f"{global_batch}")
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)  # each epoch reshuffled with (seed, epoch)
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    return ds[process_index::process_count]
+
+
+def train_iterator(ds: grain.MapDataset, *, num_threads: int = 2,
+                   prefetch: int = 4) -> grain.DatasetIterator:
+    """A checkpointable iterator (`get_state()` / `set_state()`), reading ahead."""
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source: PairDataSource, *, global_batch: int, process_index: int = 0,
+                 process_count: int = 1, max_batches: int | None = None
+                 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(this process's examples, pair mask) for each global batch of the split, in order.
+
+    The last batch is filled up with copies of pair 0 whose mask is 0.
+    """
+    n = len(source)
+    local = global_batch // process_count
+    num_batches = -(-n // global_batch)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    for k in range(num_batches):
+        idx = k * global_batch + process_index * local + np.arange(local)
+        mask = (idx < n).astype(np.float32)
+        records = source.__getitems__([int(i) if i < n else 0 for i in idx])
+        yield {key: np.stack([r[key] for r in records]) for key in records[0]}, mask
+
+
+def steps_per_epoch(num_pairs: int, global_batch: int) -> int:
+    return num_pairs // global_batch

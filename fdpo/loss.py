@@ -1,0 +1,157 @@
+"""The Focused-DPO loss family, as small pure functions (METHOD.md section 3).
+
+Shapes: `B` pairs; side axis `2` = (chosen, rejected); segment axis `3` = (prefix, mid,
+suffix), the row/column order of `fdpo.records.PairRecord.ref_logps`. All sums are float32.
+
+    S_pi, S_ref            [B, 2, 3]  per-segment sums of per-token log-probs
+    h   = sum_seg W[c] (S_pi[c] - S_ref[c]) - sum_seg W[r] (S_pi[r] - S_ref[r])   [B]
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    ipo:     (h - 1 / (2 beta))^2
+    hinge:   max(0, 1 - beta h)
+
+plus `nll_weight` x the mean negative log-likelihood per chosen response token (RPO; the
+`sft` preset is that term alone). The rewards reported are `beta * W (S_pi - S_ref)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdpo.records import RESPONSE_SEGMENTS
+
+Array = jax.Array
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "none")
+SEGMENT_NAMES = ("prefix", "mid", "suffix")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO
+    # W[side][segment]: rows (chosen, rejected), columns (prefix, mid, suffix).
+    weights: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        (1.0, 2.0, 1.0), (1.0, 1.0, 0.0))
+    nll_weight: float = 0.0  # RPO: + nll_weight * mean NLL per chosen response token
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if np.shape(self.weights) != (2, 3):
+            raise ValueError(f"weights must be 2 x 3 (side x segment), got {self.weights}")
+        if self.loss_type != "none" and not self.beta > 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.loss_type == "none" and self.nll_weight == 0:
+            raise ValueError("loss_type='none' with nll_weight=0 leaves nothing to train")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "none"
+
+
+def weight_table(preset: str, w_focused: float = 2.0) -> tuple[tuple[float, ...], ...]:
+    """The paper's weight tables (METHOD.md section 3) by name."""
+    tables = {
+        "focused_dpo": ((1.0, w_focused, 1.0), (1.0, 1.0, 0.0)),
+        "dpo": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+        "step_dpo_like": ((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
+        "target_dpo_like": ((1.0, 1.0, 1.0), (0.0, 1.0, 0.0)),
+        "sft": ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    }
+    if preset not in tables:
+        raise KeyError(f"unknown loss preset {preset!r}; known: {sorted(tables)}")
+    return tables[preset]
+
+
+PRESETS = ("focused_dpo", "dpo", "step_dpo_like", "target_dpo_like", "sft")
+
+
+def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig:
+    """`focused_dpo`, `dpo`, `step_dpo_like`, `target_dpo_like`, or `sft` (NLL only)."""
+    fields: dict[str, Any] = {"weights": weight_table(name, w_focused)}
+    if name == "sft":
+        fields.update(loss_type="none", nll_weight=1.0)
+    fields.update(overrides)
+    return LossConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------
+
+
+def response_segment_sums(lp: Array, segments: Array) -> Array:
+    """lp [N, T] per-token log-probs, segments [N, T] (`Segment` ids) -> [N, 3] sums.
+
+    Only PREFIX, MID and SUFFIX tokens count; PROMPT and PAD are multiplied by exactly 0.
+    """
+    labels = jnp.asarray([int(s) for s in RESPONSE_SEGMENTS], segments.dtype)
+    one_hot = (segments[..., None] == labels).astype(jnp.float32)  # [N, T, 3]
+    return jnp.einsum("nt,nts->ns", lp.astype(jnp.float32), one_hot)
+
+
+def weighted_log_ratios(policy: Array, reference: Array, weights) -> Array:
+    """W * (S_pi - S_ref): [B, 2, 3], float32."""
+    w = jnp.asarray(weights, jnp.float32)
+    return w * (policy.astype(jnp.float32) - reference.astype(jnp.float32))
+
+
+def preference_loss(h: Array, cfg: LossConfig) -> Array:
+    """Per-pair loss [B] from the weighted log-ratio margin h [B] (beta not yet applied)."""
+    if cfg.loss_type == "sigmoid":
+        eps = cfg.label_smoothing
+        z = cfg.beta * h
+        return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+    if cfg.loss_type == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * cfg.beta))
+    if cfg.loss_type == "hinge":
+        return jax.nn.relu(1.0 - cfg.beta * h)
+    return jnp.zeros_like(h)  # "none"
+
+
+def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[str, Array]:
+    """Everything per pair: the loss and the reward metrics, each [B] (segments [B, 3]).
+
+    `reference` may be None when the config needs none (`sft`); rewards are then zero.
+    """
+    if reference is None:
+        if cfg.needs_reference:
+            raise ValueError(f"loss_type={cfg.loss_type!r} needs reference log-probs")
+        reference = policy
+    ratios = weighted_log_ratios(policy, reference, cfg.weights)  # [B, 2, 3]
+    seg_margins = ratios[:, 0] - ratios[:, 1]  # [B, 3]
+    h = seg_margins.sum(-1)
+    beta = cfg.beta if cfg.needs_reference else 0.0
+    rewards = beta * ratios.sum(-1)  # [B, 2]
+    return {
+        "dpo_loss": preference_loss(h, cfg),
+        "rewards_chosen": rewards[:, 0],
+        "rewards_rejected": rewards[:, 1],
+        "rewards_margin": rewards[:, 0] - rewards[:, 1],
+        "rewards_accuracy": (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32),
+        "segment_margins": beta * seg_margins,
+        "logps_chosen": policy[:, 0].sum(-1).astype(jnp.float32),
+        "logps_rejected": policy[:, 1].sum(-1).astype(jnp.float32),
+    }
+
+
+def total_loss(terms: dict[str, Array], policy: Array, mask: Array, num_pairs: Array,
+               num_chosen_tokens: Array, cfg: LossConfig) -> Array:
+    """Mean loss over pairs (+ RPO/SFT NLL per chosen response token).
+
+    The normalisers are those of the whole (global, all micro-batch) batch, so summing this
+    over micro-batches gives exactly the loss of the full batch.
+    """
+    mask = mask.astype(jnp.float32)
+    loss = jnp.sum(mask * terms["dpo_loss"]) / jnp.maximum(num_pairs, 1.0)
+    if cfg.nll_weight:
+        nll = -jnp.sum(mask * policy[:, 0].sum(-1)) / jnp.maximum(num_chosen_tokens, 1.0)
+        loss = loss + cfg.nll_weight * nll
+    return loss

@@ -1,0 +1,377 @@
+"""The train step: one `jax.jit` function over the mesh, with explicit shardings.
+
+Layout of a step's batch (global shapes; `M` micro-batches of `b` pairs, length `L`):
+
+    chosen_ids, rejected_ids             int32 [M, b, L]
+    chosen_segments, rejected_segments   int8  [M, b, L]   (`fdpo.records.Segment` ids)
+    ref_logps                            float32 [M, b, 2, 3]  (zeros unless precomputed)
+    pair_mask                            float32 [M, b]    (0 for padding pairs in eval)
+
+sharded `P(None, <batch axes>)`: every micro-batch is spread over all data-parallel
+devices. Chosen and rejected run in one forward, interleaved on the batch axis (row 2i is
+pair i's chosen, 2i+1 its rejected, so a pair stays on one device). Gradients are summed
+over micro-batches by `lax.scan` with normalisers (pairs, chosen tokens) of the whole
+batch, so the accumulated gradient is exactly that of the full batch.
+
+The train state is a plain dict `{"step", "params", "opt_state"}` whose params are the
+model's pure-dict parameter tree; `nnx.merge(graphdef, params)` rebuilds the model inside
+the traced function. A step whose loss or gradient norm is not finite leaves the state as
+it was (`metrics["finite"] == 0`); the caller stops the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fdpo import logprobs
+from fdpo import loss as loss_lib
+from fdpo import sharding as shd
+from fdpo.models import convert
+from fdpo.models.config import ModelConfig
+from fdpo.records import Segment
+
+Array = jax.Array
+BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
+              "ref_logps", "pair_mask")
+REFERENCE_MODES = ("frozen", "precomputed")
+# Names of the logged per-pair means (TRL's names where TRL has the quantity).
+METRIC_NAMES = {
+    "dpo_loss": "dpo_loss",
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "rewards_margin": "rewards/margins",
+    "rewards_accuracy": "rewards/accuracies",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 5e-6
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant (after warmup)
+    end_lr_ratio: float = 0.0  # final lr = lr * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW); kernels and embeddings only
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.decay == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.decay == "linear":
+        decay = optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_ratio, decay_steps)
+    elif cfg.decay == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    else:
+        raise ValueError(f"decay={cfg.decay!r}; expected cosine, linear or constant")
+    if cfg.warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: kernels, the embedding and the lm_head (layers are
+    stacked, so ndim cannot tell a norm scale from a matrix; names can)."""
+
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return name.endswith("kernel") or name in ("embed", "lm_head")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int):
+    """(optax transformation, schedule): clip by global norm, then AdamW."""
+    schedule = make_schedule(cfg, total_steps)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------
+# Log-probs of pairs
+# ----------------------------------------------------------------------------------------
+
+
+def sequence_segment_logps(graphdef, params, ids: Array, segments: Array,
+                           chunk: int = 256) -> Array:
+    """ids, segments [N, L] -> per-segment (prefix, mid, suffix) log-prob sums [N, 3].
+
+    Log-softmax in float32, chunked over the sequence (no [N, L, vocab] logits tensor).
+    Call under `sharding.use_mesh` to constrain activations.
+    """
+    model = nnx.merge(graphdef, params)
+    ids = shd.constrain(ids, ("batch", "length"))
+    hidden = model(ids, return_hidden=True)
+    lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), ids, chunk)
+    return loss_lib.response_segment_sums(lp, segments)
+
+
+def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 256) -> Array:
+    """One forward over chosen and rejected -> [b, 2, 3] (side x segment)."""
+    b, length = micro["chosen_ids"].shape
+    ids = jnp.stack([micro["chosen_ids"], micro["rejected_ids"]], 1).reshape(2 * b, length)
+    seg = jnp.stack([micro["chosen_segments"], micro["rejected_segments"]], 1)
+    sums = sequence_segment_logps(graphdef, params, ids, seg.reshape(2 * b, length), chunk)
+    return sums.reshape(b, 2, 3)
+
+
+def _response_tokens(segments: Array) -> Array:
+    return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
+
+
+def make_score_fn(model_cfg: ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                  chunk: int = 256):
+    """jit(params, ids [N, L], segments [N, L]) -> [N, 3] per-segment log-prob sums: the
+    train step's own log-prob function, for precomputing the reference (N must divide
+    over the data-parallel devices)."""
+    rules = tuple(tuple(r) for r in rules)
+    graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
+    param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, rules))
+    rows = NamedSharding(mesh, P(dict(rules).get("batch"), None))
+
+    def score(params, ids, segments):
+        with shd.use_mesh(mesh, rules):
+            return sequence_segment_logps(graphdef, params, ids, segments, chunk)
+
+    return jax.jit(score, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer: shardings, state initialisation, jitted train / eval / scoring functions
+# ----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the compiled step functions for one model, loss, optimizer and mesh.
+
+    `reference="frozen"`: the step runs the reference params (passed separately, never
+    differentiated) on every micro-batch. `"precomputed"`: the step reads the batch's
+    `ref_logps` and runs no reference forward.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: loss_lib.LossConfig,
+                 tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES, *,
+                 reference: str = "frozen", chunk: int = 256,
+                 schedule: optax.Schedule | None = None):
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
+        self.model_cfg, self.loss_cfg, self.tx, self.mesh = model_cfg, loss_cfg, tx, mesh
+        self.rules = tuple(tuple(r) for r in rules)
+        self.reference, self.chunk, self.schedule = reference, chunk, schedule
+        self.graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
+        self.abstract_params = nnx.to_pure_dict(abstract)
+        self.param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, self.rules))
+        self.replicated = NamedSharding(mesh, P())
+        abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: self.replicated,
+            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        self.state_shardings = {"step": self.replicated, "params": self.param_shardings,
+                                "opt_state": opt_shardings}
+        batch_axes = dict(self.rules).get("batch")
+        self.batch_shardings = {
+            k: NamedSharding(mesh, P(None, batch_axes, *([None] * extra)))
+            for k, extra in (("chosen_ids", 1), ("rejected_ids", 1), ("chosen_segments", 1),
+                             ("rejected_segments", 1), ("ref_logps", 2), ("pair_mask", 0))}
+        axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+        self.batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
+        ref_sh = self.param_shardings if self._uses_ref_params else None
+
+        self.init_state = jax.jit(self._init_state, in_shardings=(self.param_shardings,),
+                                  out_shardings=self.state_shardings)
+        self.train_step = jax.jit(self._train_step,
+                                  in_shardings=(self.state_shardings, self.batch_shardings,
+                                                ref_sh),
+                                  out_shardings=(self.state_shardings, self.replicated),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step,
+                                 in_shardings=(self.param_shardings, self.batch_shardings,
+                                               ref_sh),
+                                 out_shardings=self.replicated)
+        self.score = make_score_fn(model_cfg, mesh, self.rules, chunk)
+
+    @property
+    def _uses_ref_params(self) -> bool:
+        return self.loss_cfg.needs_reference and self.reference == "frozen"
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _init_state(self, params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.tx.init(params)}
+
+    def abstract_state(self):
+        """ShapeDtypeStructs carrying this mesh's shardings (the restore target)."""
+        shapes = jax.eval_shape(self._init_state, self.abstract_params)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def make_batch(self, examples: dict[str, np.ndarray], micro_batches: int = 1,
+                   pair_mask: np.ndarray | None = None) -> dict[str, jax.Array]:
+        """Host examples (this process's `b` pairs, numpy [b, ...]) -> the global batch.
+
+        Each process passes its own pairs; the global batch concatenates them in process
+        order. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
+        """
+        b = examples["chosen_ids"].shape[0]
+        if b % micro_batches:
+            raise ValueError(f"{b} pairs per process do not split into {micro_batches} "
+                             f"micro-batches")
+        local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
+        if "ref_logps" in examples:
+            local["ref_logps"] = np.asarray(examples["ref_logps"], np.float32)
+        elif self.loss_cfg.needs_reference and self.reference == "precomputed":
+            raise ValueError("reference='precomputed' but the data has no ref_logps: run "
+                             "`python -m launch.precompute_ref` on it, or use reference="
+                             "'frozen'")
+        else:
+            local["ref_logps"] = np.zeros((b, 2, 3), np.float32)
+        local["pair_mask"] = (np.ones((b,), np.float32) if pair_mask is None
+                              else np.asarray(pair_mask, np.float32))
+        out = {}
+        for k, v in local.items():
+            v = v.reshape((micro_batches, b // micro_batches) + v.shape[1:])
+            global_shape = (v.shape[0], v.shape[1] * jax.process_count()) + v.shape[2:]
+            if global_shape[1] % self.batch_multiple:
+                raise ValueError(f"micro-batch of {global_shape[1]} pairs does not divide "
+                                 f"over {self.batch_multiple} data-parallel devices")
+            out[k] = jax.make_array_from_process_local_data(self.batch_shardings[k], v,
+                                                            global_shape)
+        return out
+
+    # -- loss ------------------------------------------------------------------------------
+
+    def _reference(self, micro, ref_params):
+        if not self.loss_cfg.needs_reference:
+            return None
+        if self.reference == "frozen":
+            return jax.lax.stop_gradient(
+                pair_segment_logps(self.graphdef, ref_params, micro, self.chunk))
+        return micro["ref_logps"]
+
+    def _micro_loss(self, params, micro, ref_params, num_pairs, num_chosen_tokens):
+        """(loss share of this micro-batch, metric sums)."""
+        with shd.use_mesh(self.mesh, self.rules):
+            policy = pair_segment_logps(self.graphdef, params, micro, self.chunk)
+            reference = self._reference(micro, ref_params)
+        terms = loss_lib.pair_terms(policy, reference, self.loss_cfg)
+        mask = micro["pair_mask"]
+        loss = loss_lib.total_loss(terms, policy, mask, num_pairs, num_chosen_tokens,
+                                   self.loss_cfg)
+        sums = {k: jnp.einsum("b,b...->...", mask, v) for k, v in terms.items()}
+        sums["nll"] = -jnp.sum(mask * policy[:, 0].sum(-1))
+        sums["tokens"] = jnp.sum(mask[:, None] * (
+            (micro["chosen_segments"] != 0).sum(-1) + (micro["rejected_segments"] != 0).sum(-1)))
+        return loss, sums
+
+    @staticmethod
+    def _normalisers(batch):
+        mask = batch["pair_mask"]
+        return mask.sum(), jnp.sum(mask * _response_tokens(batch["chosen_segments"]))
+
+    @staticmethod
+    def _scan_micro(fn, batch):
+        """Applies fn to every micro-batch and sums its (pytree) outputs. One scan body, so
+        the forward and backward are compiled once whatever the number of micro-batches."""
+        if batch["pair_mask"].shape[0] == 1:
+            return fn(jax.tree.map(lambda x: x[0], batch))
+        shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(acc, micro):
+            return jax.tree.map(jnp.add, acc, fn(micro)), None
+
+        return jax.lax.scan(body, zeros, batch)[0]
+
+    def _train_step(self, state, batch, ref_params):
+        params = state["params"]
+        num_pairs, num_chosen = self._normalisers(batch)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def one(micro):
+            (loss, sums), grads = grad_fn(params, micro, ref_params, num_pairs, num_chosen)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
+            return loss, sums, grads
+
+        loss, sums, grads = self._scan_micro(one, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 state)
+        metrics = self._metrics(sums, num_pairs, num_chosen)
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+        if self.schedule is not None:
+            metrics["lr"] = jnp.asarray(self.schedule(state["step"]), jnp.float32)
+        return new_state, metrics
+
+    def _metrics(self, sums, num_pairs, num_chosen):
+        n = jnp.maximum(num_pairs, 1.0)
+        m = {METRIC_NAMES[k]: sums[k] / n for k in METRIC_NAMES}
+        for i, name in enumerate(loss_lib.SEGMENT_NAMES):
+            m[f"rewards/margins_{name}"] = sums["segment_margins"][i] / n
+        m["nll"] = sums["nll"] / jnp.maximum(num_chosen, 1.0)
+        m["tokens"] = sums["tokens"]
+        m["pairs"] = num_pairs
+        return m
+
+    def _eval_step(self, params, batch, ref_params):
+        """Metric sums over the batch (the caller adds batches up): pairs, chosen tokens,
+        and each per-pair term summed; `loss_sum` is the summed per-pair loss."""
+        num_pairs, num_chosen = self._normalisers(batch)
+
+        def one(micro):
+            _, sums = self._micro_loss(params, micro, ref_params, 1.0, 1.0)
+            return sums
+
+        sums = self._scan_micro(one, batch)
+        sums["pairs"], sums["chosen_tokens"] = num_pairs, num_chosen
+        return sums
+
+
+
+def eval_metrics(sums: dict[str, Any], loss_cfg: loss_lib.LossConfig) -> dict[str, float]:
+    """Means from metric sums added over eval batches (host side, numpy)."""
+    n = max(float(sums["pairs"]), 1.0)
+    out = {METRIC_NAMES[k]: float(sums[k]) / n for k in METRIC_NAMES}
+    for i, name in enumerate(loss_lib.SEGMENT_NAMES):
+        out[f"rewards/margins_{name}"] = float(sums["segment_margins"][i]) / n
+    out["nll"] = float(sums["nll"]) / max(float(sums["chosen_tokens"]), 1.0)
+    out["loss"] = out["dpo_loss"] + loss_cfg.nll_weight * out["nll"]
+    out["pairs"] = float(sums["pairs"])
+    return out
+
+
+def copy_params(params):
+    """A separate copy (same shardings): the frozen reference, kept while the train
+    state's buffers are donated."""
+    return jax.tree.map(jnp.copy, params)
+
+
