@@ -49,6 +49,11 @@ BUDGET_S = flags.DEFINE_float("split_budget", 60.0,
                               "Cap on a sample's summed time on one split, seconds.")
 LCB_TIMEOUT = flags.DEFINE_float("lcb_timeout", 6.0, "LiveCodeBench seconds per test.")
 PARTIAL = flags.DEFINE_bool("partial", False, "Allow samples for only some tasks.")
+PROMPT_STYLE = flags.DEFINE_enum(
+    "prompt_style", "instruct", ["instruct", "completion"],
+    "--checkpoint: 'instruct' asks for a whole program in a fenced block (chat template when "
+    "the tokenizer has one); 'completion' feeds the task's prompt as plain text and appends "
+    "the model's continuation to it (base models, the miniature).")
 
 
 def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sample]:
@@ -70,11 +75,14 @@ def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sampl
         mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     ids = list(tasks)
-    prompts = [prompt_for(tasks[t], benchmark) for t in ids]
+    completion = PROMPT_STYLE.value == "completion"
+    prompts = [tasks[t].prompt if completion else prompt_for(tasks[t], benchmark) for t in ids]
     texts = sampler.sample_texts(
         cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
         temperature=TEMPERATURE.value, top_p=TOP_P.value,
         max_new_tokens=MAX_NEW_TOKENS.value, batch_size=16, seed=SEED.value)
+    if completion:
+        return [rn.Sample(t, tasks[t].prompt + x) for t, outs in zip(ids, texts) for x in outs]
     return [rn.Sample(t, rn.extract_code(x)) for t, outs in zip(ids, texts) for x in outs]
 
 
@@ -137,6 +145,7 @@ def main(argv):
     if model is not None:
         meta["generation"] = {"model": model, "n": N.value, "temperature": TEMPERATURE.value,
                               "top_p": TOP_P.value, "max_new_tokens": MAX_NEW_TOKENS.value,
+                              "prompt_style": PROMPT_STYLE.value,
                               "seed": SEED.value}
     paths = rn.write_outputs(out, summary, records, meta)
     for name, scores in summary["pass_at_k"].items():

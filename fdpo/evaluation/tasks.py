@@ -27,7 +27,9 @@ import pathlib
 import pickle
 import zlib
 
-BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+", "livecodebench")
+# "evalplus": any task file in EvalPlus's format (your own tasks, or the miniature's), with
+# no dataset-specific oracles; needs --dataset.
+BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+", "livecodebench", "evalplus")
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA = {
     "humaneval": REPO.parent / "shared/data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
@@ -73,12 +75,13 @@ def resolve_dataset(benchmark: str, path: str | os.PathLike | None) -> pathlib.P
     if path is None:
         path = default_dataset(benchmark)
         if path is None:
-            raise DataError("livecodebench needs --dataset PATH (a JSONL of LiveCodeBench "
-                            "problems; its data is not shipped with fdpo)")
+            what = ("a JSONL of LiveCodeBench problems; its data is not shipped with fdpo"
+                    if benchmark == "livecodebench" else "a task file in EvalPlus's format")
+            raise DataError(f"{benchmark} needs --dataset PATH ({what})")
     path = pathlib.Path(path)
     if not path.is_file():
         hint = ""
-        if benchmark != "livecodebench":
+        if benchmark in DEFAULT_DATA:
             hint = (f" (the EvalPlus release file, e.g. {DEFAULT_DATA[benchmark].name}, as "
                     "downloaded by the evalplus package; pass it with --dataset PATH)")
         raise DataError(f"dataset file not found: {path}{hint}")
@@ -160,7 +163,7 @@ def load_evalplus(path, benchmark: str) -> dict[str, Task]:
         if missing:
             raise DataError(f"{path}: task #{k} lacks {missing}; is this an EvalPlus file?")
         tid = row["task_id"]
-        want = "HumanEval/" if fam == "humaneval" else "Mbpp/"
+        want = {"humaneval": "HumanEval/", "mbpp": "Mbpp/"}.get(fam, "")
         if not tid.startswith(want):
             raise DataError(f"{path}: task {tid!r} is not a {benchmark} task ({want}...)")
         base = row["base_input"] or []
