@@ -1,0 +1,296 @@
+"""The whole Focused-DPO pipeline, stage by stage, each stage one of fdpo's own programs.
+
+    python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
+
+Stages, in order (each skipped when its `stages/NAME.json` marker exists, so a rerun
+resumes after an interruption; programs that resume themselves — sampling, execution,
+training — pick up where they stopped):
+
+    data        the miniature's tokenizer, prompts, tests, SFT pairs (toy only)
+    init        the initial policy (random tiny model, or an HF import)
+    sft_data    SFT records (data_tools.build on ready pairs)          (warm start only)
+    warm_start  supervised warm start with the `sft` preset             (warm start only)
+    sample      k codes per seen prompt from the warm-started policy (launch.sample)
+    execute     every code against every test in the sandbox (data_tools.execute)
+    pairs       ranking, error-point pairs, ArrayRecord shards (data_tools.build)
+    reference   per-segment reference log-prob sums (launch.precompute_ref)
+    train       every method x seed from the same start (launch.train)
+    evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
+    analyze     the Phi table of the samples (launch.analyze)
+    report      report.md, plots and report.json (launch.report)
+
+Every stage runs as a subprocess with its log in `logs/NAME.log`, exactly the command a
+user would type for a real run; nothing is special-cased for the miniature beyond the
+config's values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/toy.py).",
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are ignored).")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Pipeline:
+
+    def __init__(self, cfg, workdir: pathlib.Path):
+        self.cfg, self.w = cfg, workdir
+        (workdir / "stages").mkdir(parents=True, exist_ok=True)
+        (workdir / "logs").mkdir(exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def run(self, stage: str, module: str, *args: str) -> None:
+        """Runs `python -m module args` with its output in logs/stage.log (appended)."""
+        log = self.w / "logs" / f"{stage}.log"
+        cmd = [sys.executable, "-m", module, *map(str, args)]
+        with open(log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise StageFailed(f"stage {stage}: `{' '.join(cmd[2:])}` exited with "
+                              f"{proc.returncode}; last lines of {log}:\n{tail}")
+
+    def stage(self, name: str, fn) -> None:
+        marker = self.w / "stages" / f"{name}.json"
+        if marker.exists() and (not ONLY.value or name not in ONLY.value):
+            print(f"[pipeline] {name}: done earlier, skipped")
+            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            return
+        if ONLY.value and name not in ONLY.value:
+            raise StageFailed(f"stage {name} has not run yet; --only={ONLY.value} skips it")
+        print(f"[pipeline] {name} ...", flush=True)
+        start = time.time()
+        fn()
+        seconds = time.time() - start
+        self.timings[name] = seconds
+        marker.write_text(json.dumps({"seconds": seconds, "finished": time.ctime()}) + "\n")
+        print(f"[pipeline] {name}: {seconds:.0f} s", flush=True)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def toy_dir(self):
+        return self.w / "data"
+
+    @property
+    def tokenizer(self):
+        return self.toy_dir / "tokenizer"
+
+    @property
+    def start_model(self):
+        """The policy every method starts from (and the frozen reference)."""
+        if self.cfg.warm_start.enabled:
+            return self.w / "warm_start" / "final"
+        return self.w / "init"
+
+    def runs(self):
+        """(run name, method, seed, w_focused) for every preference-training run."""
+        out = [(f"{m}-s{s}", m, s, None) for m in self.cfg.methods for s in self.cfg.seeds]
+        out += [(f"focused_dpo-w{w:g}-s0", "focused_dpo", 0, w)
+                for w in self.cfg.w_focused_ablation]
+        return out
+
+    # ------------------------------------------------------------------ stages
+    def data(self):
+        t = self.cfg.toy
+        if self.toy_dir.exists():
+            shutil.rmtree(self.toy_dir)
+        self.run("data", "data_tools.toy_data", "--out", self.toy_dir, "--seed", t.seed,
+                 "--held_out_fraction", t.held_out_fraction, "--num_tests", t.num_tests,
+                 "--corrupt_fraction", t.corrupt_fraction, "--vocab_size", t.vocab_size,
+                 "--eval_tests", t.eval_tests, "--eval_seen", t.eval_seen)
+
+    def init(self):
+        out = self.w / "init"
+        if out.exists():
+            shutil.rmtree(out)
+        if self.cfg.init.hf_dir:
+            self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out)
+        else:
+            self.run("init", "launch.init_model", "--out", out, "--tokenizer", self.tokenizer,
+                     "--fields", self.cfg.init.random_fields, "--seed", self.cfg.init.seed)
+
+    def sft_data(self):
+        out = self.w / "sft_data"
+        if out.exists():
+            shutil.rmtree(out)
+        self.run("sft_data", "data_tools.build", "--input", self.toy_dir / "sft_pairs.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out, "--max_len", self.cfg.max_len,
+                 "--val_fraction", 0.05, "--noprogress")
+
+    def warm_start(self):
+        ws = self.cfg.warm_start
+        self._train("warm_start", self.w / "warm_start", self.w / "init", self.w / "sft_data",
+                    preset="sft", steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
+                    warmup=ws.warmup_steps, seed=0, reference="frozen")
+
+    def _train(self, stage, workdir, model, data, *, preset, steps, batch_size, lr, warmup,
+               seed, reference, extra=()):
+        t = self.cfg.train
+        self.run(stage, "launch.train", f"--workdir={workdir}",
+                 f"--config=configs/focused_dpo.py:model={model},data={data},preset={preset}",
+                 f"--config.train.num_steps={steps}", f"--config.train.batch_size={batch_size}",
+                 f"--config.optimizer.lr={lr}", f"--config.optimizer.warmup_steps={warmup}",
+                 f"--config.data.seed={seed}", f"--config.loss.reference={reference}",
+                 f"--config.loss.beta={t.beta}", "--config.model.compute_dtype=float32",
+                 "--config.log.every_steps=10", f"--config.log.eval_every_steps={max(steps, 1)}",
+                 f"--config.checkpoint.every_steps={max(steps // 2, 1)}", *extra)
+
+    def sample(self):
+        s = self.cfg.sample
+        prompts = self.w / "sample_prompts.jsonl"
+        rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
+        rows = [r for r in rows if r["split"] == "seen"]
+        if s.max_prompts:
+            rows = rows[:s.max_prompts]
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.run("sample", "launch.sample", "--checkpoint", self.start_model, "--input", prompts,
+                 "--output", self.w / "samples.jsonl", "--config=configs/sample.py",
+                 "--config.mode=code", f"--config.num_codes={s.num_codes}",
+                 f"--config.temperature={s.temperature}", f"--config.top_p={s.top_p}",
+                 f"--config.max_new_tokens={s.max_new_tokens}",
+                 f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
+                 "--config.code_prompt={prompt}", f"--config.code_format={s.prompt_style}")
+
+    def execute(self):
+        # The miniature's tests come from the oracle (with corrupted expectations); a real
+        # run samples tests with the policy in the sample stage instead.
+        tests = {r["id"]: r for r in map(json.loads, open(self.toy_dir / "tests.jsonl"))}
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "execute_input.jsonl", "w") as out:
+            for line in f:
+                r = json.loads(line)
+                out.write(json.dumps({"id": r["id"], "codes": r["codes"],
+                                      "tests": tests[r["id"]]["tests"]}) + "\n")
+        e = self.cfg.execute
+        self.run("execute", "data_tools.execute", "--input", self.w / "execute_input.jsonl",
+                 "--output", self.w / "verdicts.jsonl", "--timeout", e.timeout,
+                 "--workers", e.workers)
+
+    def pairs(self):
+        verdicts = {r["id"]: r for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
+        tests = {r["id"]: r for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "build_input.jsonl", "w") as out:
+            for line in f:
+                r = json.loads(line)
+                v = verdicts[r["id"]]
+                out.write(json.dumps({
+                    "id": r["id"], "prompt": r["raw"]["problem"],
+                    "codes": r["raw"]["code_responses"], "tests": tests[r["id"]]["tests"],
+                    "passed": v["passed"]}) + "\n")
+        out_dir = self.w / "pairs"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        b = self.cfg.build
+        self.run("pairs", "data_tools.build", "--input", self.w / "build_input.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out_dir, "--max_len", self.cfg.max_len,
+                 "--ranker", b.ranker, "--lam", b.lam, "--val_fraction", b.val_fraction,
+                 "--noprogress")
+
+    def reference(self):
+        out = self.w / "pairs_ref"
+        if out.exists():
+            shutil.rmtree(out)
+        self.run("reference", "launch.precompute_ref", "--checkpoint", self.start_model,
+                 "--data", self.w / "pairs", "--out", out)
+
+    def train(self):
+        t = self.cfg.train
+        presets = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
+                   "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
+        for name, method, seed, w in self.runs():
+            if (self.w / "train" / name / "final" / "fdpo_model.json").exists():
+                continue
+            extra = [f"--config.loss.w_focused={w if w is not None else t.w_focused}"]
+            if t.nll_weight and method != "continued_sft":
+                extra.append(f"--config.loss.nll_weight={t.nll_weight}")
+            self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
+                        preset=presets[method], steps=t.steps, batch_size=t.batch_size,
+                        lr=t.lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
+                        extra=extra)
+
+    def models(self):
+        """(name, checkpoint) of everything evaluated: the start and every trained run."""
+        out = [("warm_start" if self.cfg.warm_start.enabled else "init", self.start_model)]
+        out += [(name, self.w / "train" / name / "final") for name, *_ in self.runs()]
+        return out
+
+    def evaluate(self):
+        e = self.cfg.evaluate
+        for name, ckpt in self.models():
+            for split in ("seen", "held_out"):
+                out = self.w / "eval" / name / split
+                if (out / "results.json").exists():
+                    continue
+                self.run("evaluate", "launch.evaluate", "--benchmark", "evalplus",
+                         "--dataset", self.toy_dir / f"eval_{split}.jsonl", "--checkpoint", ckpt,
+                         "--out", out, "--prompt_style", "completion", "--temperature", 0,
+                         "--max_new_tokens", e.max_new_tokens, "--workers", e.workers,
+                         "--k", "1", "--min_time_limit", 1.0)
+
+    def analyze(self):
+        # Segments of the responses (what the policy wrote), not of prompt + response.
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "analyze_input.jsonl", "w") as out:
+            for line in f:
+                r = json.loads(line)
+                out.write(json.dumps({"id": r["id"], "codes": r["raw"]["code_responses"]})
+                          + "\n")
+        self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
+                 "--verdicts", self.w / "verdicts.jsonl", "--out", self.w / "analysis")
+
+    def report(self):
+        self.run("report", "launch.report", "--workdir", self.w)
+
+    def all(self):
+        if self.cfg.toy.enabled:
+            self.stage("data", self.data)
+        self.stage("init", self.init)
+        if self.cfg.warm_start.enabled:
+            self.stage("sft_data", self.sft_data)
+            self.stage("warm_start", self.warm_start)
+        for name in ("sample", "execute", "pairs", "reference", "train", "evaluate", "analyze"):
+            self.stage(name, getattr(self, name))
+        (self.w / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+        self.stage("report", self.report)
+
+
+def main(argv):
+    del argv
+    cfg = CONFIG.value
+    workdir = pathlib.Path(WORKDIR.value).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "pipeline_config.json").write_text(cfg.to_json(indent=2) + "\n")
+    start = time.time()
+    try:
+        Pipeline(cfg, workdir).all()
+    except StageFailed as e:
+        raise SystemExit(f"error: {e}")
+    print(f"[pipeline] finished in {time.time() - start:.0f} s; report: "
+          f"{workdir / 'report' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    app.run(main)
