@@ -18,9 +18,17 @@ Attention structure is explicit, for packed batches and shared-prefix pairs: tok
 attends to token j iff `segment_ids` match, j <= i, and `branch_ids[j]` is 0 (the shared
 trunk) or equals `branch_ids[i]`. Positions are passed in, so the second branch can
 continue from the trunk.
+
+KV cache (sampling): `Decoder.__call__(..., cache=KVCache)` writes the keys and values of
+the given tokens into the cache at `cache.index` and attends over every cached slot, then
+returns `(logits, new_cache)`. Each row may hold a left-padded prompt: slot j is visible to
+query i iff their segment ids match and j <= i (pads carry segment 0, real tokens 1).
+Without a cache the forward is the training path, unchanged.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +94,38 @@ def attention_mask(segment_ids: Array, branch_ids: Array) -> Array:
     return causal[None] & same_segment & same_branch
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` slots per row.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim] (stacked like the layers' params);
+    segment_ids: int32 [batch, max_len], 0 for slots not (yet) holding a real token;
+    index: int32 scalar, the next slot to write (the same for every row).
+    """
+    k: Array
+    v: Array
+    segment_ids: Array
+    index: Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, _dtype(cfg.compute_dtype))
+        zeros = sharding.constrain(zeros, KV_CACHE_AXES)
+        return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+
+KV_CACHE_AXES = ("layers", "batch", "length", "act_heads", None)
+
+
+def cache_attention_mask(segment_ids: Array, cache_segment_ids: Array, index: Array) -> Array:
+    """[batch, length, max_len] bool for queries in slots index.. over all cache slots."""
+    t, s = segment_ids.shape[1], cache_segment_ids.shape[1]
+    causal = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+    same_segment = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
+    return causal[None] & same_segment
+
+
 class RMSNorm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, stack: tuple[int, ...], rngs: nnx.Rngs):
@@ -120,7 +160,14 @@ class Attention(nnx.Module):
         if cfg.o_bias:  # never in Qwen2
             self.o_bias = _param(rngs, stack + (d,), lay + ("embed",), pd, "zeros")
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 kv_cache: tuple[Array, Array] | None = None, index: Array | None = None):
+        """Without `kv_cache`: self-attention over x, returns [batch, length, embed].
+
+        With `kv_cache` = this layer's (k, v) [batch, max_len, kv_heads, head_dim]: x's keys
+        and values are placed at slot `index` and the queries attend over all slots (`mask`
+        is [batch, length, max_len]); returns (output, (k, v) of x's tokens only).
+        """
         cfg = self.cfg
         cd = x.dtype
 
@@ -133,6 +180,12 @@ class Attention(nnx.Module):
         q = apply_rope(project(self.q_kernel, "q_bias"), cos, sin)
         k = apply_rope(project(self.k_kernel, "k_bias"), cos, sin)
         v = project(self.v_kernel, "v_bias")
+        new_kv = (k, v)
+        if kv_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                    index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                    index, axis=1)
 
         # Grouped-query attention: query heads are [kv_heads, group].
         b, t, _, hd = q.shape
@@ -146,7 +199,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(cd))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(cd)
-        return out
+        return out if kv_cache is None else (out, new_kv)
 
 
 class MLP(nnx.Module):
@@ -177,10 +230,17 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, stack, rngs)
         self.mlp = MLP(cfg, stack, rngs)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+                 kv_cache: tuple[Array, Array] | None = None, index: Array | None = None):
+        """Returns x, or (x, new (k, v) of x's tokens) with a `kv_cache` (see Attention)."""
+        if kv_cache is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        else:
+            attn, new_kv = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, index)
+            x = x + attn
         x = x + self.mlp(self.mlp_norm(x))
-        return sharding.constrain(x, ("batch", "length", "act_embed"))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        return x if kv_cache is None else (x, new_kv)
 
 
 _REMAT_POLICIES = {
@@ -208,23 +268,36 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, branch_ids: Array | None = None, *,
-                 return_hidden: bool = False) -> Array:
+                 return_hidden: bool = False, cache: KVCache | None = None):
         """input_ids, positions, segment_ids, branch_ids: int [batch, length].
 
         Defaults: positions 0..length-1, one segment, no branches. Returns logits
         [batch, length, vocab] in the compute dtype, or the final-normed hidden states
         [batch, length, embed] with `return_hidden=True` (for chunked log-probs).
+
+        With `cache` (sampling): the tokens occupy slots cache.index.. of every row, positions
+        must be given (per row, they need not equal the slot), branch_ids must be None, and
+        the result is `(logits or hidden, new_cache)` with the index advanced by length.
         """
         cfg = self.cfg
         cd = _dtype(cfg.compute_dtype)
         b, t = input_ids.shape
         if positions is None:
+            if cache is not None:
+                raise ValueError("a cached forward needs explicit positions")
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        if branch_ids is None:
-            branch_ids = jnp.zeros((b, t), jnp.int32)
-        mask = attention_mask(segment_ids, branch_ids)
+        if cache is None:
+            if branch_ids is None:
+                branch_ids = jnp.zeros((b, t), jnp.int32)
+            mask = attention_mask(segment_ids, branch_ids)
+        else:
+            if branch_ids is not None:
+                raise ValueError("branch_ids are not supported with a KV cache")
+            cache_segments = jax.lax.dynamic_update_slice_in_dim(
+                cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
+            mask = cache_attention_mask(segment_ids, cache_segments, cache.index)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
 
         # Gather from a table whose model dimension is whole on every device (FSDP gathers
@@ -235,20 +308,47 @@ class Decoder(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def one_layer(h, state):
-            return nnx.merge(graphdef, state)(h, cos, sin, mask)
+        if cache is None:
+            def one_layer(h, state):
+                return nnx.merge(graphdef, state)(h, cos, sin, mask)
 
-        if cfg.remat_policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                       prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda h, s: (one_layer(h, s), None), x, layer_state)
+            if cfg.remat_policy != "none":
+                one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy],
+                                           prevent_cse=not cfg.scan_layers)
+            if cfg.scan_layers:
+                x, _ = jax.lax.scan(lambda h, s: (one_layer(h, s), None), x, layer_state)
+            else:
+                for i in range(cfg.num_layers):
+                    x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
         else:
-            for i in range(cfg.num_layers):
-                x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
+            # The whole cache is carried; layer i reads its slice and writes back only the
+            # new tokens' keys and values, so XLA updates the buffer in place.
+            def one_cached_layer(carry, layer):
+                h, k_all, v_all = carry
+                state, i = layer
+                kv = (k_all[i], v_all[i])
+                h, (k, v) = nnx.merge(graphdef, state)(h, cos, sin, mask, kv, cache.index)
+                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
+                                                     (i, 0, cache.index, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
+                                                     (i, 0, cache.index, 0, 0))
+                return (h, k_all, v_all), None
+
+            carry = (x, cache.k, cache.v)
+            if cfg.scan_layers:
+                carry, _ = jax.lax.scan(one_cached_layer, carry,
+                                        (layer_state, jnp.arange(cfg.num_layers)))
+            else:
+                for i in range(cfg.num_layers):
+                    carry, _ = one_cached_layer(
+                        carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i))
+            x, k_all, v_all = carry
+            cache = KVCache(sharding.constrain(k_all, KV_CACHE_AXES),
+                            sharding.constrain(v_all, KV_CACHE_AXES), cache_segments,
+                            cache.index + t)
 
         x = self.final_norm(x)
-        if return_hidden:
-            return x
-        logits = jnp.einsum("btd,vd->btv", x, self.unembedding().astype(cd))
-        return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+        if not return_hidden:
+            x = jnp.einsum("btd,vd->btv", x, self.unembedding().astype(cd))
+            x = sharding.constrain(x, ("batch", "length", "act_vocab"))
+        return x if cache is None else (x, cache)
