@@ -294,7 +294,7 @@ class Sampler:
             limit = min(limit + chunk, total)
             carry = decode(self.state, carry, jnp.int32(limit))
             step = int(carry.step)
-            finished = np.asarray(carry.finished)
+            finished = np.array(carry.finished)  # a writable copy
             if step >= total or not (finished == RUNNING).any():
                 break
             if params.stop:
