@@ -141,12 +141,18 @@ def _last_logits(model, hidden: Array) -> Array:
     return sharding.constrain(logits, ("batch", "act_vocab")).astype(jnp.float32)
 
 
-def _prefill(state, ids, positions, segment_ids, lengths, seed, row_seeds, finished, *,
+def _empty_cache(*, cfg, mesh, rules, batch, max_len):
+    with sharding.use_mesh(mesh, rules):
+        return KVCache.init(cfg, batch, max_len)
+
+
+def _prefill(state, cache, ids, positions, segment_ids, lengths, seed, row_seeds, finished, *,
              graphdef, mesh, rules, max_new_tokens, pad_id):
+    # The empty cache comes in as an argument (donated): built in here, XLA would
+    # constant-fold the attention over its all-zero, all-masked slots at compile time.
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
     with sharding.use_mesh(mesh, rules):
-        cache = KVCache.init(model.cfg, b, p + max_new_tokens)
         hidden, cache = model(ids, positions, segment_ids, return_hidden=True, cache=cache)
         logits = _last_logits(model, hidden)
     base = jax.random.PRNGKey(seed)
@@ -217,12 +223,17 @@ class Sampler:
         self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
         self._prefill = functools.lru_cache(maxsize=None)(self._make_prefill)
         self._decode = functools.lru_cache(maxsize=None)(self._make_decode)
+        self._empty_cache = functools.lru_cache(maxsize=None)(self._make_empty_cache)
 
     def _make_prefill(self, max_new_tokens: int):
         fn = functools.partial(_prefill, graphdef=self.graphdef, mesh=self.mesh,
                                rules=self.rules, max_new_tokens=max_new_tokens,
                                pad_id=self.pad_id)
-        return jax.jit(fn)
+        return jax.jit(fn, donate_argnums=1)
+
+    def _make_empty_cache(self, batch: int, max_len: int):
+        return jax.jit(functools.partial(_empty_cache, cfg=self.cfg, mesh=self.mesh,
+                                         rules=self.rules, batch=batch, max_len=max_len))
 
     def _make_decode(self, params: SamplingParams, eos_ids: tuple[int, ...]):
         fn = functools.partial(_decode, graphdef=self.graphdef, mesh=self.mesh,
@@ -282,8 +293,9 @@ class Sampler:
         finished = np.full((rows,), RUNNING, np.int8)
         finished[n:] = DUMMY
 
+        cache = self._empty_cache(rows, plen + params.max_new_tokens)()
         carry = self._prefill(params.max_new_tokens)(
-            self.state, self._put(ids), self._put(positions), self._put(segment_ids),
+            self.state, cache, self._put(ids), self._put(positions), self._put(segment_ids),
             self._put(row_lengths), jnp.uint32(seed), self._put(seeds), self._put(finished))
         decode = self._decode(params, self.eos_ids(params))
         total = params.max_new_tokens

@@ -19,11 +19,13 @@ attends to token j iff `segment_ids` match, j <= i, and `branch_ids[j]` is 0 (th
 trunk) or equals `branch_ids[i]`. Positions are passed in, so the second branch can
 continue from the trunk.
 
-KV cache (sampling): `Decoder.__call__(..., cache=KVCache)` writes the keys and values of
-the given tokens into the cache at `cache.index` and attends over every cached slot, then
-returns `(logits, new_cache)`. Each row may hold a left-padded prompt: slot j is visible to
-query i iff their segment ids match and j <= i (pads carry segment 0, real tokens 1).
-Without a cache the forward is the training path, unchanged.
+KV cache (sampling): `Decoder.__call__(..., cache=KVCache)` lets the given tokens attend to
+the cached slots before `cache.index` and causally to each other, then writes their keys
+and values at `cache.index` and returns `(logits, new_cache)`. Inside the layer scan the
+cache is only read; the one write after the scan updates the buffer in place. Each row
+may hold a left-padded prompt: a slot is visible to a query iff their segment ids match
+(pads carry segment 0, real tokens 1). Without a cache the forward is the training path,
+unchanged.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def attention_mask(segment_ids: Array, branch_ids: Array) -> Array:
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots per row.
 
-    k, v: [layers, batch, max_len, kv_heads, head_dim] (stacked like the layers' params);
+    k, v: [layers, batch, kv_heads, max_len, head_dim] (stacked like the layers' params;
+    slots next to each other per head, the layout both attention products read);
     segment_ids: int32 [batch, max_len], 0 for slots not (yet) holding a real token;
     index: int32 scalar, the next slot to write (the same for every row).
     """
@@ -108,22 +111,20 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         zeros = jnp.zeros(shape, _dtype(cfg.compute_dtype))
         zeros = sharding.constrain(zeros, KV_CACHE_AXES)
         return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32),
                    jnp.zeros((), jnp.int32))
 
 
-KV_CACHE_AXES = ("layers", "batch", "length", "act_heads", None)
+KV_CACHE_AXES = ("layers", "batch", "act_heads", "length", None)
 
 
 def cache_attention_mask(segment_ids: Array, cache_segment_ids: Array, index: Array) -> Array:
-    """[batch, length, max_len] bool for queries in slots index.. over all cache slots."""
-    t, s = segment_ids.shape[1], cache_segment_ids.shape[1]
-    causal = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
-    same_segment = segment_ids[:, :, None] == cache_segment_ids[:, None, :]
-    return causal[None] & same_segment
+    """[batch, length, max_len] bool: may a new token attend to cache slot j (j < index)."""
+    filled = jnp.arange(cache_segment_ids.shape[1]) < index
+    return filled[None, None] & (segment_ids[:, :, None] == cache_segment_ids[:, None, :])
 
 
 class RMSNorm(nnx.Module):
@@ -161,12 +162,13 @@ class Attention(nnx.Module):
             self.o_bias = _param(rngs, stack + (d,), lay + ("embed",), pd, "zeros")
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 kv_cache: tuple[Array, Array] | None = None, index: Array | None = None):
-        """Without `kv_cache`: self-attention over x, returns [batch, length, embed].
+                 kv_cache: tuple[Array, Array] | None = None, cache_mask: Array | None = None):
+        """Self-attention over x (`mask`: [batch, length, length]) -> [batch, length, embed].
 
-        With `kv_cache` = this layer's (k, v) [batch, max_len, kv_heads, head_dim]: x's keys
-        and values are placed at slot `index` and the queries attend over all slots (`mask`
-        is [batch, length, max_len]); returns (output, (k, v) of x's tokens only).
+        With `kv_cache` = this layer's cached (k, v) [batch, kv_heads, max_len, head_dim], the
+        queries also attend to the cached slots `cache_mask` [batch, length, max_len] allows,
+        in one softmax; returns (output, (k, v) of x's tokens [batch, kv_heads, length,
+        head_dim]) for the caller to store.
         """
         cfg = self.cfg
         cd = x.dtype
@@ -180,26 +182,32 @@ class Attention(nnx.Module):
         q = apply_rope(project(self.q_kernel, "q_bias"), cos, sin)
         k = apply_rope(project(self.k_kernel, "k_bias"), cos, sin)
         v = project(self.v_kernel, "v_bias")
-        new_kv = (k, v)
-        if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                    index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                    index, axis=1)
 
         # Grouped-query attention: query heads are [kv_heads, group].
         b, t, _, hd = q.shape
         group = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, group, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(
-            jnp.float32(hd))
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        scale = jnp.sqrt(jnp.float32(hd))
+        lowest = jnp.finfo(jnp.float32).min
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
+        scores = jnp.where(mask[:, None, None], scores, lowest)
+        if kv_cache is not None:  # cached slots first, then x's own tokens
+            cached = jnp.einsum("btkgd,bksd->bkgts", q, kv_cache[0].astype(cd))
+            cached = jnp.where(cache_mask[:, None, None], cached.astype(jnp.float32) / scale,
+                               lowest)
+            scores = jnp.concatenate([cached, scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+        if kv_cache is None:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        else:
+            slots = kv_cache[1].shape[2]
+            out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], kv_cache[1].astype(cd)) +
+                   jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v))
+        out = out.reshape(b, t, cfg.num_heads, hd)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(cd))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(cd)
-        return out if kv_cache is None else (out, new_kv)
+        return out if kv_cache is None else (out, (k.swapaxes(1, 2), v.swapaxes(1, 2)))
 
 
 class MLP(nnx.Module):
@@ -231,12 +239,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, stack, rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-                 kv_cache: tuple[Array, Array] | None = None, index: Array | None = None):
+                 kv_cache: tuple[Array, Array] | None = None, cache_mask: Array | None = None):
         """Returns x, or (x, new (k, v) of x's tokens) with a `kv_cache` (see Attention)."""
         if kv_cache is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         else:
-            attn, new_kv = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, index)
+            attn, new_kv = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_mask)
             x = x + attn
         x = x + self.mlp(self.mlp_norm(x))
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
@@ -288,16 +296,11 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        if cache is None:
-            if branch_ids is None:
-                branch_ids = jnp.zeros((b, t), jnp.int32)
-            mask = attention_mask(segment_ids, branch_ids)
-        else:
-            if branch_ids is not None:
-                raise ValueError("branch_ids are not supported with a KV cache")
-            cache_segments = jax.lax.dynamic_update_slice_in_dim(
-                cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1)
-            mask = cache_attention_mask(segment_ids, cache_segments, cache.index)
+        if cache is not None and branch_ids is not None:
+            raise ValueError("branch_ids are not supported with a KV cache")
+        if branch_ids is None:
+            branch_ids = jnp.zeros((b, t), jnp.int32)
+        mask = attention_mask(segment_ids, branch_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
 
         # Gather from a table whose model dimension is whole on every device (FSDP gathers
@@ -321,30 +324,31 @@ class Decoder(nnx.Module):
                 for i in range(cfg.num_layers):
                     x = one_layer(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
         else:
-            # The whole cache is carried; layer i reads its slice and writes back only the
-            # new tokens' keys and values, so XLA updates the buffer in place.
-            def one_cached_layer(carry, layer):
-                h, k_all, v_all = carry
-                state, i = layer
-                kv = (k_all[i], v_all[i])
-                h, (k, v) = nnx.merge(graphdef, state)(h, cos, sin, mask, kv, cache.index)
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype),
-                                                     (i, 0, cache.index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype),
-                                                     (i, 0, cache.index, 0, 0))
-                return (h, k_all, v_all), None
+            # The cache is only read in here (layer i's slice); the new tokens' keys and
+            # values come out stacked and are written once, after the scan.
+            cache_mask = cache_attention_mask(segment_ids, cache.segment_ids, cache.index)
 
-            carry = (x, cache.k, cache.v)
+            def one_cached_layer(h, layer):
+                state, k_cache, v_cache = layer
+                return nnx.merge(graphdef, state)(h, cos, sin, mask, (k_cache, v_cache),
+                                                  cache_mask)
+
             if cfg.scan_layers:
-                carry, _ = jax.lax.scan(one_cached_layer, carry,
-                                        (layer_state, jnp.arange(cfg.num_layers)))
+                x, (k_new, v_new) = jax.lax.scan(one_cached_layer, x,
+                                                 (layer_state, cache.k, cache.v))
             else:
+                new = []
                 for i in range(cfg.num_layers):
-                    carry, _ = one_cached_layer(
-                        carry, (jax.tree.map(lambda a, i=i: a[i], layer_state), i))
-            x, k_all, v_all = carry
-            cache = KVCache(sharding.constrain(k_all, KV_CACHE_AXES),
-                            sharding.constrain(v_all, KV_CACHE_AXES), cache_segments,
+                    x, kv = one_cached_layer(x, jax.tree.map(lambda a, i=i: a[i],
+                                                             (layer_state, cache.k, cache.v)))
+                    new.append(kv)
+                k_new, v_new = (jnp.stack(a) for a in zip(*new))
+            write = lambda buf, new: sharding.constrain(jax.lax.dynamic_update_slice(
+                buf, new.astype(buf.dtype), (0, 0, 0, cache.index, 0)), KV_CACHE_AXES)
+            cache = KVCache(write(cache.k, k_new), write(cache.v, v_new),
+                            jax.lax.dynamic_update_slice_in_dim(
+                                cache.segment_ids, segment_ids.astype(jnp.int32), cache.index,
+                                axis=1),
                             cache.index + t)
 
         x = self.final_norm(x)
