@@ -254,9 +254,11 @@ class Sampler:
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 seed: int = 0, row_seeds: Sequence[int] | None = None) -> list[Completion]:
+                 seed: int = 0, row_seeds: Sequence[int] | None = None,
+                 pad_rows_to: int = 0) -> list[Completion]:
         """One completion per prompt. `row_seeds` (uint32 each; default 0, 1, ...) pick each
-        row's random stream; see the module docstring."""
+        row's random stream; see the module docstring. `pad_rows_to` pads the batch with
+        dummy rows up to that many rows (one compiled shape for a last, smaller batch)."""
         n = len(prompts)
         if n == 0:
             return []
@@ -271,7 +273,7 @@ class Sampler:
             raise ValueError(f"prompt {int(np.argmin(lengths))} is empty")
         bucket = self.length_bucket
         plen = -(-int(lengths.max()) // bucket) * bucket
-        rows = -(-n // self.batch_multiple) * self.batch_multiple
+        rows = -(-max(n, pad_rows_to) // self.batch_multiple) * self.batch_multiple
         if plen + params.max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt bucket {plen} + max_new_tokens {params.max_new_tokens} "
                              f"exceeds max_position_embeddings "
