@@ -105,17 +105,43 @@ def sample_logits(logits: Array, keys: Array, *, temperature: float, top_k: int 
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     draw = jax.vmap(jax.random.categorical)
-    if top_k == 0 and top_p == 1.0:
-        return draw(keys, logits).astype(jnp.int32)
-    # Candidates in descending order: the top k, or the whole vocabulary for top-p alone.
-    k = min(top_k, logits.shape[-1]) if top_k else logits.shape[-1]
-    values, indices = jax.lax.top_k(logits, k)
+    if top_k:
+        values, indices = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))  # descending
+        if top_p < 1.0:
+            probs = jax.nn.softmax(values, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely candidates
+            values = jnp.where(before < top_p, values, -jnp.inf)  # keeps the first always
+        choice = draw(keys, values)
+        return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely candidates
-        values = jnp.where(before < top_p, values, -jnp.inf)  # keeps the first always
-    choice = draw(keys, values)
-    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        logits = jnp.where(jax.nn.softmax(logits, axis=-1) >= nucleus_threshold(logits, top_p),
+                           logits, -jnp.inf)
+    return draw(keys, logits).astype(jnp.int32)
+
+
+def nucleus_threshold(logits: Array, top_p: float) -> Array:
+    """[B, 1]: the probability of the least likely token in each row's nucleus.
+
+    The nucleus is the fewest most likely tokens whose mass reaches top_p; it is
+    {p >= t} for the largest t with mass(p >= t) >= top_p, and that t is one of the p.
+    Found by bisection on the bit patterns of the float32 probabilities (monotone for
+    non-negative floats): 31 masked sums over the vocabulary instead of sorting it.
+    Tokens tied with the last one are all kept (a sort would keep an arbitrary subset).
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    as_bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
+    as_float = lambda b: jax.lax.bitcast_convert_type(b, jnp.float32)
+    lo = jnp.zeros(probs.shape[:-1] + (1,), jnp.int32)  # mass(p >= lo) >= top_p always
+    hi = as_bits(probs.max(axis=-1, keepdims=True)) + 1  # mass(p >= hi) = 0 < top_p
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(probs >= as_float(mid), probs, 0.0), -1, keepdims=True) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, bisect, (lo, hi))
+    return as_float(lo)
 
 
 # ----------------------------------------------------------------------------------------
