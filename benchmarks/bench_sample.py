@@ -5,7 +5,9 @@
 Both generate exactly `new_tokens` tokens (no EOS) for `batch` prompts of `prompt_len`
 tokens from the same tiny random model; tokens/s = batch x new_tokens / wall time of the
 whole call (prefill included), median of `repeats` runs after one warm-up (fdpo's
-compilation is reported apart). Greedy output is checked to be identical.
+compilation is reported apart). The two are timed alternately, run by run, so load from
+other processes on a shared machine hits both alike; the load average is printed.
+Greedy output is checked to be identical.
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ MODELS = {
 }
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
+def timed_alternately(fns, repeats):
+    """Median wall time of each function, timing them in turn `repeats` times."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def main():
@@ -43,7 +48,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--prompt_len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--models", default="tiny,small")
     args = ap.parse_args()
@@ -61,7 +66,8 @@ def main():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     b, n = args.batch, args.new_tokens
     print(f"batch {b}, prompt {args.prompt_len}, {n} new tokens, {jax.devices()[0].platform}, "
-          f"{os.cpu_count()} cores, torch threads {args.torch_threads}")
+          f"{os.cpu_count()} cores, torch threads {args.torch_threads}, load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"| model | mode | transformers tok/s | fdpo tok/s | speed-up | fdpo compile s |")
     print(f"|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -92,11 +98,12 @@ def main():
                 ref = run_hf()[:, args.prompt_len:].tolist()
                 same = sum(c.tokens == r for c, r in zip(ours, ref))
                 assert same == b, f"greedy differs from transformers on {b - same} rows"
-            t_hf = timed(run_hf, args.repeats)
-            t_ours = timed(lambda: sampler.generate(prompts.tolist(), params), args.repeats)
+            t_hf, t_ours = timed_alternately(
+                [run_hf, lambda: sampler.generate(prompts.tolist(), params)], args.repeats)
             print(f"| {name} ({cfg.num_params / 1e6:.2f}M) | {mode} | {b * n / t_hf:,.0f} | "
                   f"{b * n / t_ours:,.0f} | {t_hf / t_ours:.1f}x | {compile_s:.1f} |",
                   flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
