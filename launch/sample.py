@@ -174,6 +174,8 @@ def main(argv):
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
     batch = max(cfg_s.batch_size, sampler.batch_multiple)
     prompts_per_call = max(1, batch // rows_per_prompt)
+    # Every call padded to one row count (one compiled shape), no more than the job needs.
+    pad_rows_to = min(batch, len(pending) * rows_per_prompt)
 
     with open(out_path, "a", encoding="utf-8") as out, \
             tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
@@ -196,7 +198,7 @@ def main(argv):
                 completions += sampler.generate(
                     [encoded[(pid, kind)].tolist() for pid, kind, _ in chunk], params,
                     seed=cfg_s.seed, row_seeds=[row_seed(*r) for r in chunk],
-                    pad_rows_to=batch)
+                    pad_rows_to=pad_rows_to)
             by_row = dict(zip(rows, completions))
             for pid, prompt in group:
                 code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
