@@ -1,0 +1,241 @@
+"""Samples codes and tests for prompts from the policy itself (self-generation).
+
+    python -m launch.sample (--checkpoint CKPT | --hf_dir HF) --input PROMPTS.jsonl \
+        --output SAMPLES.jsonl [--config=configs/sample.py[:greedy]] [--config.num_codes=10]
+
+Input lines: `{"id": str or int, "prompt": str, ...}`. Malformed lines (bad JSON, a
+missing or non-string prompt, a missing or repeated id) are all reported with their line
+numbers and nothing runs.
+
+Output lines, one per prompt, in the executor's input format (`data_tools.execute`) and
+readable by `data_tools.build` once verdicts are added:
+
+    {"id", "prompt", "codes": [program, ...], "tests": [assertion, ...],
+     "raw": {"problem", "test_prompt", "code_responses", "code_finish", "test_responses",
+             "test_finish"}}
+
+`prompt` is the user message the codes were sampled from (the code template applied to
+the input prompt), so DPO later conditions on exactly what the policy saw; the input
+prompt is kept as `raw.problem`. `codes` holds the non-empty programs extracted from the
+code responses, `tests` every distinct assertion extracted from the test responses
+(`data_tools/extract.py`); the responses themselves are in `raw`.
+
+Resuming: ids already in OUTPUT are skipped (a cut-off last line is dropped and redone);
+lines are appended as prompts finish. Each sample's random stream is fixed by
+(--config.seed, id, code/test, sample index), so a resumed run writes what an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
+HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
+INPUT = flags.DEFINE_string("input", None, "Prompts JSONL.", required=True)
+OUTPUT = flags.DEFINE_string("output", None, "Samples JSONL (appended to, resumed from).",
+                             required=True)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "sample.py"),
+    "Sampling config (configs/sample.py[:greedy]).", lock_config=True)
+
+MODES = ("code", "tests", "both")
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
+    """[(id, prompt)] in input order; raises InputError listing every bad line."""
+    items, errors, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(rec, dict):
+                errors.append(f"{where}: expected a JSON object")
+                continue
+            pid = rec.get("id")
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
+                errors.append(f"{where}: 'id' must be a non-empty string or an integer")
+                continue
+            pid = str(pid)
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                errors.append(f"{where}: 'prompt' must be a non-empty string (id {pid!r})")
+                continue
+            if pid in seen:
+                errors.append(f"{where}: id {pid!r} repeats line {seen[pid]}")
+                continue
+            seen[pid] = lineno
+            items.append((pid, rec["prompt"]))
+    if errors:
+        raise InputError("\n".join(errors))
+    return items
+
+
+def done_ids(path: pathlib.Path) -> set[str]:
+    """Ids already written; a last line cut off by an interrupted write is truncated."""
+    if not path.exists():
+        return set()
+    ids, good_end = set(), 0
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    for raw in data.splitlines(keepends=True):
+        pos += len(raw)
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            ids.add(str(json.loads(raw)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            break
+        good_end = pos
+    if good_end < len(data):
+        logging.warning("%s: dropping %d bytes after the last complete line", path,
+                        len(data) - good_end)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return ids
+
+
+def row_seed(pid: str, kind: str, index: int) -> int:
+    digest = hashlib.sha256(f"{pid}\0{kind}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def main(argv):
+    del argv
+    from tqdm import tqdm
+
+    from data_tools import extract
+    from data_tools.build import Encoder
+
+    cfg_s = CONFIG.value
+    if (CHECKPOINT.value is None) == (HF_DIR.value is None):
+        raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
+    if cfg_s.mode not in MODES:
+        raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {MODES}")
+    in_path, out_path = pathlib.Path(INPUT.value), pathlib.Path(OUTPUT.value)
+    if not in_path.is_file():
+        raise app.UsageError(f"--input={in_path}: no such file")
+    items = read_prompts(in_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    finished = done_ids(out_path)
+    pending = [(pid, p) for pid, p in items if pid not in finished]
+    logging.info("%s: %d prompts, %d already in %s", in_path, len(items),
+                 len(items) - len(pending), out_path)
+    if not pending:
+        print(f"nothing to do: all {len(items)} prompts are in {out_path}")
+        return
+
+    import jax  # noqa: F401  (after flags: --distributed must run first)
+
+    from fdpo import sampling
+    from fdpo.models import checkpoint
+
+    mesh = common.init_jax()
+    overrides = {"compute_dtype": cfg_s.compute_dtype} if cfg_s.compute_dtype else {}
+    model_cfg, graphdef, state, tok_dir = checkpoint.load_checkpoint_or_hf(
+        mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value, **overrides)
+    common.quiet_tokenizers()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    encoder = Encoder(tokenizer)
+    eos = eos_ids(model_cfg, tokenizer, pathlib.Path(tok_dir))
+    logging.info("prompt format %s; EOS ids %s", "chat template" if encoder.chat else "plain",
+                 eos)
+
+    sampler = sampling.Sampler(
+        model_cfg, graphdef, state, mesh, decode=lambda ids: tokenizer.decode(
+            ids, skip_special_tokens=True), length_bucket=cfg_s.length_bucket,
+        stop_check_steps=cfg_s.stop_check_steps,
+        pad_id=encoder.pad if encoder.pad is not None else 0)
+    params = sampling.SamplingParams(
+        max_new_tokens=cfg_s.max_new_tokens, temperature=cfg_s.temperature,
+        top_k=cfg_s.top_k, top_p=cfg_s.top_p, stop=tuple(cfg_s.stop), eos_ids=eos)
+    num = {"code": cfg_s.num_codes if cfg_s.mode in ("code", "both") else 0,
+           "test": cfg_s.num_tests if cfg_s.mode in ("tests", "both") else 0}
+    rows_per_prompt = num["code"] + num["test"]
+    if rows_per_prompt == 0:
+        raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
+    batch = max(cfg_s.batch_size, sampler.batch_multiple)
+    prompts_per_call = max(1, batch // rows_per_prompt)
+    # Every call padded to one row count (one compiled shape), no more than the job needs.
+    pad_rows_to = min(batch, len(pending) * rows_per_prompt)
+
+    with open(out_path, "a", encoding="utf-8") as out, \
+            tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
+        for start in range(0, len(pending), prompts_per_call):
+            group = pending[start:start + prompts_per_call]
+            messages = {}
+            for pid, prompt in group:
+                messages[pid] = {
+                    "code": cfg_s.code_prompt.format(prompt=prompt),
+                    "test": cfg_s.test_prompt.format(prompt=prompt,
+                                                     num_asserts=cfg_s.num_asserts)}
+            rows = [(pid, kind, i) for pid, _ in group for kind in ("code", "test")
+                    for i in range(num[kind])]
+            encoded = dict(zip([(pid, kind) for pid, _ in group for kind in ("code", "test")],
+                               encoder.prompts([messages[pid][kind] for pid, _ in group
+                                                for kind in ("code", "test")])))
+            completions = []
+            for b in range(0, len(rows), batch):
+                chunk = rows[b:b + batch]
+                completions += sampler.generate(
+                    [encoded[(pid, kind)].tolist() for pid, kind, _ in chunk], params,
+                    seed=cfg_s.seed, row_seeds=[row_seed(*r) for r in chunk],
+                    pad_rows_to=pad_rows_to)
+            by_row = dict(zip(rows, completions))
+            for pid, prompt in group:
+                code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
+                test_c = [by_row[(pid, "test", i)] for i in range(num["test"])]
+                programs = [extract.extract_program(c.text) for c in code_c]
+                tests = list(dict.fromkeys(
+                    a for c in test_c for a in extract.extract_assertions(c.text)))
+                record = {
+                    "id": pid, "prompt": messages[pid]["code"],
+                    "codes": [p for p in programs if p.strip()], "tests": tests,
+                    "raw": {"problem": prompt, "test_prompt": messages[pid]["test"],
+                            "code_responses": [c.text for c in code_c],
+                            "code_finish": [c.finish_reason for c in code_c],
+                            "test_responses": [c.text for c in test_c],
+                            "test_finish": [c.finish_reason for c in test_c]}}
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update(len(group))
+    print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
+          f"{out_path}")
+
+
+def eos_ids(model_cfg, tokenizer, tok_dir: pathlib.Path) -> tuple[int, ...]:
+    """Union of the model config's, the tokenizer's and generation_config.json's EOS ids
+    (chat models end turns with a token, e.g. <|im_end|>, that config.json may not name)."""
+    found = []
+    for value in (model_cfg.eos_token_id, tokenizer.eos_token_id):
+        found += value if isinstance(value, (list, tuple)) else [value]
+    gen = tok_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        found += value if isinstance(value, (list, tuple)) else [value]
+    return tuple(dict.fromkeys(int(e) for e in found if e is not None))
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except InputError as e:
+        raise SystemExit(f"error: malformed input lines:\n{e}")

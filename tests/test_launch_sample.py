@@ -1,0 +1,108 @@
+"""`python -m launch.sample` run as a user runs it: output format, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from data_tools.extract import extract_assertions, extract_program
+from tests.hf_models import make_hf_model
+from tests.helpers.tokenizer import build_tiny_tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+PROMPTS = [{"id": "p0", "prompt": "Write a function add(a, b)."},
+           {"id": 7, "prompt": "Write is_even(n).", "extra": "ignored"},
+           {"id": "p2", "prompt": "Return the maximum of a list."}]
+SMALL = ["--config.num_codes=2", "--config.num_tests=2", "--config.max_new_tokens=12",
+         "--config.temperature=1.0", "--config.batch_size=8", "--config.length_bucket=32"]
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"launch.sample failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    build_tiny_tokenizer(out, chat_template=True)  # vocab 400, ChatML, eos <|im_end|>
+    make_hf_model(out, "qwen2", vocab_size=400, tie_word_embeddings=True)
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_samples_in_executor_format_and_resume(hf_dir, tmp_path):
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    write_jsonl(inp, PROMPTS)
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL)
+    assert "prompt format chat template" in proc.stderr
+    lines = out.read_text().splitlines()
+    records = [json.loads(l) for l in lines]
+    assert [r["id"] for r in records] == ["p0", "7", "p2"]
+    for rec, src in zip(records, PROMPTS):
+        # The executor's input: id str, codes and tests lists of str.
+        assert isinstance(rec["id"], str)
+        assert all(isinstance(c, str) and c.strip() for c in rec["codes"])
+        assert all(isinstance(t, str) for t in rec["tests"])
+        raw = rec["raw"]
+        assert raw["problem"] == src["prompt"]
+        assert rec["prompt"].startswith(src["prompt"]) and "```python" in rec["prompt"]
+        assert len(raw["code_responses"]) == len(raw["code_finish"]) == 2
+        assert len(raw["test_responses"]) == len(raw["test_finish"]) == 2
+        assert set(raw["code_finish"] + raw["test_finish"]) <= {"eos", "length", "stop"}
+        assert rec["codes"] == [p for p in map(extract_program, raw["code_responses"]) if p]
+        assert rec["tests"] == list(dict.fromkeys(
+            a for r in raw["test_responses"] for a in extract_assertions(r)))
+    # T = 1 on a random model: the two samples of a prompt differ.
+    assert any(len(set(r["raw"]["code_responses"])) > 1 for r in records)
+
+    # Resume after a crash: the last line lost, the second one cut mid-write.
+    out.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])
+    run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL)
+    resumed = [json.loads(l) for l in out.read_text().splitlines()]
+    # Each sample's stream is fixed by (seed, id, kind, index): the same records again.
+    assert resumed == records
+
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL)
+    assert "nothing to do" in proc.stdout
+    assert out.read_text().splitlines() == lines
+
+
+def test_greedy_variant_is_deterministic(hf_dir, tmp_path):
+    inp = tmp_path / "prompts.jsonl"
+    write_jsonl(inp, PROMPTS[:2])
+    outs = []
+    for name, seed in (("a", 0), ("b", 5)):
+        run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(tmp_path / name),
+            "--config=configs/sample.py:greedy", "--config.max_new_tokens=10",
+            f"--config.seed={seed}")
+        outs.append([json.loads(l) for l in (tmp_path / name).read_text().splitlines()])
+    assert outs[0] == outs[1]  # greedy ignores the seed
+    for rec in outs[0]:
+        assert len(rec["raw"]["code_responses"]) == 1 and rec["tests"] == []
+
+
+def test_malformed_lines_are_reported_with_line_numbers(hf_dir, tmp_path):
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text('{"id": "a", "prompt": "ok"}\n{not json\n\n{"id": "b"}\n'
+                   '{"id": "a", "prompt": "again"}\n[1, 2]\n{"id": true, "prompt": "x"}\n')
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output",
+               str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode != 0
+    for expected in (f"{inp}:2: not valid JSON", f"{inp}:4: 'prompt' must be",
+                     f"{inp}:5: id 'a' repeats line 1", f"{inp}:6: expected a JSON object",
+                     f"{inp}:7: 'id' must be"):
+        assert expected in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
