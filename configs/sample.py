@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_tests = 10  # sampled test responses per prompt [paper: 10]
     c.num_asserts = 5  # asked for in each test response (each assert becomes one test)
     c.code_prompt = CODE_PROMPT
+    # "extract": the program is the code block of the response; "completion": the program
+    # is the input prompt + the response (a base model completing a function, the miniature).
+    c.code_format = "extract"
     c.test_prompt = TEST_PROMPT
 
     c.temperature = 1.5  # [paper]; 0 is greedy. Small models: ~0.8

@@ -116,13 +116,16 @@ flags.DEFINE_integer("num_tests", 8, "Oracle tests per task for self-verificatio
 flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wrong expected "
                    "value.")
 flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
+flags.DEFINE_integer("eval_tests", 16, "Inputs per task in the evaluation files.")
+flags.DEFINE_integer("eval_seen", 64, "Seen tasks sampled into eval_seen.jsonl.")
 
 
 def main(argv):
     del argv
     meta = write(pathlib.Path(FLAGS.out), seed=FLAGS.seed,
                  held_out_fraction=FLAGS.held_out_fraction, num_tests=FLAGS.num_tests,
-                 corrupt_fraction=FLAGS.corrupt_fraction, vocab_size=FLAGS.vocab_size)
+                 corrupt_fraction=FLAGS.corrupt_fraction, vocab_size=FLAGS.vocab_size,
+                 eval_tests=FLAGS.eval_tests, eval_seen=FLAGS.eval_seen)
     print(f"wrote {FLAGS.out}: {meta['counts']}")
 
 

@@ -6,7 +6,7 @@
 
 Samples (EvalPlus format): one JSON line per sample, {"task_id", "solution"} (a whole
 program) or {"task_id", "completion"} (appended to the task's prompt). With --checkpoint
-the samples are generated first (needs fdpo/sampler.py) and written to OUT/samples.jsonl
+the samples are generated first (needs fdpo/sampling.py) and written to OUT/samples.jsonl
 in that format. Outputs in --out: results.json (pass@k, status counts, settings, dataset
 hash, per-sample verdicts), tasks.md and tasks.csv (one row per task). See
 fdpo/evaluation/ and the README's "Evaluation" section for oracles and time limits.
@@ -37,6 +37,7 @@ TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (--ch
 TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling (--checkpoint).")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 768, "Generation length.")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per compiled generation call.")
 KS = flags.DEFINE_list("k", ["1", "10", "100"], "pass@k values (those with n >= k).")
 WORKERS = flags.DEFINE_integer("workers", None, "Parallel sandboxes (default: all cores).")
 ISOLATION = flags.DEFINE_enum("isolation", "full", ["full", "no_cgroup", "none"],
@@ -59,10 +60,10 @@ PROMPT_STYLE = flags.DEFINE_enum(
 def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sample]:
     """The one place that needs a model; imports the sampler lazily."""
     try:
-        from fdpo import sampler
+        from fdpo import sampling
     except ImportError as e:
         raise app.UsageError(
-            "--checkpoint/--hf_dir needs the KV-cache sampler (fdpo/sampler.py), which is "
+            "--checkpoint/--hf_dir needs the KV-cache sampler (fdpo/sampling.py), which is "
             "not in this checkout; generate samples elsewhere and pass --samples") from e
     from transformers import AutoTokenizer
 
@@ -77,10 +78,10 @@ def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sampl
     ids = list(tasks)
     completion = PROMPT_STYLE.value == "completion"
     prompts = [tasks[t].prompt if completion else prompt_for(tasks[t], benchmark) for t in ids]
-    texts = sampler.sample_texts(
+    texts = sampling.sample_texts(
         cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
         temperature=TEMPERATURE.value, top_p=TOP_P.value,
-        max_new_tokens=MAX_NEW_TOKENS.value, batch_size=16, seed=SEED.value)
+        max_new_tokens=MAX_NEW_TOKENS.value, batch_size=BATCH_SIZE.value, seed=SEED.value, tok_dir=tok_dir)
     if completion:
         return [rn.Sample(t, tasks[t].prompt + x) for t, outs in zip(ids, texts) for x in outs]
     return [rn.Sample(t, rn.extract_code(x)) for t, outs in zip(ids, texts) for x in outs]

@@ -127,6 +127,9 @@ def main(argv):
     cfg_s = CONFIG.value
     if (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
+    if cfg_s.code_format not in ("extract", "completion"):
+        raise app.UsageError(f"--config.code_format={cfg_s.code_format!r}; expected 'extract' "
+                             "or 'completion'")
     if cfg_s.mode not in MODES:
         raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {MODES}")
     in_path, out_path = pathlib.Path(INPUT.value), pathlib.Path(OUTPUT.value)
@@ -155,7 +158,7 @@ def main(argv):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     encoder = Encoder(tokenizer)
-    eos = eos_ids(model_cfg, tokenizer, pathlib.Path(tok_dir))
+    eos = sampling.eos_ids(model_cfg, tokenizer, tok_dir)
     logging.info("prompt format %s; EOS ids %s", "chat template" if encoder.chat else "plain",
                  eos)
 
@@ -203,7 +206,10 @@ def main(argv):
             for pid, prompt in group:
                 code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
                 test_c = [by_row[(pid, "test", i)] for i in range(num["test"])]
-                programs = [extract.extract_program(c.text) for c in code_c]
+                if cfg_s.code_format == "completion":  # base-model style: prompt + body
+                    programs = [prompt + c.text for c in code_c]
+                else:
+                    programs = [extract.extract_program(c.text) for c in code_c]
                 tests = list(dict.fromkeys(
                     a for c in test_c for a in extract.extract_assertions(c.text)))
                 record = {
@@ -219,19 +225,6 @@ def main(argv):
             bar.update(len(group))
     print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
           f"{out_path}")
-
-
-def eos_ids(model_cfg, tokenizer, tok_dir: pathlib.Path) -> tuple[int, ...]:
-    """Union of the model config's, the tokenizer's and generation_config.json's EOS ids
-    (chat models end turns with a token, e.g. <|im_end|>, that config.json may not name)."""
-    found = []
-    for value in (model_cfg.eos_token_id, tokenizer.eos_token_id):
-        found += value if isinstance(value, (list, tuple)) else [value]
-    gen = tok_dir / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        found += value if isinstance(value, (list, tuple)) else [value]
-    return tuple(dict.fromkeys(int(e) for e in found if e is not None))
 
 
 if __name__ == "__main__":
