@@ -417,19 +417,13 @@ def generate(prompts: Sequence[str], n: int, *, checkpoint: str | None = None, h
     """``n`` policy samples per prompt (the user message; the sampler applies the chat template).
 
     The one place that needs a model: it loads it with
-    :func:`fdpo.models.checkpoint.load_checkpoint_or_hf` and samples with ``fdpo.sampler``,
-    written against the API expected of that module (``sample_texts``). Imports happen here so
-    the rest of this module (and its tests) run without jax or the sampler.
+    :func:`fdpo.models.checkpoint.load_checkpoint_or_hf` and samples with
+    :func:`fdpo.sampling.sample_texts`. Imports happen here so the rest of this module (and
+    its tests) run without jax.
     """
-    try:
-        from fdpo import sampling  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "data_tools.synthesize needs the KV-cache sampler (fdpo/sampling.py) to generate problems; "
-            "it is not in this checkout. Parsing, validation and dedupe work without it "
-            "(data_tools.synthesize.process_generations).") from e
-    from launch import common
+    from fdpo import sampling as sampling_lib
     from fdpo.models.checkpoint import load_checkpoint_or_hf
+    from launch import common
 
     common.quiet_tokenizers()
     mesh = common.init_jax()
@@ -439,11 +433,11 @@ def generate(prompts: Sequence[str], n: int, *, checkpoint: str | None = None, h
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     s = sampling or {}
     get = (lambda k, d: s.get(k, d)) if isinstance(s, dict) else (lambda k, d: getattr(s, k, d))
-    texts = sampling.sample_texts(
+    texts = sampling_lib.sample_texts(
         cfg, graphdef, state, tokenizer, list(prompts), num_samples=n, mesh=mesh,
         temperature=get("temperature", 0.8), top_p=get("top_p", 0.95),
         max_new_tokens=get("max_new_tokens", 768), batch_size=get("batch_size", 16),
-        seed=get("seed", 0, tok_dir=tok_dir))
+        seed=get("seed", 0), tok_dir=tok_dir)
     if len(texts) != len(prompts) or any(len(t) != n for t in texts):
         raise RuntimeError("fdpo.sampling.sample_texts returned the wrong number of samples")
     return [list(t) for t in texts]

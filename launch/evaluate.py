@@ -58,13 +58,8 @@ PROMPT_STYLE = flags.DEFINE_enum(
 
 
 def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sample]:
-    """The one place that needs a model; imports the sampler lazily."""
-    try:
-        from fdpo import sampling
-    except ImportError as e:
-        raise app.UsageError(
-            "--checkpoint/--hf_dir needs the KV-cache sampler (fdpo/sampling.py), which is "
-            "not in this checkout; generate samples elsewhere and pass --samples") from e
+    """The one place that needs a model (imported here: --samples runs without jax)."""
+    from fdpo import sampling
     from transformers import AutoTokenizer
 
     from fdpo.models.checkpoint import load_checkpoint_or_hf

@@ -206,10 +206,33 @@ def test_process_generations_counts_and_format():
     assert "def max_window_sum" in r0["prompt"] and r0["description"] in r0["prompt"]
 
 
-def test_generate_without_sampler_fails_clearly(monkeypatch):
-    monkeypatch.setitem(sys.modules, "fdpo.sampler", None)  # as if fdpo/sampler.py did not exist
-    with pytest.raises(RuntimeError, match="needs the KV-cache sampler"):
-        S.generate(["p"], 1, hf_dir="/nonexistent")
+@pytest.mark.slow
+def test_cli_samples_with_a_tiny_model(tmp_path):
+    """One real run through the sampler: a random tiny model writes (nonsense) problems,
+    and every generation is accounted for as kept or rejected with a reason."""
+    from fdpo.models import checkpoint
+    from tests.helpers.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path / "tok", chat_template=True)
+    checkpoint.init_random(tmp_path / "ckpt", fields={"hidden_size": 32, "num_layers": 1,
+                                                      "num_heads": 2, "num_kv_heads": 1},
+                           tokenizer=str(tok))
+    concepts = tmp_path / "c.jsonl"
+    concepts.write_text("".join(json.dumps(c) + "\n" for c in CONCEPTS))
+    out = tmp_path / "p.jsonl"
+    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+                        "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out),
+                        "--per_concept", "1", "--config.sampling.max_new_tokens=24",
+                        "--save_generations", str(tmp_path / "g.jsonl")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "p.jsonl.report.json").read_text())["counts"]
+    gens = [json.loads(l) for l in open(tmp_path / "g.jsonl")]
+    n_texts = sum(len(g["texts"]) for g in gens)
+    assert n_texts > 0 and all(isinstance(t, str) for g in gens for t in g["texts"])
+    kept = sum(1 for _ in open(out))
+    rejected = sum(1 for _ in open(str(out) + ".rejected.jsonl"))
+    assert kept + rejected == n_texts
 
 
 def test_cli_with_saved_generations_and_no_jax(tmp_path):
