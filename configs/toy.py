@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # gives prompts, a tokenizer and an initial checkpoint instead (see configs/real.py).
     c.toy = ml_collections.ConfigDict(dict(
         enabled=True, seed=0, held_out_fraction=0.2, num_tests=8, corrupt_fraction=0.25,
-        eval_tests=16, eval_seen=64, vocab_size=384))
+        eval_tests=16, eval_seen=64, vocab_size=384, sft_fraction=0.5))
 
     # The initial policy: a random tiny Qwen2 (fields of ModelConfig), warm-started by SFT.
     c.init = ml_collections.ConfigDict(dict(
@@ -50,15 +50,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         random_fields="architecture=qwen2,hidden_size=96,num_layers=3,num_heads=4,"
                       "num_kv_heads=2,intermediate_size=256,tie_embeddings=true",
         seed=0))
-    c.max_len = 128  # record length L for pairs and SFT data
+    c.max_len = 96  # record length L for pairs and SFT data (toy programs: <= 75 tokens)
 
     c.warm_start = ml_collections.ConfigDict(dict(
-        enabled=True, steps=1200, batch_size=32, lr=3e-3, warmup_steps=50))
+        enabled=True, steps=300, batch_size=16, lr=3e-3, warmup_steps=30))
 
     # Self-generation (launch.sample) on the seen prompts.
     c.sample = ml_collections.ConfigDict(dict(
         num_codes=10, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=128,
-        prompt_style="completion", seed=0, max_prompts=0))  # 0: every seen prompt
+        prompt_style="completion", seed=0, max_prompts=0,  # 0: every prompt of the split
+        split="dpo"))  # seen combinations that were not in the warm start
     c.execute = ml_collections.ConfigDict(dict(timeout=2.0, workers=2))
     c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=0.1))
 

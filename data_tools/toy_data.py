@@ -5,16 +5,18 @@
 writes, from the task family in `toy_tasks.py`:
 
     DIR/tokenizer/          byte-level BPE trained offline on the family's text (HF format)
-    DIR/prompts.jsonl       {"id", "prompt", "entry_point", "split": "seen"|"held_out"}
+    DIR/prompts.jsonl       {"id", "prompt", "entry_point", "split"}: split "sft" (the
+                            warm start's tasks), "dpo" (seen combinations the policy samples
+                            for preference data, not in the warm start) or "held_out"
     DIR/tests.jsonl         {"id", "tests": [...], "tests_correct": [bool]} oracle tests; a
                             stated fraction expects a wrong value (for ranking to have work)
     DIR/eval_tests.jsonl    {"id", "tests": [...]} uncorrupted tests for pass@1
-    DIR/sft_pairs.jsonl     {"id", "prompt", "chosen", "rejected"} for seen tasks: chosen is
+    DIR/sft_pairs.jsonl     {"id", "prompt", "chosen", "rejected"} for sft tasks: chosen is
                             the canonical body, rejected a wrong variant (ignored by the
                             `sft` loss preset, which trains on the chosen response only)
     DIR/eval_{seen,held_out}.jsonl  EvalPlus-format tasks (prompt, entry_point,
-                            canonical_solution, base_input) for `launch.evaluate`; seen
-                            tasks are subsampled to `eval_seen` of them
+                            canonical_solution, base_input) for `launch.evaluate`: "seen"
+                            is `eval_seen` of the dpo tasks
     DIR/toy_data.json       the settings and counts
 
 The model completes a function body after the prompt (signature + docstring), as in
@@ -51,30 +53,44 @@ def train_tokenizer(out_dir: pathlib.Path, tasks: list[toy_tasks.Task], vocab_si
 
 
 def wrong_variant(task: toy_tasks.Task, rng: random.Random) -> str:
-    """A plausible wrong body: the canonical one with the condition or update changed."""
+    """A plausible wrong body: the canonical one with the condition or update changed, and
+    checked to differ from the reference on some input (`>=` for `>` can be equivalent)."""
     body = task.solution
     swaps = [(" > ", " >= "), (" < ", " <= "), ("== 0", "== 1"), ("== 1", "== 0"),
              ("x * ", "x + "), ("x + ", "x * "), ("x - ", "x + "), ("+= 1", "+= x")]
     rng.shuffle(swaps)
-    for old, new in swaps:
-        if old in body:
-            return body.replace(old, new, 1)
-    return body.replace("return ", "return 1 + ", 1) if "out" not in body else \
-        body.replace("return out", "return out[1:]")
+    probe = toy_tasks.random_inputs(random.Random(0), 300) + [list(range(-3, 16))]
+    candidates = [body.replace(old, new, 1) for old, new in swaps if old in body]
+    candidates += [body.replace("return total", "return total + 1"),
+                   body.replace("return out", "return out[1:] + out[:1]")]
+    for wrong in candidates:
+        if wrong == body:
+            continue
+        namespace: dict = {}
+        exec(task.prompt + wrong, namespace)  # our own generated source, not model output
+        if any(namespace[task.entry_point](xs) != task.reference(xs) for xs in probe):
+            return wrong
+    raise AssertionError(f"{task.task_id}: no wrong variant found")
 
 
 def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
           num_tests: int = 8, eval_tests: int = 16, corrupt_fraction: float = 0.25,
-          vocab_size: int = 384, eval_seen: int = 64) -> dict:
+          vocab_size: int = 384, eval_seen: int = 64, sft_fraction: float = 0.5) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seen, held = toy_tasks.split_tasks(held_out_fraction, seed=seed)
     train_tokenizer(out / "tokenizer", seen + held, vocab_size)
     rng = random.Random(seed)
-    counts = {"seen": len(seen), "held_out": len(held)}
+    # The warm start sees half of the seen combinations; the policy then samples on the
+    # other half, where it has generalised only partly (a mix of right and wrong programs).
+    order = list(seen)
+    rng.shuffle(order)
+    n_sft = round(sft_fraction * len(order))
+    sft_tasks, dpo_tasks = order[:n_sft], order[n_sft:]
+    counts = {"sft": len(sft_tasks), "dpo": len(dpo_tasks), "held_out": len(held)}
     with open(out / "prompts.jsonl", "w") as prompts, open(out / "tests.jsonl", "w") as tests, \
             open(out / "eval_tests.jsonl", "w") as evals, \
             open(out / "sft_pairs.jsonl", "w") as sft:
-        for split, tasks in (("seen", seen), ("held_out", held)):
+        for split, tasks in (("sft", sft_tasks), ("dpo", dpo_tasks), ("held_out", held)):
             for task in tasks:
                 prompts.write(json.dumps({"id": task.task_id, "prompt": task.prompt,
                                           "entry_point": task.entry_point,
@@ -84,12 +100,12 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
                             + "\n")
                 t, _ = toy_tasks.oracle_tests(task, rng, eval_tests, 0.0)
                 evals.write(json.dumps({"id": task.task_id, "tests": t}) + "\n")
-                if split == "seen":
+                if split == "sft":
                     sft.write(json.dumps({"id": task.task_id, "prompt": task.prompt,
                                           "chosen": task.solution,
                                           "rejected": wrong_variant(task, rng)}) + "\n")
     eval_rng = random.Random(seed + 1)
-    for split, tasks in (("seen", eval_rng.sample(seen, min(eval_seen, len(seen)))),
+    for split, tasks in (("seen", eval_rng.sample(dpo_tasks, min(eval_seen, len(dpo_tasks)))),
                          ("held_out", held)):
         with open(out / f"eval_{split}.jsonl", "w") as f:
             for task in tasks:
@@ -100,7 +116,7 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
                     "base_input": [[xs] for xs in inputs], "plus_input": [], "atol": 0,
                 }) + "\n")
         counts[f"eval_{split}"] = len(tasks)
-    meta = {"seed": seed, "held_out_fraction": held_out_fraction, "num_tests": num_tests,
+    meta = {"seed": seed, "held_out_fraction": held_out_fraction, "sft_fraction": sft_fraction, "num_tests": num_tests,
             "eval_tests": eval_tests, "corrupt_fraction": corrupt_fraction,
             "vocab_size": vocab_size, "counts": counts,
             "program": "prompt + response (function body completion)"}
@@ -117,7 +133,8 @@ flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wro
                    "value.")
 flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
 flags.DEFINE_integer("eval_tests", 16, "Inputs per task in the evaluation files.")
-flags.DEFINE_integer("eval_seen", 64, "Seen tasks sampled into eval_seen.jsonl.")
+flags.DEFINE_integer("eval_seen", 64, "DPO-split tasks sampled into eval_seen.jsonl.")
+flags.DEFINE_float("sft_fraction", 0.5, "Fraction of seen tasks in the warm start.")
 
 
 def main(argv):
@@ -125,7 +142,8 @@ def main(argv):
     meta = write(pathlib.Path(FLAGS.out), seed=FLAGS.seed,
                  held_out_fraction=FLAGS.held_out_fraction, num_tests=FLAGS.num_tests,
                  corrupt_fraction=FLAGS.corrupt_fraction, vocab_size=FLAGS.vocab_size,
-                 eval_tests=FLAGS.eval_tests, eval_seen=FLAGS.eval_seen)
+                 eval_tests=FLAGS.eval_tests, eval_seen=FLAGS.eval_seen,
+                 sft_fraction=FLAGS.sft_fraction)
     print(f"wrote {FLAGS.out}: {meta['counts']}")
 
 

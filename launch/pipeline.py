@@ -10,7 +10,7 @@ training — pick up where they stopped):
     init        the initial policy (random tiny model, or an HF import)
     sft_data    SFT records (data_tools.build on ready pairs)          (warm start only)
     warm_start  supervised warm start with the `sft` preset             (warm start only)
-    sample      k codes per seen prompt from the warm-started policy (launch.sample)
+    sample      k codes per prompt from the warm-started policy (launch.sample)
     execute     every code against every test in the sandbox (data_tools.execute)
     pairs       ranking, error-point pairs, ArrayRecord shards (data_tools.build)
     reference   per-segment reference log-prob sums (launch.precompute_ref)
@@ -119,7 +119,8 @@ class Pipeline:
         self.run("data", "data_tools.toy_data", "--out", self.toy_dir, "--seed", t.seed,
                  "--held_out_fraction", t.held_out_fraction, "--num_tests", t.num_tests,
                  "--corrupt_fraction", t.corrupt_fraction, "--vocab_size", t.vocab_size,
-                 "--eval_tests", t.eval_tests, "--eval_seen", t.eval_seen)
+                 "--eval_tests", t.eval_tests, "--eval_seen", t.eval_seen,
+                 "--sft_fraction", t.sft_fraction)
 
     def init(self):
         out = self.w / "init"
@@ -161,7 +162,7 @@ class Pipeline:
         s = self.cfg.sample
         prompts = self.w / "sample_prompts.jsonl"
         rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
-        rows = [r for r in rows if r["split"] == "seen"]
+        rows = [r for r in rows if r["split"] == self.cfg.sample.split]
         if s.max_prompts:
             rows = rows[:s.max_prompts]
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -73,13 +73,16 @@ def test_toy_data_files(tmp_path):
     prompts = [json.loads(l) for l in open(tmp_path / "prompts.jsonl")]
     tests = {r["id"]: r for r in map(json.loads, open(tmp_path / "tests.jsonl"))}
     sft = [json.loads(l) for l in open(tmp_path / "sft_pairs.jsonl")]
-    assert len(prompts) == len(tests) == meta["counts"]["seen"] + meta["counts"]["held_out"]
+    c = meta["counts"]
+    assert len(prompts) == len(tests) == c["sft"] + c["dpo"] + c["held_out"]
     held_eval = [json.loads(l) for l in open(tmp_path / "eval_held_out.jsonl")]
-    assert len(held_eval) == meta["counts"]["held_out"] and held_eval[0]["plus_input"] == []
+    assert len(held_eval) == c["held_out"] and held_eval[0]["plus_input"] == []
     assert {r["task_id"] for r in held_eval} == {p["id"] for p in prompts
                                                  if p["split"] == "held_out"}
-    assert {p["split"] for p in prompts} == {"seen", "held_out"}
-    assert len(sft) == meta["counts"]["seen"]
+    assert {p["split"] for p in prompts} == {"sft", "dpo", "held_out"}
+    assert len(sft) == c["sft"] and abs(c["sft"] - c["dpo"]) <= 1
+    seen_eval = {json.loads(l)["task_id"] for l in open(tmp_path / "eval_seen.jsonl")}
+    assert seen_eval <= {p["id"] for p in prompts if p["split"] == "dpo"}
     assert all(sum(not ok for ok in r["tests_correct"]) == 3 for r in tests.values())
     by_id = {t.task_id: t for t in tt.all_tasks()}
     for pair in sft[:50]:
