@@ -1,6 +1,6 @@
-# Two entry points, each doing its own set-up on a fresh machine.
-#   make test   install the pinned requirements into .venv and run the whole test suite
-#   make toy    install, then run the embedded miniature end to end (not built yet)
+# Two entry points, each doing all of its own set-up on a fresh machine.
+#   make toy    install, then run the embedded miniature end to end (report in runs/toy/report)
+#   make test   install, then run the whole test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,8 +11,16 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: install test test-fast
-install: $(BIN)/.installed
+.PHONY: install system-deps toy test test-fast
+
+# The code executor's sandbox needs bubblewrap (and root, for its cgroups and uids).
+system-deps:
+	@command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap)
+
+install: $(BIN)/.installed system-deps
+
+toy: install
+	$(BIN)/python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -253,14 +253,27 @@ class Pipeline:
 
     def analyze(self):
         # Segments of the responses (what the policy wrote), not of prompt + response.
-        with open(self.w / "samples.jsonl") as f, \
-                open(self.w / "analyze_input.jsonl", "w") as out:
-            for line in f:
-                r = json.loads(line)
-                out.write(json.dumps({"id": r["id"], "codes": r["raw"]["code_responses"]})
-                          + "\n")
+        samples = {r["id"]: r for r in map(json.loads, open(self.w / "samples.jsonl"))}
+        with open(self.w / "analyze_input.jsonl", "w") as out:
+            for pid, r in samples.items():
+                out.write(json.dumps({"id": pid, "codes": r["raw"]["code_responses"]}) + "\n")
+        oracle = self.toy_dir / "tests.jsonl"
+        if self.cfg.toy.enabled and oracle.exists():
+            # The miniature knows which tests are right: correctness = passing all of them.
+            good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
+            with open(self.w / "verdicts.jsonl") as f, \
+                    open(self.w / "analyze_verdicts.jsonl", "w") as out:
+                for line in f:
+                    v = json.loads(line)
+                    keep = good[v["id"]]
+                    out.write(json.dumps({"id": v["id"], "passed": [
+                        [p for p, k in zip(row, keep) if k] for row in v["passed"]]}) + "\n")
+            verdict_args = ["--verdicts", self.w / "analyze_verdicts.jsonl",
+                            "--verdict", "all_tests"]
+        else:  # a real run: correctness as the data stage decides it (ranked ground truth)
+            verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--verdict", "ranked"]
         self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
-                 "--verdicts", self.w / "verdicts.jsonl", "--out", self.w / "analysis")
+                 *verdict_args, "--out", self.w / "analysis")
 
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)

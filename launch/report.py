@@ -42,7 +42,8 @@ def collect(w: pathlib.Path) -> dict:
     for results in sorted((w / "eval").glob("*/*/results.json")):
         r = json.loads(results.read_text())
         model, split = results.parent.parent.name, results.parent.name
-        data["pass_at_1"].setdefault(model, {})[split] = r["pass_at_k"]["base"]["pass@1"]
+        # results.json holds fractions; the report speaks in percent.
+        data["pass_at_1"].setdefault(model, {})[split] = 100 * r["pass_at_k"]["base"]["pass@1"]
     manifest = w / "pairs" / "manifest.json"
     if manifest.exists():
         data["counts"]["pairs_manifest"] = json.loads(manifest.read_text()).get("counts")
