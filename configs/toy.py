@@ -76,9 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8
         c.toy.held_out_fraction = 0.05
-        c.init.random_fields = ("architecture=qwen2,hidden_size=32,num_layers=1,num_heads=2,"
-                                 "num_kv_heads=1,intermediate_size=64,tie_embeddings=true")
-        c.warm_start.steps = 30
+        c.init.random_fields = ("architecture=qwen2,hidden_size=64,num_layers=2,num_heads=4,"
+                                 "num_kv_heads=2,intermediate_size=128,tie_embeddings=true")
+        # Enough to write some right and some wrong programs, so that pairs exist.
+        c.warm_start.steps = 200
         c.sample.num_codes = 4
         c.sample.max_prompts = 24
         c.train.steps = 4
