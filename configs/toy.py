@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         random_fields="architecture=qwen2,hidden_size=96,num_layers=3,num_heads=4,"
                       "num_kv_heads=2,intermediate_size=256,tie_embeddings=true",
         seed=0))
+    c.prompts = ""  # a real run's prompt file ({"id", "prompt"} lines); the toy writes its own
+    c.tests_source = "oracle"  # or "model": the policy writes the tests (the paper)
+    c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor) for every JAX program
+    c.distributed = False  # multi-host: jax.distributed.initialize() in every program
     c.max_len = 96  # record length L for pairs and SFT data (toy programs: <= 75 tokens)
 
     c.warm_start = ml_collections.ConfigDict(dict(
@@ -59,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         num_codes=10, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=128,
         prompt_style="completion", seed=0, max_prompts=0,  # 0: every prompt of the split
-        split="dpo"))  # seen combinations that were not in the warm start
+        split="dpo",  # seen combinations that were not in the warm start
+        num_tests=0, code_prompt="{prompt}"))
     c.execute = ml_collections.ConfigDict(dict(timeout=2.0, workers=2))
     c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=0.1))
 
@@ -71,7 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_steps=10))
     c.w_focused_ablation = ()  # e.g. (1.0, 5.0): extra focused_dpo runs at seed 0
 
-    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=64, workers=2))
+    # The toy evaluates its own seen / held-out task files; a real run lists
+    # (name, benchmark, dataset path or "") triples, e.g. ("humaneval+", "humaneval+", "").
+    c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=64, workers=2,
+                                                min_time_limit=1.0, benchmarks=()))
 
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
 BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
                               required=True)
@@ -63,7 +64,6 @@ def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sampl
     from transformers import AutoTokenizer
 
     from fdpo.models.checkpoint import load_checkpoint_or_hf
-    from launch import common
 
     common.quiet_tokenizers()
     mesh = common.init_jax()

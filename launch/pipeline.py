@@ -95,7 +95,14 @@ class Pipeline:
 
     @property
     def tokenizer(self):
-        return self.toy_dir / "tokenizer"
+        if self.cfg.toy.enabled:
+            return self.toy_dir / "tokenizer"
+        return self.w / "init" / "hf_extras"  # copied from the HF checkpoint by import_hf
+
+    def jax_flags(self):
+        """Mesh and multi-host flags passed to every JAX program."""
+        flags_ = ["--mesh_shape", ",".join(map(str, self.cfg.mesh_shape))]
+        return flags_ + (["--distributed"] if self.cfg.distributed else [])
 
     @property
     def start_model(self):
@@ -127,7 +134,8 @@ class Pipeline:
         if out.exists():
             shutil.rmtree(out)
         if self.cfg.init.hf_dir:
-            self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out)
+            self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out,
+                     *self.jax_flags())
         else:
             self.run("init", "launch.init_model", "--out", out, "--tokenizer", self.tokenizer,
                      "--fields", self.cfg.init.random_fields, "--seed", self.cfg.init.seed)
@@ -155,39 +163,52 @@ class Pipeline:
                  f"--config.optimizer.lr={lr}", f"--config.optimizer.warmup_steps={warmup}",
                  f"--config.data.seed={seed}", f"--config.loss.reference={reference}",
                  f"--config.loss.beta={t.beta}", "--config.model.compute_dtype=float32",
-                 "--config.log.every_steps=10", f"--config.log.eval_every_steps={max(steps, 1)}",
-                 f"--config.checkpoint.every_steps={max(steps // 2, 1)}", *extra)
+                 "--config.log.every_steps=10",
+                 # steps <= 0: the config's epochs decide the length; evaluate/save every 200.
+                 f"--config.log.eval_every_steps={steps if steps > 0 else 200}",
+                 f"--config.checkpoint.every_steps={max(steps // 2, 1) if steps > 0 else 200}",
+                 f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}",
+                 f"--distributed={self.cfg.distributed}", *extra)
 
     def sample(self):
         s = self.cfg.sample
-        prompts = self.w / "sample_prompts.jsonl"
-        rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
-        rows = [r for r in rows if r["split"] == self.cfg.sample.split]
+        if self.cfg.toy.enabled:
+            rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
+            rows = [r for r in rows if r["split"] == s.split]
+        else:
+            rows = [json.loads(l) for l in open(self.cfg.prompts)]
         if s.max_prompts:
             rows = rows[:s.max_prompts]
+        prompts = self.w / "sample_prompts.jsonl"
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mode = "code" if self.cfg.tests_source == "oracle" else "both"
         self.run("sample", "launch.sample", "--checkpoint", self.start_model, "--input", prompts,
                  "--output", self.w / "samples.jsonl", "--config=configs/sample.py",
-                 "--config.mode=code", f"--config.num_codes={s.num_codes}",
+                 f"--config.mode={mode}", f"--config.num_codes={s.num_codes}",
+                 f"--config.num_tests={s.num_tests}",
                  f"--config.temperature={s.temperature}", f"--config.top_p={s.top_p}",
                  f"--config.max_new_tokens={s.max_new_tokens}",
                  f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
-                 "--config.code_prompt={prompt}", f"--config.code_format={s.prompt_style}")
+                 *([f"--config.code_prompt={s.code_prompt}"] if s.code_prompt else []),
+                 f"--config.code_format={s.prompt_style}", *self.jax_flags())
 
     def execute(self):
         # The miniature's tests come from the oracle (with corrupted expectations); a real
-        # run samples tests with the policy in the sample stage instead.
-        tests = {r["id"]: r for r in map(json.loads, open(self.toy_dir / "tests.jsonl"))}
+        # run uses the tests the policy wrote in the sample stage (METHOD.md section 2).
+        oracle = {}
+        if self.cfg.tests_source == "oracle":
+            oracle = {r["id"]: r["tests"]
+                      for r in map(json.loads, open(self.toy_dir / "tests.jsonl"))}
         with open(self.w / "samples.jsonl") as f, \
                 open(self.w / "execute_input.jsonl", "w") as out:
             for line in f:
                 r = json.loads(line)
-                out.write(json.dumps({"id": r["id"], "codes": r["codes"],
-                                      "tests": tests[r["id"]]["tests"]}) + "\n")
+                tests = oracle[r["id"]] if oracle else r["tests"]
+                out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
         e = self.cfg.execute
         self.run("execute", "data_tools.execute", "--input", self.w / "execute_input.jsonl",
                  "--output", self.w / "verdicts.jsonl", "--timeout", e.timeout,
-                 "--workers", e.workers)
+                 *(["--workers", e.workers] if e.workers else []))  # 0: all cores
 
     def pairs(self):
         verdicts = {r["id"]: r for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
@@ -197,10 +218,13 @@ class Pipeline:
             for line in f:
                 r = json.loads(line)
                 v = verdicts[r["id"]]
+                # Completion style: the response is the body the policy wrote after the
+                # prompt. Instruct style: the extracted program, after the code prompt.
+                completion = self.cfg.sample.prompt_style == "completion"
                 out.write(json.dumps({
-                    "id": r["id"], "prompt": r["raw"]["problem"],
-                    "codes": r["raw"]["code_responses"], "tests": tests[r["id"]]["tests"],
-                    "passed": v["passed"]}) + "\n")
+                    "id": r["id"], "prompt": r["raw"]["problem"] if completion else r["prompt"],
+                    "codes": r["raw"]["code_responses"] if completion else r["codes"],
+                    "tests": tests[r["id"]]["tests"], "passed": v["passed"]}) + "\n")
         out_dir = self.w / "pairs"
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -215,7 +239,7 @@ class Pipeline:
         if out.exists():
             shutil.rmtree(out)
         self.run("reference", "launch.precompute_ref", "--checkpoint", self.start_model,
-                 "--data", self.w / "pairs", "--out", out)
+                 "--data", self.w / "pairs", "--out", out, *self.jax_flags())
 
     def train(self):
         t = self.cfg.train
@@ -238,18 +262,26 @@ class Pipeline:
         out += [(name, self.w / "train" / name / "final") for name, *_ in self.runs()]
         return out
 
+    def benchmarks(self):
+        """(name, benchmark, dataset file or '') evaluated for every model."""
+        if self.cfg.toy.enabled:
+            return [(split, "evalplus", str(self.toy_dir / f"eval_{split}.jsonl"))
+                    for split in ("seen", "held_out")]
+        return [tuple(b) for b in self.cfg.evaluate.benchmarks]
+
     def evaluate(self):
         e = self.cfg.evaluate
         for name, ckpt in self.models():
-            for split in ("seen", "held_out"):
-                out = self.w / "eval" / name / split
+            for bench_name, benchmark, dataset in self.benchmarks():
+                out = self.w / "eval" / name / bench_name
                 if (out / "results.json").exists():
                     continue
-                self.run("evaluate", "launch.evaluate", "--benchmark", "evalplus",
-                         "--dataset", self.toy_dir / f"eval_{split}.jsonl", "--checkpoint", ckpt,
-                         "--out", out, "--prompt_style", "completion", "--temperature", 0,
-                         "--max_new_tokens", e.max_new_tokens, "--workers", e.workers,
-                         "--k", "1", "--min_time_limit", 1.0)
+                self.run("evaluate", "launch.evaluate", "--benchmark", benchmark,
+                         *(["--dataset", dataset] if dataset else []), "--checkpoint", ckpt,
+                         "--out", out, "--prompt_style", self.cfg.sample.prompt_style,
+                         "--temperature", 0, "--max_new_tokens", e.max_new_tokens,
+                         *(["--workers", e.workers] if e.workers else []), "--k", "1",
+                         "--min_time_limit", e.min_time_limit, *self.jax_flags())
 
     def analyze(self):
         # Segments of the responses (what the policy wrote), not of prompt + response.

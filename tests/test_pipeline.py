@@ -96,3 +96,16 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert "[pipeline] train ..." in out and "sample: done earlier, skipped" in out
     assert (w / "train" / runs[-1] / "final" / "fdpo_model.json").is_file()
     assert (w / "train" / runs[0] / "final" / "fdpo_model.json").stat().st_mtime_ns == kept
+
+
+def test_real_config_is_the_same_pipeline_with_other_values():
+    from configs import real, toy
+
+    c = real.get_config("hf_dir=/ckpt/qwen,prompts=/data/p.jsonl")
+    t = toy.get_config()
+    assert set(c.keys()) == set(t.keys())  # same fields: nothing special-cased
+    assert (c.init.hf_dir, c.prompts, c.toy.enabled, c.warm_start.enabled) == (
+        "/ckpt/qwen", "/data/p.jsonl", False, False)
+    assert (c.tests_source, c.sample.temperature, c.sample.num_codes, c.sample.num_tests) == (
+        "model", 1.5, 10, 10)  # the paper's self-generation settings
+    assert [b[1] for b in c.evaluate.benchmarks] == ["humaneval+", "mbpp+"]
