@@ -23,7 +23,14 @@ signals from inside the namespace cannot kill it (the kernel drops them for an i
 default dispositions), it is not dumpable (so /proc/1/fd, /proc/1/mem and ptrace are closed
 to the unprivileged cells), and when it exits the kernel kills whatever is left.
 """
-import builtins
+import glob
+import sys
+
+# A virtual environment's site-packages, bound here by the host (the sandbox runs the base
+# interpreter, see executor._python_layout), so programs can import what the venv has.
+sys.path.extend(sorted(glob.glob("/fdpo/site-packages-*")))
+
+import builtins  # noqa: E402
 import ctypes
 import gc
 import json
@@ -31,7 +38,6 @@ import os
 import resource
 import select
 import signal
-import sys
 import time
 
 # Captured once, before any user code exists anywhere, so a cell that rebinds these names

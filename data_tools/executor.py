@@ -311,23 +311,43 @@ def _read(path):
         return ""
 
 
-def _python_roots(python: str) -> list[str]:
-    """Directories the interpreter needs (venv and base installation), resolved."""
+SITE_MOUNT = "/fdpo/site-packages"  # where a venv's site-packages appear in the sandbox
+
+
+def _python_layout(python: str) -> tuple[str, list[str], list[str]]:
+    """(interpreter to run in the sandbox, directories to bind at their own paths,
+    site-packages directories to bind under SITE_MOUNT).
+
+    The sandbox runs the *base* interpreter, with a virtual environment's site-packages
+    bound at a neutral path (the judge puts them on sys.path). A venv may live under /tmp
+    (CI clones often do), which the sandbox's scratch tmpfs would hide.
+    """
     out = subprocess.run(
         [python, "-I", "-c",
-         "import sys; print('\\n'.join([sys.prefix, sys.base_prefix, sys.exec_prefix, "
-         "sys.base_exec_prefix]))"],
+         "import os, site, sys; print(os.path.realpath(sys.executable)); "
+         "print(sys.base_prefix); print(sys.base_exec_prefix); print(sys.prefix); "
+         "print('\\n'.join(site.getsitepackages()))"],
         capture_output=True, text=True, env={"PATH": _PATH}, check=False,
     )
     if out.returncode != 0:
         raise IsolationUnavailable(f"cannot run the interpreter {python!r}: {out.stderr.strip()}")
-    roots = {os.path.realpath(p) for p in out.stdout.split()}
-    roots.add(os.path.dirname(os.path.realpath(python)))
-    roots.add(os.path.dirname(os.path.abspath(python)))
-    return sorted(roots)
+    exe, base, base_exec, prefix, *site_dirs = out.stdout.split("\n")
+    site_dirs = [d for d in site_dirs if d]
+    roots = sorted({os.path.realpath(base), os.path.realpath(base_exec),
+                    os.path.dirname(exe)})
+    for root in roots:
+        if root == "/tmp" or root.startswith("/tmp/"):
+            raise IsolationUnavailable(
+                f"the Python installation {root} lies under /tmp, which the sandbox replaces "
+                "with its scratch directory; use an interpreter installed elsewhere")
+    venv_sites = []
+    if os.path.realpath(prefix) != os.path.realpath(base):
+        venv_sites = [os.path.realpath(d) for d in site_dirs if os.path.isdir(d)]
+    return exe, roots, venv_sites
 
 
-def _bwrap_args(python: str, roots: Sequence[str], limits: Limits) -> list[str]:
+def _bwrap_args(python: str, roots: Sequence[str], limits: Limits,
+                venv_sites: Sequence[str] = ()) -> list[str]:
     args = [
         "bwrap",
         # Namespaces: no network, own PIDs (judge is PID 1), IPC, hostname, cgroup view.
@@ -358,8 +378,10 @@ def _bwrap_args(python: str, roots: Sequence[str], limits: Limits) -> list[str]:
                 args += ["--perms", "0755", "--dir", parent]
                 made.add(parent)
         args += ["--ro-bind", root, root]
+    args += ["--perms", "0755", "--dir", "/fdpo"]
+    for k, site_dir in enumerate(venv_sites):
+        args += ["--ro-bind", site_dir, f"{SITE_MOUNT}-{k}"]
     args += [
-        "--perms", "0755", "--dir", "/fdpo",
         "--ro-bind", HARNESS, "/fdpo/harness.py",
         "--proc", "/proc", "--dev", "/dev",
         "--perms", "1777", "--size", str(limits.scratch_mb << 20), "--tmpfs", "/tmp",
@@ -424,10 +446,11 @@ class Executor:
         instance = next(_INSTANCES)
         block = (os.getpid() * 16 + instance) % 65536
         self._uids = [_UID_BASE + block * _MAX_WORKERS + s for s in range(self.workers)]
-        self._bwrap = (
-            _bwrap_args(self.python, _python_roots(self.python), limits)
-            if isolation != "none" else None
-        )
+        if isolation != "none":
+            exe, roots, venv_sites = _python_layout(self.python)
+            self._bwrap = _bwrap_args(exe, roots, limits, venv_sites)
+        else:
+            self._bwrap = None
         if isolation == "full":
             _Cgroups.sweep_stale()
         self._cgroups = (

@@ -563,3 +563,22 @@ def test_bad_isolation_mode_and_limits_are_clear_errors():
         Executor(Limits(), isolation="sandbox")
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         Limits(timeout_s=0)
+
+
+def test_interpreter_from_a_venv_under_tmp(tmp_path):
+    """CI clones (and their .venv) may live under /tmp, which the sandbox covers with its
+    scratch tmpfs: the sandbox runs the base interpreter and binds the venv's packages
+    elsewhere, so this still works, and the venv's packages stay importable."""
+    import subprocess
+    import sys
+
+    assert str(tmp_path).startswith("/tmp/")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True)
+    site = next((tmp_path / "venv" / "lib").glob("python3*/site-packages"))
+    (site / "fdpo_probe_pkg.py").write_text("VALUE = 41\n")
+    with Executor(Limits(timeout_s=5), workers=1,
+                  python=str(tmp_path / "venv" / "bin" / "python")) as ex:
+        res = ex.run(["from fdpo_probe_pkg import VALUE\ndef f(): return VALUE + 1"],
+                     ["assert f() == 42"])
+    assert res.status == [["pass"]]
