@@ -78,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The toy evaluates its own seen / held-out task files; a real run lists
     # (name, benchmark, dataset path or "") triples, e.g. ("humaneval+", "humaneval+", "").
+    # The continuation experiment of METHOD.md section 1 (greedy, from the warm start). Real
+    # runs would judge continuations by the ranked ground-truth tests: not wired up yet.
+    c.analysis = ml_collections.ConfigDict(dict(continuation=True, num_continuations=1))
+
     c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=64, workers=2,
                                                 min_time_limit=1.0, benchmarks=()))
 

@@ -228,6 +228,7 @@ class PhiResult:
     samples_counted: int
     skipped: dict[str, int]
     per_problem: list[dict[str, Any]]
+    segments: list[ProblemSegments] = dataclasses.field(default_factory=list)
 
 
 def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], options: Options = Options()
@@ -237,6 +238,7 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
     tables = {name: Table() for name in SEGMENTS}
     skipped: collections.Counter = collections.Counter()
     per_problem = []
+    kept_segments = []
     used = samples = 0
     for pid, codes, passed in problems:
         correct, ranks = verdicts(passed, options)
@@ -251,12 +253,14 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
             samples += 1
             for name in SEGMENTS:
                 tables[name].add(seg.contains[name][k], ok)
+        kept_segments.append(seg)
         per_problem.append({"id": pid, "chosen": seg.chosen, "rejected": seg.rejected,
                             "prefix_len": len(seg.prefix), "suffix_len": len(seg.suffix),
                             "mid_chosen_len": len(seg.mid_chosen), "mid_rejected_len": len(seg.mid_rejected),
                             "correct": int(sum(seg.correct)), "incorrect": len(seg.correct) - int(sum(seg.correct)),
                             "contains": {n: [int(b) for b in v] for n, v in seg.contains.items()}})
-    return PhiResult(tables, used, samples, dict(sorted(skipped.items())), per_problem)
+    return PhiResult(tables, used, samples, dict(sorted(skipped.items())), per_problem,
+                     kept_segments)
 
 
 def continuation_prefixes(codes: Sequence[str], seg: ProblemSegments, unit: str) -> tuple[str, str]:

@@ -286,10 +286,22 @@ class Pipeline:
     def analyze(self):
         # Segments of the responses (what the policy wrote), not of prompt + response.
         samples = {r["id"]: r for r in map(json.loads, open(self.w / "samples.jsonl"))}
+        oracle = self.toy_dir / "tests.jsonl"
+        judged = {}  # the tests continuations are judged by: the miniature's right ones
+        if self.cfg.toy.enabled and oracle.exists():
+            judged = {r["id"]: [t for t, ok in zip(r["tests"], r["tests_correct"]) if ok]
+                      for r in map(json.loads, open(oracle))}
         with open(self.w / "analyze_input.jsonl", "w") as out:
             for pid, r in samples.items():
-                out.write(json.dumps({"id": pid, "codes": r["raw"]["code_responses"]}) + "\n")
-        oracle = self.toy_dir / "tests.jsonl"
+                out.write(json.dumps({"id": pid, "codes": r["raw"]["code_responses"],
+                                      "prompt": r["raw"]["problem"],
+                                      "tests": judged.get(pid, [])}) + "\n")
+        continuation = []
+        if self.cfg.analysis.continuation and judged:
+            continuation = ["--continuation", "--checkpoint", self.start_model,
+                            "--num_continuations", self.cfg.analysis.num_continuations,
+                            "--max_new_tokens", self.cfg.sample.max_new_tokens,
+                            "--program_style", "completion", "--timeout", 2]
         if self.cfg.toy.enabled and oracle.exists():
             # The miniature knows which tests are right: correctness = passing all of them.
             good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
@@ -305,7 +317,7 @@ class Pipeline:
         else:  # a real run: correctness as the data stage decides it (ranked ground truth)
             verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--verdict", "ranked"]
         self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
-                 *verdict_args, "--out", self.w / "analysis")
+                 *verdict_args, "--out", self.w / "analysis", *continuation)
 
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)

@@ -172,10 +172,10 @@ def test_cli_end_to_end(tmp_path):
     drops = [json.loads(x) for x in (out / "drops.jsonl").read_text().splitlines()]
     assert {(d["line"], d["reason"]) for d in drops} == {(2, "malformed"), (3, "no_verdicts"), (2, "malformed")}
     assert any(d["file"] == str(verdicts) and d["id"] == "bad-rows" for d in drops)
-    # The continuation experiment refuses clearly until the sampler exists.
+    # The continuation experiment needs a policy to sample from.
     r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples), "--out", str(out),
                         "--continuation"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "--continuation needs fdpo.sampler" in r.stderr + r.stdout
+    assert r.returncode != 0 and "--continuation needs exactly one of --checkpoint" in r.stderr + r.stdout
 
 
 def test_module_imports_no_jax():

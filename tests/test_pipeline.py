@@ -75,7 +75,10 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
             res = json.loads((w / "eval" / model / split / "results.json").read_text())
             assert 0.0 <= res["pass_at_k"]["base"]["pass@1"] <= 100.0
     # Analysis and report.
-    assert (w / "analysis" / "phi.json").is_file()
+    phi = json.loads((w / "analysis" / "phi.json").read_text())
+    cont = json.loads((w / "analysis" / "continuation.json").read_text())
+    assert cont["problems"] == phi["problems_used"]
+    assert cont["chosen"]["programs"] == cont["rejected"]["programs"] == phi["problems_used"]
     report = json.loads((w / "report" / "report.json").read_text())
     assert set(report["summary"]) == {"warm_start", *cfg["methods"]}
     text = (w / "report" / "report.md").read_text()
