@@ -248,12 +248,15 @@ class Pipeline:
         for name, method, seed, w in self.runs():
             if (self.w / "train" / name / "final" / "fdpo_model.json").exists():
                 continue
+            # Per-method learning rate and NLL weight, where the config sets them.
+            own = self.cfg.method_train.get(method, {})
+            lr, nll = own.get("lr", t.lr), own.get("nll_weight", t.nll_weight)
             extra = [f"--config.loss.w_focused={w if w is not None else t.w_focused}"]
-            if t.nll_weight and method != "continued_sft":
-                extra.append(f"--config.loss.nll_weight={t.nll_weight}")
+            if nll and method != "continued_sft":
+                extra.append(f"--config.loss.nll_weight={nll}")
             self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
                         preset=presets[method], steps=t.steps, batch_size=t.batch_size,
-                        lr=t.lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
+                        lr=lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
                         extra=extra)
 
     def models(self):
