@@ -125,16 +125,21 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Output directory.", required=True)
-flags.DEFINE_integer("seed", 0, "Seed for the held-out split and the tests.")
-flags.DEFINE_float("held_out_fraction", 0.2, "Fraction of task combinations held out.")
-flags.DEFINE_integer("num_tests", 8, "Oracle tests per task for self-verification.")
-flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wrong expected "
-                   "value.")
-flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
-flags.DEFINE_integer("eval_tests", 16, "Inputs per task in the evaluation files.")
-flags.DEFINE_integer("eval_seen", 64, "DPO-split tasks sampled into eval_seen.jsonl.")
-flags.DEFINE_float("sft_fraction", 0.5, "Fraction of seen tasks in the warm start.")
+
+
+def _define_flags():
+    # Defined only when run as a program, so importing this module (tests, the pipeline)
+    # never collides with another module's flags.
+    flags.DEFINE_string("out", None, "Output directory.", required=True)
+    flags.DEFINE_integer("seed", 0, "Seed for the held-out split and the tests.")
+    flags.DEFINE_float("held_out_fraction", 0.2, "Fraction of task combinations held out.")
+    flags.DEFINE_integer("num_tests", 8, "Oracle tests per task for self-verification.")
+    flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wrong expected "
+                       "value.")
+    flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
+    flags.DEFINE_integer("eval_tests", 16, "Inputs per task in the evaluation files.")
+    flags.DEFINE_integer("eval_seen", 64, "DPO-split tasks sampled into eval_seen.jsonl.")
+    flags.DEFINE_float("sft_fraction", 0.5, "Fraction of seen tasks in the warm start.")
 
 
 def main(argv):
@@ -148,4 +153,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -287,9 +287,7 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
                                         "steps": step, "loss": loss_cfg.__repr__()})
         logging.info("wrote %s", final)
     if config.export_hf and not (workdir / "hf" / "config.json").exists():
-        from launch import export_hf
-
-        export_hf.export(final, workdir / "hf", mesh, 5 * 1024**3)
+        checkpoint.export_hf(final, workdir / "hf", mesh, 5 * 1024**3)
     return last
 
 
