@@ -299,41 +299,36 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str | 
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    written: list[pathlib.Path] = []
-    weight_map: dict[str, int] = {}
-    total = 0
-    size = 0
-    tmp_names: list[pathlib.Path] = []
+    current: dict[str, np.ndarray] = {}  # the shard being filled
+    shard_of: dict[str, int] = {}  # key -> shard index
+    size = total = 0
+    tmp_paths: list[pathlib.Path] = []
 
     def flush():
-        path = out_dir / f"shard-tmp-{len(tmp_names):05d}.safetensors"
-        save_file({k: jnp.asarray(v) for k, v in shards[-1].items()}, str(path),
+        path = out_dir / f"shard-tmp-{len(tmp_paths):05d}.safetensors"
+        save_file({k: jnp.asarray(v) for k, v in current.items()}, str(path),
                   metadata={"format": "pt"})
-        tmp_names.append(path)
+        tmp_paths.append(path)
 
     for key, tensor in tensors:
-        nbytes = tensor.nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if current and size + tensor.nbytes > max_shard_bytes:
             flush()
-            shards[-1] = {}
-            size = 0
-        shards[-1][key] = tensor
-        weight_map[key] = len(tmp_names)
-        size += nbytes
-        total += nbytes
+            current, size = {}, 0
+        current[key] = tensor
+        shard_of[key] = len(tmp_paths)
+        size += tensor.nbytes
+        total += tensor.nbytes
     flush()
 
-    if len(tmp_names) == 1:
+    if len(tmp_paths) == 1:
         final = out_dir / SINGLE_FILE
-        tmp_names[0].replace(final)
+        tmp_paths[0].replace(final)
         return [final]
-    n = len(tmp_names)
-    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for tmp, name in zip(tmp_names, names):
-        tmp.replace(out_dir / name)
-        written.append(out_dir / name)
+    n = len(tmp_paths)
+    finals = [out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, final in zip(tmp_paths, finals):
+        tmp.replace(final)
     index = {"metadata": {"total_size": total},
-             "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+             "weight_map": {k: finals[v].name for k, v in sorted(shard_of.items())}}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return written
+    return finals
