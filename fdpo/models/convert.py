@@ -220,7 +220,7 @@ def load_hf_params(hf_dir: str | pathlib.Path, cfg: ModelConfig, mesh: Mesh,
             raise CheckpointMismatch(
                 f"{hf_dir}: tensor {key!r} has shape {tuple(got)}, but config.json implies "
                 f"{tuple(want)}")
-        return to_fdpo(row, reader.read(key), fdpo_shape).astype(dtype)
+        return to_fdpo(row, reader.read(key), fdpo_shape).astype(dtype, copy=False)
 
     set_layer = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
                         donate_argnums=0)
