@@ -12,7 +12,10 @@ much it was padded. The cache holds S = P + max_new_tokens slots.
 
 Decoding. `jax.lax.while_loop` inside jit: sample a token from the current logits, record
 it, run the model on it (one cached step), repeat; the loop exits early once every row
-has finished (EOS) or after `max_new_tokens`. Stop strings need detokenisation, so they
+has finished (EOS) or after `max_new_tokens`. A step reads only a window of the cache
+that holds its filled slots: the smallest power of two above them (capped at S), so the
+loop runs in at most log2(S / P) + 1 phases, one compiled program each, and reads on
+average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160). Stop strings need detokenisation, so they
 are checked on the host: with stop strings the loop runs `stop_check_steps` steps at a
 time, the host decodes the unfinished rows, marks rows whose text holds a stop string
 finished, and re-enters the loop with its (donated) carry. Rows finished early keep
@@ -102,9 +105,12 @@ def sample_logits(logits: Array, keys: Array, *, temperature: float, top_k: int 
     """logits [B, V], keys [B, 2] (one PRNG key per row) -> token ids int32 [B]."""
     logits = logits.astype(jnp.float32)
     if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = logits / temperature
-    draw = jax.vmap(jax.random.categorical)
+    def draw(keys, logits):  # jax.random.categorical per row, with first_argmax's speed
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:]))(keys)
+        return first_argmax(logits + noise)
+
     if top_k:
         values, indices = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))  # descending
         if top_p < 1.0:
@@ -117,6 +123,15 @@ def sample_logits(logits: Array, keys: Array, *, temperature: float, top_k: int 
         logits = jnp.where(jax.nn.softmax(logits, axis=-1) >= nucleus_threshold(logits, top_p),
                            logits, -jnp.inf)
     return draw(keys, logits).astype(jnp.int32)
+
+
+def first_argmax(logits: Array) -> Array:
+    """[B, V] -> int32 [B]: the first index of each row's maximum, as `jnp.argmax` (NaN
+    aside). Two plain reductions: XLA:CPU's (value, index) reduce behind jnp.argmax took
+    15 us of a ~190 us decode step on the tiny benchmark model, this takes 4 (measured)."""
+    top = logits.max(axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, index, logits.shape[-1] - 1), axis=-1)
 
 
 def nucleus_threshold(logits: Array, top_p: float) -> Array:
@@ -179,7 +194,9 @@ def _prefill(state, cache, ids, positions, segment_ids, lengths, seed, row_seeds
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
     with sharding.use_mesh(mesh, rules):
-        hidden, cache = model(ids, positions, segment_ids, return_hidden=True, cache=cache)
+        # The cache is empty: one (masked) slot is all the prompt needs to read from it.
+        hidden, cache = model(ids, positions, segment_ids, return_hidden=True, cache=cache,
+                              cache_window=1)
         logits = _last_logits(model, hidden)
     base = jax.random.PRNGKey(seed)
     keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(row_seeds)
@@ -190,8 +207,9 @@ def _prefill(state, cache, ids, positions, segment_ids, lengths, seed, row_seeds
 
 
 def _decode(state, carry: DecodeState, limit, *, graphdef, mesh, rules, params: SamplingParams,
-            eos_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-    """Runs steps until `limit` (<= max_new_tokens) or until every row has finished."""
+            eos_ids: tuple[int, ...], pad_id: int, window: int) -> DecodeState:
+    """Runs steps until `limit` (<= max_new_tokens) or until every row has finished; every
+    step must find its filled cache slots within the first `window`."""
     model = nnx.merge(graphdef, state)
     n = carry.tokens.shape[1]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -213,7 +231,7 @@ def _decode(state, carry: DecodeState, limit, *, graphdef, mesh, rules, params: 
         finished = jnp.where((finished == RUNNING) & (c.step + 1 >= n), LENGTH, finished)
         with sharding.use_mesh(mesh, rules):
             hidden, cache = model(token[:, None], c.positions[:, None], return_hidden=True,
-                                  cache=c.cache)
+                                  cache=c.cache, cache_window=window)
             logits = _last_logits(model, hidden)
         return DecodeState(cache, logits, tokens, num_tokens, c.positions + 1,
                            finished.astype(jnp.int8), c.keys, c.step + 1)
@@ -261,11 +279,17 @@ class Sampler:
         return jax.jit(functools.partial(_empty_cache, cfg=self.cfg, mesh=self.mesh,
                                          rules=self.rules, batch=batch, max_len=max_len))
 
-    def _make_decode(self, params: SamplingParams, eos_ids: tuple[int, ...]):
+    def _make_decode(self, params: SamplingParams, eos_ids: tuple[int, ...], window: int):
         fn = functools.partial(_decode, graphdef=self.graphdef, mesh=self.mesh,
                                rules=self.rules, params=params, eos_ids=eos_ids,
-                               pad_id=self.pad_id)
+                               pad_id=self.pad_id, window=window)
         return jax.jit(fn, donate_argnums=1)
+
+    @staticmethod
+    def cache_window(prompt_len: int, step: int, slots: int) -> int:
+        """The cache window for decode step `step`: it reads slots < prompt_len + step; the
+        smallest power of two above that, capped at the cache's length."""
+        return min(1 << (prompt_len + step).bit_length(), slots)
 
     def eos_ids(self, params: SamplingParams) -> tuple[int, ...]:
         if params.eos_ids is not None:
@@ -325,19 +349,23 @@ class Sampler:
         carry = self._prefill(params.max_new_tokens)(
             self.state, cache, self._put(ids), self._put(positions), self._put(segment_ids),
             self._put(row_lengths), jnp.uint32(seed), self._put(seeds), self._put(finished))
-        decode = self._decode(params, self.eos_ids(params))
+        eos = self.eos_ids(params)
         total = params.max_new_tokens
+        slots = plen + total
         chunk = self.stop_check_steps if params.stop else total
         stop_at: dict[int, int] = {}  # row -> tokens kept, for rows stopped by a string
-        limit = 0
+        step, next_check = 0, chunk
         while True:
-            limit = min(limit + chunk, total)
-            carry = decode(self.state, carry, jnp.int32(limit))
+            # A phase ends at a stop-string check, at the end, or where the window is full.
+            window = self.cache_window(plen, step, slots)
+            limit = min(next_check, total, window - plen + 1)
+            carry = self._decode(params, eos, window)(self.state, carry, jnp.int32(limit))
             step = int(carry.step)
             finished = np.array(carry.finished)  # a writable copy
             if step >= total or not (finished == RUNNING).any():
                 break
-            if params.stop:
+            if params.stop and step >= next_check:
+                next_check = step + chunk
                 tokens, counts = np.asarray(carry.tokens), np.asarray(carry.num_tokens)
                 newly = False
                 for r in np.flatnonzero(finished[:n] == RUNNING):

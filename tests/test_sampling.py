@@ -104,6 +104,40 @@ def test_greedy_equals_transformers_generate(model):
         assert completion.tokens == hf_generate(torch_model, prompt, NEW_TOKENS)
 
 
+def test_greedy_across_cache_windows_equals_transformers(model):
+    """Decoding grows its cache window in phases (one compiled loop each); a batch that
+    crosses a window boundary mid-generation still matches transformers token for token."""
+    cfg, graphdef, state, torch_model, _ = model
+    prompts = prompts_for(cfg)
+    sampler = sampling.Sampler(cfg, graphdef, state, ONE_DEVICE, length_bucket=8)
+    new = 40  # prompts padded to 40; slots 80; windows 64 (steps 0-24), then 80
+    assert [sampler.cache_window(40, s, 80) for s in (0, 23, 25, 39)] == [64, 64, 80, 80]
+    out = sampler.generate(prompts, sampling.SamplingParams(max_new_tokens=new, temperature=0,
+                                                            eos_ids=()))
+    for prompt, completion in zip(prompts, out):
+        assert completion.tokens == hf_generate(torch_model, prompt, new)
+
+
+def test_cache_window_reads_only_the_first_slots(model):
+    """A windowed cached step equals the unwindowed one when the filled slots lie inside
+    the window, differs when the window cuts them off, and a window past the cache is an
+    error."""
+    cfg, graphdef, state, _, _ = model
+    m = nnx.merge(graphdef, state)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 10)))
+    ones = jnp.ones((2, 10), jnp.int32)
+    _, cache = m(ids, jnp.cumsum(ones, 1) - 1, ones, cache=KVCache.init(cfg, 2, 32))
+    step = lambda window: np.asarray(m(ids[:, :1], jnp.full((2, 1), 10), ones[:, :1],
+                                       cache=cache, cache_window=window)[0])
+    full = step(None)
+    # float32 products over fewer (masked) slots sum in another order: ~1e-5 observed.
+    np.testing.assert_allclose(step(10), full, atol=1e-4)
+    np.testing.assert_allclose(step(16), full, atol=1e-4)
+    assert np.abs(step(5) - full).max() > 1e-2
+    with pytest.raises(ValueError, match="cache_window=33; the cache has 32 slots"):
+        step(33)
+
+
 def test_eos_stops_rows_like_transformers(model):
     cfg, graphdef, state, torch_model, _ = model
     prompts = prompts_for(cfg)
@@ -213,6 +247,8 @@ def test_greedy_is_argmax_and_temperature_one_is_plain_softmax():
     np.testing.assert_array_equal(
         sampling.sample_logits(logits, keys, temperature=0.0, top_k=3, top_p=0.5),
         np.argmax(np.asarray(logits), -1))
+    ties = jnp.asarray([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -jnp.inf, 5.0, 5.0]])
+    np.testing.assert_array_equal(sampling.first_argmax(ties), [1, 0, 2])
     expected = jax.vmap(jax.random.categorical)(keys, logits)
     np.testing.assert_array_equal(sampling.sample_logits(logits, keys, temperature=1.0),
                                   expected)

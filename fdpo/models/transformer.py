@@ -24,8 +24,10 @@ the cached slots before `cache.index` and causally to each other, then writes th
 and values at `cache.index` and returns `(logits, new_cache)`. Inside the layer scan the
 cache is only read; the one write after the scan updates the buffer in place. Each row
 may hold a left-padded prompt: a slot is visible to a query iff their segment ids match
-(pads carry segment 0, real tokens 1). Without a cache the forward is the training path,
-unchanged.
+(pads carry segment 0, real tokens 1). `cache_window` (static) limits the slots read to
+the first `cache_window`: a decode step then costs what the filled part of the cache
+costs, not the whole buffer (the sampler grows the window as the cache fills). Without a
+cache the forward is the training path, unchanged.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ def attention_mask(segment_ids: Array, branch_ids: Array) -> Array:
 class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` slots per row.
 
-    k, v: [layers, batch, kv_heads, max_len, head_dim] (stacked like the layers' params;
-    slots next to each other per head, the layout both attention products read);
+    k: [layers, batch, kv_heads, head_dim, max_len], v: [layers, batch, kv_heads, max_len,
+    head_dim] (stacked like the layers' params). Keys are stored transposed so that both
+    attention products are plain matrix products per (row, head): on XLA:CPU the scores
+    product ran 2.2x faster than against [max_len, head_dim] keys (measured, decode step);
     segment_ids: int32 [batch, max_len], 0 for slots not (yet) holding a real token;
     index: int32 scalar, the next slot to write (the same for every row).
     """
@@ -111,14 +115,15 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        zeros = jnp.zeros(shape, _dtype(cfg.compute_dtype))
-        zeros = sharding.constrain(zeros, KV_CACHE_AXES)
-        return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+        dtype = _dtype(cfg.compute_dtype)
+        lead = (cfg.num_layers, batch, cfg.num_kv_heads)
+        k = sharding.constrain(jnp.zeros(lead + (cfg.head_dim, max_len), dtype), K_CACHE_AXES)
+        v = sharding.constrain(jnp.zeros(lead + (max_len, cfg.head_dim), dtype), V_CACHE_AXES)
+        return cls(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-KV_CACHE_AXES = ("layers", "batch", "act_heads", "length", None)
+K_CACHE_AXES = ("layers", "batch", "act_heads", None, "length")
+V_CACHE_AXES = ("layers", "batch", "act_heads", "length", None)
 
 
 def cache_attention_mask(segment_ids: Array, cache_segment_ids: Array, index: Array) -> Array:
@@ -165,10 +170,10 @@ class Attention(nnx.Module):
                  kv_cache: tuple[Array, Array] | None = None, cache_mask: Array | None = None):
         """Self-attention over x (`mask`: [batch, length, length]) -> [batch, length, embed].
 
-        With `kv_cache` = this layer's cached (k, v) [batch, kv_heads, max_len, head_dim], the
-        queries also attend to the cached slots `cache_mask` [batch, length, max_len] allows,
-        in one softmax; returns (output, (k, v) of x's tokens [batch, kv_heads, length,
-        head_dim]) for the caller to store.
+        With `kv_cache` = this layer's cached (k, v) in KVCache's layout without the layer
+        axis, the queries also attend to the cached slots `cache_mask` [batch, length,
+        max_len] allows, in one softmax; returns (output, (k, v) of x's tokens in the same
+        layout) for the caller to store.
         """
         cfg = self.cfg
         cd = x.dtype
@@ -188,30 +193,50 @@ class Attention(nnx.Module):
         group = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, group, hd)
         scale = jnp.sqrt(jnp.float32(hd))
-        lowest = jnp.finfo(jnp.float32).min
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
-        scores = jnp.where(mask[:, None, None], scores, lowest)
-        if kv_cache is not None:  # cached slots first, then x's own tokens
-            cached = jnp.einsum("btkgd,bksd->bkgts", q, kv_cache[0].astype(cd))
-            cached = jnp.where(cache_mask[:, None, None], cached.astype(jnp.float32) / scale,
-                               lowest)
-            scores = jnp.concatenate([cached, scores], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-        if kv_cache is None:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        if kv_cache is not None:
+            out = _cached_attention(q, k, v, mask, kv_cache, cache_mask, scale)
         else:
-            slots = kv_cache[1].shape[2]
-            # Batch dims first in the output: XLA:CPU runs "bkgts,bksd->btkgd" through its
-            # generic dot emitter, ~2.5x slower per call on the decode step (measured).
-            cached_out = jnp.einsum("bkgts,bksd->bkgtd", probs[..., :slots],
-                                    kv_cache[1].astype(cd))
-            out = (cached_out.transpose(0, 3, 1, 2, 4) +
-                   jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v))
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = out.reshape(b, t, cfg.num_heads, hd)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(cd))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(cd)
-        return out if kv_cache is None else (out, (k.swapaxes(1, 2), v.swapaxes(1, 2)))
+        return out if kv_cache is None else (out, (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)))
+
+
+def _cached_attention(q: Array, k: Array, v: Array, mask: Array, kv_cache: tuple[Array, Array],
+                      cache_mask: Array, scale: Array) -> Array:
+    """Attention of new tokens q [b, t, kv, g, d] over the cached slots and over their own
+    keys k, v [b, t, kv, d], in one softmax; -> [b, t, kv, g, d].
+
+    Each (row, kv head) is one matrix product over rows (t, g) of queries: on XLA:CPU the
+    per-batch-element products are ~2-3x faster in this layout than with t and g apart
+    (measured on the decode step, where the cache products dominate).
+    """
+    b, t, kvh, g, d = q.shape
+    cd = q.dtype
+    k_cache, v_cache = (c.astype(cd) for c in kv_cache)  # [b, kv, d, slots], [b, kv, slots, d]
+    slots = v_cache.shape[2]
+    rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
+    lowest = jnp.finfo(jnp.float32).min
+
+    def masked(scores, allowed):  # [b, kv, t*g, n], allowed [b, t, n] -> [b, kv, t, g, n]
+        scores = scores.reshape(b, kvh, t, g, -1).astype(jnp.float32) / scale
+        return jnp.where(allowed[:, None, :, None], scores, lowest)
+
+    cached = masked(jnp.einsum("bkqd,bkds->bkqs", rows, k_cache), cache_mask)
+    own = masked(jnp.einsum("bkqd,bskd->bkqs", rows, k), mask)
+    # One softmax over both parts without concatenating them (and slicing the result).
+    top = jnp.maximum(cached.max(-1, keepdims=True), own.max(-1, keepdims=True))
+    cached, own = jnp.exp(cached - top), jnp.exp(own - top)
+    total = cached.sum(-1, keepdims=True) + own.sum(-1, keepdims=True)
+    as_rows = lambda p: (p / total).astype(cd).reshape(b, kvh, t * g, -1)
+    out = (jnp.einsum("bkqs,bksd->bkqd", as_rows(cached), v_cache) +
+           jnp.einsum("bkqs,bskd->bkqd", as_rows(own), v))
+    return out.reshape(b, kvh, t, g, d).transpose(0, 2, 1, 3, 4)
 
 
 class MLP(nnx.Module):
@@ -280,7 +305,8 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids: Array, positions: Array | None = None,
                  segment_ids: Array | None = None, branch_ids: Array | None = None, *,
-                 return_hidden: bool = False, cache: KVCache | None = None):
+                 return_hidden: bool = False, cache: KVCache | None = None,
+                 cache_window: int | None = None):
         """input_ids, positions, segment_ids, branch_ids: int [batch, length].
 
         Defaults: positions 0..length-1, one segment, no branches. Returns logits
@@ -290,6 +316,8 @@ class Decoder(nnx.Module):
         With `cache` (sampling): the tokens occupy slots cache.index.. of every row, positions
         must be given (per row, they need not equal the slot), branch_ids must be None, and
         the result is `(logits or hidden, new_cache)` with the index advanced by length.
+        `cache_window`: read only slots < cache_window; the caller guarantees
+        cache.index <= cache_window (slots past the window are not seen, even if filled).
         """
         cfg = self.cfg
         cd = _dtype(cfg.compute_dtype)
@@ -330,12 +358,18 @@ class Decoder(nnx.Module):
         else:
             # The cache is only read in here (layer i's slice); the new tokens' keys and
             # values come out stacked and are written once, after the scan.
-            cache_mask = cache_attention_mask(segment_ids, cache.segment_ids, cache.index)
+            max_len = cache.segment_ids.shape[1]
+            window = max_len if cache_window is None else cache_window
+            if not 0 < window <= max_len:
+                raise ValueError(f"cache_window={cache_window}; the cache has {max_len} slots")
+            cache_mask = cache_attention_mask(segment_ids, cache.segment_ids[:, :window],
+                                              cache.index)
 
             def one_cached_layer(h, layer):
                 state, k_cache, v_cache = layer
-                return nnx.merge(graphdef, state)(h, cos, sin, mask, (k_cache, v_cache),
-                                                  cache_mask)
+                return nnx.merge(graphdef, state)(
+                    h, cos, sin, mask, (k_cache[..., :window], v_cache[:, :, :window]),
+                    cache_mask)
 
             if cfg.scan_layers:
                 x, (k_new, v_new) = jax.lax.scan(one_cached_layer, x,
@@ -347,9 +381,14 @@ class Decoder(nnx.Module):
                                                              (layer_state, cache.k, cache.v)))
                     new.append(kv)
                 k_new, v_new = (jnp.stack(a) for a in zip(*new))
-            write = lambda buf, new: sharding.constrain(jax.lax.dynamic_update_slice(
-                buf, new.astype(buf.dtype), (0, 0, 0, cache.index, 0)), KV_CACHE_AXES)
-            cache = KVCache(write(cache.k, k_new), write(cache.v, v_new),
+            def write(buf, new, slot_axis, axes):
+                start = [0] * buf.ndim
+                start[slot_axis] = cache.index
+                return sharding.constrain(
+                    jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start), axes)
+
+            cache = KVCache(write(cache.k, k_new, 4, K_CACHE_AXES),
+                            write(cache.v, v_new, 3, V_CACHE_AXES),
                             jax.lax.dynamic_update_slice_in_dim(
                                 cache.segment_ids, segment_ids.astype(jnp.int32), cache.index,
                                 axis=1),
