@@ -138,3 +138,108 @@ def test_continuation_without_a_model_is_a_usage_error(tmp_path):
         assert r.returncode != 0
         assert "--continuation needs exactly one of --checkpoint and --hf_dir" in r.stderr
         assert not (tmp_path / "out").exists()  # refused before any work
+
+
+# ------------------------------------------------------------------ real runs: judging tests
+
+@pytest.mark.parametrize("passed,ranker,expected", [
+    # Test t1 is wrong (only the bad code passes it): the top code passes t0 alone.
+    ([[1, 0], [1, 0], [0, 1]], "mutual", ["t0"]),
+    # One code passes 3 tests alone; three codes agree on 2 others. Pass counts trust the
+    # loner (3 > 2); CodeT trusts the agreeing group (2 * sqrt(3) = 3.46 > 3 * sqrt(1)).
+    ([[1, 1, 1, 0, 0]] + [[0, 0, 0, 1, 1]] * 3, "pass_count", ["t0", "t1", "t2"]),
+    ([[1, 1, 1, 0, 0]] + [[0, 0, 0, 1, 1]] * 3, "codet", ["t3", "t4"]),
+    ([[1, 1, 1, 0, 0]] + [[0, 0, 0, 1, 1]] * 3, "mutual", ["t3", "t4"]),
+    ([[0, 0], [0, 0]], "mutual", []),  # the top code passes nothing: no evidence
+    ([], "mutual", []),  # no codes
+])
+def test_judging_tests_hand_made(passed, ranker, expected):
+    tests = [f"t{j}" for j in range(len(passed[0]) if passed else 2)]
+    assert A.judging_tests(tests, passed, ranker) == expected
+
+
+def test_judging_tests_are_what_the_ranked_verdict_trusts():
+    # The ranked verdict's chosen code passes every judging test, its rejected one does not.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        passed = rng.random((6, 5)) < 0.5
+        tests = [f"t{j}" for j in range(5)]
+        judged = A.judging_tests(tests, passed)
+        correct, _ = A.verdicts(passed, A.Options(verdict="ranked"))
+        cols = [int(t[1:]) for t in judged]
+        assert correct.tolist() == [bool(cols) and bool(row[cols].all()) for row in passed]
+
+
+def test_judging_tests_shape_mismatch():
+    with pytest.raises(ValueError, match="for 3 tests"):
+        A.judging_tests(["a", "b", "c"], [[1, 0]])
+
+
+# A real (instruct-style) run's workdir, as launch.sample and data_tools.execute leave it.
+# Code responses are fenced; "I cannot." extracts to no program, so the sampler left it out
+# of `codes` and the executor's rows. Test 2 is wrong: only the x + 2 code passes it.
+REAL_SAMPLE = {
+    "id": "p", "prompt": "Write f, which adds one.\n",
+    "codes": ["def f(x):\n    return x + 1\n", "def f(x):\n    return x + 2\n",
+              "def f(x):\n    return x + 1\n"],
+    "tests": ["assert f(1) == 2", "assert f(0) == 1", "assert f(1) == 3"],
+    "raw": {"problem": "f adds one", "code_responses": [
+        "```python\ndef f(x):\n    return x + 1\n```", "I cannot.",
+        "```python\ndef f(x):\n    return x + 2\n```",
+        "```python\ndef f(x):\n    return x + 1\n```"]}}
+REAL_PASSED = [[True, True, False], [False, False, True], [True, True, False]]
+# Responses and codes that do not line up (3 responses with programs, 2 codes): skipped.
+MISMATCHED = dict(REAL_SAMPLE, id="q", codes=REAL_SAMPLE["codes"][:2])
+
+PIPELINE_ANALYZE = """
+import json, pathlib, sys
+from configs import real
+from launch import pipeline
+w = pathlib.Path(sys.argv[1])
+p = pipeline.Pipeline(real.get_config("hf_dir=/nowhere,prompts=/nowhere.jsonl"), w)
+calls = []
+p.run = lambda stage, module, *args: calls.append([stage, module, *map(str, args)])
+p.analyze()
+print(json.dumps(calls))
+"""
+
+
+def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
+    w = tmp_path / "run"
+    w.mkdir()
+    _write(w / "samples.jsonl", [REAL_SAMPLE, MISMATCHED])
+    _write(w / "execute_input.jsonl", [{k: r[k] for k in ("id", "codes", "tests")}
+                                       for r in (REAL_SAMPLE, MISMATCHED)])
+    _write(w / "verdicts.jsonl", [{"id": "p", "passed": REAL_PASSED},
+                                  {"id": "q", "passed": REAL_PASSED[:2]}])
+    r = subprocess.run([sys.executable, "-c", PIPELINE_ANALYZE, str(w)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (call,) = json.loads(r.stdout.strip().splitlines()[-1])
+    stage, module, *args = call
+    assert (stage, module) == ("analyze", "launch.analyze")
+    assert "--continuation" in args
+    args.remove("--continuation")  # the one flag without a value
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--verdict"] == "ranked" and flags["--verdicts"] == str(w / "verdicts.jsonl")
+    assert flags["--ranker"] == "mutual" and flags["--program_style"] == "extract"
+    assert flags["--checkpoint"] == str(w / "init") and flags["--timeout"] == "10.0"
+    (line,) = [json.loads(x) for x in (w / "analyze_input.jsonl").read_text().splitlines()]
+    # The responses behind the verdict rows, the message the policy saw, the trusted tests.
+    assert line["codes"] == [t for t in REAL_SAMPLE["raw"]["code_responses"] if t != "I cannot."]
+    assert line["prompt"] == REAL_SAMPLE["prompt"]
+    assert line["tests"] == ["assert f(1) == 2", "assert f(0) == 1"]
+    skipped = [json.loads(x) for x in (w / "analyze_input_skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["id"], s["reason"]) for s in skipped] == [
+        (2, "q", "responses_do_not_match_codes")]
+
+    # The stage's own command, with the EOS-only model for the policy: prefix + chosen mid is
+    # "```python\ndef f(x):\n    return x + 1", whose extracted program passes both trusted
+    # tests; the rejected side's x + 2 fails them (though it passes the wrong test 2).
+    i = args.index("--checkpoint")
+    args[i:i + 2] = ["--hf_dir", str(eos_model)]
+    r = _analyze(*args, "--continuation", "--max_new_tokens", 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cont = json.loads((w / "analysis" / "continuation.json").read_text())
+    assert cont["problems"] == 1
+    assert cont["chosen"]["pass@1"] == 100.0 and cont["rejected"]["pass@1"] == 0.0
