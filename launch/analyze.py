@@ -15,9 +15,12 @@ used, the policy continues from prompt + prefix + chosen mid and from prompt + p
 rejected mid (:func:`data_tools.analyze.continuation_prefixes`), the programs are run in the
 sandbox against the line's tests, and pass@1 of each side is reported (paper, Qwen2.5-Coder-7B:
 90.02% vs 3.17%). It needs ``"prompt"`` (the text the samples were generated from) and
-``"tests"`` in the sample lines; a program is prompt + text (``--program_style completion``)
-or the code block extracted from the text (``extract``). Writes ``continuation.json`` and
-``continuation.md``.
+``"tests"`` in the sample lines of the problems used (checked, with file:line, before the
+model is loaded); a used problem without tests is left out and counted. A program is prompt +
+text (``--program_style completion``) or the code block extracted from the text
+(``extract``). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
+right ones where they are known; in a real run, the tests the data stage takes as ground
+truth (:func:`data_tools.analyze.judging_tests`; the pipeline's analyze stage does this).
 """
 from __future__ import annotations
 
