@@ -99,4 +99,9 @@ def get_config(arg=None):
     c.dedupe.ngram = 3  # word n-grams of the normalised description + signature
     c.dedupe.jaccard = 0.7  # at or above: near duplicate of an earlier problem
     c.dedupe.max_postings = 200  # n-grams shared by more problems are too common to find candidates
+
+    # Against the benchmark files given with --decontaminate (nothing without them).
+    c.decontaminate = ml_collections.ConfigDict()
+    c.decontaminate.ngram = 13  # word n-grams of the normalised text, the usual decontamination n
+    c.decontaminate.min_shared = 1  # shared with one benchmark task: at or above, rejected
     return c

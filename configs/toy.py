@@ -78,8 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The toy evaluates its own seen / held-out task files; a real run lists
     # (name, benchmark, dataset path or "") triples, e.g. ("humaneval+", "humaneval+", "").
-    # The continuation experiment of METHOD.md section 1 (greedy, from the warm start). Real
-    # runs would judge continuations by the ranked ground-truth tests: not wired up yet.
+    # The continuation experiment of METHOD.md section 1 (greedy, from the start model),
+    # judged by the miniature's right tests; a real run judges by the tests the data stage
+    # takes as ground truth (data_tools.analyze.judging_tests).
     c.analysis = ml_collections.ConfigDict(dict(continuation=True, num_continuations=1))
 
     c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=64, workers=2,

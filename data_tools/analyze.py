@@ -277,6 +277,29 @@ def continuation_prefixes(codes: Sequence[str], seg: ProblemSegments, unit: str)
     return cat(seg.prefix, seg.mid_chosen), cat(seg.prefix, seg.mid_rejected)
 
 
+def judging_tests(tests: Sequence[str], passed: Any, ranker: str = "mutual") -> list[str]:
+    """The tests that judge continuations of one problem when there is no ground truth.
+
+    In a real run every test was written by the policy, and the data stage decides which codes
+    are correct by ranking the code-test graph: the tests passed by the top-ranked code are
+    its ground truth (:func:`data_tools.rank.classify`). The same tests judge continuations,
+    so "passes" means what it means for the chosen and rejected codes of the ``ranked``
+    verdict: the reference pair's chosen code passes every one of them, the rejected code
+    fails at least one. ``passed[i][j]``: code i passes ``tests[j]``; ``ranker`` must be the
+    data stage's. A problem whose top code passes nothing gets no tests (no evidence).
+    """
+    passed = np.asarray(passed, bool)
+    if passed.size == 0:
+        passed = passed.reshape(len(passed), len(tests))
+    if passed.ndim != 2 or passed.shape[1] != len(tests):
+        raise ValueError(f"pass matrix of shape {passed.shape} for {len(tests)} tests")
+    if passed.shape[0] == 0:
+        return []
+    res = rank_lib.rank(passed[None], method=ranker)
+    truth = rank_lib.classify(passed[None], res).ground_truth[0]
+    return [t for t, keep in zip(tests, truth) if keep]
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -30,6 +30,9 @@ Rejection reasons, counted in the report:
 ``bad_examples``            an example that does not parse as ``assert`` statements, fewer than
                             ``min_examples`` or more than ``max_examples`` asserts, or an
                             assert that does not call the entry point
+``benchmark_overlap``       shares ``decontaminate.min_shared`` or more word n-grams
+                            (``decontaminate.ngram``, 13) with one prompt of a benchmark file
+                            given with ``--decontaminate`` (see below)
 ``duplicate``               same normalised description + signature as an earlier problem
 ``near_duplicate``          word-n-gram Jaccard >= ``dedupe.jaccard`` with an earlier problem
 
@@ -38,6 +41,20 @@ one space. The earlier problem (in request order) is kept. Near-duplicate candid
 through an inverted index of n-grams that are shared by at most ``dedupe.max_postings``
 problems, then compared exactly; two problems sharing only very common n-grams are never
 compared (they are far below any useful threshold in practice).
+
+Decontamination: a policy that saw HumanEval or MBPP in pre-training can write their problems
+back almost verbatim, and training on them would inflate the benchmark scores reported later.
+``--decontaminate A.jsonl.gz,B.jsonl.gz`` names EvalPlus-format task files (their ``prompt``
+fields are indexed; the files are read from where they are, never copied). A problem's text
+(description, signature and examples, normalised as for duplicates, in the problem's order and
+in the benchmarks' orders: see :func:`contamination_grams`) is split into word n-grams, 13
+by default, the n of GPT-3's benchmark decontamination and common practice since: a shorter
+n flags ordinary shared phrasing ("return true if the given list ..."), a much longer one
+misses copies with small edits. A problem sharing at least
+``decontaminate.min_shared`` n-grams (default 1) with any single task is rejected, before
+dedupe, so that a clean paraphrase is not dropped as a near duplicate of a contaminated
+problem. Problems under n words have one n-gram (all their words) and only match a benchmark
+prompt of exactly those words.
 
 Output line (one per kept problem):
 ``{"id", "prompt", "entry_point", "signature", "concepts": [...], "examples": [...],
@@ -74,8 +91,9 @@ SOLUTION_LEAKED = "solution_leaked"
 BAD_EXAMPLES = "bad_examples"
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near_duplicate"
+BENCHMARK_OVERLAP = "benchmark_overlap"
 REASONS = (EMPTY, MISSING_SECTION, SHORT_DESCRIPTION, MISSING_ENTRY_POINT, BROKEN_SIGNATURE,
-           SOLUTION_LEAKED, BAD_EXAMPLES, DUPLICATE, NEAR_DUPLICATE)
+           SOLUTION_LEAKED, BAD_EXAMPLES, BENCHMARK_OVERLAP, DUPLICATE, NEAR_DUPLICATE)
 
 _HEADING = re.compile(r"^\s*#{1,6}\s*(.+?)\s*:?\s*#*\s*$")
 _BOLD_HEADING = re.compile(r"^\s*\*\*(.+?):?\*\*\s*:?\s*$")  # "**Signature**" headings
@@ -317,6 +335,86 @@ def dedupe(problems: Sequence[Problem], *, n: int = 3, threshold: float = 0.7,
     return kept, dropped
 
 
+# ----------------------------------------------------------------------- decontamination
+
+@dataclasses.dataclass
+class BenchmarkIndex:
+    """Word n-grams of benchmark prompts: n-gram -> ids of the tasks whose prompt holds it."""
+
+    n: int
+    grams: dict[tuple[str, ...], list[str]]
+    files: list[dict[str, Any]]  # {"path", "tasks"} per file, in the order given
+
+    @property
+    def tasks(self) -> int:
+        return sum(f["tasks"] for f in self.files)
+
+
+def _benchmark_rows(path: str) -> Iterable[tuple[int, dict]]:
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--decontaminate={path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or \
+                    "task_id" not in obj:
+                raise ValueError(f"--decontaminate={path}:{lineno}: expected an EvalPlus task "
+                                 "with 'task_id' and a string 'prompt'")
+            yield lineno, obj
+
+
+def benchmark_index(paths: Sequence[str], n: int = 13) -> BenchmarkIndex:
+    """Indexes the ``prompt`` of every task of EvalPlus-format JSONL(.gz) files."""
+    if n < 1:
+        raise ValueError(f"decontaminate.ngram must be >= 1, got {n}")
+    grams: dict[tuple[str, ...], list[str]] = collections.defaultdict(list)
+    files = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"--decontaminate={path}: no such file")
+        count = 0
+        for _, obj in _benchmark_rows(path):
+            tid = str(obj["task_id"])
+            for g in ngrams(normalise(obj["prompt"]), n):
+                if not grams[g] or grams[g][-1] != tid:
+                    grams[g].append(tid)
+            count += 1
+        if count == 0:
+            raise ValueError(f"--decontaminate={path}: no tasks in the file")
+        files.append({"path": path, "tasks": count})
+    return BenchmarkIndex(n, dict(grams), files)
+
+
+def contamination_grams(p: Problem, n: int) -> set[tuple[str, ...]]:
+    """Word n-grams of everything a benchmark prompt could be copied into, with the parts in
+    the orders benchmarks write them: a short description only forms an n-gram together with
+    its neighbour, which is the def line in HumanEval (def, then docstring) and the example
+    asserts in MBPP (description, then asserts)."""
+    orders = ([p.description, p.signature, *p.examples],  # as the problem lists them
+              [p.signature, p.description, *p.examples],  # HumanEval
+              [p.description, *p.examples])  # MBPP
+    return set().union(*(ngrams(normalise(" ".join(parts)), n) for parts in orders))
+
+
+def benchmark_overlap(p: Problem, index: BenchmarkIndex, min_shared: int = 1
+                      ) -> tuple[str, int] | None:
+    """(task id, shared n-grams) of the benchmark task ``p`` overlaps most, when it shares at
+    least ``min_shared`` n-grams with it; else None."""
+    shared: collections.Counter = collections.Counter()
+    for g in contamination_grams(p, index.n):
+        shared.update(index.grams.get(g, ()))
+    if not shared:
+        return None
+    task, k = shared.most_common(1)[0]
+    return (task, k) if k >= max(min_shared, 1) else None
+
+
 # ------------------------------------------------------------------ requests and output
 
 def describe_concept(concept: str) -> str:
@@ -375,9 +473,11 @@ def to_prompt_record(p: Problem, config) -> dict[str, Any]:
             "concepts": list(p.concepts), "examples": list(p.examples), "description": p.description}
 
 
-def process_generations(requests: Sequence[Request], generations: Sequence[Sequence[str]], config
+def process_generations(requests: Sequence[Request], generations: Sequence[Sequence[str]], config,
+                        benchmarks: BenchmarkIndex | None = None
                         ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
-    """Parse, validate and dedupe: (prompt records, counts, rejections with request index)."""
+    """Parse, validate, decontaminate against ``benchmarks`` (when given) and dedupe:
+    (prompt records, counts, rejections with request index)."""
     if len(generations) != len(requests):
         raise ValueError(f"{len(generations)} generation lists for {len(requests)} requests")
     v = Validation(config.validation.min_description_chars, config.validation.min_examples,
@@ -391,6 +491,11 @@ def process_generations(requests: Sequence[Request], generations: Sequence[Seque
         for k, text in enumerate(gens):
             total += 1
             res = parse_problem(text, v, req.concepts)
+            if not isinstance(res, Rejection) and benchmarks is not None:
+                hit = benchmark_overlap(res, benchmarks, config.decontaminate.min_shared)
+                if hit is not None:
+                    res = Rejection(BENCHMARK_OVERLAP, f"shares {hit[1]} word {benchmarks.n}-grams "
+                                                       f"with benchmark task {hit[0]}")
             if isinstance(res, Rejection):
                 reasons[res.reason] += 1
                 rejected.append({"request": req.index, "sample": k, "reason": res.reason, "detail": res.detail})
@@ -462,6 +567,9 @@ def _define_flags():
                         "Skip sampling: read generations from this JSONL ({'request': i, 'texts': [...]}, "
                         "one line per request, as written by --save_generations).")
     flags.DEFINE_string("save_generations", None, "Also write the raw generations here.")
+    flags.DEFINE_list("decontaminate", [],
+                      "EvalPlus-format task files (.jsonl or .jsonl.gz, comma-separated), e.g. "
+                      "HumanEval+ and MBPP+: problems overlapping their prompts are rejected.")
     return flags.FLAGS
 
 
@@ -504,6 +612,16 @@ def main(argv):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --concepts={FLAGS.concepts}: {e}")
     log.info("%d requests from %s", len(requests), FLAGS.concepts)
+    benchmarks = None
+    if FLAGS.decontaminate:
+        # Read before sampling: a wrong path should not cost a generation run.
+        try:
+            benchmarks = benchmark_index(FLAGS.decontaminate, config.decontaminate.ngram)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        log.info("decontaminating against %d benchmark tasks (%d word %d-grams) from %s",
+                 benchmarks.tasks, len(benchmarks.grams), benchmarks.n,
+                 ", ".join(FLAGS.decontaminate))
     if FLAGS.generations is not None:
         generations = read_generations(FLAGS.generations, len(requests))
     else:
@@ -514,7 +632,7 @@ def main(argv):
         with open(FLAGS.save_generations, "w", encoding="utf-8") as f:
             for r, texts in zip(requests, generations):
                 f.write(json.dumps({"request": r.index, "concepts": r.concepts, "texts": texts}) + "\n")
-    records, counts, rejected = process_generations(requests, generations, config)
+    records, counts, rejected = process_generations(requests, generations, config, benchmarks)
     with open(FLAGS.out, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -522,7 +640,11 @@ def main(argv):
         for r in rejected:
             f.write(json.dumps(r) + "\n")
     with open(FLAGS.out + ".report.json", "w", encoding="utf-8") as f:
-        json.dump({"counts": counts, "config": config.to_dict()}, f, indent=2, default=str)
+        decontamination = None if benchmarks is None else {
+            "files": benchmarks.files, "ngram": benchmarks.n,
+            "min_shared": config.decontaminate.min_shared}
+        json.dump({"counts": counts, "decontamination": decontamination,
+                   "config": config.to_dict()}, f, indent=2, default=str)
     print(json.dumps(counts, indent=2), file=sys.stdout)
 
 

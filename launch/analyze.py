@@ -15,9 +15,12 @@ used, the policy continues from prompt + prefix + chosen mid and from prompt + p
 rejected mid (:func:`data_tools.analyze.continuation_prefixes`), the programs are run in the
 sandbox against the line's tests, and pass@1 of each side is reported (paper, Qwen2.5-Coder-7B:
 90.02% vs 3.17%). It needs ``"prompt"`` (the text the samples were generated from) and
-``"tests"`` in the sample lines; a program is prompt + text (``--program_style completion``)
-or the code block extracted from the text (``extract``). Writes ``continuation.json`` and
-``continuation.md``.
+``"tests"`` in the sample lines of the problems used (checked, with file:line, before the
+model is loaded); a used problem without tests is left out and counted. A program is prompt +
+text (``--program_style completion``) or the code block extracted from the text
+(``extract``). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
+right ones where they are known; in a real run, the tests the data stage takes as ground
+truth (:func:`data_tools.analyze.judging_tests`; the pipeline's analyze stage does this).
 """
 from __future__ import annotations
 
@@ -52,26 +55,61 @@ PROGRAM_STYLE = flags.DEFINE_enum("program_style", "completion", ["completion", 
 TIMEOUT = flags.DEFINE_float("timeout", 5.0, "Seconds per (program, test) in the sandbox.")
 
 
+def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
+    """{id: (line number, record)} of the sample lines the Phi table used, checked for what
+    a continuation needs. Lines that ``read_inputs`` dropped (bad JSON, no id) are already
+    counted in drops.jsonl and are skipped here; lines of problems the table did not use need
+    no prompt or tests."""
+    needed = set(ids)
+    found: dict[str, tuple[int, dict]] = {}
+    with open(samples_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if not isinstance(rec, dict) or str(rec.get("id")) not in needed:
+                continue
+            pid = str(rec["id"])
+            if pid in found:
+                # Two used problems under one id: their continuations could not be told apart.
+                raise SystemExit(f"error: {samples_path}:{lineno}: id {pid!r} repeats line "
+                                 f"{found[pid][0]}; --continuation needs unique ids")
+            tests = rec.get("tests")
+            if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
+                    not all(isinstance(t, str) for t in tests):
+                raise SystemExit(f"error: {samples_path}:{lineno}: --continuation needs 'prompt' "
+                                 "(str) and 'tests' (list of str) in every sample line it uses")
+            found[pid] = (lineno, rec)
+    return found
+
+
 def continuation(samples_path, result, options, out_dir):
     """pass@1 of continuations from prefix + chosen mid and prefix + rejected mid."""
+    import collections
     import pathlib
 
     from data_tools import extract
     from data_tools.build import Encoder
     from data_tools.executor import Executor, Limits
+
+    lines = {pid: rec for pid, (_, rec) in
+             continuation_lines(samples_path, [s.id for s in result.segments]).items()}
+    skipped: collections.Counter = collections.Counter()
+    segments = []
+    for seg in result.segments:
+        if lines[seg.id]["tests"]:
+            segments.append(seg)
+        else:
+            # No test would pass every continuation (all([]) is True): not evidence.
+            skipped["no_tests"] += 1
+            logging.warning("%s: problem %r has no tests; left out of the continuation",
+                            samples_path, seg.id)
+
     from fdpo import sampling
     from fdpo.models.checkpoint import load_checkpoint_or_hf
     from launch import common
 
-    lines = {}
-    with open(samples_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                rec = json.loads(line)
-                if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("tests"), list):
-                    raise SystemExit(f"error: {samples_path}:{lineno}: --continuation needs "
-                                     "'prompt' (str) and 'tests' (list) in every sample line")
-                lines[str(rec["id"])] = rec
     common.quiet_tokenizers()
     mesh = common.init_jax()
     cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(mesh, checkpoint=CHECKPOINT.value,
@@ -87,7 +125,7 @@ def continuation(samples_path, result, options, out_dir):
                                      temperature=TEMPERATURE.value,
                                      eos_ids=sampling.eos_ids(cfg, tokenizer, tok_dir))
     rows = []  # (problem id, side, started text, token ids)
-    for seg in result.segments:
+    for seg in segments:
         rec = lines[seg.id]
         prompt_ids = encoder.prompts([rec["prompt"]])[0].tolist()
         for side, text in zip(("chosen", "rejected"),
@@ -109,29 +147,39 @@ def continuation(samples_path, result, options, out_dir):
                    else extract.extract_program(body))
         programs.setdefault((pid, side), []).append(program)
     passed = {"chosen": [], "rejected": []}
+    per_problem = []
     with Executor(Limits(timeout_s=TIMEOUT.value)) as ex:
-        for seg in result.segments:
+        for seg in segments:
             codes = programs[(seg.id, "chosen")] + programs[(seg.id, "rejected")]
             res = ex.run(codes, lines[seg.id]["tests"])
             ok = [all(row) for row in res.passed]
             n = NUM_CONTINUATIONS.value
             passed["chosen"] += ok[:n]
             passed["rejected"] += ok[n:]
-    summary = {side: {"pass@1": 100.0 * sum(v) / len(v) if v else None, "programs": len(v)}
+            per_problem.append({"id": seg.id, "chosen_passed": sum(ok[:n]),
+                                "rejected_passed": sum(ok[n:]), "continuations": n,
+                                "tests": len(lines[seg.id]["tests"])})
+    summary = {side: {"pass@1": 100.0 * sum(v) / len(v) if v else None, "programs": len(v),
+                      "passed": sum(v)}
                for side, v in passed.items()}
-    summary["problems"] = len(result.segments)
+    summary["problems"] = len(segments)
+    summary["problems_skipped"] = dict(skipped)
     summary["settings"] = {"num_continuations": NUM_CONTINUATIONS.value,
                            "temperature": TEMPERATURE.value, "program_style": PROGRAM_STYLE.value}
+    summary["per_problem"] = per_problem
     out = pathlib.Path(out_dir)
     (out / "continuation.json").write_text(json.dumps(summary, indent=2) + "\n")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    skipped_text = json.dumps(summary["problems_skipped"]) if skipped else "none"
     (out / "continuation.md").write_text(
-        "| continue from | pass@1 (%) | programs |\n|---|---|---|\n"
+        "| continue from | pass@1 (%) | passed | programs |\n|---|---|---|---|\n"
         f"| prompt + prefix + chosen mid | {fmt(summary['chosen']['pass@1'])} | "
-        f"{summary['chosen']['programs']} |\n"
+        f"{summary['chosen']['passed']} | {summary['chosen']['programs']} |\n"
         f"| prompt + prefix + rejected mid | {fmt(summary['rejected']['pass@1'])} | "
-        f"{summary['rejected']['programs']} |\n\n"
-        f"Paper (Qwen2.5-Coder-7B): 90.02 vs 3.17. {summary['problems']} problems.\n")
+        f"{summary['rejected']['passed']} | {summary['rejected']['programs']} |\n\n"
+        f"{summary['problems']} problems x {NUM_CONTINUATIONS.value} continuations per side; "
+        f"problems left out: {skipped_text}.\n"
+        "Paper (Qwen2.5-Coder-7B): 90.02 vs 3.17.\n")
     return summary
 
 

@@ -45,6 +45,20 @@ ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are i
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def responses_behind_codes(sample: dict, completion: bool) -> list[str] | None:
+    """The code responses of a `launch.sample` line that became its `codes` (the executor's
+    verdict rows), in order: the sampler drops responses whose program is empty. None when
+    they do not line up (e.g. samples written by another version of the extractor)."""
+    from data_tools import extract
+
+    raw = sample["raw"]
+    if completion:
+        kept = [t for t in raw["code_responses"] if (raw["problem"] + t).strip()]
+    else:
+        kept = [t for t in raw["code_responses"] if extract.extract_program(t).strip()]
+    return kept if len(kept) == len(sample["codes"]) else None
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -288,40 +302,70 @@ class Pipeline:
                          "--min_time_limit", e.min_time_limit, *self.jax_flags())
 
     def analyze(self):
-        # Segments of the responses (what the policy wrote), not of prompt + response.
-        samples = {r["id"]: r for r in map(json.loads, open(self.w / "samples.jsonl"))}
+        from data_tools import analyze as analyze_lib
+
+        completion = self.cfg.sample.prompt_style == "completion"
+        b = self.cfg.build
         oracle = self.toy_dir / "tests.jsonl"
-        judged = {}  # the tests continuations are judged by: the miniature's right ones
+        verdicts = {r["id"]: r["passed"] for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
         if self.cfg.toy.enabled and oracle.exists():
+            # The miniature knows which tests are right: they judge continuations.
             judged = {r["id"]: [t for t, ok in zip(r["tests"], r["tests_correct"]) if ok]
                       for r in map(json.loads, open(oracle))}
-        with open(self.w / "analyze_input.jsonl", "w") as out:
-            for pid, r in samples.items():
-                out.write(json.dumps({"id": pid, "codes": r["raw"]["code_responses"],
-                                      "prompt": r["raw"]["problem"],
-                                      "tests": judged.get(pid, [])}) + "\n")
+        else:
+            # A real run has no ground truth. Continuations are judged by the tests the data
+            # stage trusts: those passed by the top-ranked code, with the build's ranker
+            # (analyze.judging_tests says why), so that a continuation "passes" exactly when
+            # the data stage would call it correct.
+            tests = {r["id"]: r["tests"]
+                     for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
+            judged = {pid: analyze_lib.judging_tests(tests[pid], passed, b.ranker)
+                      for pid, passed in verdicts.items() if pid in tests}
+        skipped = []
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "analyze_input.jsonl", "w") as out:
+            for lineno, line in enumerate(f, 1):
+                r = json.loads(line)
+                # Segments of the responses (what the policy wrote, and what a continuation
+                # extends), one per verdict row.
+                responses = responses_behind_codes(r, completion)
+                if responses is None:
+                    skipped.append({"file": str(self.w / "samples.jsonl"), "line": lineno,
+                                    "id": r["id"], "reason": "responses_do_not_match_codes"})
+                    continue
+                # The text the policy was given: the problem itself (completion) or the code
+                # message, which the continuation wraps in the chat template as sampling did.
+                out.write(json.dumps({"id": r["id"], "codes": responses,
+                                      "prompt": r["raw"]["problem"] if completion else r["prompt"],
+                                      "tests": judged.get(r["id"], [])}) + "\n")
+        with open(self.w / "analyze_input_skipped.jsonl", "w") as out:
+            out.writelines(json.dumps(x) + "\n" for x in skipped)
+        if skipped:
+            print(f"[pipeline] analyze: {len(skipped)} sample lines skipped, see "
+                  f"{self.w / 'analyze_input_skipped.jsonl'}")
         continuation = []
         if self.cfg.analysis.continuation and judged:
             continuation = ["--continuation", "--checkpoint", self.start_model,
                             "--num_continuations", self.cfg.analysis.num_continuations,
                             "--max_new_tokens", self.cfg.sample.max_new_tokens,
-                            "--program_style", "completion", "--timeout", 2]
+                            "--program_style", "completion" if completion else "extract",
+                            "--timeout", self.cfg.execute.timeout]
         if self.cfg.toy.enabled and oracle.exists():
-            # The miniature knows which tests are right: correctness = passing all of them.
+            # Correctness = passing all the right tests.
             good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
-            with open(self.w / "verdicts.jsonl") as f, \
-                    open(self.w / "analyze_verdicts.jsonl", "w") as out:
-                for line in f:
-                    v = json.loads(line)
-                    keep = good[v["id"]]
-                    out.write(json.dumps({"id": v["id"], "passed": [
-                        [p for p, k in zip(row, keep) if k] for row in v["passed"]]}) + "\n")
+            with open(self.w / "analyze_verdicts.jsonl", "w") as out:
+                for pid, passed in verdicts.items():
+                    keep = good[pid]
+                    out.write(json.dumps({"id": pid, "passed": [
+                        [p for p, k in zip(row, keep) if k] for row in passed]}) + "\n")
             verdict_args = ["--verdicts", self.w / "analyze_verdicts.jsonl",
                             "--verdict", "all_tests"]
         else:  # a real run: correctness as the data stage decides it (ranked ground truth)
             verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--verdict", "ranked"]
+        # The build's ranker and lambda: the reference pair is the one the builder would pick.
         self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
-                 *verdict_args, "--out", self.w / "analysis", *continuation)
+                 *verdict_args, "--ranker", b.ranker, "--lam", b.lam,
+                 "--out", self.w / "analysis", *continuation)
 
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)

@@ -262,3 +262,146 @@ def test_module_imports_no_jax():
                         "assert 'jax' not in sys.modules, 'jax imported'"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------- decontamination
+
+BENCH_PROMPT = '''def longest_run(values: list) -> int:
+    """ Return the length of the longest run of equal adjacent values in the list, counting
+    a single value as a run of one and an empty list as zero.
+    >>> longest_run([1, 1, 2])
+    2
+    """
+'''
+# The benchmark's description, copied into the generation layout.
+COPIED = '''## Description
+Return the length of the longest run of equal adjacent values in the list, counting a single
+value as a run of one and an empty list as zero.
+
+## Signature
+```python
+def run_length(xs: list) -> int:
+```
+
+## Examples
+```python
+assert run_length([1, 1, 2]) == 2
+```
+'''
+
+
+def _bench_file(path, prompts):
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"task_id": f"Bench/{i}", "prompt": p, "entry_point": "x"}) + "\n")
+    return str(path)
+
+
+def test_benchmark_overlap_hand_made(tmp_path):
+    path = _bench_file(tmp_path / "bench.jsonl.gz", ["def other():\n    'Unrelated.'\n", BENCH_PROMPT])
+    idx = S.benchmark_index([path], n=13)
+    assert idx.files == [{"path": path, "tasks": 2}] and idx.tasks == 2
+    copied, valid = S.parse_problem(COPIED), S.parse_problem(VALID)
+    # The copied sentence has 29 words: 17 shared 13-grams, and 2 more that start in the def
+    # line, "list int" (HumanEval order: the def line, then the description).
+    assert S.benchmark_overlap(copied, idx) == ("Bench/1", 19)
+    assert S.benchmark_overlap(valid, idx) is None
+    assert S.benchmark_overlap(copied, idx, min_shared=20) is None  # the threshold is used
+    # Word shingles of normalised text: case, punctuation and line breaks do not hide a copy.
+    shouted = S.parse_problem(COPIED.replace("Return the length", "RETURN  the length,"))
+    assert S.benchmark_overlap(shouted, idx) == ("Bench/1", 19)
+
+
+def test_decontamination_counts_a_reason_and_runs_before_dedupe(tmp_path):
+    path = _bench_file(tmp_path / "bench.jsonl", [BENCH_PROMPT])
+    c = _config(per_concept=1)
+    reqs = S.make_requests(CONCEPTS, c)
+    gens = [[COPIED, VALID], [COPIED], [OTHER]]
+    records, counts, rejected = S.process_generations(reqs, gens, c, S.benchmark_index([path]))
+    assert counts["generations"] == 4 and counts["kept"] == 2
+    # Both copies are benchmark overlaps; the second is not called a duplicate of the first.
+    assert counts["rejected_by_reason"][S.BENCHMARK_OVERLAP] == 2
+    assert counts["rejected_by_reason"][S.DUPLICATE] == 0
+    assert [(r["request"], r["sample"], r["reason"]) for r in rejected] == [
+        (0, 0, S.BENCHMARK_OVERLAP), (1, 0, S.BENCHMARK_OVERLAP)]
+    assert "Bench/0" in rejected[0]["detail"] and "13-grams" in rejected[0]["detail"]
+    assert [r["entry_point"] for r in records] == ["max_window_sum", "balanced"]
+    # Without benchmark files nothing is checked.
+    _, counts, _ = S.process_generations(reqs, gens, c)
+    assert counts["rejected_by_reason"][S.BENCHMARK_OVERLAP] == 0
+    assert counts["rejected_by_reason"][S.DUPLICATE] == 1
+
+
+def test_benchmark_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="nope.jsonl: no such file"):
+        S.benchmark_index([str(tmp_path / "nope.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task_id": "a", "prompt": "x"}) + "\n\n{oops\n")
+    with pytest.raises(ValueError, match=f"--decontaminate={bad}:3: not valid JSON"):
+        S.benchmark_index([str(bad)])
+    bad.write_text(json.dumps({"task_id": "a", "question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:1: expected an EvalPlus task"):
+        S.benchmark_index([str(bad)])
+    bad.write_text("\n")
+    with pytest.raises(ValueError, match="no tasks"):
+        S.benchmark_index([str(bad)])
+
+
+def _humaneval_copy(task: dict) -> str:
+    """A generation that copies a HumanEval prompt into the synthesis layout: the docstring's
+    prose as the description, the def line as the signature, a call on its first base input
+    as the example."""
+    import ast as ast_
+
+    fn = next(n for n in ast_.walk(ast_.parse(task["prompt"]))
+              if isinstance(n, ast_.FunctionDef) and n.name == task["entry_point"])
+    doc = ast_.get_docstring(fn)
+    prose = doc.split(">>>")[0].split("For example")[0].strip()
+    def_line = next(l for l in task["prompt"].splitlines() if l.startswith(f"def {fn.name}("))
+    call = f"{fn.name}(*{task['base_input'][0]!r})"
+    return (f"## Description\n{prose}\n\n## Signature\n```python\n{def_line}\n```\n\n"
+            f"## Examples\n```python\nassert {call} == {call}\n```\n")
+
+
+def test_decontamination_against_humaneval_plus(shared_dir, tmp_path):
+    files = sorted((shared_dir / "data" / "evalplus").glob("HumanEvalPlus-*.jsonl.gz"))
+    assert files, f"no HumanEvalPlus-*.jsonl.gz in {shared_dir / 'data' / 'evalplus'}"
+    from fdpo.evaluation.tasks import read_jsonl
+
+    tasks = {t["task_id"]: t for t in read_jsonl(files[0])}
+    idx = S.benchmark_index([str(files[0])])
+    assert idx.tasks == len(tasks) == 164
+    for tid in ("HumanEval/0", "HumanEval/12", "HumanEval/129"):
+        copy = S.parse_problem(_humaneval_copy(tasks[tid]))
+        assert isinstance(copy, S.Problem), copy
+        hit = S.benchmark_overlap(copy, idx)
+        assert hit is not None and hit[0] == tid, (tid, hit)
+    for text in (VALID, OTHER, BARE_STYLE):  # unrelated problems are kept
+        assert S.benchmark_overlap(S.parse_problem(text), idx) is None
+
+    # The CLI: --decontaminate with saved generations; counted, reported, nothing else lost.
+    concepts = tmp_path / "c.jsonl"
+    concepts.write_text("".join(json.dumps(c) + "\n" for c in CONCEPTS))
+    gens = tmp_path / "g.jsonl"
+    texts = [[_humaneval_copy(tasks["HumanEval/0"])], [VALID], [OTHER]]
+    gens.write_text("".join(json.dumps({"request": i, "texts": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "p.jsonl"
+    args = [sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+            "--generations", str(gens), "--out", str(out), "--per_concept", "1"]
+    r = subprocess.run(args + ["--decontaminate", str(files[0])], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout)
+    assert counts["kept"] == 2 and counts["rejected_by_reason"]["benchmark_overlap"] == 1
+    report = json.loads((tmp_path / "p.jsonl.report.json").read_text())
+    assert report["decontamination"]["files"] == [{"path": str(files[0]), "tasks": 164}]
+    assert report["config"]["decontaminate"] == {"ngram": 13, "min_shared": 1}
+    (rej,) = [json.loads(x) for x in (tmp_path / "p.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert rej["reason"] == "benchmark_overlap" and "HumanEval/0" in rej["detail"]
+    # A wrong path is an error before any work.
+    r = subprocess.run(args + ["--decontaminate", str(tmp_path / "missing.jsonl.gz")], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "missing.jsonl.gz: no such file" in r.stderr + r.stdout
