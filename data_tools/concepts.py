@@ -819,18 +819,13 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_concepts(path: str) -> list[dict[str, Any]]:
     """Reads a concepts JSONL file; malformed lines raise with the line number."""
+    from fdpo import jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("concept"), str) or obj.get("kind") not in KINDS:
-                raise ValueError(f"{path}:{i}: expected {{'concept': str, 'kind': one of {KINDS}, ...}}")
-            out.append(obj)
+    for where, obj in jsonl.objects(path):
+        if not isinstance(obj.get("concept"), str) or obj.get("kind") not in KINDS:
+            raise ValueError(f"{where}: expected {{'concept': str, 'kind': one of {KINDS}, ...}}")
+        out.append(obj)
     return out
 
 

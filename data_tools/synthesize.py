@@ -350,23 +350,14 @@ class BenchmarkIndex:
         return sum(f["tasks"] for f in self.files)
 
 
-def _benchmark_rows(path: str) -> Iterable[tuple[int, dict]]:
-    import gzip
+def _benchmark_rows(path: str) -> Iterable[dict]:
+    from fdpo import jsonl
 
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--decontaminate={path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or \
-                    "task_id" not in obj:
-                raise ValueError(f"--decontaminate={path}:{lineno}: expected an EvalPlus task "
-                                 "with 'task_id' and a string 'prompt'")
-            yield lineno, obj
+    for where, obj in jsonl.objects(path, label=f"--decontaminate={path}"):
+        if not isinstance(obj.get("prompt"), str) or "task_id" not in obj:
+            raise ValueError(f"{where}: expected an EvalPlus task with 'task_id' and a "
+                             "string 'prompt'")
+        yield obj
 
 
 def benchmark_index(paths: Sequence[str], n: int = 13) -> BenchmarkIndex:
@@ -379,7 +370,7 @@ def benchmark_index(paths: Sequence[str], n: int = 13) -> BenchmarkIndex:
         if not os.path.isfile(path):
             raise ValueError(f"--decontaminate={path}: no such file")
         count = 0
-        for _, obj in _benchmark_rows(path):
+        for obj in _benchmark_rows(path):
             tid = str(obj["task_id"])
             for g in ngrams(normalise(obj["prompt"]), n):
                 if not grams[g] or grams[g][-1] != tid:

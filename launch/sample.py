@@ -35,6 +35,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fdpo import jsonl
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
@@ -56,32 +57,20 @@ class InputError(ValueError):
 def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
     """[(id, prompt)] in input order; raises InputError listing every bad line."""
     items, errors, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(rec, dict):
-                errors.append(f"{where}: expected a JSON object")
-                continue
-            pid = rec.get("id")
-            if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
-                errors.append(f"{where}: 'id' must be a non-empty string or an integer")
-                continue
-            pid = str(pid)
-            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                errors.append(f"{where}: 'prompt' must be a non-empty string (id {pid!r})")
-                continue
-            if pid in seen:
-                errors.append(f"{where}: id {pid!r} repeats line {seen[pid]}")
-                continue
-            seen[pid] = lineno
-            items.append((pid, rec["prompt"]))
+    for where, rec in jsonl.objects(path, errors):
+        pid = rec.get("id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or pid == "":
+            errors.append(f"{where}: 'id' must be a non-empty string or an integer")
+            continue
+        pid = str(pid)
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            errors.append(f"{where}: 'prompt' must be a non-empty string (id {pid!r})")
+            continue
+        if pid in seen:
+            errors.append(f"{where}: id {pid!r} repeats line {seen[pid]}")
+            continue
+        seen[pid] = where.rpartition(":")[2]
+        items.append((pid, rec["prompt"]))
     if errors:
         raise InputError("\n".join(errors))
     return items

@@ -18,6 +18,7 @@ import pathlib
 
 from absl import app, flags, logging
 
+from fdpo import jsonl
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
@@ -41,12 +42,7 @@ class InputError(ValueError):
 
 def parse_line(path, lineno, line, tokenizer_fn):
     where = f"{path}:{lineno}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(rec, dict):
-        raise InputError(f"{where}: expected a JSON object")
+    rec = jsonl.parse_object(where, line, InputError)
     if "input_ids" in rec:
         ids = rec["input_ids"]
         if not (isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids)):

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from data_tools import executor as ex
+from fdpo import jsonl
 from fdpo.evaluation import tasks as tk
 
 STATUSES = ex.STATUSES
@@ -71,36 +72,26 @@ def read_samples(path, tasks: dict[str, tk.Task], benchmark: str) -> list[Sample
     also be {"question_id", "code_list": [...]} (its own output format)."""
     out = []
     unknown = collections.Counter()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SampleError(f"{where}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise SampleError(f"{where}: expected a JSON object")
-            tid = rec.get("task_id", rec.get("question_id"))
-            if not isinstance(tid, str):
-                raise SampleError(f"{where}: needs a string task_id")
-            if tid not in tasks:
-                unknown[tid] += 1
-                continue
-            if "solution" in rec:
-                codes = [rec["solution"]]
-            elif "completion" in rec:
-                codes = [tasks[tid].prompt + rec["completion"]
-                         if isinstance(rec["completion"], str) else None]
-            elif "code_list" in rec and isinstance(rec["code_list"], list):
-                codes = rec["code_list"]
-            else:
-                raise SampleError(f"{where}: needs 'solution' or 'completion'")
-            for code in codes:
-                if not isinstance(code, str):
-                    raise SampleError(f"{where}: the solution must be a string")
-                out.append(Sample(tid, code, where))
+    for where, rec in jsonl.objects(path, error=SampleError):
+        tid = rec.get("task_id", rec.get("question_id"))
+        if not isinstance(tid, str):
+            raise SampleError(f"{where}: needs a string task_id")
+        if tid not in tasks:
+            unknown[tid] += 1
+            continue
+        if "solution" in rec:
+            codes = [rec["solution"]]
+        elif "completion" in rec:
+            codes = [tasks[tid].prompt + rec["completion"]
+                     if isinstance(rec["completion"], str) else None]
+        elif "code_list" in rec and isinstance(rec["code_list"], list):
+            codes = rec["code_list"]
+        else:
+            raise SampleError(f"{where}: needs 'solution' or 'completion'")
+        for code in codes:
+            if not isinstance(code, str):
+                raise SampleError(f"{where}: the solution must be a string")
+            out.append(Sample(tid, code, where))
     if unknown:
         logging.warning("%d samples of %d task ids not in the %s dataset were skipped "
                         "(e.g. %s)", sum(unknown.values()), len(unknown), benchmark,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -26,6 +25,8 @@ import os
 import pathlib
 import pickle
 import zlib
+
+from fdpo import jsonl
 
 # "evalplus": any task file in EvalPlus's format (your own tasks, or the miniature's), with
 # no dataset-specific oracles; needs --dataset.
@@ -89,21 +90,7 @@ def resolve_dataset(benchmark: str, path: str | os.PathLike | None) -> pathlib.P
 
 
 def read_jsonl(path) -> list[dict]:
-    path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            out.append(obj)
-    return out
+    return [obj for _, obj in jsonl.objects(path, error=DataError)]
 
 
 def file_sha256(path) -> str:
