@@ -27,13 +27,19 @@ def token_logprobs(logits: Array, input_ids: Array) -> Array:
 def token_logprobs_from_hidden(hidden: Array, unembedding: Array, input_ids: Array,
                                chunk: int = 256) -> Array:
     """hidden [B, T, D] (final-normed), unembedding [V, D], input_ids [B, T] -> lp [B, T]."""
-    b, t, d = hidden.shape
-    h = hidden[:, :-1]
-    targets = input_ids[:, 1:]
-    n = t - 1
+    lp = target_logprobs(hidden[:, :-1], unembedding, input_ids[:, 1:], chunk)
+    return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def target_logprobs(hidden: Array, unembedding: Array, targets: Array,
+                    chunk: int = 256) -> Array:
+    """log p(targets[b, t] | hidden[b, t]) [B, T]: each hidden state scores the token at the
+    same index (the caller aligns them: shifted by one for a plain sequence, gathered for
+    shared-prompt rows whose branches do not follow each other)."""
+    b, n, d = hidden.shape
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     num_chunks = (n + pad) // chunk
     # [num_chunks, B, chunk, ...] so lax.map walks the sequence.
@@ -49,8 +55,7 @@ def token_logprobs_from_hidden(hidden: Array, unembedding: Array, input_ids: Arr
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
     lp = jax.lax.map(one_chunk, (h, targets))  # [num_chunks, B, chunk]
-    lp = lp.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :n]
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    return lp.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :n]
 
 
 def segment_sums(lp: Array, segment_labels: Array, num_segments: int) -> Array:

@@ -9,7 +9,16 @@ Layout of a step's batch (global shapes; `M` micro-batches of `b` pairs, length 
 
 sharded `P(None, <batch axes>)`: every micro-batch is spread over all data-parallel
 devices. Chosen and rejected run in one forward, interleaved on the batch axis (row 2i is
-pair i's chosen, 2i+1 its rejected, so a pair stays on one device). Gradients are summed
+pair i's chosen, 2i+1 its rejected, so a pair stays on one device).
+
+Shared-prompt rows (`Trainer(shared_length=S)`): each pair becomes one row of S tokens,
+`[prompt | chosen response | rejected response | pad]`, and the model sees the prompt once.
+The rejected response attends to the prompt and to itself only (`branch_ids`), its rope
+positions continue from the prompt as the chosen response's do, and its first token is
+scored from the prompt's last hidden state: the same log-probs as two separate sequences,
+for prompt + chosen + rejected tokens instead of 2 x L. The batch then holds `ids`,
+`positions`, `branch`, `labels` (`Segment` ids), `parents` (the index of the hidden state
+that scores each token), int32 [M, b, S], packed on the host by `pack_shared_prompt`. Gradients are summed
 over micro-batches by `lax.scan` with normalisers (pairs, chosen tokens) of the whole
 batch, so the accumulated gradient is exactly that of the full batch.
 
@@ -41,6 +50,7 @@ from fdpo.records import Segment
 Array = jax.Array
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
               "ref_logps", "pair_mask")
+SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
 REFERENCE_MODES = ("frozen", "precomputed")
 # Names of the logged per-pair means (TRL's names where TRL has the quantity).
 METRIC_NAMES = {
@@ -136,6 +146,69 @@ def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 2
     return sums.reshape(b, 2, 3)
 
 
+# ----------------------------------------------------------------------------------------
+# Shared-prompt rows
+# ----------------------------------------------------------------------------------------
+
+
+def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
+                       ) -> np.ndarray:
+    """Tokens each pair needs as one shared-prompt row (prompt + both responses)."""
+    prompt = (chosen_segments == Segment.PROMPT).sum(-1)
+    return ((chosen_segments != Segment.PAD).sum(-1) +
+            (rejected_segments != Segment.PAD).sum(-1) - prompt)
+
+
+def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Pairs (the record layout, [b, L]) -> shared-prompt rows [b, length] (module docstring).
+
+    Raises ValueError naming the pair when its two prompts differ, it has no prompt token
+    (its first response token would have no hidden state to be scored from), or it does not
+    fit in `length`.
+    """
+    c_ids, r_ids = examples["chosen_ids"], examples["rejected_ids"]
+    c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
+    b = c_ids.shape[0]
+    out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
+    needed = shared_row_lengths(c_seg, r_seg)
+    for i in range(b):
+        p = int((c_seg[i] == Segment.PROMPT).sum())
+        nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
+        if p == 0 or int((r_seg[i] == Segment.PROMPT).sum()) != p or \
+                not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
+            raise ValueError(f"pair {i} of the batch: the chosen and rejected prompts differ "
+                             f"or are empty; shared-prompt rows need one common prompt")
+        if needed[i] > length:
+            raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
+                             f"shared-prompt row; shared_length is {length}")
+        rejected = slice(nc, nc + nr - p)
+        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, p:nr]
+        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, p:nr]
+        out["branch"][i, p:nc], out["branch"][i, rejected] = 1, 2
+        out["positions"][i, :nc] = np.arange(nc)
+        out["positions"][i, rejected] = np.arange(p, nr)
+        out["parents"][i] = np.maximum(np.arange(length) - 1, 0)
+        if nr > p:
+            out["parents"][i, nc] = p - 1  # the first rejected token follows the prompt
+    return out
+
+
+def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
+                              chunk: int = 256) -> Array:
+    """One forward over shared-prompt rows -> [b, 2, 3] (side x segment), as
+    `pair_segment_logps` computes it from separate sequences."""
+    model = nnx.merge(graphdef, params)
+    ids = shd.constrain(micro["ids"], ("batch", "length"))
+    labels, branch = micro["labels"], micro["branch"]
+    real = (labels != int(Segment.PAD)).astype(jnp.int32)  # padding: its own segment
+    hidden = model(ids, micro["positions"], real, branch, return_hidden=True)
+    scoring = jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
+    lp = logprobs.target_logprobs(scoring, model.unembedding(), ids, chunk)
+    side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
+        lp, jnp.where(branch == k, labels, int(Segment.PAD)))
+    return jnp.stack([side(1), side(2)], axis=1)
+
+
 def _response_tokens(segments: Array) -> Array:
     return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
 
@@ -173,12 +246,14 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, loss_cfg: loss_lib.LossConfig,
                  tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES, *,
                  reference: str = "frozen", chunk: int = 256,
-                 schedule: optax.Schedule | None = None):
+                 schedule: optax.Schedule | None = None, shared_length: int = 0):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         self.model_cfg, self.loss_cfg, self.tx, self.mesh = model_cfg, loss_cfg, tx, mesh
         self.rules = tuple(tuple(r) for r in rules)
         self.reference, self.chunk, self.schedule = reference, chunk, schedule
+        self.shared_length = shared_length  # 0: chosen and rejected as separate rows
+        sequence_keys = SHARED_KEYS if shared_length else BATCH_KEYS[:4]
         self.graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
         self.abstract_params = nnx.to_pure_dict(abstract)
         self.param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, self.rules))
@@ -193,8 +268,8 @@ class Trainer:
         batch_axes = dict(self.rules).get("batch")
         self.batch_shardings = {
             k: NamedSharding(mesh, P(None, batch_axes, *([None] * extra)))
-            for k, extra in (("chosen_ids", 1), ("rejected_ids", 1), ("chosen_segments", 1),
-                             ("rejected_segments", 1), ("ref_logps", 2), ("pair_mask", 0))}
+            for k, extra in ([(k, 1) for k in sequence_keys] +
+                             [("ref_logps", 2), ("pair_mask", 0)])}
         axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
         self.batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
         ref_sh = self.param_shardings if self._uses_ref_params else None
@@ -242,6 +317,8 @@ class Trainer:
             raise ValueError(f"{b} pairs per process do not split into {micro_batches} "
                              f"micro-batches")
         local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
+        if self.shared_length:
+            local = pack_shared_prompt(local, self.shared_length)
         if "ref_logps" in examples:
             local["ref_logps"] = np.asarray(examples["ref_logps"], np.float32)
         elif self.loss_cfg.needs_reference and self.reference == "precomputed":
@@ -265,18 +342,21 @@ class Trainer:
 
     # -- loss ------------------------------------------------------------------------------
 
+    def _pair_logps(self, params, micro):
+        fn = shared_pair_segment_logps if self.shared_length else pair_segment_logps
+        return fn(self.graphdef, params, micro, self.chunk)
+
     def _reference(self, micro, ref_params):
         if not self.loss_cfg.needs_reference:
             return None
         if self.reference == "frozen":
-            return jax.lax.stop_gradient(
-                pair_segment_logps(self.graphdef, ref_params, micro, self.chunk))
+            return jax.lax.stop_gradient(self._pair_logps(ref_params, micro))
         return micro["ref_logps"]
 
     def _micro_loss(self, params, micro, ref_params, num_pairs, num_chosen_tokens):
         """(loss share of this micro-batch, metric sums)."""
         with shd.use_mesh(self.mesh, self.rules):
-            policy = pair_segment_logps(self.graphdef, params, micro, self.chunk)
+            policy = self._pair_logps(params, micro)
             reference = self._reference(micro, ref_params)
         terms = loss_lib.pair_terms(policy, reference, self.loss_cfg)
         mask = micro["pair_mask"]
@@ -284,14 +364,21 @@ class Trainer:
                                    self.loss_cfg)
         sums = {k: jnp.einsum("b,b...->...", mask, v) for k, v in terms.items()}
         sums["nll"] = -jnp.sum(mask * policy[:, 0].sum(-1))
-        sums["tokens"] = jnp.sum(mask[:, None] * (
-            (micro["chosen_segments"] != 0).sum(-1) + (micro["rejected_segments"] != 0).sum(-1)))
+        # Tokens the model ran on (shared-prompt rows count the prompt once).
+        if self.shared_length:
+            ran = (micro["labels"] != 0).sum(-1)
+        else:
+            ran = (micro["chosen_segments"] != 0).sum(-1) + (micro["rejected_segments"] != 0).sum(-1)
+        sums["tokens"] = jnp.sum(mask * ran)
         return loss, sums
 
-    @staticmethod
-    def _normalisers(batch):
+    def _normalisers(self, batch):
         mask = batch["pair_mask"]
-        return mask.sum(), jnp.sum(mask * _response_tokens(batch["chosen_segments"]))
+        if self.shared_length:
+            chosen = jnp.where(batch["branch"] == 1, batch["labels"], 0)
+        else:
+            chosen = batch["chosen_segments"]
+        return mask.sum(), jnp.sum(mask * _response_tokens(chosen))
 
     @staticmethod
     def _scan_micro(fn, batch):

@@ -13,6 +13,7 @@ from configs.common import parse_arg
 from fdpo import data, sharding, train
 from fdpo import loss as loss_lib
 from fdpo.models.config import ModelConfig
+from fdpo.records import Segment
 from launch.train import loss_config
 from tests.helpers.pairs import random_params, random_pairs, stack, write_dataset
 
@@ -31,9 +32,10 @@ def pairs8():
     return stack(random_pairs(8, 32, TINY.vocab_size, seed=0))
 
 
-def run_steps(mesh, tx, pairs, steps, cfg=TINY, loss_cfg=None, micro=2, ref_seed=1):
+def run_steps(mesh, tx, pairs, steps, cfg=TINY, loss_cfg=None, micro=2, ref_seed=1,
+              shared_length=0):
     loss_cfg = loss_cfg or loss_lib.preset("focused_dpo", beta=0.5, nll_weight=0.1)
-    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, chunk=8)
+    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, chunk=8, shared_length=shared_length)
     params = jax.device_put(init_params(cfg), trainer.param_shardings)
     ref = jax.device_put(init_params(cfg, ref_seed), trainer.param_shardings)
     state = trainer.init_state(params)
@@ -102,6 +104,64 @@ def test_micro_batches_accumulate_the_full_batch_gradient(pairs8, one_device_run
     _, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, micro=1)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     assert_params_close(s2["params"], s1["params"], rtol=1e-5)
+
+
+def test_shared_prompt_rows_give_the_same_step(pairs8, one_device_run):
+    """Prompt once, the rejected response branching off it: the same losses and SGD
+    updates as chosen and rejected as separate rows (frozen reference in the step too)."""
+    s0, l0 = one_device_run
+    need = int(train.shared_row_lengths(pairs8["chosen_segments"],
+                                        pairs8["rejected_segments"]).max())
+    assert need < 2 * pairs8["chosen_ids"].shape[1]
+    trainer, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, shared_length=need)
+    # float32; the shared rows sum attention and log-probs over other shapes.
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    assert_params_close(s0["params"], s1["params"], rtol=1e-4)
+    # The token count is what the model ran on: each prompt once.
+    metrics = trainer.eval_step(s1["params"], trainer.make_batch(pairs8, 2), s1["params"])
+    expected = int(train.shared_row_lengths(pairs8["chosen_segments"],
+                                            pairs8["rejected_segments"]).sum())
+    assert int(metrics["tokens"]) == expected
+
+
+def test_shared_prompt_rows_on_8_devices(pairs8, one_device_run):
+    assert jax.device_count() == 8
+    s0, l0 = one_device_run
+    _, s8, l8 = run_steps(sharding.make_mesh((2, 2, 2)), optax.sgd(0.5), pairs8, 2,
+                          shared_length=40)
+    np.testing.assert_allclose(l8, l0, rtol=1e-5)
+    assert_params_close(s0["params"], s8["params"], rtol=1e-4)
+
+
+def test_pack_shared_prompt_layout_and_errors():
+    P_, X, M, S = (int(s) for s in (Segment.PROMPT, Segment.PREFIX, Segment.MID,
+                                     Segment.SUFFIX))
+    pair = {"chosen_ids": np.array([[7, 8, 1, 2, 3, 0]]),
+            "chosen_segments": np.array([[P_, P_, X, M, S, 0]]),
+            "rejected_ids": np.array([[7, 8, 1, 4, 0, 0]]),
+            "rejected_segments": np.array([[P_, P_, X, M, 0, 0]])}
+    rows = train.pack_shared_prompt(pair, 8)
+    np.testing.assert_array_equal(rows["ids"][0], [7, 8, 1, 2, 3, 1, 4, 0])
+    np.testing.assert_array_equal(rows["labels"][0], [P_, P_, X, M, S, X, M, 0])
+    np.testing.assert_array_equal(rows["branch"][0], [0, 0, 1, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 2, 3, 0])
+    # token 5 (the rejected response's first) is scored from the prompt's last token
+    np.testing.assert_array_equal(rows["parents"][0], [0, 0, 1, 2, 3, 1, 5, 6])
+    assert train.shared_row_lengths(pair["chosen_segments"], pair["rejected_segments"])[0] == 7
+    with pytest.raises(ValueError, match="pair 0 of the batch needs 7 tokens"):
+        train.pack_shared_prompt(pair, 6)
+    other = dict(pair, rejected_ids=np.array([[7, 9, 1, 4, 0, 0]]))
+    with pytest.raises(ValueError, match="pair 0 of the batch: the chosen and rejected prompts"):
+        train.pack_shared_prompt(other, 8)
+
+
+def test_tokens_metric_counts_each_real_token_once(pairs8, one_device_run):
+    trainer = train.Trainer(TINY, loss_lib.preset("focused_dpo"), optax.sgd(0.1), ONE_DEVICE,
+                            chunk=8)
+    params = jax.device_put(init_params(), trainer.param_shardings)
+    sums = trainer.eval_step(params, trainer.make_batch(pairs8, 2), params)
+    expected = int((pairs8["chosen_segments"] != 0).sum() + (pairs8["rejected_segments"] != 0).sum())
+    assert int(sums["tokens"]) == expected
 
 
 def test_remat_gives_the_same_step(pairs8, one_device_run):
