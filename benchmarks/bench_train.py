@@ -11,7 +11,11 @@
    reference; `--reference precomputed` drops it); forward = 2 x matmul parameters (incl.
    the unembedding) + the attention score and value products over the full L x L (the
    model computes them unmasked).
-2. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
+2. Shared-prompt rows against separate chosen/rejected rows (`--shared`): a smaller model
+   (hidden 256, 4 layers, vocab 8192), 4 pairs padded to 512 tokens the way built records
+   are (prompt 192, responses 160 = prefix 96 + mid 32 + suffix 32, padding 160), frozen
+   reference; both steps compiled in one process and timed alternately, losses compared.
+3. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
    summed log-probs with respect to the hidden states and the unembedding, at vocab
    152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
    chunked path (`token_logprobs_from_hidden`). Compile-only: nothing that large is run.
@@ -108,6 +112,50 @@ def bench_step(args) -> dict:
             "model_flops_per_s": flops / step, "loss": float(m["loss"])}
 
 
+def bench_shared(steps: int) -> dict:
+    cfg = ModelConfig(architecture="qwen2", vocab_size=8192, hidden_size=256,
+                      intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=2,
+                      head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+                      tie_embeddings=False)
+    pairs, length = 4, 512
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    prompt, prefix, mid, suffix = 192, 96, 32, 32
+    seg = np.array([1] * prompt + [2] * prefix + [3] * mid + [4] * suffix, np.int8)
+    seg = np.pad(seg, (0, length - len(seg)))
+    shared_ids = rng.integers(1, cfg.vocab_size, (pairs, length)).astype(np.int32)
+    examples = {"chosen_ids": shared_ids * (seg > 0),
+                "rejected_ids": np.where(seg == 3, rng.integers(1, cfg.vocab_size, shared_ids.shape),
+                                         shared_ids).astype(np.int32) * (seg > 0),
+                "chosen_segments": np.tile(seg, (pairs, 1)),
+                "rejected_segments": np.tile(seg, (pairs, 1))}
+    need = int(train.shared_row_lengths(examples["chosen_segments"],
+                                        examples["rejected_segments"]).max())
+    params = random_params(cfg, 0, scale=0.02)
+    runs = {}
+    for name, shared_length in (("separate rows", 0), ("shared-prompt rows", need)):
+        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
+        trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.1), tx, mesh,
+                                shared_length=shared_length)
+        state = trainer.init_state(train.copy_params(params))
+        batch = trainer.make_batch(examples, 1)
+        step = trainer.train_step.lower(state, batch, params).compile()
+        temp = step.memory_analysis().temp_size_in_bytes
+        runs[name] = {"state": state, "batch": batch, "step": step, "times": [],
+                      "temp_GiB": temp / GiB, "row_tokens": batch["pair_mask"].shape[1] * (
+                          2 * length if not shared_length else need)}
+    for _ in range(steps + 1):  # the first round warms up
+        for r in runs.values():
+            t = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["batch"], params)
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t)
+            r["loss"] = float(m["loss"])
+    return {name: {"step_s": statistics.median(r["times"][1:]), "loss": r["loss"],
+                   "temp_GiB": r["temp_GiB"], "row_tokens": r["row_tokens"]}
+            for name, r in runs.items()}
+
+
 def logprob_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
                    hidden: int = 512) -> dict:
     h = jax.ShapeDtypeStruct((sequences, length, hidden), jnp.float32)
@@ -142,7 +190,19 @@ def main() -> None:
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--reference", default="frozen", choices=["frozen", "precomputed"])
     ap.add_argument("--skip_step", action="store_true")
+    ap.add_argument("--shared", action="store_true",
+                    help="only the shared-prompt rows vs separate rows comparison")
     args = ap.parse_args()
+    if args.shared:
+        print(f"cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
+        res = bench_shared(args.steps)
+        base = res["separate rows"]["step_s"]
+        print("| layout | tokens per step | step s (median) | speed-up | temp GiB | loss after |")
+        print("|---|---|---|---|---|---|")
+        for name, r in res.items():
+            print(f"| {name} | {r['row_tokens']} | {r['step_s']:.3f} | {base / r['step_s']:.2f}x "
+                  f"| {r['temp_GiB']:.2f} | {r['loss']:.6f} |")
+        return
     print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
     mem = logprob_memory()
     print(f"log-prob value+grad, vocab 152064, 8 x 512 tokens, hidden 512 "

@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
+    # One row per pair, the prompt computed once (fdpo.train module docstring): the same
+    # step as separate chosen/rejected rows (tested to 1e-5), 1.96x faster on padded records.
+    c.train.shared_prompt = True
+    c.train.shared_length = 0  # tokens per shared row; 0: the longest pair of the data
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = arg.data

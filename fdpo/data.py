@@ -64,5 +64,20 @@ def eval_batches(source: PairDataSource, *, global_batch: int, process_index: in
         yield {key: np.stack([r[key] for r in records]) for key in records[0]}, mask
 
 
+def longest_shared_row(*sources: PairDataSource, chunk: int = 4096) -> int:
+    """The most tokens any pair of `sources` needs as a shared-prompt row (one pass over
+    the records' segment ids)."""
+    from fdpo.train import shared_row_lengths
+
+    longest = 0
+    for source in sources:
+        for start in range(0, len(source), chunk):
+            records = source.__getitems__(range(start, min(start + chunk, len(source))))
+            lengths = shared_row_lengths(np.stack([r["chosen_segments"] for r in records]),
+                                         np.stack([r["rejected_segments"] for r in records]))
+            longest = max(longest, int(lengths.max()))
+    return longest
+
+
 def steps_per_epoch(num_pairs: int, global_batch: int) -> int:
     return num_pairs // global_batch

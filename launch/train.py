@@ -147,9 +147,16 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
     # Step functions.
     tx, schedule = train.make_optimizer(train.OptimizerConfig(**config.optimizer.to_dict()),
                                         total_steps)
+    shared_length = 0
+    if config.train.shared_prompt:
+        shared_length = config.train.shared_length or data.longest_shared_row(
+            *[s for s in (train_src, eval_src) if s is not None])
+        logging.info("shared-prompt rows of %d tokens (separate rows: 2 x %d)",
+                     shared_length, train_src[0]["chosen_ids"].shape[-1])
     trainer = train.Trainer(model_cfg, loss_cfg, tx, mesh, rules,
                             reference=config.loss.reference,
-                            chunk=config.train.logprob_chunk, schedule=schedule)
+                            chunk=config.train.logprob_chunk, schedule=schedule,
+                            shared_length=shared_length)
     logging.info("%s: %d pairs, %d steps of %d pairs; loss %s", config.data.dir,
                  len(train_src), total_steps, global_batch, loss_cfg)
 
