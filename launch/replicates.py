@@ -101,7 +101,7 @@ def render(s: dict) -> str:
                   "|---|" + "---|" * (len(names) + 2)]
         for m, d in per_method.items():
             verdict = ("ahead in every replicate" if d["ahead_in_all"] else
-                       "behind in every replicate" if d["behind_in_all"] else "mixed")
+                       "behind in every replicate" if d["behind_in_all"] else "mixed or tied")
             lines.append(f"| {m} | " + " | ".join(_f(v, signed=True) for v in d["per_replicate"])
                          + f" | {_f(d['mean'], signed=True)} | {verdict} |")
         lines.append("")
