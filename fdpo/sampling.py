@@ -15,10 +15,11 @@ it, run the model on it (one cached step), repeat; the loop exits early once eve
 has finished (EOS) or after `max_new_tokens`. A step reads only a window of the cache
 that holds its filled slots: the smallest power of two above them (capped at S), so the
 loop runs in at most log2(S / P) + 1 phases, one compiled program each, and reads on
-average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160). Stop strings need detokenisation, so they
-are checked on the host: with stop strings the loop runs `stop_check_steps` steps at a
-time, the host decodes the unfinished rows, marks rows whose text holds a stop string
-finished, and re-enters the loop with its (donated) carry. Rows finished early keep
+average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160).
+Stop strings need detokenisation, so they are checked on the host: with stop strings the
+loop runs `stop_check_steps` steps at a time, the host decodes the unfinished rows, marks
+rows whose text holds a stop string finished, and re-enters the loop with its (donated)
+carry. Rows finished early keep
 running through the model until the whole batch is done (their tokens are discarded);
 that is the price of static shapes.
 
@@ -107,6 +108,7 @@ def sample_logits(logits: Array, keys: Array, *, temperature: float, top_k: int 
     if temperature == 0:
         return first_argmax(logits)
     logits = logits / temperature
+
     def draw(keys, logits):  # jax.random.categorical per row, with first_argmax's speed
         noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:]))(keys)
         return first_argmax(logits + noise)
