@@ -19,9 +19,8 @@ average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160
 Stop strings need detokenisation, so they are checked on the host: with stop strings the
 loop runs `stop_check_steps` steps at a time, the host decodes the unfinished rows, marks
 rows whose text holds a stop string finished, and re-enters the loop with its (donated)
-carry. Rows finished early keep
-running through the model until the whole batch is done (their tokens are discarded);
-that is the price of static shapes.
+carry. Rows finished early keep running through the model until the whole batch is done
+(their tokens are discarded); that is the price of static shapes.
 
 Sampling. On float32 logits, in the order transformers' `generate` applies them:
 temperature, then top-k, then top-p (the smallest set of most likely tokens whose
