@@ -26,6 +26,7 @@ config's values.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -205,7 +206,10 @@ class Pipeline:
                  f"--config.max_new_tokens={s.max_new_tokens}",
                  f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
                  *([f"--config.code_prompt={s.code_prompt}"] if s.code_prompt else []),
-                 f"--config.code_format={s.prompt_style}", *self.jax_flags())
+                 # instruct responses hold the program in a block to extract; completions
+                 # are the program's continuation (launch.sample's code_format).
+                 "--config.code_format=" + ("completion" if s.prompt_style == "completion"
+                                            else "extract"), *self.jax_flags())
 
     def execute(self):
         # The miniature's tests come from the oracle (with corrupted expectations); a real
@@ -248,6 +252,20 @@ class Pipeline:
                  "--tokenizer", self.tokenizer, "--out", out_dir, "--max_len", self.cfg.max_len,
                  "--ranker", b.ranker, "--lam", b.lam, "--val_fraction", b.val_fraction,
                  "--noprogress")
+        # Training needs a batch of pairs; say why there are too few here rather than let
+        # every training run fail on it (a policy that writes no program, or no mixed
+        # verdicts, gives none).
+        counts = json.loads((out_dir / "manifest.json").read_text())["counts"]
+        built = counts["records_out"]["train"]
+        if built < self.cfg.train.batch_size:
+            drops = collections.Counter(
+                json.loads(line)["reason"] for path in sorted(out_dir.glob("drops-*.jsonl"))
+                for line in open(path) if line.strip())
+            raise StageFailed(
+                f"stage pairs: {built} training pairs from {counts['lines_in']} prompts, fewer "
+                f"than one batch ({self.cfg.train.batch_size}); dropped lines by reason "
+                f"{dict(drops)}, filtered candidate pairs {counts['candidate_pairs_filtered']} "
+                f"(details: {out_dir}/drops-*.jsonl, {self.w / 'samples.jsonl'})")
 
     def reference(self):
         out = self.w / "pairs_ref"
