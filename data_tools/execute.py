@@ -67,10 +67,11 @@ def read_problems(path):
     return problems, errors
 
 
-def done_ids(path):
-    """Ids already in the output. A last line without its newline that does not parse is
+def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
+    """{id: (line number, codes, tests)} of the results already in the output (tests is
+    None when there are no codes). A last line without its newline that does not parse is
     an interrupted write: it is truncated away. Any other bad line is an error."""
-    ids = set()
+    ids = {}
     if not os.path.exists(path):
         return ids
     with open(path, "rb") as f:
@@ -83,7 +84,8 @@ def done_ids(path):
             break
         try:
             obj = json.loads(raw)
-            ids.add(obj["id"])
+            passed = obj["passed"]
+            ids[obj["id"]] = (k + 1, len(passed), len(passed[0]) if passed else None)
         except (ValueError, KeyError, TypeError) as e:
             if is_last:  # no trailing newline: a partial write
                 with open(path, "r+b") as f:
@@ -109,7 +111,18 @@ def main(argv):
         raise app.UsageError(f"--input: cannot read {FLAGS.input}: {e}")
     for msg in errors:
         print(f"malformed input: {msg}", file=sys.stderr)
-    done = done_ids(FLAGS.output)
+    done = done_outputs(FLAGS.output)
+    for p in problems:
+        # A result is reused only for the problem it was computed for: a changed input
+        # (other codes or tests under the same id) would otherwise keep stale verdicts.
+        if p["id"] in done:
+            line, codes, tests = done[p["id"]]
+            if codes != len(p["codes"]) or (codes and tests != len(p["tests"])):
+                raise SystemExit(
+                    f"{FLAGS.output}:{line}: the result for id {p['id']!r} has {codes} codes x "
+                    f"{tests} tests, but {FLAGS.input} now has {len(p['codes'])} x "
+                    f"{len(p['tests'])}: the input changed since; remove the output (or that "
+                    f"line) to run it again")
     todo = [p for p in problems if p["id"] not in done]
     print(f"{len(problems)} problems in {FLAGS.input} ({len(errors)} malformed lines), "
           f"{len(problems) - len(todo)} already in {FLAGS.output}, {len(todo)} to run",

@@ -61,8 +61,9 @@ def test_malformed_lines_are_all_reported_with_line_numbers(tmp_path):
 def test_resume_skips_done_ids_and_redoes_a_truncated_line(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, GOOD)
-    done = {"id": "a", "passed": [[True]], "status": [["pass"]], "detail": [[""]],
-            "time_s": [[0.0]], "wall_s": 0.0}  # sentinel content: must be kept as is
+    done = {"id": "a", "passed": [[True, True], [True, True]],  # sentinel: kept as is
+            "status": [["pass"] * 2] * 2, "detail": [[""] * 2] * 2, "time_s": [[0.0] * 2] * 2,
+            "wall_s": 0.0}
     out.write_text(json.dumps(done) + "\n" + '{"id": "c", "passed": [[tr')
     r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
     assert r.returncode == 0, r.stderr
@@ -74,6 +75,18 @@ def test_resume_skips_done_ids_and_redoes_a_truncated_line(tmp_path):
     assert res["c"]["status"] == [["pass"]] and res["b"]["status"] == [["timeout"]]
     r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
     assert "0 to run" in r.stderr and len(out.read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_result_computed_for_other_codes_or_tests(tmp_path):
+    """Same id, changed input (the pipeline re-sampled): the old verdicts would be stale."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, GOOD)
+    old = {"id": "a", "passed": [], "status": [], "detail": [], "time_s": [], "wall_s": 0.0}
+    out.write_text(json.dumps(old) + "\n")
+    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    assert r.returncode != 0
+    assert f"{out}:1: the result for id 'a' has 0 codes x None tests, but {inp} now has" in r.stderr
+    assert out.read_text() == json.dumps(old) + "\n"  # nothing appended
 
 
 def test_corrupt_output_in_the_middle_is_an_error(tmp_path):
