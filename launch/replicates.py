@@ -44,7 +44,7 @@ def read_reports(workdirs: list[str]) -> dict[str, dict]:
 
 def summarise(reports: dict[str, dict], focus: str) -> dict:
     methods = sorted({m for r in reports.values() for m in r.get("summary", {})})
-    table = {split: {m: [r["summary"][m][split]["mean"] if m in r.get("summary", {}) else None
+    table = {split: {m: [r.get("summary", {}).get(m, {}).get(split, {}).get("mean")
                          for r in reports.values()] for m in methods} for split in SPLITS}
     diffs = {}
     if focus in methods:

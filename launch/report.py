@@ -87,31 +87,60 @@ def summarise(data: dict) -> dict:
     return out
 
 
-def verdicts(summary: dict) -> list[str]:
-    """Plain sentences comparing Focused-DPO with each other method on held-out pass@1."""
+def evaluations(data: dict, summary: dict) -> list[str]:
+    """The evaluation names in report order: the miniature's seen and held-out splits, or a
+    real run's benchmarks in config order."""
+    present = {e for splits in summary.values() for e in splits}
+    if data["config"].get("toy", {}).get("enabled"):
+        order = ["seen", "held_out"]
+    else:
+        order = [b[0] for b in data["config"].get("evaluate", {}).get("benchmarks", [])]
+    return [e for e in order if e in present] + sorted(present - set(order))
+
+
+def verdict_evaluations(data: dict, summary: dict) -> list[str]:
+    """What the verdict is about: held-out tasks in the miniature (the seen ones are the
+    policy's own sampled prompts), every benchmark in a real run."""
+    names = evaluations(data, summary)
+    if data["config"].get("toy", {}).get("enabled"):
+        return ["held_out"]
+    return names
+
+
+def _label(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def verdicts(summary: dict, on: list[str]) -> list[str]:
+    """Plain sentences comparing Focused-DPO with each other method on each evaluation in
+    `on` (pass@1)."""
     lines = []
-    fd = summary.get("focused_dpo", {}).get("held_out")
-    if not fd:
-        return ["Focused-DPO was not evaluated on held-out tasks."]
-    for other in sorted(summary):
-        if other == "focused_dpo" or "held_out" not in summary[other]:
+    for split in on:
+        fd = summary.get("focused_dpo", {}).get(split)
+        if not fd:
+            lines.append(f"Focused-DPO was not evaluated on {_label(split)}.")
             continue
-        o = summary[other]["held_out"]
-        diff = fd["mean"] - o["mean"]
-        # "Beat" only when the seed ranges do not overlap; otherwise say it is within noise.
-        if fd["min"] > o["max"]:
-            word = "beat"
-        elif fd["max"] < o["min"]:
-            word = "lost to"
-        else:
-            word = "did not separate from"
-        lines.append(f"Focused-DPO {word} {other} on held-out pass@1: {fd['mean']:.1f} vs "
-                     f"{o['mean']:.1f} (difference {diff:+.1f} points; Focused-DPO seeds "
-                     f"{fd['min']:.1f}-{fd['max']:.1f}, {other} {o['min']:.1f}-{o['max']:.1f}).")
+        for other in sorted(summary):
+            if other == "focused_dpo" or split not in summary[other]:
+                continue
+            o = summary[other][split]
+            diff = fd["mean"] - o["mean"]
+            # "Beat" only when the seed ranges do not overlap; otherwise within noise.
+            if fd["min"] > o["max"]:
+                word = "beat"
+            elif fd["max"] < o["min"]:
+                word = "lost to"
+            else:
+                word = "did not separate from"
+            lines.append(f"Focused-DPO {word} {other} on {_label(split)} pass@1: "
+                         f"{fd['mean']:.1f} vs {o['mean']:.1f} (difference {diff:+.1f} points; "
+                         f"Focused-DPO seeds {fd['min']:.1f}-{fd['max']:.1f}, {other} "
+                         f"{o['min']:.1f}-{o['max']:.1f}).")
     return lines
 
 
 def plots(data: dict, summary: dict, out: pathlib.Path) -> list[str]:
+    names = evaluations(data, summary)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,15 +166,15 @@ def plots(data: dict, summary: dict, out: pathlib.Path) -> list[str]:
     methods = sorted(summary)
     if methods:
         fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.38
-        for j, split in enumerate(("seen", "held_out")):
-            xs = [i + (j - 0.5) * width for i in range(len(methods))]
+        width = 0.76 / max(len(names), 1)
+        for j, split in enumerate(names):
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(methods))]
             means = [summary[m].get(split, {}).get("mean", 0.0) for m in methods]
             lo = [means[i] - summary[m].get(split, {}).get("min", means[i])
                   for i, m in enumerate(methods)]
             hi = [summary[m].get(split, {}).get("max", means[i]) - means[i]
                   for i, m in enumerate(methods)]
-            ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=split)
+            ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=_label(split))
         ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
         ax.set_ylabel("greedy pass@1 (%)")
         ax.set_title("pass@1, mean over seeds (bars: min-max)")
@@ -171,20 +200,23 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
             "tiny model's samples);",
             f"- held-out tasks are unseen combinations of seen parts "
             f"({t['held_out_fraction']:.0%} of combinations).", ""]
-    lines += ["## Verdict", ""] + [f"- {v}" for v in verdicts(summary)] + [""]
+    names = evaluations(data, summary)
+    start = "warm start" if cfg.get("warm_start", {}).get("enabled") else "initial policy"
+    lines += ["## Verdict", ""]
+    lines += [f"- {v}" for v in verdicts(summary, verdict_evaluations(data, summary))] + [""]
     lines += ["## Greedy pass@1 (%)", "",
-              "| method | seeds | seen (mean, min-max) | held-out (mean, min-max) |",
-              "|---|---|---|---|"]
+              "| method | seeds | " + " | ".join(f"{_label(e)} (mean, min-max)" for e in names)
+              + " |", "|---|---|" + "---|" * len(names)]
     for m in sorted(summary):
         cells = []
-        for split in ("seen", "held_out"):
+        for split in names:
             v = summary[m].get(split)
             cells.append(f"{v['mean']:.1f} ({v['min']:.1f}-{v['max']:.1f})" if v else "-")
         n = max(v["n"] for v in summary[m].values())
-        lines.append(f"| {m} | {n} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {m} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
     if "phi" in data:
-        lines += ["## Where errors are (Phi table of the warm start's samples)", ""]
+        lines += [f"## Where errors are (Phi table of the {start}'s samples)", ""]
         lines += ["| segment | in correct code | in incorrect code | Phi |", "|---|---|---|---|"]
         fmt = lambda v: "undefined" if v is None else f"{v:.3f}"
         for name, t in data["phi"]["tables"].items():
@@ -201,7 +233,7 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
     if "continuation" in data:
         c = data["continuation"]
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines += ["## Continuation experiment (warm start, greedy)", "",
+        lines += [f"## Continuation experiment ({start}, greedy)", "",
                   "| continue from | pass@1 (%) | programs |", "|---|---|---|",
                   f"| prompt + prefix + chosen mid | {fmt(c['chosen']['pass@1'])} | "
                   f"{c['chosen']['programs']} |",
@@ -210,11 +242,14 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
                   "Paper (Qwen2.5-Coder-7B): 90.02 vs 3.17.", ""]
     if "samples" in data["counts"]:
         c = data["counts"]["samples"]
+        judge = ("truly correct (checked against the uncorrupted tests)"
+                 if cfg.get("toy", {}).get("enabled") else
+                 "passing every test sampled for their prompt")
         lines += ["## Data", "",
                   f"{c['problems']} prompts, {c['codes']} sampled codes, "
-                  f"{c['truly_correct_codes']} truly correct (checked against the uncorrupted "
-                  f"tests); {c['problems_with_correct_and_incorrect']} prompts had both correct "
-                  f"and incorrect samples.", ""]
+                  f"{c['truly_correct_codes']} {judge}; "
+                  f"{c['problems_with_correct_and_incorrect']} prompts had both kinds of "
+                  f"samples.", ""]
     if data["counts"].get("pairs_manifest"):
         lines += ["Pair construction counts (data_tools.build manifest): "
                   f"`{json.dumps(data['counts']['pairs_manifest'])}`", ""]
