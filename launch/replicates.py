@@ -20,10 +20,15 @@ import statistics
 
 from absl import app, flags
 
-WORKDIRS = flags.DEFINE_list("workdirs", None, "Pipeline work directories (report/report.json "
-                             "in each).", required=True)
-OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-FOCUS = flags.DEFINE_string("focus", "focused_dpo", "The method the others are compared to.")
+
+
+def _define_flags():
+    # Defined only when run as a program: tests import this module beside other launch
+    # modules whose flags (--out) would collide.
+    flags.DEFINE_list("workdirs", None, "Pipeline work directories (report/report.json in "
+                      "each).", required=True)
+    flags.DEFINE_string("out", None, "Output directory.", required=True)
+    flags.DEFINE_string("focus", "focused_dpo", "The method the others are compared to.")
 
 SPLITS = ("held_out", "seen")
 
@@ -138,8 +143,9 @@ def plot(s: dict, path: pathlib.Path) -> None:
 
 def main(argv):
     del argv
-    s = summarise(read_reports(WORKDIRS.value), FOCUS.value)
-    out = pathlib.Path(OUT.value)
+    FLAGS = flags.FLAGS
+    s = summarise(read_reports(FLAGS.workdirs), FLAGS.focus)
+    out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replicates.json").write_text(json.dumps(s, indent=2) + "\n")
     text = render(s)
@@ -149,4 +155,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

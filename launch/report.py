@@ -16,7 +16,12 @@ import statistics
 
 from absl import app, flags
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory.", required=True)
+
+
+def _define_flags():
+    # Defined only when run as a program: tests import this module beside launch.train,
+    # whose --workdir would collide.
+    flags.DEFINE_string("workdir", None, "Pipeline work directory.", required=True)
 
 
 def read_jsonl(path):
@@ -265,7 +270,7 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
 
 def main(argv):
     del argv
-    w = pathlib.Path(WORKDIR.value)
+    w = pathlib.Path(flags.FLAGS.workdir)
     out = w / "report"
     out.mkdir(parents=True, exist_ok=True)
     data = collect(w)
@@ -277,4 +282,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
