@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fdpo import logprobs, sharding, train  # noqa: E402
+from fdpo import logprobs, records, sharding, train  # noqa: E402
 from fdpo import loss as loss_lib  # noqa: E402
 from fdpo.models.config import ModelConfig  # noqa: E402
 from tests.helpers.pairs import random_params  # noqa: E402
@@ -129,7 +129,7 @@ def bench_shared(steps: int) -> dict:
                                          shared_ids).astype(np.int32) * (seg > 0),
                 "chosen_segments": np.tile(seg, (pairs, 1)),
                 "rejected_segments": np.tile(seg, (pairs, 1))}
-    need = int(train.shared_row_lengths(examples["chosen_segments"],
+    need = int(records.shared_row_lengths(examples["chosen_segments"],
                                         examples["rejected_segments"]).max())
     params = random_params(cfg, 0, scale=0.02)
     runs = {}

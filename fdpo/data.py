@@ -17,7 +17,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from fdpo.records import PairDataSource
+from fdpo.records import PairDataSource, shared_row_lengths
 
 
 def train_dataset(source: PairDataSource, *, global_batch: int, seed: int,
@@ -67,8 +67,6 @@ def eval_batches(source: PairDataSource, *, global_batch: int, process_index: in
 def longest_shared_row(*sources: PairDataSource, chunk: int = 4096) -> int:
     """The most tokens any pair of `sources` needs as a shared-prompt row (one pass over
     the records' segment ids)."""
-    from fdpo.train import shared_row_lengths
-
     longest = 0
     for source in sources:
         for start in range(0, len(source), chunk):

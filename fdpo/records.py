@@ -57,6 +57,15 @@ class Segment(enum.IntEnum):
     SUFFIX = 4  # common suffix of the two responses
 
 
+def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
+                       ) -> np.ndarray:
+    """Tokens each pair needs as one shared-prompt row (prompt + both responses;
+    `fdpo.train.pack_shared_prompt`), from its segment ids [..., L]."""
+    prompt = (chosen_segments == Segment.PROMPT).sum(-1)
+    return ((chosen_segments != Segment.PAD).sum(-1) +
+            (rejected_segments != Segment.PAD).sum(-1) - prompt)
+
+
 # Row/column order of ``ref_logps[side, segment]``.
 SIDES = ("chosen", "rejected")
 RESPONSE_SEGMENTS = (Segment.PREFIX, Segment.MID, Segment.SUFFIX)

@@ -45,7 +45,7 @@ from fdpo import loss as loss_lib
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
-from fdpo.records import Segment
+from fdpo.records import Segment, shared_row_lengths
 
 Array = jax.Array
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
@@ -151,14 +151,6 @@ def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 2
 # ----------------------------------------------------------------------------------------
 
 
-def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
-                       ) -> np.ndarray:
-    """Tokens each pair needs as one shared-prompt row (prompt + both responses)."""
-    prompt = (chosen_segments == Segment.PROMPT).sum(-1)
-    return ((chosen_segments != Segment.PAD).sum(-1) +
-            (rejected_segments != Segment.PAD).sum(-1) - prompt)
-
-
 def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     """Pairs (the record layout, [b, L]) -> shared-prompt rows [b, length] (module docstring).
 
@@ -170,6 +162,7 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
     c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
     b = c_ids.shape[0]
     out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
+    out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
     needed = shared_row_lengths(c_seg, r_seg)
     for i in range(b):
         p = int((c_seg[i] == Segment.PROMPT).sum())
@@ -187,7 +180,6 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
         out["branch"][i, p:nc], out["branch"][i, rejected] = 1, 2
         out["positions"][i, :nc] = np.arange(nc)
         out["positions"][i, rejected] = np.arange(p, nr)
-        out["parents"][i] = np.maximum(np.arange(length) - 1, 0)
         if nr > p:
             out["parents"][i, nc] = p - 1  # the first rejected token follows the prompt
     return out

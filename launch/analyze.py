@@ -60,27 +60,24 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
     a continuation needs. Lines that ``read_inputs`` dropped (bad JSON, no id) are already
     counted in drops.jsonl and are skipped here; lines of problems the table did not use need
     no prompt or tests."""
+    from fdpo import jsonl
+
     needed = set(ids)
     found: dict[str, tuple[int, dict]] = {}
-    with open(samples_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
-            if not isinstance(rec, dict) or str(rec.get("id")) not in needed:
-                continue
-            pid = str(rec["id"])
-            if pid in found:
-                # Two used problems under one id: their continuations could not be told apart.
-                raise SystemExit(f"error: {samples_path}:{lineno}: id {pid!r} repeats line "
-                                 f"{found[pid][0]}; --continuation needs unique ids")
-            tests = rec.get("tests")
-            if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
-                    not all(isinstance(t, str) for t in tests):
-                raise SystemExit(f"error: {samples_path}:{lineno}: --continuation needs 'prompt' "
-                                 "(str) and 'tests' (list of str) in every sample line it uses")
-            found[pid] = (lineno, rec)
+    for where, rec in jsonl.objects(samples_path, errors=[]):  # bad lines: counted already
+        if str(rec.get("id")) not in needed:
+            continue
+        pid, lineno = str(rec["id"]), int(where.rpartition(":")[2])
+        if pid in found:
+            # Two used problems under one id: their continuations could not be told apart.
+            raise SystemExit(f"error: {where}: id {pid!r} repeats line {found[pid][0]}; "
+                             "--continuation needs unique ids")
+        tests = rec.get("tests")
+        if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
+                not all(isinstance(t, str) for t in tests):
+            raise SystemExit(f"error: {where}: --continuation needs 'prompt' (str) and 'tests' "
+                             "(list of str) in every sample line it uses")
+        found[pid] = (lineno, rec)
     return found
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from configs import focused_dpo
 from configs.common import parse_arg
-from fdpo import data, sharding, train
+from fdpo import data, records, sharding, train
 from fdpo import loss as loss_lib
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment
@@ -110,7 +110,7 @@ def test_shared_prompt_rows_give_the_same_step(pairs8, one_device_run):
     """Prompt once, the rejected response branching off it: the same losses and SGD
     updates as chosen and rejected as separate rows (frozen reference in the step too)."""
     s0, l0 = one_device_run
-    need = int(train.shared_row_lengths(pairs8["chosen_segments"],
+    need = int(records.shared_row_lengths(pairs8["chosen_segments"],
                                         pairs8["rejected_segments"]).max())
     assert need < 2 * pairs8["chosen_ids"].shape[1]
     trainer, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, shared_length=need)
@@ -119,7 +119,7 @@ def test_shared_prompt_rows_give_the_same_step(pairs8, one_device_run):
     assert_params_close(s0["params"], s1["params"], rtol=1e-4)
     # The token count is what the model ran on: each prompt once.
     metrics = trainer.eval_step(s1["params"], trainer.make_batch(pairs8, 2), s1["params"])
-    expected = int(train.shared_row_lengths(pairs8["chosen_segments"],
+    expected = int(records.shared_row_lengths(pairs8["chosen_segments"],
                                             pairs8["rejected_segments"]).sum())
     assert int(metrics["tokens"]) == expected
 
@@ -147,7 +147,7 @@ def test_pack_shared_prompt_layout_and_errors():
     np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 2, 3, 0])
     # token 5 (the rejected response's first) is scored from the prompt's last token
     np.testing.assert_array_equal(rows["parents"][0], [0, 0, 1, 2, 3, 1, 5, 6])
-    assert train.shared_row_lengths(pair["chosen_segments"], pair["rejected_segments"])[0] == 7
+    assert records.shared_row_lengths(pair["chosen_segments"], pair["rejected_segments"])[0] == 7
     with pytest.raises(ValueError, match="pair 0 of the batch needs 7 tokens"):
         train.pack_shared_prompt(pair, 6)
     other = dict(pair, rejected_ids=np.array([[7, 9, 1, 4, 0, 0]]))

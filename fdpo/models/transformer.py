@@ -219,7 +219,6 @@ def _cached_attention(q: Array, k: Array, v: Array, mask: Array, kv_cache: tuple
     b, t, kvh, g, d = q.shape
     cd = q.dtype
     k_cache, v_cache = (c.astype(cd) for c in kv_cache)  # [b, kv, d, slots], [b, kv, slots, d]
-    slots = v_cache.shape[2]
     rows = q.transpose(0, 2, 1, 3, 4).reshape(b, kvh, t * g, d)
     lowest = jnp.finfo(jnp.float32).min
 
