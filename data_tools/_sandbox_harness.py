@@ -178,14 +178,14 @@ def _reap(block):
             return
 
 
-def _wipe(root):
+def _wipe(root_fd):
     """Empty the scratch directory between cells. Iterative and relative (chdir down and
     back up with a stack of names), so arbitrarily deep trees cannot exhaust the judge's
     recursion limit or PATH_MAX. Entries without permissions are ours (same uid): chmod
     them. Each descent is checked against the entry's inode, so a directory swapped for a
     symlink (possible only in the weak mode, where stragglers may survive) is not
-    followed."""
-    os.chdir(root)
+    followed. `root_fd` is the scratch directory, opened before privileges were dropped."""
+    os.fchdir(root_fd)
     names = []
     while True:
         descended = False
@@ -278,7 +278,7 @@ def _run_cell(cfg, code, test, devnull):
             pass
     os.close(r)
     os.close(pidfd)
-    _wipe(cfg["scratch"])
+    _wipe(cfg["scratch_fd"])
 
     code_loaded = False
     verdicts = []
@@ -353,18 +353,24 @@ def main():
         # PID 1 only ignores in-namespace signals whose disposition is SIG_DFL.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     cfg["oom_adj"] = cfg["uid"] is not None and os.getuid() == 0
-    if cfg["oom_adj"]:
-        if not cfg["pid1"]:  # the sandbox's /tmp is already 1777; a host temp dir is not
-            os.chown(cfg["scratch"], cfg["uid"], cfg["gid"])
-            os.chmod(cfg["scratch"], 0o700)
-        _drop_privileges(cfg["uid"], cfg["gid"])
-    _prctl(PR_SET_DUMPABLE, 0)
-    os.chdir(cfg["scratch"])
+    # Before privileges are dropped (no user code exists yet): the modules stay importable
+    # from sys.modules whatever the unprivileged uid may read.
     for name in cfg["preload"]:
         try:
             __import__(name)
         except ImportError:
             pass
+    # Entered, and held as a descriptor, before privileges are dropped: the unprivileged
+    # uid never resolves the scratch path again, so parents it cannot traverse (a /tmp at
+    # 0700 in the weak mode) do not matter.
+    os.chdir(cfg["scratch"])
+    cfg["scratch_fd"] = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    if cfg["oom_adj"]:
+        if not cfg["pid1"]:  # the sandbox's /tmp is already 1777; a host temp dir is not
+            os.chown(".", cfg["uid"], cfg["gid"])
+            os.chmod(".", 0o700)
+        _drop_privileges(cfg["uid"], cfg["gid"])
+    _prctl(PR_SET_DUMPABLE, 0)
     gc.collect()
     gc.freeze()  # keeps forked children from touching (and copying) the judge's pages
 

@@ -36,6 +36,8 @@ flags.DEFINE_integer("scratch_mb", 64, "Size of the writable /tmp in the sandbox
 flags.DEFINE_enum("isolation", "full", list(executor.ISOLATION_MODES),
                   "full: bwrap namespaces + cgroups (needs root). Weaker modes only when "
                   "asked for: no_cgroup (no total memory/task cap), none (no sandbox).")
+flags.DEFINE_string("scratch_dir", None, "isolation=none: where each sandbox's working "
+                    "directory is made (default: the temp directory, TMPDIR honoured).")
 flags.mark_flags_as_required(["input", "output", "timeout"])
 
 
@@ -132,7 +134,8 @@ def main(argv):
             timeout_s=FLAGS.timeout, memory_mb=FLAGS.memory_mb, max_procs=FLAGS.max_procs,
             file_size_mb=FLAGS.file_size_mb, scratch_mb=FLAGS.scratch_mb,
         )
-        ex = executor.Executor(limits, workers=FLAGS.workers, isolation=FLAGS.isolation)
+        ex = executor.Executor(limits, workers=FLAGS.workers, isolation=FLAGS.isolation,
+                               scratch_dir=FLAGS.scratch_dir)
     except ValueError as e:
         raise app.UsageError(str(e))
     except executor.IsolationUnavailable as e:

@@ -64,7 +64,10 @@ Weaker modes, only when chosen explicitly:
   * isolation="no_cgroup": everything but the cgroup, so total memory is only bounded by
     max_procs x memory_mb and total tasks by RLIMIT_NPROC.
   * isolation="none": no namespaces: rlimits, a clean environment, a temporary working
-    directory, and (when run as root) the per-worker uid. The network and the file
+    directory under `scratch_dir` (default: the host's temp directory, TMPDIR honoured), and
+    (when run as root) the per-worker uid. The judge enters that directory before it drops
+    privileges and only ever reaches it through a descriptor afterwards, so it works
+    whatever the modes of its parents (a /tmp at 0700, systemd's PrivateTmp). The network and the file
     system are reachable, a cell can kill the judge (the rest of that problem becomes
     sandbox_error), and a daemon that leaves the cell's session survives. Only for
     trusted code or machines without root/bwrap.
@@ -335,15 +338,26 @@ def _python_layout(python: str) -> tuple[str, list[str], list[str]]:
     site_dirs = [d for d in site_dirs if d]
     roots = sorted({os.path.realpath(base), os.path.realpath(base_exec),
                     os.path.dirname(exe)})
-    for root in roots:
-        if root == "/tmp" or root.startswith("/tmp/"):
-            raise IsolationUnavailable(
-                f"the Python installation {root} lies under /tmp, which the sandbox replaces "
-                "with its scratch directory; use an interpreter installed elsewhere")
     venv_sites = []
     if os.path.realpath(prefix) != os.path.realpath(base):
         venv_sites = [os.path.realpath(d) for d in site_dirs if os.path.isdir(d)]
     return exe, roots, venv_sites
+
+
+def blocked_for_others(path: str) -> str | None:
+    """Why a user that is neither owner nor group member cannot read `path` (a directory):
+    the first ancestor without search permission for others, or the directory itself
+    without read permission; None when it can."""
+    path = os.path.realpath(path)
+    parts = path.strip("/").split("/")
+    for k in range(len(parts) + 1):
+        d = "/" + "/".join(parts[:k])
+        mode = os.stat(d).st_mode
+        if not mode & 0o001:
+            return f"{d} has mode {mode & 0o7777:04o} (others may not enter it)"
+    if not os.stat(path).st_mode & 0o004:
+        return f"{path} has mode {os.stat(path).st_mode & 0o7777:04o} (others may not list it)"
+    return None
 
 
 def _bwrap_args(python: str, roots: Sequence[str], limits: Limits,
@@ -432,7 +446,10 @@ class Executor:
         isolation: str = "full",
         python: str | None = None,
         preload: Sequence[str] = DEFAULT_PRELOAD,
+        scratch_dir: str | None = None,
     ):
+        """`scratch_dir`: where isolation="none" makes each sandbox's working directory
+        (default: tempfile.gettempdir()); the bwrap modes use the sandbox's own tmpfs."""
         check_isolation(isolation)
         self.limits = limits
         self.workers = int(workers or os.cpu_count() or 1)
@@ -441,16 +458,35 @@ class Executor:
         self.isolation = isolation
         self.python = python or sys.executable
         self.preload = list(preload)
+        self.scratch_dir = scratch_dir or tempfile.gettempdir()
+        if isolation == "none" and not os.path.isdir(self.scratch_dir):
+            raise IsolationUnavailable(
+                f"isolation='none': the scratch directory {self.scratch_dir!r} does not exist")
         # Unique per executor instance (host pid, instance counter): two executors never
         # share a uid's RLIMIT_NPROC counter or a cgroup.
         instance = next(_INSTANCES)
         block = (os.getpid() * 16 + instance) % 65536
         self._uids = [_UID_BASE + block * _MAX_WORKERS + s for s in range(self.workers)]
+        exe, roots, venv_sites = _python_layout(self.python)
         if isolation != "none":
-            exe, roots, venv_sites = _python_layout(self.python)
+            for root in roots:
+                if root == "/tmp" or root.startswith("/tmp/"):
+                    raise IsolationUnavailable(
+                        f"the Python installation {root} lies under /tmp, which the sandbox "
+                        "replaces with its scratch directory; use an interpreter installed "
+                        "elsewhere")
             self._bwrap = _bwrap_args(exe, roots, limits, venv_sites)
         else:
             self._bwrap = None
+            if os.geteuid() == 0:  # programs run as a per-worker uid that is not the owner
+                for path in roots + venv_sites:
+                    blocked = blocked_for_others(path)
+                    if blocked:
+                        raise IsolationUnavailable(
+                            f"isolation='none' runs programs as an unprivileged uid, which "
+                            f"cannot read the Python installation at {path}: {blocked}. Use "
+                            "isolation='no_cgroup' or 'full' (they show the interpreter at "
+                            "a neutral path), or python= an interpreter other users can read")
         if isolation == "full":
             _Cgroups.sweep_stale()
         self._cgroups = (
@@ -475,8 +511,9 @@ class Executor:
         probe = self.run(["x = 1"], ["assert x == 1"])
         if probe.status != [["pass"]]:
             self.close()
+            where = (f" (scratch under {self.scratch_dir!r})" if isolation == "none" else "")
             raise IsolationUnavailable(
-                f"isolation={isolation!r}: the sandbox does not work on this machine "
+                f"isolation={isolation!r}: the sandbox does not work on this machine{where} "
                 f"({probe.status[0][0]}: {probe.detail[0][0]})"
             )
 
@@ -577,7 +614,8 @@ class _Sandbox:
         self.ex, self.slot, self.jobs = ex, slot, 0
         self.nonce = os.urandom(16).hex()
         self.pid1 = ex.isolation != "none"
-        self.scratch = "/tmp" if self.pid1 else tempfile.mkdtemp(prefix="fdpo-exec-")
+        self.scratch = ("/tmp" if self.pid1
+                        else tempfile.mkdtemp(prefix="fdpo-exec-", dir=ex.scratch_dir))
         uid = ex._uids[slot] if os.geteuid() == 0 else None
         cfg = {
             "nonce": self.nonce, "timeout": ex.limits.timeout_s, "pid1": self.pid1,
@@ -734,12 +772,13 @@ def run_problems(
     workers: int | None = None,
     memory_mb: int = 1024,
     isolation: str = "full",
+    scratch_dir: str | None = None,
     **limits,
 ) -> Iterator[dict]:
     """Yields {"id", "passed", "status", "detail", "time_s", "wall_s"} per problem, in
     completion order. `limits` are further `Limits` fields (max_procs, file_size_mb, ...)."""
     lim = Limits(timeout_s=timeout, memory_mb=memory_mb, **limits)
-    with Executor(lim, workers=workers, isolation=isolation) as ex:
+    with Executor(lim, workers=workers, isolation=isolation, scratch_dir=scratch_dir) as ex:
         for pid, res in ex.map(problems):
             yield {"id": pid, **res.to_json()}
 

