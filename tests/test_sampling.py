@@ -159,8 +159,8 @@ def test_eos_stops_rows_like_transformers(model):
 
 def test_mesh_2x2x2_greedy_matches_one_device(tmp_path):
     assert jax.device_count() == 8, "conftest must set 8 fake CPU devices before JAX starts"
-    make_hf_model(tmp_path, "qwen2", num_key_value_heads=2, vocab_size=256,
-                  intermediate_size=128)
+    torch_model = make_hf_model(tmp_path, "qwen2", num_key_value_heads=2, vocab_size=256,
+                                intermediate_size=128)
     cfg = ModelConfig.from_hf_dir(tmp_path)
     prompts = prompts_for(cfg, (3, 9, 20))  # 3 rows over a batch split of 4: one dummy row
     params = sampling.SamplingParams(max_new_tokens=16, temperature=0, eos_ids=())
@@ -171,7 +171,20 @@ def test_mesh_2x2x2_greedy_matches_one_device(tmp_path):
     sampler = sampling.Sampler(cfg, g8, s8, mesh)
     assert sampler.batch_multiple == 4
     got = sampler.generate(prompts, params)
-    assert [c.tokens for c in got] == [c.tokens for c in expected]
+    # Token for token, except that a sharded forward sums in another order: where two
+    # logits tie to float32 rounding (relative 1e-4 of the row's scale, measured against
+    # float64 logits), either token is a correct greedy choice and the rows may part.
+    torch_model = torch_model.double()
+    for prompt, a, b in zip(prompts, got, expected):
+        t = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), None)
+        if t is None:
+            assert a.tokens == b.tokens
+            continue
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([prompt + b.tokens[:t]])).logits[0, -1].numpy()
+        gap = abs(logits[a.tokens[t]] - logits[b.tokens[t]])
+        assert gap <= 1e-4 * np.abs(logits).max(), (
+            f"greedy rows part at step {t} where the logits differ by {gap:.3g}: not a tie")
 
 
 # ----------------------------------------------------------------------------------------

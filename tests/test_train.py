@@ -15,6 +15,7 @@ from fdpo import loss as loss_lib
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment
 from launch.train import loss_config
+from tests.helpers.numerics import assert_close_at_scale
 from tests.helpers.pairs import random_params, random_pairs, stack, write_dataset
 
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -54,9 +55,12 @@ def one_device_run(pairs8):
     return jax.device_get(state), losses
 
 
-def assert_params_close(a, b, atol=1e-6, rtol=1e-4):
-    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
-        np.testing.assert_allclose(y, x, atol=atol, rtol=rtol)
+def assert_params_close(a, b, rtol=1e-5):
+    """Each parameter array within rtol of its largest magnitude: float32 rounding of the
+    gradients scales with the array, not with each (possibly near-zero) element."""
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(a)),
+                            jax.tree.leaves(jax.device_get(b))):
+        assert_close_at_scale(y, x, rtol, axis=None, what=jax.tree_util.keystr(path))
 
 
 def test_sharded_step_on_8_devices_matches_one_device(pairs8, one_device_run):
@@ -357,4 +361,4 @@ def test_train_state_restores_onto_another_mesh(tmp_path):
     mu = restored["opt_state"][1][0].mu["layers"]["mlp"]["up_kernel"]  # adam's first moment
     assert mu.sharding == eight.param_shardings["layers"]["mlp"]["up_kernel"]
     assert len(mu.sharding.device_set) == 8
-    assert_params_close(state, restored, atol=0, rtol=0)
+    assert_params_close(state, restored, rtol=0)  # bitwise
