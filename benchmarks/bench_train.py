@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from fdpo import logprobs, records, sharding, train  # noqa: E402
 from fdpo import loss as loss_lib  # noqa: E402
 from fdpo.models.config import ModelConfig  # noqa: E402
-from tests.helpers.pairs import random_params  # noqa: E402
+from fdpo.testing import random_params  # noqa: E402
 
 GiB = 1024**3
 

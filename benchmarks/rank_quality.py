@@ -11,7 +11,7 @@ DIR/tasks.jsonl (per task: codes, mutation descriptions, tests, pass matrix, tru
 """
 from absl import app, flags
 
-from data_tools import rank_quality as rq
+from benchmarks.ranking import quality as rq
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "../shared/data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",

@@ -1,4 +1,4 @@
-r"""Focused-DPO (and its baselines) on pair records built by `data_tools.build`.
+r"""Focused-DPO (and its baselines) on pair records built by `launch.build`.
 
     python -m launch.train --workdir=WORKDIR \
         --config=configs/focused_dpo.py:model=CKPT,data=DATA_DIR[,preset=dpo][,runlocal]

@@ -3,7 +3,7 @@ r"""A real Focused-DPO run: an HF checkpoint, a prompt file, real benchmarks, an
     python -m launch.pipeline --workdir=runs/qwen7b \
         --config=configs/real.py:hf_dir=/ckpt/Qwen2.5-Coder-7B-Instruct,prompts=prompts.jsonl
 
-Prompts are `{"id", "prompt"}` lines (e.g. from `data_tools.synthesize`). The policy writes
+Prompts are `{"id", "prompt"}` lines (e.g. from `launch.synthesize`). The policy writes
 k = 10 codes and 10 tests per prompt at temperature 1.5 [paper], every code runs against
 every test, codes are ranked, error-point pairs built, reference sums precomputed, and
 Focused-DPO and DPO are trained from the imported checkpoint, then evaluated greedily on

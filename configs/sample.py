@@ -11,7 +11,7 @@ one greedy code per prompt, no tests.
 Templates are Python format strings with `{prompt}` (the input line's prompt) and, for
 tests, `{num_asserts}`. The rendered message is sent as one user turn through the
 tokenizer's chat template when it has one, else as plain text (with the tokenizer's
-special tokens, e.g. BOS): the same rule as `data_tools.build`.
+special tokens, e.g. BOS): the same rule as the data builder (`fdpo.tokenization`).
 """
 
 from __future__ import annotations

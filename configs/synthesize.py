@@ -1,6 +1,6 @@
-"""Problem synthesis from concepts (``python -m data_tools.synthesize``).
+"""Problem synthesis from concepts (``python -m launch.synthesize``).
 
-    python -m data_tools.synthesize --config configs/synthesize.py --concepts C.jsonl \\
+    python -m launch.synthesize --config configs/synthesize.py --concepts C.jsonl \\
         --hf_dir HF --out PROMPTS.jsonl --config.per_concept=8 --config.sampling.temperature=0.7
 
 The generation templates ask the policy for one problem in a fixed Markdown layout, which

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import toy_data
 from configs.common import parse_arg
 
 # Focused-DPO, DPO, and continued supervised training on the chosen (correct) samples of
@@ -33,11 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "toy"
 
-    # The miniature's data (data_tools.toy_data). A real run sets toy.enabled = False and
+    # The miniature's data (launch.toy_data, configs/toy_data.py). A real run sets toy.enabled = False and
     # gives prompts, a tokenizer and an initial checkpoint instead (see configs/real.py).
-    c.toy = ml_collections.ConfigDict(dict(
-        enabled=True, seed=0, held_out_fraction=0.2, num_tests=8, corrupt_fraction=0.25,
-        eval_tests=16, eval_seen=64, vocab_size=384, sft_fraction=0.5))
+    c.toy = toy_data.get_config()
+    c.toy.enabled = True
 
     # The initial policy: a random tiny Qwen2 (fields of ModelConfig), warm-started by SFT.
     c.init = ml_collections.ConfigDict(dict(

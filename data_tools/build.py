@@ -1,12 +1,12 @@
 """Builds Focused-DPO pair records from sampled codes, tests and verdicts.
 
-    python -m data_tools.build --input SAMPLES.jsonl --tokenizer HF_DIR --out DIR --max_len 2048
+    python -m launch.build --input=SAMPLES.jsonl --tokenizer=HF_DIR --out=DIR --config.max_len=2048
 
 Input: JSON Lines, each line one of
 
 * a problem: ``{"id", "prompt", "codes": [str], "tests": [...], "passed": [[bool]]}`` with
-  ``passed[i][j]`` true when code i passes test j; codes are ranked (``--ranker``), classified,
-  and the best (correct, incorrect) pairs selected (``--lam``, ``--pairs_per_problem``);
+  ``passed[i][j]`` true when code i passes test j; codes are ranked (``config.ranker``), classified,
+  and the best (correct, incorrect) pairs selected (``config.lam``, ``config.pairs_per_problem``);
 * a ready pair: ``{"prompt", "chosen", "rejected"}`` (optional ``"id"``), used as given.
 
 Tokenisation: when the tokenizer has a chat template, the prompt is the template applied to one
@@ -16,11 +16,11 @@ directly (plain concatenation). Each response is tokenised on its own, without s
 and the EOS token is appended (the policy learns to stop; for ChatML tokenizers EOS is
 ``<|im_end|>``). Segments are computed on these response token ids.
 
-Output in ``--out`` for shard i of n (``--shard_index/--num_shards``; host i reads input lines
+Output in ``--out`` for shard i of n (``config.shard_index/num_shards``; host i reads input lines
 ``i, i+n, ...``, 0-based, so hosts write disjoint shards):
 
 * ``train-0000i-of-0000n.array_record``, ``validation-...``: :mod:`fdpo.records` records;
-  the split is by a hash of the problem id (``--val_fraction``), so it is deterministic and a
+  the split is by a hash of the problem id (``config.val_fraction``), so it is deterministic and a
   problem never lands in both splits;
 * ``manifest-0000i-of-0000n.json`` (and ``manifest.json`` when n = 1; ``--merge`` merges the
   shard manifests of a finished multi-host build into ``manifest.json``);
@@ -49,6 +49,7 @@ import numpy as np
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
 from fdpo import records
+from fdpo.tokenization import Encoder
 
 log = logging.getLogger("data_tools.build")
 
@@ -79,19 +80,19 @@ class BuildConfig:
 
     def validate(self) -> None:
         if self.ranker not in rank_lib.RANKERS:
-            raise ValueError(f"--ranker={self.ranker!r}: choose one of {sorted(rank_lib.RANKERS)}")
+            raise ValueError(f"config.ranker={self.ranker!r}: choose one of {sorted(rank_lib.RANKERS)}")
         if self.granularity not in ("token", "line"):
-            raise ValueError(f"--granularity={self.granularity!r}: choose 'token' or 'line'")
+            raise ValueError(f"config.granularity={self.granularity!r}: choose 'token' or 'line'")
         if self.max_len < 2:
-            raise ValueError(f"--max_len={self.max_len} must be >= 2")
+            raise ValueError(f"config.max_len={self.max_len} must be >= 2")
         if not 1 <= self.pairs_per_problem <= MAX_PAIRS_PER_PROBLEM:
-            raise ValueError(f"--pairs_per_problem={self.pairs_per_problem} must be in 1..{MAX_PAIRS_PER_PROBLEM}")
+            raise ValueError(f"config.pairs_per_problem={self.pairs_per_problem} must be in 1..{MAX_PAIRS_PER_PROBLEM}")
         if not 0.0 <= self.val_fraction <= 1.0:
-            raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1]")
+            raise ValueError(f"config.val_fraction={self.val_fraction} must be in [0, 1]")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"--shard_index={self.shard_index} must be in [0, --num_shards={self.num_shards})")
+            raise ValueError(f"config.shard_index={self.shard_index} must be in [0, config.num_shards={self.num_shards})")
         if self.chunk_size < 1:
-            raise ValueError("--chunk_size must be >= 1")
+            raise ValueError("config.chunk_size must be >= 1")
 
     def shard_tag(self) -> str:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
@@ -222,64 +223,6 @@ def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
 
 
 # ---------------------------------------------------------------------------- tokenising
-
-class Encoder:
-    """Prompt and response tokenisation as described in the module docstring."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
-        self.eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id
-        self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
-        self._newline: dict[int, bool] = {}
-
-    def prompts(self, prompts: list[str]) -> list[np.ndarray]:
-        if self.chat:
-            texts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                  add_generation_prompt=True) for p in prompts]
-            # The rendered template spells its special tokens; the tokenizer maps them back.
-            ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tok(prompts, add_special_tokens=True)["input_ids"]
-        return [np.asarray(x, np.int64) for x in ids]
-
-    def responses(self, texts: list[str]) -> list[np.ndarray]:
-        # Duplicate samples are common at high temperature: tokenise each distinct text once.
-        unique = list(dict.fromkeys(texts))
-        ids = self.tok(unique, add_special_tokens=False)["input_ids"] if unique else []
-        tail = [self.eos] if self.eos is not None else []
-        by_text = {t: np.asarray(list(x) + tail, np.int64) for t, x in zip(unique, ids)}
-        return [by_text[t] for t in texts]
-
-    def newline_flags(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty(len(ids), bool)
-        for k, i in enumerate(ids.tolist()):
-            flag = self._newline.get(i)
-            if flag is None:
-                flag = self._newline[i] = "\n" in self.tok.decode([i])
-            out[k] = flag
-        return out
-
-    def identity(self, path: str) -> dict[str, Any]:
-        tok_json = os.path.join(path, "tokenizer.json")
-        sha = None
-        if os.path.isfile(tok_json):
-            with open(tok_json, "rb") as f:
-                sha = hashlib.sha256(f.read()).hexdigest()
-        template = getattr(self.tok, "chat_template", None)
-        return {
-            "name_or_path": path,
-            "class": type(self.tok).__name__,
-            "vocab_size": len(self.tok),
-            "tokenizer_json_sha256": sha,
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
-            "prompt_format": "chat_template" if self.chat else "plain",
-            "eos_token_id": self.eos,
-            "eos_appended": self.eos is not None,
-            "pad_token_id_in_records": self.pad,
-        }
-
 
 # ---------------------------------------------------------------------------------- build
 
@@ -522,61 +465,6 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
         f.write("\n".join(rows))
 
 
-# ------------------------------------------------------------------------------------ CLI
-
-def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
-    flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory (AutoTokenizer).")
-    flags.DEFINE_string("out", None, "Output directory.")
-    flags.DEFINE_integer("max_len", 2048, "Record length L (prompt + response + padding).")
-    flags.DEFINE_enum("ranker", "mutual", sorted(rank_lib.RANKERS), "Code ranker.")
-    flags.DEFINE_float("damping", rank_lib.DEFAULT_DAMPING, "Mutual-reinforcement damping d.")
-    flags.DEFINE_integer("max_iter", rank_lib.DEFAULT_MAX_ITER, "Mutual reinforcement: max iterations.")
-    flags.DEFINE_integer("patience", rank_lib.DEFAULT_PATIENCE,
-                         "Mutual reinforcement: stop after this many iterations without a ranking change.")
-    flags.DEFINE_float("lam", seg_lib.DEFAULT_LAMBDA, "lambda in Diff = rank diff + lambda * common fraction.")
-    flags.DEFINE_integer("pairs_per_problem", 1, "Pairs kept per problem (highest Diff first).")
-    flags.DEFINE_enum("granularity", "token", ["token", "line"], "Segment boundaries: tokens or lines.")
-    flags.DEFINE_float("val_fraction", 1 / 6, "Fraction of problems (by id hash) in validation.")
-    flags.DEFINE_integer("shard_index", 0, "This host's shard.")
-    flags.DEFINE_integer("num_shards", 1, "Number of hosts building disjoint shards.")
-    flags.DEFINE_integer("chunk_size", 2048, "Problems ranked and tokenised together.")
-    flags.DEFINE_integer("preview_pairs", 20, "Pairs shown in the HTML preview.")
-    flags.DEFINE_bool("merge", False, "Only merge the shard manifests found in --out into manifest.json.")
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-    return flags.FLAGS
-
-
-def main(argv):
-    del argv
-    FLAGS = flags_obj
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if FLAGS.out is None:
-        raise SystemExit("--out is required")
-    if FLAGS.merge:
-        merged = merge(FLAGS.out)
-        print(json.dumps(merged["counts"], indent=2))
-        return
-    for name in ("input", "tokenizer"):
-        if getattr(FLAGS, name) is None:
-            raise SystemExit(f"--{name} is required")
-    config = BuildConfig(
-        max_len=FLAGS.max_len, ranker=FLAGS.ranker, damping=FLAGS.damping, max_iter=FLAGS.max_iter,
-        patience=FLAGS.patience, lam=FLAGS.lam, pairs_per_problem=FLAGS.pairs_per_problem,
-        granularity=FLAGS.granularity, val_fraction=FLAGS.val_fraction, shard_index=FLAGS.shard_index,
-        num_shards=FLAGS.num_shards, chunk_size=FLAGS.chunk_size, preview_pairs=FLAGS.preview_pairs)
-    try:
-        manifest, timings = build(FLAGS.input, FLAGS.tokenizer, FLAGS.out, config, progress=FLAGS.progress)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]}, indent=2))
-    print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
-
-
 if __name__ == "__main__":
-    from absl import app
-
-    flags_obj = _define_flags()
-    app.run(main)
+    sys.exit("data_tools.build is a library; the program is `python -m launch.build` "
+             "(tunables under --config.*, e.g. --config.max_len=2048)")

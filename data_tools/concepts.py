@@ -1,10 +1,10 @@
 """Programming concepts extracted statically from Python source trees (METHOD.md section 2,
 phase 1: the concepts that problem prompts are later synthesised around).
 
-    python -m data_tools.concepts --source DIR [DIR ...] --out CONCEPTS.jsonl
+    python -m launch.concepts --source=DIR [--source=DIR ...] --out=CONCEPTS.jsonl
 
 Every ``*.py`` file under the source directories (hidden directories, ``__pycache__`` and
-``--exclude_dirs``, default ``site-packages,dist-packages,node_modules,venv``, are not entered:
+``config.exclude_dirs``, default ``site-packages,dist-packages,node_modules,venv``, are not entered:
 installed third-party code is not the tree's own; symlinks are not followed) is parsed with :mod:`ast`; nothing is imported or executed.
 Three kinds of concept are recorded, each occurrence with its file and line:
 
@@ -105,6 +105,8 @@ import sys
 import tokenize
 import warnings
 from typing import Any, Iterable, Iterator, Sequence
+
+from fdpo import jsonl
 
 log = logging.getLogger("data_tools.concepts")
 
@@ -819,8 +821,6 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_concepts(path: str) -> list[dict[str, Any]]:
     """Reads a concepts JSONL file; malformed lines raise with the line number."""
-    from fdpo import jsonl
-
     out = []
     for where, obj in jsonl.objects(path):
         if not isinstance(obj.get("concept"), str) or obj.get("kind") not in KINDS:
@@ -829,51 +829,6 @@ def read_concepts(path: str) -> list[dict[str, Any]]:
     return out
 
 
-# ------------------------------------------------------------------------------------ CLI
-
-def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_multi_string("source", None, "Source directory (or .py file); repeat or give several.")
-    flags.DEFINE_string("out", None, "Output JSONL of concepts (OUT.report.json is written beside it).")
-    flags.DEFINE_integer("min_count", 2, "Drop concepts with fewer occurrences.")
-    flags.DEFINE_integer("min_files", 1, "Drop concepts seen in fewer files.")
-    flags.DEFINE_bool("drop_local", True, "Drop APIs of the scanned trees' own modules.")
-    flags.DEFINE_integer("max_file_bytes", DEFAULT_MAX_FILE_BYTES, "Skip larger files (counted).")
-    flags.DEFINE_list("exclude_dirs", list(DEFAULT_EXCLUDE_DIRS), "Directory names not entered.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar.")
-    return flags.FLAGS
-
-
-def main(argv):
-    FLAGS = flags_obj
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # ``--source A B C``: absl gives the first to the flag and the rest as positional args.
-    sources = list(FLAGS.source or []) + list(argv[1:])
-    if not sources:
-        raise SystemExit("--source is required")
-    if FLAGS.out is None:
-        raise SystemExit("--out is required")
-    if FLAGS.min_count < 1 or FLAGS.min_files < 1:
-        raise SystemExit("--min_count and --min_files must be >= 1")
-    filters = Filters(FLAGS.min_count, FLAGS.min_files, FLAGS.drop_local)
-    try:
-        rows, report = scan(sources, filters, progress=FLAGS.progress, max_bytes=FLAGS.max_file_bytes,
-                             exclude_dirs=FLAGS.exclude_dirs)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
-    write_jsonl(FLAGS.out, rows)
-    with open(FLAGS.out + ".report.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    for s in report["skipped"][:20]:
-        log.warning("skipped %s:%s (%s): %s", s["path"], s["line"] or "", s["reason"], s["detail"])
-    summary = {k: v for k, v in report.items() if k != "skipped"}
-    print(json.dumps(summary, indent=2))
-
-
 if __name__ == "__main__":
-    from absl import app
-
-    flags_obj = _define_flags()
-    app.run(main)
+    sys.exit("data_tools.concepts is a library; the program is `python -m launch.concepts` "
+             "(filters under --config.*, e.g. --config.min_count=2)")

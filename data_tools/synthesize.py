@@ -1,14 +1,14 @@
 """Problem prompts synthesised by the policy around extracted concepts (METHOD.md section 2,
 phase 1).
 
-    python -m data_tools.synthesize --concepts CONCEPTS.jsonl (--checkpoint CKPT | --hf_dir HF) \\
-        --out PROMPTS.jsonl [--per_concept N] [--config configs/synthesize.py]
+    python -m launch.synthesize --concepts=CONCEPTS.jsonl (--checkpoint=CKPT | --hf_dir=HF) \\
+        --out=PROMPTS.jsonl [--per_concept=N] [--config=configs/synthesize.py]
 
 Steps: (1) :func:`make_requests` turns each concept into ``per_concept`` requests, each naming
 the seed concept plus up to ``max_concepts_per_problem - 1`` partners (drawn without
 replacement, weighted by log occurrence count, seeded), rendered with the config's generation
-templates; (2) :func:`generate` samples the policy (the only part that needs a model and the
-sampler); (3) :func:`parse_problem` reads each generation back and validates it; (4)
+templates; (2) the policy samples them (`launch.synthesize`: the only part that needs a
+model and the sampler); (3) :func:`parse_problem` reads each generation back and validates it; (4)
 :func:`dedupe` drops exact and near duplicates; (5) the survivors are written in the format
 ``launch.sample`` reads.
 
@@ -62,7 +62,7 @@ Output line (one per kept problem):
 signature and examples; ``id`` is ``PREFIX-`` + the first 12 hex digits of the sha256 of
 the normalised text (stable across runs, unique after dedupe).
 
-This module imports no jax; :func:`generate` imports the model stack lazily.
+This module imports no jax; the program `launch.synthesize` loads the model.
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from fdpo import jsonl
 
 log = logging.getLogger("data_tools.synthesize")
 
@@ -351,8 +353,6 @@ class BenchmarkIndex:
 
 
 def _benchmark_rows(path: str) -> Iterable[dict]:
-    from fdpo import jsonl
-
     for where, obj in jsonl.objects(path, label=f"--decontaminate={path}"):
         if not isinstance(obj.get("prompt"), str) or "task_id" not in obj:
             raise ValueError(f"{where}: expected an EvalPlus task with 'task_id' and a "
@@ -506,63 +506,7 @@ def process_generations(requests: Sequence[Request], generations: Sequence[Seque
     return records, counts, sorted(rejected, key=lambda r: (r["request"], r["sample"]))
 
 
-# -------------------------------------------------------------------------- generation
-
-def generate(prompts: Sequence[str], n: int, *, checkpoint: str | None = None, hf_dir: str | None = None,
-             sampling=None) -> list[list[str]]:
-    """``n`` policy samples per prompt (the user message; the sampler applies the chat template).
-
-    The one place that needs a model: it loads it with
-    :func:`fdpo.models.checkpoint.load_checkpoint_or_hf` and samples with
-    :func:`fdpo.sampling.sample_texts`. Imports happen here so the rest of this module (and
-    its tests) run without jax.
-    """
-    from fdpo import sampling as sampling_lib
-    from fdpo.models.checkpoint import load_checkpoint_or_hf
-    from launch import common
-
-    common.quiet_tokenizers()
-    mesh = common.init_jax()
-    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(mesh, checkpoint=checkpoint, hf_dir=hf_dir)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    s = sampling or {}
-    get = (lambda k, d: s.get(k, d)) if isinstance(s, dict) else (lambda k, d: getattr(s, k, d))
-    texts = sampling_lib.sample_texts(
-        cfg, graphdef, state, tokenizer, list(prompts), num_samples=n, mesh=mesh,
-        temperature=get("temperature", 0.8), top_p=get("top_p", 0.95),
-        max_new_tokens=get("max_new_tokens", 768), batch_size=get("batch_size", 16),
-        seed=get("seed", 0), tok_dir=tok_dir)
-    if len(texts) != len(prompts) or any(len(t) != n for t in texts):
-        raise RuntimeError("fdpo.sampling.sample_texts returned the wrong number of samples")
-    return [list(t) for t in texts]
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config_flags.DEFINE_config_file("config", os.path.join(here, "configs", "synthesize.py"),
-                                    "Synthesis config (templates, sampling, validation, dedupe).",
-                                    lock_config=True)
-    flags.DEFINE_string("concepts", None, "Concepts JSONL from data_tools.concepts.")
-    flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory of the policy.")
-    flags.DEFINE_string("hf_dir", None, "Hugging Face directory of the policy.")
-    flags.DEFINE_string("out", None, "Output prompts JSONL (OUT.report.json and OUT.rejected.jsonl beside it).")
-    flags.DEFINE_integer("per_concept", None, "Requests per concept (overrides --config.per_concept).")
-    flags.DEFINE_string("generations", None,
-                        "Skip sampling: read generations from this JSONL ({'request': i, 'texts': [...]}, "
-                        "one line per request, as written by --save_generations).")
-    flags.DEFINE_string("save_generations", None, "Also write the raw generations here.")
-    flags.DEFINE_list("decontaminate", [],
-                      "EvalPlus-format task files (.jsonl or .jsonl.gz, comma-separated), e.g. "
-                      "HumanEval+ and MBPP+: problems overlapping their prompts are rejected.")
-    return flags.FLAGS
-
+# -------------------------------------------------------------------------- I/O
 
 def read_generations(path: str, num_requests: int) -> list[list[str]]:
     out: list[list[str] | None] = [None] * num_requests
@@ -584,63 +528,6 @@ def read_generations(path: str, num_requests: int) -> list[list[str]]:
     return out  # type: ignore[return-value]
 
 
-def main(argv):
-    del argv
-    FLAGS = flags_obj
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = FLAGS.config
-    for name in ("concepts", "out"):
-        if getattr(FLAGS, name) is None:
-            raise SystemExit(f"--{name} is required")
-    if FLAGS.generations is None and (FLAGS.checkpoint is None) == (FLAGS.hf_dir is None):
-        raise SystemExit("give exactly one of --checkpoint and --hf_dir (or --generations)")
-    if FLAGS.per_concept is not None:
-        config.per_concept = FLAGS.per_concept
-    from data_tools.concepts import read_concepts
-
-    try:
-        requests = make_requests(read_concepts(FLAGS.concepts), config)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --concepts={FLAGS.concepts}: {e}")
-    log.info("%d requests from %s", len(requests), FLAGS.concepts)
-    benchmarks = None
-    if FLAGS.decontaminate:
-        # Read before sampling: a wrong path should not cost a generation run.
-        try:
-            benchmarks = benchmark_index(FLAGS.decontaminate, config.decontaminate.ngram)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        log.info("decontaminating against %d benchmark tasks (%d word %d-grams) from %s",
-                 benchmarks.tasks, len(benchmarks.grams), benchmarks.n,
-                 ", ".join(FLAGS.decontaminate))
-    if FLAGS.generations is not None:
-        generations = read_generations(FLAGS.generations, len(requests))
-    else:
-        sampling = dict(config.sampling.to_dict(), seed=config.seed)
-        generations = generate([r.prompt for r in requests], config.samples_per_request,
-                               checkpoint=FLAGS.checkpoint, hf_dir=FLAGS.hf_dir, sampling=sampling)
-    if FLAGS.save_generations:
-        with open(FLAGS.save_generations, "w", encoding="utf-8") as f:
-            for r, texts in zip(requests, generations):
-                f.write(json.dumps({"request": r.index, "concepts": r.concepts, "texts": texts}) + "\n")
-    records, counts, rejected = process_generations(requests, generations, config, benchmarks)
-    with open(FLAGS.out, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    with open(FLAGS.out + ".rejected.jsonl", "w", encoding="utf-8") as f:
-        for r in rejected:
-            f.write(json.dumps(r) + "\n")
-    with open(FLAGS.out + ".report.json", "w", encoding="utf-8") as f:
-        decontamination = None if benchmarks is None else {
-            "files": benchmarks.files, "ngram": benchmarks.n,
-            "min_shared": config.decontaminate.min_shared}
-        json.dump({"counts": counts, "decontamination": decontamination,
-                   "config": config.to_dict()}, f, indent=2, default=str)
-    print(json.dumps(counts, indent=2), file=sys.stdout)
-
-
 if __name__ == "__main__":
-    from absl import app
-
-    flags_obj = _define_flags()
-    app.run(main)
+    sys.exit("data_tools.synthesize is a library; the program is `python -m launch.synthesize` "
+             "(same flags)")

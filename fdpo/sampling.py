@@ -442,7 +442,7 @@ def sample_texts(cfg: ModelConfig, graphdef, state, tokenizer, prompts: Sequence
 
     Row seeds are (prompt index, sample index), so results do not depend on batch_size.
     """
-    from data_tools.build import Encoder
+    from fdpo.tokenization import Encoder
 
     encoder = Encoder(tokenizer)
     sampler = Sampler(cfg, graphdef, state, mesh,

@@ -5,7 +5,7 @@
 ``SAMPLES.jsonl``: ``{"id", "codes": [str, ...]}`` per problem (other fields ignored).
 ``VERDICTS.jsonl``: ``{"id", "passed": [[bool]]}`` from the executor, ``passed[i][j]`` when
 code i passes test j; joined to the samples by id. Without ``--verdicts`` the sample lines
-must carry ``passed`` themselves (the ``data_tools.build`` input format). Writes ``phi.md``,
+must carry ``passed`` themselves (the ``launch.build`` input format). Writes ``phi.md``,
 ``phi.png``, ``phi.json``, ``phi_problems.jsonl`` (reference pair, segment lengths and
 per-sample containment of every used problem) and ``drops.jsonl`` (every dropped input line
 with file, line number and reason). The analysis itself is :mod:`data_tools.analyze`.
@@ -86,9 +86,9 @@ def continuation(samples_path, result, options, out_dir):
     import collections
     import pathlib
 
-    from data_tools import extract
-    from data_tools.build import Encoder
-    from data_tools.executor import Executor, Limits
+    from fdpo import extract
+    from fdpo.tokenization import Encoder
+    from fdpo.sandbox.executor import Executor, Limits
 
     lines = {pid: rec for pid, (_, rec) in
              continuation_lines(samples_path, [s.id for s in result.segments]).items()}

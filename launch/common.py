@@ -1,10 +1,12 @@
-"""Flags and set-up shared by the launch programs."""
+"""Flags shared by the launch programs that use JAX (the mesh and multi-host set-up)."""
 
 from __future__ import annotations
 
 import os
 
-from absl import flags, logging
+from absl import flags
+
+from fdpo import runtime
 
 MESH_SHAPE = flags.DEFINE_list(
     "mesh_shape", ["1", "-1", "1"],
@@ -21,33 +23,16 @@ PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "With --distributed: this process's index (default: detected).")
 
 
-def init_distributed():
-    """jax.distributed.initialize() when --distributed; a no-op otherwise."""
-    import jax
-
-    if DISTRIBUTED.value:
-        jax.distributed.initialize(coordinator_address=COORDINATOR.value,
-                                   num_processes=NUM_PROCESSES.value,
-                                   process_id=PROCESS_ID.value)
-
-
 def init_jax(mesh_shape=None):
-    """Initialises JAX (multi-host when --distributed) and returns the mesh: `mesh_shape`
-    when given (a run config's), else --mesh_shape."""
-    import jax
-
-    init_distributed()
-    from fdpo import sharding
-
+    """JAX set-up from the flags (multi-host when --distributed); returns the mesh:
+    `mesh_shape` when given (a run config's), else --mesh_shape."""
     try:
-        shape = [int(s) for s in (mesh_shape if mesh_shape is not None else MESH_SHAPE.value)]
+        return runtime.init(mesh_shape if mesh_shape is not None else MESH_SHAPE.value,
+                            distributed=DISTRIBUTED.value,
+                            coordinator_address=COORDINATOR.value,
+                            num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
     except ValueError as e:
-        raise flags.ValidationError(f"--mesh_shape={MESH_SHAPE.value}: {e}") from e
-    mesh = sharding.make_mesh(shape)
-    logging.info("mesh %s over %d %s devices (process %d of %d)", dict(mesh.shape),
-                 jax.device_count(), jax.devices()[0].platform, jax.process_index(),
-                 jax.process_count())
-    return mesh
+        raise flags.ValidationError(f"--mesh_shape: {e}") from e
 
 
 def quiet_tokenizers():

@@ -8,11 +8,11 @@ training — pick up where they stopped):
 
     data        the miniature's tokenizer, prompts, tests, SFT pairs (toy only)
     init        the initial policy (random tiny model, or an HF import)
-    sft_data    SFT records (data_tools.build on ready pairs)          (warm start only)
+    sft_data    SFT records (launch.build on ready pairs)          (warm start only)
     warm_start  supervised warm start with the `sft` preset             (warm start only)
     sample      k codes per prompt from the warm-started policy (launch.sample)
-    execute     every code against every test in the sandbox (data_tools.execute)
-    pairs       ranking, error-point pairs, ArrayRecord shards (data_tools.build)
+    execute     every code against every test in the sandbox (launch.execute)
+    pairs       ranking, error-point pairs, ArrayRecord shards (launch.build)
     reference   per-segment reference log-prob sums (launch.precompute_ref)
     train       every method x seed from the same start (launch.train)
     evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
@@ -38,6 +38,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import toy_data as toy_data_config
+
 CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/toy.py).",
                                          lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
@@ -50,7 +52,7 @@ def responses_behind_codes(sample: dict, completion: bool) -> list[str] | None:
     """The code responses of a `launch.sample` line that became its `codes` (the executor's
     verdict rows), in order: the sampler drops responses whose program is empty. None when
     they do not line up (e.g. samples written by another version of the extractor)."""
-    from data_tools import extract
+    from fdpo import extract
 
     raw = sample["raw"]
     if completion:
@@ -139,11 +141,9 @@ class Pipeline:
         t = self.cfg.toy
         if self.toy_dir.exists():
             shutil.rmtree(self.toy_dir)
-        self.run("data", "data_tools.toy_data", "--out", self.toy_dir, "--seed", t.seed,
-                 "--held_out_fraction", t.held_out_fraction, "--num_tests", t.num_tests,
-                 "--corrupt_fraction", t.corrupt_fraction, "--vocab_size", t.vocab_size,
-                 "--eval_tests", t.eval_tests, "--eval_seen", t.eval_seen,
-                 "--sft_fraction", t.sft_fraction)
+        fields = toy_data_config.get_config().keys()
+        self.run("data", "launch.toy_data", "--out", self.toy_dir,
+                 *(f"--config.{k}={t[k]}" for k in fields))
 
     def init(self):
         out = self.w / "init"
@@ -160,9 +160,10 @@ class Pipeline:
         out = self.w / "sft_data"
         if out.exists():
             shutil.rmtree(out)
-        self.run("sft_data", "data_tools.build", "--input", self.toy_dir / "sft_pairs.jsonl",
-                 "--tokenizer", self.tokenizer, "--out", out, "--max_len", self.cfg.max_len,
-                 "--val_fraction", 0.05, "--noprogress")
+        self.run("sft_data", "launch.build", "--input", self.toy_dir / "sft_pairs.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out,
+                 f"--config.max_len={self.cfg.max_len}", "--config.val_fraction=0.05",
+                 "--noprogress")
 
     def warm_start(self):
         ws = self.cfg.warm_start
@@ -225,7 +226,7 @@ class Pipeline:
                 tests = oracle[r["id"]] if oracle else r["tests"]
                 out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
         e = self.cfg.execute
-        self.run("execute", "data_tools.execute", "--input", self.w / "execute_input.jsonl",
+        self.run("execute", "launch.execute", "--input", self.w / "execute_input.jsonl",
                  "--output", self.w / "verdicts.jsonl", "--timeout", e.timeout,
                  *(["--workers", e.workers] if e.workers else []))  # 0: all cores
 
@@ -248,9 +249,10 @@ class Pipeline:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         b = self.cfg.build
-        self.run("pairs", "data_tools.build", "--input", self.w / "build_input.jsonl",
-                 "--tokenizer", self.tokenizer, "--out", out_dir, "--max_len", self.cfg.max_len,
-                 "--ranker", b.ranker, "--lam", b.lam, "--val_fraction", b.val_fraction,
+        self.run("pairs", "launch.build", "--input", self.w / "build_input.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out_dir,
+                 f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
+                 f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
                  "--noprogress")
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed

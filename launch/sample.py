@@ -7,8 +7,8 @@ Input lines: `{"id": str or int, "prompt": str, ...}`. Malformed lines (bad JSON
 missing or non-string prompt, a missing or repeated id) are all reported with their line
 numbers and nothing runs.
 
-Output lines, one per prompt, in the executor's input format (`data_tools.execute`) and
-readable by `data_tools.build` once verdicts are added:
+Output lines, one per prompt, in the executor's input format (`launch.execute`) and
+readable by `launch.build` once verdicts are added:
 
     {"id", "prompt", "codes": [program, ...], "tests": [assertion, ...],
      "raw": {"problem", "test_prompt", "code_responses", "code_finish", "test_responses",
@@ -110,8 +110,8 @@ def main(argv):
     del argv
     from tqdm import tqdm
 
-    from data_tools import extract
-    from data_tools.build import Encoder
+    from fdpo import extract
+    from fdpo.tokenization import Encoder
 
     cfg_s = CONFIG.value
     if (CHECKPOINT.value is None) == (HF_DIR.value is None):

@@ -1,4 +1,5 @@
 """The builder end to end on hand-made inputs with known answers."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import build as build_config
 from data_tools import build
 from fdpo import records
 from fdpo.records import Segment
@@ -239,9 +241,9 @@ def test_plain_prompt_without_chat_template(tmp_path, tok_dirs, tokenizers):
 
 def test_config_errors(tmp_path, tok_dirs):
     inp = _write(tmp_path / "in.jsonl", [MIXED[0][0]])
-    with pytest.raises(ValueError, match="--ranker='nope'"):
+    with pytest.raises(ValueError, match="config.ranker='nope'"):
         build.build(inp, tok_dirs["plain"], str(tmp_path / "o"), build.BuildConfig(ranker="nope"))
-    with pytest.raises(ValueError, match="--shard_index=3"):
+    with pytest.raises(ValueError, match="config.shard_index=3"):
         build.build(inp, tok_dirs["plain"], str(tmp_path / "o"), build.BuildConfig(shard_index=3, num_shards=2))
     with pytest.raises(FileNotFoundError, match="--input"):
         build.build(str(tmp_path / "missing.jsonl"), tok_dirs["plain"], str(tmp_path / "o"))
@@ -263,12 +265,18 @@ def test_bad_utf8_line_is_dropped_with_its_number(tmp_path, tok_dirs):
 def test_cli(tmp_path, tok_dirs):
     inp = _write(tmp_path / "in.jsonl", [c for c, _ in MIXED])
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "data_tools.build", f"--input={inp}", f"--tokenizer={tok_dirs['chat']}",
-           f"--out={out}", "--max_len=128", "--noprogress"]
+    cmd = [sys.executable, "-m", "launch.build", f"--input={inp}", f"--tokenizer={tok_dirs['chat']}",
+           f"--out={out}", "--config.max_len=128", "--noprogress"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout[:res.stdout.rindex("}") + 1])
     assert summary["counts"]["lines_in"] == len(MIXED)
     assert "line 4 dropped (malformed_json)" in res.stderr
-    res = subprocess.run(cmd[:-1] + ["--ranker=bogus"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "ranker" in res.stderr
+    res = subprocess.run(cmd[:-1] + ["--config.ranker=bogus"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "config.ranker='bogus'" in res.stderr
+
+
+def test_build_config_defaults_agree_with_the_library():
+    """configs/build.py spells the defaults out (configs import only ml_collections); they
+    must be BuildConfig's."""
+    assert build_config.get_config().to_dict() == dataclasses.asdict(build.BuildConfig())

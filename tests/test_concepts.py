@@ -1,5 +1,6 @@
 """Concept extraction: fixture sources with known concepts, bad files, the real stdlib."""
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -399,7 +400,7 @@ def test_cli(tmp_path):
     other.mkdir()
     (other / "h.py").write_text("import heapq\nheapq.heappush(h, 9)\n")
     out = tmp_path / "c.jsonl"
-    r = subprocess.run([sys.executable, "-m", "data_tools.concepts", "--source", str(src), str(other),
+    r = subprocess.run([sys.executable, "-m", "launch.concepts", "--source", str(src), str(other),
                         "--out", str(out), "--noprogress"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -412,7 +413,7 @@ def test_cli(tmp_path):
     report = json.loads((tmp_path / "c.jsonl.report.json").read_text())
     assert len(report["skipped"]) == 3
     assert C.read_concepts(str(out)) == rows
-    r = subprocess.run([sys.executable, "-m", "data_tools.concepts", "--source", str(tmp_path / "nope"),
+    r = subprocess.run([sys.executable, "-m", "launch.concepts", "--source", str(tmp_path / "nope"),
                         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--source=" in r.stderr + r.stdout
 
@@ -447,3 +448,12 @@ def test_whole_stdlib():
     assert report["skip_reasons"].get("syntax_error", 0) >= 1
     assert report["skip_reasons"].get("bad_encoding", 0) >= 1
     assert {"pattern:binary_search", "pattern:bfs_queue", "pattern:memoization"} <= {r["concept"] for r in rows}
+
+
+def test_concepts_config_defaults_agree_with_the_library():
+    from configs import concepts as concepts_config
+
+    c = concepts_config.get_config()
+    assert (c.min_count, c.min_files, c.drop_local) == dataclasses.astuple(C.Filters())
+    assert c.max_file_bytes == C.DEFAULT_MAX_FILE_BYTES
+    assert tuple(c.exclude_dirs) == C.DEFAULT_EXCLUDE_DIRS

@@ -26,8 +26,8 @@ def eos_model(tmp_path_factory):
     """
     import torch
 
-    from tests.helpers.tokenizer import build_tiny_tokenizer
-    from tests.hf_models import make_hf_model
+    from fdpo.testing import build_tiny_tokenizer
+    from fdpo.testing import make_hf_model
     from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("eos_model")
@@ -175,7 +175,7 @@ def test_judging_tests_shape_mismatch():
         A.judging_tests(["a", "b", "c"], [[1, 0]])
 
 
-# A real (instruct-style) run's workdir, as launch.sample and data_tools.execute leave it.
+# A real (instruct-style) run's workdir, as launch.sample and launch.execute leave it.
 # Code responses are fenced; "I cannot." extracts to no program, so the sampler left it out
 # of `codes` and the executor's rows. Test 2 is wrong: only the x + 2 code passes it.
 REAL_SAMPLE = {

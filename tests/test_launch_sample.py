@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from data_tools.extract import extract_assertions, extract_program
-from tests.hf_models import make_hf_model
-from tests.helpers.tokenizer import build_tiny_tokenizer
+from fdpo.extract import extract_assertions, extract_program
+from fdpo.testing import make_hf_model
+from fdpo.testing import build_tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

@@ -19,8 +19,8 @@ from fdpo import train
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment
-from tests.helpers.pairs import random_pairs, stack
-from tests.hf_models import make_hf_model, torch_token_logprobs
+from fdpo.testing import random_pairs, stack
+from fdpo.testing import make_hf_model, torch_token_logprobs
 
 torch.set_num_threads(2)
 

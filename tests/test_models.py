@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from fdpo import logprobs, sharding
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ConfigError, ModelConfig, preset
-from tests.hf_models import make_hf_model, torch_token_logprobs
+from fdpo.testing import make_hf_model, torch_token_logprobs
 from tests.helpers.numerics import assert_as_accurate_as, assert_close_at_scale
 
 torch.set_num_threads(2)
@@ -122,7 +122,7 @@ def _read_all(hf_dir: pathlib.Path) -> dict[str, tuple[str, bytes]]:
 
 
 def test_sharded_safetensors_and_bfloat16_roundtrip(tmp_path):
-    make_hf_model(tmp_path / "hf", "qwen2", dtype=torch.bfloat16, max_shard_size="50KB")
+    make_hf_model(tmp_path / "hf", "qwen2", dtype="bfloat16", max_shard_size="50KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     cfg = ModelConfig.from_hf_dir(tmp_path / "hf")
     assert cfg.checkpoint_dtype == cfg.param_dtype == "bfloat16"

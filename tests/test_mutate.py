@@ -1,10 +1,10 @@
-"""data_tools.mutate: each mutation kind on small hand-made functions, single-point splicing,
+"""benchmarks.ranking.mutate: each mutation kind on small hand-made functions, single-point splicing,
 the start offset, determinism and the skip counts."""
 import difflib
 
 import pytest
 
-from data_tools import mutate
+from benchmarks.ranking import mutate
 
 
 def edits_of(src, kind=None, start=0):

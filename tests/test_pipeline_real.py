@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-from tests.hf_models import make_hf_model
-from tests.helpers.tokenizer import build_tiny_tokenizer
+from fdpo.testing import make_hf_model
+from fdpo.testing import build_tiny_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

@@ -1,4 +1,4 @@
-"""data_tools.rank_quality: corruption, test construction, metrics on hand-made matrices, and a
+"""benchmarks.ranking.quality: corruption, test construction, metrics on hand-made matrices, and a
 small end-to-end run on the first HumanEval+ tasks through the sandboxed executor."""
 import ast
 import collections
@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from data_tools import rank_quality as rq
+from benchmarks.ranking import quality as rq
 
 DATASET_NAME = "evalplus/HumanEvalPlus-v0.1.10.jsonl.gz"
 

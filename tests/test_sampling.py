@@ -16,7 +16,7 @@ from fdpo import sampling, sharding
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
 from fdpo.models.transformer import KVCache
-from tests.hf_models import make_hf_model
+from fdpo.testing import make_hf_model
 
 torch.set_num_threads(2)
 

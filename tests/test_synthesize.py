@@ -211,7 +211,7 @@ def test_cli_samples_with_a_tiny_model(tmp_path):
     """One real run through the sampler: a random tiny model writes (nonsense) problems,
     and every generation is accounted for as kept or rejected with a reason."""
     from fdpo.models import checkpoint
-    from tests.helpers.tokenizer import build_tiny_tokenizer
+    from fdpo.testing import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(tmp_path / "tok", chat_template=True)
     checkpoint.init_random(tmp_path / "ckpt", fields={"hidden_size": 32, "num_layers": 1,
@@ -220,7 +220,7 @@ def test_cli_samples_with_a_tiny_model(tmp_path):
     concepts = tmp_path / "c.jsonl"
     concepts.write_text("".join(json.dumps(c) + "\n" for c in CONCEPTS))
     out = tmp_path / "p.jsonl"
-    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+    r = subprocess.run([sys.executable, "-m", "launch.synthesize", "--concepts", str(concepts),
                         "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out),
                         "--per_concept", "1", "--config.sampling.max_new_tokens=24",
                         "--save_generations", str(tmp_path / "g.jsonl")],
@@ -242,7 +242,7 @@ def test_cli_with_saved_generations_and_no_jax(tmp_path):
     texts = [[VALID], [OTHER], [LEAKED]]
     gens.write_text("".join(json.dumps({"request": i, "texts": t}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "p.jsonl"
-    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+    r = subprocess.run([sys.executable, "-m", "launch.synthesize", "--concepts", str(concepts),
                         "--generations", str(gens), "--out", str(out), "--per_concept", "1"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -252,7 +252,7 @@ def test_cli_with_saved_generations_and_no_jax(tmp_path):
     assert [x["entry_point"] for x in lines] == ["max_window_sum", "balanced"]
     assert (tmp_path / "p.jsonl.rejected.jsonl").read_text().count("solution_leaked") == 1
     # A missing model flag is a clear error.
-    r = subprocess.run([sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+    r = subprocess.run([sys.executable, "-m", "launch.synthesize", "--concepts", str(concepts),
                         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--checkpoint" in r.stderr + r.stdout
 
@@ -389,7 +389,7 @@ def test_decontamination_against_humaneval_plus(shared_dir, tmp_path):
     texts = [[_humaneval_copy(tasks["HumanEval/0"])], [VALID], [OTHER]]
     gens.write_text("".join(json.dumps({"request": i, "texts": t}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "p.jsonl"
-    args = [sys.executable, "-m", "data_tools.synthesize", "--concepts", str(concepts),
+    args = [sys.executable, "-m", "launch.synthesize", "--concepts", str(concepts),
             "--generations", str(gens), "--out", str(out), "--per_concept", "1"]
     r = subprocess.run(args + ["--decontaminate", str(files[0])], cwd=REPO, capture_output=True,
                        text=True, timeout=60)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from data_tools import toy_tasks as tt
+from data_tools.toy import tasks as tt
 
 
 def run(task, program, xs):
@@ -67,7 +67,7 @@ def test_toy_data_files(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from data_tools import toy_data
+    from data_tools.toy import data as toy_data
 
     meta = toy_data.write(tmp_path, seed=0, num_tests=6, corrupt_fraction=0.5)
     prompts = [json.loads(l) for l in open(tmp_path / "prompts.jsonl")]
@@ -96,3 +96,14 @@ def test_toy_data_files(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     text = sft[0]["prompt"] + sft[0]["chosen"]
     assert tok.decode(tok(text)["input_ids"]) == text and tok.eos_token == "<|endoftext|>"
+
+
+def test_toy_data_config_defaults_are_the_library_defaults():
+    import inspect
+
+    from configs import toy_data as toy_data_config
+    from data_tools.toy import data as toy_data
+
+    params = inspect.signature(toy_data.write).parameters
+    assert toy_data_config.get_config().to_dict() == {
+        k: p.default for k, p in params.items() if k != "out"}

@@ -16,7 +16,7 @@ from fdpo.models.config import ModelConfig
 from fdpo.records import Segment
 from launch.train import loss_config
 from tests.helpers.numerics import assert_close_at_scale
-from tests.helpers.pairs import random_params, random_pairs, stack, write_dataset
+from fdpo.testing import random_params, random_pairs, stack, write_dataset
 
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 TINY = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,

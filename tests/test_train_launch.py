@@ -25,8 +25,8 @@ from flax import nnx
 from fdpo import records, sharding, train
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
-from tests.helpers.pairs import random_pairs, write_dataset
-from tests.hf_models import make_hf_model
+from fdpo.testing import random_pairs, write_dataset
+from fdpo.testing import make_hf_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -155,7 +155,7 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     from transformers import AutoModelForCausalLM
     import torch
 
-    from tests.hf_models import torch_token_logprobs
+    from fdpo.testing import torch_token_logprobs
 
     cfg, graphdef, state = checkpoint.load_model(uninterrupted / "final", ONE_DEVICE)
     hf = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf", dtype=torch.float32)

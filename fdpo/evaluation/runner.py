@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from data_tools import executor as ex
+from fdpo.sandbox import executor as ex
 from fdpo import jsonl
 from fdpo.evaluation import tasks as tk
 

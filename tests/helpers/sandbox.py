@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from data_tools import executor
+from fdpo.sandbox import executor
 
 
 def python_others_can_read() -> str:

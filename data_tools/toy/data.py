@@ -1,8 +1,8 @@
 """Files for the embedded miniature: a tokenizer, prompts, oracle tests and SFT pairs.
 
-    python -m data_tools.toy_data --out DIR [--seed 0] [--held_out_fraction 0.2]
+    python -m launch.toy_data --out=DIR [--config.seed=0 --config.held_out_fraction=0.2]
 
-writes, from the task family in `toy_tasks.py`:
+writes, from the task family in `data_tools/toy/tasks.py`:
 
     DIR/tokenizer/          byte-level BPE trained offline on the family's text (HF format)
     DIR/prompts.jsonl       {"id", "prompt", "entry_point", "split"}: split "sft" (the
@@ -28,10 +28,9 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+import sys
 
-from absl import app, flags
-
-from data_tools import toy_tasks
+from data_tools.toy import tasks as toy_tasks
 
 EOS = "<|endoftext|>"
 
@@ -124,34 +123,5 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
     return meta
 
 
-FLAGS = flags.FLAGS
-
-
-def _define_flags():
-    # Defined only when run as a program, so importing this module (tests, the pipeline)
-    # never collides with another module's flags.
-    flags.DEFINE_string("out", None, "Output directory.", required=True)
-    flags.DEFINE_integer("seed", 0, "Seed for the held-out split and the tests.")
-    flags.DEFINE_float("held_out_fraction", 0.2, "Fraction of task combinations held out.")
-    flags.DEFINE_integer("num_tests", 8, "Oracle tests per task for self-verification.")
-    flags.DEFINE_float("corrupt_fraction", 0.25, "Fraction of those tests with a wrong expected "
-                       "value.")
-    flags.DEFINE_integer("vocab_size", 384, "BPE vocabulary size.")
-    flags.DEFINE_integer("eval_tests", 16, "Inputs per task in the evaluation files.")
-    flags.DEFINE_integer("eval_seen", 64, "DPO-split tasks sampled into eval_seen.jsonl.")
-    flags.DEFINE_float("sft_fraction", 0.5, "Fraction of seen tasks in the warm start.")
-
-
-def main(argv):
-    del argv
-    meta = write(pathlib.Path(FLAGS.out), seed=FLAGS.seed,
-                 held_out_fraction=FLAGS.held_out_fraction, num_tests=FLAGS.num_tests,
-                 corrupt_fraction=FLAGS.corrupt_fraction, vocab_size=FLAGS.vocab_size,
-                 eval_tests=FLAGS.eval_tests, eval_seen=FLAGS.eval_seen,
-                 sft_fraction=FLAGS.sft_fraction)
-    print(f"wrote {FLAGS.out}: {meta['counts']}")
-
-
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    sys.exit("data_tools.toy.data is a library; the program is `python -m launch.toy_data`")

@@ -5,7 +5,7 @@ ranker of :mod:`data_tools.rank`, and scored against the truth.
 Per task:
 
 * **Codes.** The canonical solution (``prompt + canonical_solution``) and up to ``mutants``
-  single-point mutants of its completion (:mod:`data_tools.mutate`; the prompt, i.e. the
+  single-point mutants of its completion (:mod:`benchmarks.ranking.mutate`; the prompt, i.e. the
   signature, docstring and any helper it defines, is never mutated). A pool of
   ``pool_factor x mutants`` mutants is screened first: each runs one cell holding all the
   correct tests; mutants that pass it behave like the canonical solution on the task's
@@ -70,9 +70,9 @@ import warnings
 import numpy as np
 from scipy import stats as sstats
 
-from data_tools import mutate
+from benchmarks.ranking import mutate
 from data_tools import rank as rank_lib
-from data_tools.executor import Executor, Limits
+from fdpo.sandbox.executor import Executor, Limits
 
 RANKERS = ("mutual", "codet", "pass_count")
 _MARK = "\n@@FDPO-REF@@"

@@ -1,5 +1,5 @@
-"""In-sandbox judge for `data_tools.executor`. Standard library only; never imported by the
-host, only executed by a fresh interpreter (`python -I -B _sandbox_harness.py`).
+"""In-sandbox judge for `fdpo.sandbox.executor`. Standard library only; never imported by the
+host, only executed by a fresh interpreter (`python -I -B _harness.py`).
 
 Protocol. The host writes JSON lines on stdin: first the configuration
     {"nonce", "timeout", "pid1", "scratch", "uid", "gid", "limits", "preload"}

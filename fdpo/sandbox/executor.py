@@ -106,7 +106,7 @@ from typing import Iterable, Iterator, Sequence
 
 STATUSES = ("pass", "fail", "error", "timeout", "crash", "sandbox_error")
 ISOLATION_MODES = ("full", "no_cgroup", "none")
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_harness.py")
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
 
 # Imported by the judge once per sandbox so that cells do not pay for them; the state of
 # these modules is copied into each cell by fork, so nothing leaks between cells.

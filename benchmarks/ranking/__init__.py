@@ -1,0 +1,1 @@
+"""Research code for the rankers: behaviour-changing mutants and ranker quality."""

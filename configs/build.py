@@ -1,0 +1,29 @@
+"""Pair construction (`python -m launch.build`): ranking, error-point pairs, records.
+
+    python -m launch.build --config=configs/build.py --input=SAMPLES.jsonl \
+        --tokenizer=HF_DIR --out=DIR --config.max_len=2048 --config.ranker=mutual
+
+The fields are `data_tools.build.BuildConfig`'s (the defaults must agree; a test checks);
+see docs/data.md for the [open] choices behind them.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+    c.max_len = 2048  # record length L: prompt + response + padding
+    c.ranker = "mutual"  # mutual | codet | pass_count
+    c.damping = 0.85  # mutual reinforcement: d
+    c.max_iter = 100
+    c.patience = 3  # stop after this many iterations without a ranking change
+    c.lam = 1.0  # Diff = rank difference + lam * common fraction
+    c.pairs_per_problem = 1
+    c.granularity = "token"  # token | line
+    c.val_fraction = 1 / 6  # the paper's 5,000 train : 1,000 validation
+    c.shard_index = 0  # this host's shard of the input lines
+    c.num_shards = 1
+    c.chunk_size = 2048  # problems ranked and tokenised together
+    c.preview_pairs = 20
+    c.lock()
+    return c

@@ -1,0 +1,1 @@
+"""The miniature: a family of list tasks described in words, and its data files."""

@@ -1,0 +1,50 @@
+r"""Focused-DPO pair records from sampled codes, tests and verdicts (or from ready pairs).
+
+    python -m launch.build --input=SAMPLES.jsonl --tokenizer=HF_DIR --out=DIR \
+        [--config=configs/build.py --config.max_len=2048 --config.ranker=mutual ...]
+    python -m launch.build --out=DIR --merge    # after a multi-host build
+
+The input format, the outputs and the accounting are described in `data_tools.build`.
+"""
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import configs
+from data_tools import build
+
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("build.py"),
+                                         "Build config (configs/build.py).", lock_config=True)
+INPUT = flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory.")
+OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+MERGE = flags.DEFINE_bool("merge", False, "Only merge the shard manifests found in --out into "
+                          "manifest.json.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if MERGE.value:
+        print(json.dumps(build.merge(OUT.value)["counts"], indent=2))
+        return
+    for flag in (INPUT, TOKENIZER):
+        if flag.value is None:
+            raise app.UsageError(f"--{flag.name} is required")
+    config = build.BuildConfig(**CONFIG.value.to_dict())
+    try:
+        manifest, timings = build.build(INPUT.value, TOKENIZER.value, OUT.value, config,
+                                        progress=PROGRESS.value)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]},
+                     indent=2))
+    print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,119 @@
+r"""Problem prompts synthesised by the policy around mined concepts (see
+`data_tools.synthesize` for the templates, validation, dedupe and decontamination).
+
+    python -m launch.synthesize --concepts=CONCEPTS.jsonl (--checkpoint=CKPT | --hf_dir=HF) \
+        --out=PROMPTS.jsonl [--per_concept=N] [--config=configs/synthesize.py]
+
+Writes OUT (one problem a line, the format `launch.sample` reads), OUT.rejected.jsonl (every
+rejected generation with its reason) and OUT.report.json (counts, config).
+"""
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+from transformers import AutoTokenizer
+
+import configs
+from data_tools import concepts as concepts_lib
+from data_tools import synthesize
+from fdpo import sampling
+from fdpo.models.checkpoint import load_checkpoint_or_hf
+from launch import common
+
+log = logging.getLogger("launch.synthesize")
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", configs.path("synthesize.py"),
+    "Synthesis config (templates, sampling, validation, dedupe).", lock_config=True)
+CONCEPTS = flags.DEFINE_string("concepts", None, "Concepts JSONL from launch.concepts.",
+                               required=True)
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory of the policy.")
+HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face directory of the policy.")
+OUT = flags.DEFINE_string("out", None, "Output prompts JSONL (OUT.report.json and "
+                          "OUT.rejected.jsonl beside it).", required=True)
+PER_CONCEPT = flags.DEFINE_integer("per_concept", None,
+                                   "Requests per concept (overrides --config.per_concept).")
+GENERATIONS = flags.DEFINE_string(
+    "generations", None, "Skip sampling: read generations from this JSONL ({'request': i, "
+    "'texts': [...]}, one line per request, as written by --save_generations).")
+SAVE_GENERATIONS = flags.DEFINE_string("save_generations", None,
+                                       "Also write the raw generations here.")
+DECONTAMINATE = flags.DEFINE_list(
+    "decontaminate", [], "EvalPlus-format task files (.jsonl or .jsonl.gz, comma-separated), "
+    "e.g. HumanEval+ and MBPP+: problems overlapping their prompts are rejected.")
+
+
+def generate(prompts: list[str], n: int, sampling_cfg) -> list[list[str]]:
+    """`n` policy samples per prompt (the user message; the chat template is applied)."""
+    common.quiet_tokenizers()
+    mesh = common.init_jax()
+    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(mesh, checkpoint=CHECKPOINT.value,
+                                                          hf_dir=HF_DIR.value)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    texts = sampling.sample_texts(
+        cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
+        temperature=sampling_cfg["temperature"], top_p=sampling_cfg["top_p"],
+        max_new_tokens=sampling_cfg["max_new_tokens"], batch_size=sampling_cfg["batch_size"],
+        seed=sampling_cfg["seed"], tok_dir=tok_dir)
+    if len(texts) != len(prompts) or any(len(t) != n for t in texts):
+        raise RuntimeError("fdpo.sampling.sample_texts returned the wrong number of samples")
+    return [list(t) for t in texts]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = CONFIG.value
+    if GENERATIONS.value is None and (CHECKPOINT.value is None) == (HF_DIR.value is None):
+        raise app.UsageError("give exactly one of --checkpoint and --hf_dir (or --generations)")
+    if PER_CONCEPT.value is not None:
+        config.per_concept = PER_CONCEPT.value
+    try:
+        requests = synthesize.make_requests(concepts_lib.read_concepts(CONCEPTS.value), config)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --concepts={CONCEPTS.value}: {e}")
+    log.info("%d requests from %s", len(requests), CONCEPTS.value)
+    benchmarks = None
+    if DECONTAMINATE.value:
+        # Read before sampling: a wrong path should not cost a generation run.
+        try:
+            benchmarks = synthesize.benchmark_index(DECONTAMINATE.value,
+                                                    config.decontaminate.ngram)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        log.info("decontaminating against %d benchmark tasks (%d word %d-grams) from %s",
+                 benchmarks.tasks, len(benchmarks.grams), benchmarks.n,
+                 ", ".join(DECONTAMINATE.value))
+    if GENERATIONS.value is not None:
+        generations = synthesize.read_generations(GENERATIONS.value, len(requests))
+    else:
+        generations = generate([r.prompt for r in requests], config.samples_per_request,
+                               dict(config.sampling.to_dict(), seed=config.seed))
+    if SAVE_GENERATIONS.value:
+        with open(SAVE_GENERATIONS.value, "w", encoding="utf-8") as f:
+            for r, texts in zip(requests, generations):
+                f.write(json.dumps({"request": r.index, "concepts": r.concepts,
+                                    "texts": texts}) + "\n")
+    records, counts, rejected = synthesize.process_generations(requests, generations, config,
+                                                               benchmarks)
+    out = OUT.value
+    with open(out, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(out + ".rejected.jsonl", "w", encoding="utf-8") as f:
+        for r in rejected:
+            f.write(json.dumps(r) + "\n")
+    with open(out + ".report.json", "w", encoding="utf-8") as f:
+        decontamination = None if benchmarks is None else {
+            "files": benchmarks.files, "ngram": benchmarks.n,
+            "min_shared": config.decontaminate.min_shared}
+        json.dump({"counts": counts, "decontamination": decontamination,
+                   "config": config.to_dict()}, f, indent=2, default=str)
+    print(json.dumps(counts, indent=2), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    app.run(main)
