@@ -5,10 +5,13 @@ splits, EvalPlus's default time limits) in the sandbox.
 """
 import argparse
 import os
+import pathlib
 import time
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+
+DATA_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main():
@@ -19,7 +22,7 @@ def main():
     print("| benchmark | tasks | inputs (base + plus) | pass@1 base | pass@1 plus | wall s |")
     print("|---|---|---|---|---|---|")
     for bench in ("humaneval+", "mbpp+"):
-        tasks, _ = tk.load_tasks(bench)
+        tasks, _ = tk.load_tasks(bench, data_dir=DATA_DIR)
         samples = [rn.Sample(t, tasks[t].reference) for t in tasks]
         t0 = time.monotonic()
         recs = rn.run(tasks, samples, bench, rn.RunConfig(workers=args.workers))

@@ -16,7 +16,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs.common import parse_arg
-from fdpo.sharding import DEFAULT_RULES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,9 +31,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scan_layers=True))
 
     # Mesh (data, fsdp, tensor); one -1 takes the remaining devices. Rules map logical axis
-    # names to mesh axes (fdpo.sharding).
+    # names to mesh axes (fdpo.sharding; these are its defaults): parameters over fsdp on
+    # the model dimension and over tensor on heads/mlp/vocab, the batch over data and fsdp.
     c.mesh_shape = (1, -1, 1)
-    c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    c.sharding_rules = (
+        ("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),
+        ("act_heads", "tensor"), ("act_vocab", "tensor"), ("act_mlp", "tensor"),
+        ("layers", None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+        ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("norm", None),
+    )
 
     # Loss: preset weight table (METHOD.md section 3); unset fields come from the preset.
     c.loss = ml_collections.ConfigDict()

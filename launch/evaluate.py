@@ -30,7 +30,11 @@ CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint to sample 
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to sample from.")
 DATASET = flags.DEFINE_string(
     "dataset", None, "Benchmark file (EvalPlus .jsonl[.gz], or LiveCodeBench JSONL); "
-    "default: ../shared/data/evalplus/<release> beside the checkout.")
+    "default: the EvalPlus release file under --data_dir.")
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"),
+    "Where the EvalPlus release files are (evalplus/HumanEvalPlus-v0.1.10.jsonl.gz, ...); "
+    "default: the shared/data folder beside the checkout.")
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 N = flags.DEFINE_integer("n", 1, "Samples per task (--checkpoint).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (--checkpoint); "
@@ -42,7 +46,7 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per compiled generatio
 KS = flags.DEFINE_list("k", ["1", "10", "100"], "pass@k values (those with n >= k).")
 WORKERS = flags.DEFINE_integer("workers", None, "Parallel sandboxes (default: all cores).")
 ISOLATION = flags.DEFINE_enum("isolation", "full", ["full", "no_cgroup", "none"],
-                              "Executor isolation (see data_tools/executor.py).")
+                              "Executor isolation (see docs/sandbox.md).")
 MEMORY_MB = flags.DEFINE_integer("memory_mb", 4096, "Memory per program (EvalPlus: 4 GB).")
 FLOOR_S = flags.DEFINE_float("min_time_limit", 4.0, "Per-input time limit floor, seconds.")
 FACTOR = flags.DEFINE_float("time_limit_factor", 4.0,
@@ -103,7 +107,7 @@ def main(argv):
         raise app.UsageError("give only one of --checkpoint and --hf_dir")
     bench = BENCHMARK.value
     try:
-        tasks, _ = tk.load_tasks(bench, DATASET.value)
+        tasks, _ = tk.load_tasks(bench, DATASET.value, DATA_DIR.value)
     except tk.DataError as e:
         raise app.UsageError(str(e)) from e
     out = pathlib.Path(OUT.value)
@@ -133,7 +137,7 @@ def main(argv):
     with tqdm(total=total, unit="sample") as bar:
         try:
             summary, records, meta = rn.evaluate(
-                bench, dataset=DATASET.value, samples=samples, cfg=cfg,
+                bench, dataset=DATASET.value, data_dir=DATA_DIR.value, samples=samples, cfg=cfg,
                 ks=[int(k) for k in KS.value], partial=PARTIAL.value, progress=bar.update)
         except rn.SampleError as e:
             raise app.UsageError(str(e)) from e

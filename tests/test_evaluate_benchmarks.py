@@ -6,6 +6,7 @@ import pytest
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from tests.conftest import SHARED
 
 FAST = rn.RunConfig(policy=tk.TimePolicy(floor_s=1.0, factor=4.0, budget_s=20.0), workers=2)
 HE_FAST = [f"HumanEval/{i}" for i in (0, 1, 2, 3, 4, 7, 11, 12, 22, 28, 32, 53)]
@@ -181,7 +182,7 @@ def test_completion_and_solution_samples(tmp_path, humaneval):
     with pytest.raises(rn.SampleError, match="bad.jsonl:1"):
         rn.read_samples(bad, humaneval, "humaneval+")
     with pytest.raises(rn.SampleError, match="have no samples"):
-        rn.evaluate("humaneval+", path, dataset=tk.DEFAULT_DATA["humaneval+"])
+        rn.evaluate("humaneval+", path, data_dir=SHARED / "data")
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from tests.conftest import REPO, SHARED
 
-REPO = tk.REPO
 FIXTURE = REPO / "tests/data/lcb_fixture.jsonl"
 CFG = rn.RunConfig(policy=tk.TimePolicy(lcb_timeout_s=1.0), workers=2)
 
@@ -77,7 +77,7 @@ def run_cli(*args):
 
 
 def test_cli_samples_mode(tmp_path):
-    tasks, _ = tk.load_tasks("humaneval+")
+    tasks, _ = tk.load_tasks("humaneval+", data_dir=SHARED / "data")
     lines = []
     for tid in ("HumanEval/0", "HumanEval/2"):
         t = tasks[tid]

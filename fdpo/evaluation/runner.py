@@ -279,9 +279,10 @@ def write_outputs(out_dir, summary: dict, records: Sequence[dict], meta: dict) -
 
 def evaluate(benchmark: str, samples_path=None, dataset=None, *, samples=None,
              cfg: RunConfig = RunConfig(), ks=(1, 10, 100), partial: bool = False,
-             progress=None) -> tuple[dict, list[dict], dict]:
-    """Loads the tasks and samples, runs them, returns (summary, records, meta)."""
-    tasks, path = tk.load_tasks(benchmark, dataset)
+             progress=None, data_dir=None) -> tuple[dict, list[dict], dict]:
+    """Loads the tasks (`dataset`, or the release file under `data_dir`) and samples, runs
+    them, returns (summary, records, meta)."""
+    tasks, path = tk.load_tasks(benchmark, dataset, data_dir)
     if samples is None:
         samples = read_samples(samples_path, tasks, benchmark)
     missing = sorted(set(tasks) - {s.task_id for s in samples})

@@ -31,12 +31,13 @@ from fdpo import jsonl
 # "evalplus": any task file in EvalPlus's format (your own tasks, or the miniature's), with
 # no dataset-specific oracles; needs --dataset.
 BENCHMARKS = ("humaneval", "humaneval+", "mbpp", "mbpp+", "livecodebench", "evalplus")
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_DATA = {
-    "humaneval": REPO.parent / "shared/data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
-    "humaneval+": REPO.parent / "shared/data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
-    "mbpp": REPO.parent / "shared/data/evalplus/MbppPlus-v0.2.0.jsonl.gz",
-    "mbpp+": REPO.parent / "shared/data/evalplus/MbppPlus-v0.2.0.jsonl.gz",
+# The EvalPlus release files, relative to a data directory (the programs default to the
+# `shared/data` folder beside the checkout).
+DEFAULT_FILES = {
+    "humaneval": "evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
+    "humaneval+": "evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
+    "mbpp": "evalplus/MbppPlus-v0.2.0.jsonl.gz",
+    "mbpp+": "evalplus/MbppPlus-v0.2.0.jsonl.gz",
 }
 CELL_SOURCE_PATH = pathlib.Path(__file__).with_name("_cell.py")
 
@@ -66,25 +67,23 @@ def family(benchmark: str) -> str:
     return benchmark.rstrip("+")
 
 
-def default_dataset(benchmark: str) -> pathlib.Path | None:
-    return DEFAULT_DATA.get(benchmark)
-
-
-def resolve_dataset(benchmark: str, path: str | os.PathLike | None) -> pathlib.Path:
+def resolve_dataset(benchmark: str, path: str | os.PathLike | None,
+                    data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """`path`, or the benchmark's release file under `data_dir` when `path` is None."""
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark {benchmark!r}; one of {BENCHMARKS}")
     if path is None:
-        path = default_dataset(benchmark)
-        if path is None:
+        if benchmark not in DEFAULT_FILES or data_dir is None:
             what = ("a JSONL of LiveCodeBench problems; its data is not shipped with fdpo"
                     if benchmark == "livecodebench" else "a task file in EvalPlus's format")
             raise DataError(f"{benchmark} needs --dataset PATH ({what})")
+        path = pathlib.Path(data_dir) / DEFAULT_FILES[benchmark]
     path = pathlib.Path(path)
     if not path.is_file():
         hint = ""
-        if benchmark in DEFAULT_DATA:
-            hint = (f" (the EvalPlus release file, e.g. {DEFAULT_DATA[benchmark].name}, as "
-                    "downloaded by the evalplus package; pass it with --dataset PATH)")
+        if benchmark in DEFAULT_FILES:
+            hint = (f" (the EvalPlus release file, e.g. {pathlib.Path(DEFAULT_FILES[benchmark]).name}"
+                    ", as downloaded by the evalplus package; pass it with --dataset PATH)")
         raise DataError(f"dataset file not found: {path}{hint}")
     return path
 
@@ -230,8 +229,8 @@ def load_lcb(path) -> dict[str, Task]:
     return tasks
 
 
-def load_tasks(benchmark: str, path=None) -> tuple[dict[str, Task], pathlib.Path]:
-    path = resolve_dataset(benchmark, path)
+def load_tasks(benchmark: str, path=None, data_dir=None) -> tuple[dict[str, Task], pathlib.Path]:
+    path = resolve_dataset(benchmark, path, data_dir)
     if benchmark == "livecodebench":
         return load_lcb(path), path
     return load_evalplus(path, benchmark), path
