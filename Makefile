@@ -1,17 +1,22 @@
 # Two entry points, each doing all of its own set-up on a fresh machine.
 #   make toy    install, then run the embedded miniature end to end (report in runs/toy/report)
-#   make test   install, then run the whole test suite
+#   make test   install (with the test packages), then run the whole test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: install system-deps toy test test-fast
+$(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+.PHONY: install install-test system-deps toy test test-fast
 
 # The code executor's sandbox needs bubblewrap (and root, for its cgroups and uids).
 system-deps:
@@ -19,12 +24,14 @@ system-deps:
 
 install: $(BIN)/.installed system-deps
 
+install-test: $(BIN)/.installed-test system-deps
+
 toy: install
 	$(BIN)/python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q tests
 
 # Skips the slow end-to-end tests; CI runs everything.
-test-fast: install
+test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow" tests
