@@ -71,8 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_steps=10))
     c.w_focused_ablation = ()  # e.g. (1.0, 5.0): extra focused_dpo runs at seed 0
     # Per-method overrides of train.lr / train.nll_weight, each method at its best setting
-    # on the *seen* tasks in a one-seed probe of lr {5e-5, 2e-4} x NLL weight {0, 1} (README):
-    # Focused-DPO 5e-5 + NLL 1 (the defaults above), DPO 2e-4 + NLL 1, continued SFT 2e-4.
+    # on the *seen* tasks in a one-seed probe of lr {5e-5, 2e-4} x NLL weight {0, 1}
+    # (docs/results/miniature.md): Focused-DPO 5e-5 + NLL 1 (the defaults above), DPO
+    # 2e-4 + NLL 1, continued SFT 2e-4.
     c.method_train = ml_collections.ConfigDict(dict(
         dpo=dict(lr=2e-4), continued_sft=dict(lr=2e-4)))
 

@@ -12,7 +12,7 @@ Rankers (selectable by name through :func:`rank`):
     s_code <- (1-d) * s_code + d * A @ s_test      then renormalise to sum 1
     s_test <- (1-d) * s_test + d * A.T @ s_code    then renormalise to sum 1 (uses the new s_code)
 
-  [open] choices, documented here and in the README:
+  [open] choices, documented here and in docs/data.md:
   * initial values: uniform, 1/k over the real codes and 1/k over the real tests;
   * normalisation: divide by the sum over the real entries. Since both terms are
     non-negative and ``(1-d) * s`` sums to ``1-d > 0``, the sum never vanishes for d < 1; with

@@ -1,6 +1,6 @@
 """Programs and assertions out of model responses (pure Python, no jax).
 
-Rules, in order (documented in README "Sampling"):
+Rules, in order (documented in docs/sampling.md):
 
 Fenced blocks are Markdown fences, ```` ```lang ```` ... ```` ``` ````, whose language tag is
 empty or Python (`python`, `py`, `python3`, `py3`; case-insensitive); blocks in other

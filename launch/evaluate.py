@@ -9,7 +9,7 @@ program) or {"task_id", "completion"} (appended to the task's prompt). With --ch
 the samples are generated first (needs fdpo/sampling.py) and written to OUT/samples.jsonl
 in that format. Outputs in --out: results.json (pass@k, status counts, settings, dataset
 hash, per-sample verdicts), tasks.md and tasks.csv (one row per task). See
-fdpo/evaluation/ and the README's "Evaluation" section for oracles and time limits.
+fdpo/evaluation/ and docs/evaluation.md for oracles and time limits.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ combinations is held out for evaluation, so held-out pass@1 measures composition
 memorisation. Tests come from an oracle: inputs are drawn at random and expected values are
 computed from the reference; a stated fraction of tests get a corrupted expected value, so
 that code-test ranking has real work to do (the miniature's own tests would otherwise be
-meaningless, see the README).
+meaningless, see docs/pipeline.md).
 """
 
 from __future__ import annotations
