@@ -1,6 +1,6 @@
 """The documentation stays usable: README.md is a short landing page, relative links in
-README.md and docs/ resolve, and every program the docs name as `python -m MODULE` exists
-and answers `--help`."""
+README.md and docs/ resolve, every program the docs name as `python -m MODULE` exists, and
+every program (named or not) answers `--help`."""
 import os
 import pathlib
 import re
@@ -42,6 +42,11 @@ def named_modules() -> dict[str, list[str]]:
 
 
 MODULES = named_modules()
+# Every program, named in the docs or not: launch/*.py and the benchmarks.
+PROGRAMS = sorted(set(MODULES) | {
+    ".".join(p.relative_to(REPO).with_suffix("").parts)
+    for p in [*(REPO / "launch").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    if p.stem not in ("__init__", "common")})
 
 
 def module_file(module: str) -> pathlib.Path | None:
@@ -106,15 +111,18 @@ def test_named_programs_exist():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_named_program_answers_help(module):
+@pytest.mark.parametrize("module", PROGRAMS)
+def test_every_program_answers_help(module, tmp_path):
+    """From another directory: the packages are installed (`pip install -e .`), so the
+    programs run from anywhere."""
+    named = f"named in {', '.join(MODULES[module])}" if module in MODULES else "not in the docs"
     if module_file(module) is None:
-        pytest.fail(f"{module}: no such module (named in {', '.join(MODULES[module])})")
+        pytest.fail(f"{module}: no such module ({named})")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
-    where = f"`python -m {module} --help` (named in {', '.join(MODULES[module])})"
+    where = f"`python -m {module} --help` ({named})"
     # argparse exits 0 after --help; absl exits 1 after printing its help.
     absl_help = run.returncode == 1 and run.stdout.rstrip().endswith(ABSL_HELP_END)
     assert run.returncode == 0 or absl_help, (
