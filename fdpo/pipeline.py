@@ -48,6 +48,10 @@ from fdpo import extract
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# The methods a config may list, each with its launch.train preset (configs/focused_dpo.py).
+METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
+                  "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
+
 # (tests, passed[code][test], ranker) -> the tests that judge continuations of one problem.
 JudgingTests = Callable[[Sequence[str], Any, str], list[str]]
 
@@ -285,8 +289,6 @@ class Pipeline:
 
     def train(self):
         t = self.cfg.train
-        presets = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
-                   "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
         for name, method, seed, w in self.runs():
             if (self.w / "train" / name / "final" / "fdpo_model.json").exists():
                 continue
@@ -297,7 +299,7 @@ class Pipeline:
             if nll and method != "continued_sft":
                 extra.append(f"--config.loss.nll_weight={nll}")
             self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
-                        preset=presets[method], steps=t.steps, batch_size=t.batch_size,
+                        preset=METHOD_PRESETS[method], steps=t.steps, batch_size=t.batch_size,
                         lr=lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
                         extra=extra)
 
