@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The initial policy: a random tiny Qwen2 (fields of ModelConfig), warm-started by SFT.
     c.init = ml_collections.ConfigDict(dict(
-        checkpoint="", hf_dir="",
+        hf_dir="",
         random_fields="architecture=qwen2,hidden_size=96,num_layers=3,num_heads=4,"
                       "num_kv_heads=2,intermediate_size=256,tie_embeddings=true",
         seed=0))

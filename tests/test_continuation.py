@@ -8,8 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from configs import real
 from data_tools import analyze as A
+from fdpo import pipeline
+from fdpo.testing import build_tiny_tokenizer, make_hf_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -24,12 +29,6 @@ def eos_model(tmp_path_factory):
     generation_config.json), which `fdpo.sampling.eos_ids` reads. A continuation therefore adds
     nothing: the program is prompt + prefix + mid, and its verdict is known in advance.
     """
-    import torch
-
-    from fdpo.testing import build_tiny_tokenizer
-    from fdpo.testing import make_hf_model
-    from transformers import AutoTokenizer
-
     d = tmp_path_factory.mktemp("eos_model")
     build_tiny_tokenizer(d, chat_template=False)
     tok = AutoTokenizer.from_pretrained(str(d))
@@ -191,18 +190,6 @@ REAL_PASSED = [[True, True, False], [False, False, True], [True, True, False]]
 # Responses and codes that do not line up (3 responses with programs, 2 codes): skipped.
 MISMATCHED = dict(REAL_SAMPLE, id="q", codes=REAL_SAMPLE["codes"][:2])
 
-PIPELINE_ANALYZE = """
-import json, pathlib, sys
-from configs import real
-from launch import pipeline
-w = pathlib.Path(sys.argv[1])
-p = pipeline.Pipeline(real.get_config("hf_dir=/nowhere,prompts=/nowhere.jsonl"), w)
-calls = []
-p.run = lambda stage, module, *args: calls.append([stage, module, *map(str, args)])
-p.analyze()
-print(json.dumps(calls))
-"""
-
 
 def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
     w = tmp_path / "run"
@@ -212,10 +199,12 @@ def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
                                        for r in (REAL_SAMPLE, MISMATCHED)])
     _write(w / "verdicts.jsonl", [{"id": "p", "passed": REAL_PASSED},
                                   {"id": "q", "passed": REAL_PASSED[:2]}])
-    r = subprocess.run([sys.executable, "-c", PIPELINE_ANALYZE, str(w)], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (call,) = json.loads(r.stdout.strip().splitlines()[-1])
+    p = pipeline.Pipeline(real.get_config("hf_dir=/nowhere,prompts=/nowhere.jsonl"), w,
+                          judging_tests=A.judging_tests)
+    calls = []
+    p.run = lambda stage, module, *args: calls.append([stage, module, *map(str, args)])
+    p.analyze()
+    (call,) = calls
     stage, module, *args = call
     assert (stage, module) == ("analyze", "launch.analyze")
     assert "--continuation" in args

@@ -1,7 +1,8 @@
-"""The main job end to end: `launch.pipeline` on the miniature's fast variant.
+"""The pipeline (`fdpo.pipeline`, run by `launch.pipeline`): its two configs, the commands
+its stages give the programs, and, slow, the miniature's fast variant end to end.
 
-A few steps per stage: this checks the plumbing (every stage's output exists and agrees
-with the others), stage skipping, and resuming an interrupted stage — not the method.
+The end-to-end run checks the plumbing (every stage's output exists and agrees with the
+others), stage skipping, and resuming an interrupted stage — not the method.
 """
 
 from __future__ import annotations
@@ -14,12 +15,24 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import real, toy
+from data_tools import analyze
+from fdpo import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+# The config file a program reads when the pipeline names none (the program's --config default).
+DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py"}
+# The stages whose commands stage_calls records: all but execute and analyze, whose programs
+# read no config.
+STAGES = ("data", "init", "sft_data", "warm_start", "sample", "pairs", "reference", "train",
+          "evaluate", "report")
 
 
-def pipeline(workdir, *extra):
+def run_program(workdir, *extra):
     proc = subprocess.run([sys.executable, "-m", "launch.pipeline", "--config=configs/toy.py:fast",
                            f"--workdir={workdir}", *extra], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=1200)
@@ -35,7 +48,7 @@ def lines(path):
 @pytest.mark.slow
 def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     w = tmp_path / "run"
-    out = pipeline(w)
+    out = run_program(w)
     assert "report: " in out
     cfg = json.loads((w / "pipeline_config.json").read_text())
 
@@ -73,7 +86,12 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     for model in ["warm_start"] + runs:
         for split in ("seen", "held_out"):
             res = json.loads((w / "eval" / model / split / "results.json").read_text())
-            assert 0.0 <= res["pass_at_k"]["base"]["pass@1"] <= 100.0
+            tasks = [t["task_id"] for t in lines(w / "data" / f"eval_{split}.jsonl")]
+            rows = {r["task_id"]: r for r in res["tasks"]}
+            # Every task, one greedy sample each; pass@1 is the fraction of tasks it solved.
+            assert set(rows) == set(tasks) and all(r["n"] == 1 for r in rows.values())
+            solved = sum(r["base_correct"] for r in rows.values()) / len(rows)
+            assert res["pass_at_k"]["base"]["pass@1"] == pytest.approx(solved)
     # Analysis and report.
     phi = json.loads((w / "analysis" / "phi.json").read_text())
     cont = json.loads((w / "analysis" / "continuation.json").read_text())
@@ -81,11 +99,16 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert cont["chosen"]["programs"] == cont["rejected"]["programs"] == phi["problems_used"]
     report = json.loads((w / "report" / "report.json").read_text())
     assert set(report["summary"]) == {"warm_start", *cfg["methods"]}
+    for model in ["warm_start"] + runs:  # in percent, as the report speaks
+        for split in ("seen", "held_out"):
+            res = json.loads((w / "eval" / model / split / "results.json").read_text())
+            assert report["pass_at_1"][model][split] == pytest.approx(
+                100 * res["pass_at_k"]["base"]["pass@1"])
     text = (w / "report" / "report.md").read_text()
     assert "## Greedy pass@1" in text and (w / "report" / "pass_at_1.png").is_file()
 
     # A second run skips every stage.
-    out = pipeline(w)
+    out = run_program(w)
     assert out.count("done earlier, skipped") == len(list((w / "stages").glob("*.json")))
 
     # Resume: an interrupted training stage (marker missing, one run without its final
@@ -95,20 +118,140 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     (w / "stages" / "report.json").unlink()
     kept = (w / "train" / runs[0] / "final" / "fdpo_model.json").stat().st_mtime_ns
     shutil.rmtree(w / "train" / runs[-1] / "final")
-    out = pipeline(w)
+    out = run_program(w)
     assert "[pipeline] train ..." in out and "sample: done earlier, skipped" in out
     assert (w / "train" / runs[-1] / "final" / "fdpo_model.json").is_file()
     assert (w / "train" / runs[0] / "final" / "fdpo_model.json").stat().st_mtime_ns == kept
 
 
-def test_real_config_is_the_same_pipeline_with_other_values():
-    from configs import real, toy
+def config(name: str, tmp_path: pathlib.Path):
+    if name == "real":
+        return real.get_config(f"hf_dir={tmp_path / 'hf'},prompts={tmp_path / 'prompts.jsonl'}")
+    return toy.get_config("fast" if name == "toy:fast" else None)
 
-    c = real.get_config("hf_dir=/ckpt/qwen,prompts=/data/p.jsonl")
-    t = toy.get_config()
-    assert set(c.keys()) == set(t.keys())  # same fields: nothing special-cased
-    assert (c.init.hf_dir, c.prompts, c.toy.enabled, c.warm_start.enabled) == (
-        "/ckpt/qwen", "/data/p.jsonl", False, False)
-    assert (c.tests_source, c.sample.temperature, c.sample.num_codes, c.sample.num_tests) == (
-        "model", 1.5, 10, 10)  # the paper's self-generation settings
-    assert [b[1] for b in c.evaluate.benchmarks] == ["humaneval+", "mbpp+"]
+
+def field_types(c: dict, prefix: str = "") -> dict[str, type]:
+    out = {}
+    for k, v in c.items():
+        if isinstance(v, dict):
+            out.update(field_types(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = type(v)
+    return out
+
+
+def test_toy_and_real_configs_have_the_same_fields(tmp_path):
+    # Written apart, so that a real run inherits none of the miniature's tuning; one program
+    # reads both, so a field one of them lacks (or types differently) breaks the other.
+    toy_cfg, real_cfg = (config(name, tmp_path).to_dict() for name in ("toy", "real"))
+    for c in (toy_cfg, real_cfg):
+        # method_train is a map {method: {lr, nll_weight}}: its keys are the config's choice.
+        own = c.pop("method_train")
+        assert set(c["methods"]) | set(own) <= set(pipeline.METHOD_PRESETS)
+        assert all(set(v) <= {"lr", "nll_weight"} for v in own.values())
+    assert field_types(toy_cfg) == field_types(real_cfg)
+
+
+def stage_calls(cfg, w: pathlib.Path) -> list[tuple[str, str, list[str]]]:
+    """(stage, program, arguments) of every program the stages in STAGES run, recorded
+    instead of run; the files a stage reads are written by hand."""
+    p = pipeline.Pipeline(cfg, w, judging_tests=analyze.judging_tests)
+    calls = []
+
+    def run(stage, module, *args):
+        args = [str(a) for a in args]
+        calls.append((stage, module, args))
+        if module == "launch.build":  # the pairs stage reads the build's counts
+            out = pathlib.Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "manifest.json").write_text(json.dumps({"counts": {
+                "records_out": {"train": cfg.train.batch_size}}}))
+
+    p.run = run
+    sample = {"id": "t0", "prompt": "p", "codes": ["c"], "tests": ["t"],
+              "raw": {"problem": "p", "code_responses": ["c"]}}
+    for name in STAGES:
+        if name == "data" and not cfg.toy.enabled or \
+                name in ("sft_data", "warm_start") and not cfg.warm_start.enabled:
+            continue
+        if name == "sample":
+            prompts = p.toy_dir / "prompts.jsonl" if cfg.toy.enabled else pathlib.Path(cfg.prompts)
+            prompts.parent.mkdir(parents=True, exist_ok=True)
+            prompts.write_text(json.dumps({"id": "t0", "prompt": "p", "split": cfg.sample.split})
+                               + "\n")
+        if name == "pairs":
+            for f, rec in (("samples", sample), ("execute_input", sample),
+                           ("verdicts", {"id": "t0", "passed": [[True]]})):
+                (w / f"{f}.jsonl").write_text(json.dumps(rec) + "\n")
+        getattr(p, name)()
+    return calls
+
+
+def program_config(module: str, args: list[str]):
+    """The config `python -m module *args` runs with: its --config file (or the program's
+    default) with the --config.FIELD=VALUE overrides, parsed as the program parses them
+    (locked: a field the config lacks, or a value of another type, is an error)."""
+    argv = [module] + [a for a in args if a.startswith("--config")]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIGS.get(module), flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("name", ["toy", "toy:fast", "real"])
+def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name, tmp_path,
+                                                                           monkeypatch):
+    # Without this, a renamed field of configs/focused_dpo.py (say) stops a run at its train
+    # stage, after sampling and execution.
+    calls = stage_calls(config(name, tmp_path), tmp_path / "run")
+    monkeypatch.chdir(REPO)  # config paths are the checkout's
+    checked = set()
+    for stage, module, args in calls:
+        if any(a.startswith("--config") for a in args):
+            program_config(module, args)
+            checked.add(module)
+    expected = {"launch.train", "launch.sample", "launch.build"}
+    if name != "real":
+        expected |= {"launch.toy_data"}
+    assert checked == expected
+
+
+def test_real_run_starts_from_the_checkpoint_and_prompts_given_at_one_learning_rate(
+        tmp_path, monkeypatch):
+    cfg = config("real", tmp_path)
+    w = tmp_path / "run"
+    calls = stage_calls(cfg, w)
+    monkeypatch.chdir(REPO)
+    (init,) = [(module, args) for stage, module, args in calls if stage == "init"]
+    assert init[0] == "launch.import_hf" and init[1][:2] == ["--hf_dir", str(tmp_path / "hf")]
+    assert lines(w / "sample_prompts.jsonl") == lines(tmp_path / "prompts.jsonl")
+    trains = {args[0]: program_config(module, args) for stage, module, args in calls
+              if stage == "train"}
+    assert sorted(trains) == [f"--workdir={w / 'train' / m}-s0" for m in ("dpo", "focused_dpo")]
+    # lr and NLL matched across methods (METHOD.md): none of the miniature's per-method tuning.
+    (matched,) = {(c.optimizer.lr, c.loss.nll_weight) for c in trains.values()}
+    assert matched[0] == cfg.train.lr
+    assert {c.init_checkpoint for c in trains.values()} == {str(w / "init")}
+
+
+def test_only_runs_the_stages_named_and_ignores_their_markers(tmp_path):
+    ran = []
+    for only in ((), ("b",)):
+        p = pipeline.Pipeline(toy.get_config(), tmp_path, judging_tests=analyze.judging_tests,
+                              only=only)
+        for name in ("a", "b", "c"):
+            p.stage(name, lambda name=name: ran.append(name))
+    # First every stage, leaving markers; then only b, although its marker exists.
+    assert ran == ["a", "b", "c", "b"]
+    assert sorted(f.name for f in (tmp_path / "stages").iterdir()) == ["a.json", "b.json",
+                                                                       "c.json"]
+
+
+def test_a_misspelt_override_stops_the_program_before_any_stage(tmp_path):
+    w = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "launch.pipeline", "--config=configs/toy.py",
+                           "--config.train.stepz=4", f"--workdir={w}"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "stepz" in proc.stderr
+    assert not w.exists()

@@ -18,9 +18,9 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
-from fdpo.testing import make_hf_model
-from fdpo.testing import build_tiny_tokenizer
+from fdpo.testing import build_tiny_tokenizer, make_hf_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -57,8 +57,6 @@ def hand_written_samples(n):
 @pytest.mark.slow
 def test_real_config_wiring_on_a_tiny_model(tmp_path):
     tok = build_tiny_tokenizer(tmp_path / "tok", chat_template=True)
-    from transformers import AutoTokenizer
-
     hf = tmp_path / "hf"
     make_hf_model(hf, "qwen2", vocab_size=len(AutoTokenizer.from_pretrained(tok)))
     for f in pathlib.Path(tok).iterdir():

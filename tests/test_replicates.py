@@ -1,4 +1,4 @@
-"""launch.replicates on hand-made pipeline reports."""
+"""fdpo.replicates (and the launch.replicates program) on hand-made pipeline reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from launch import replicates
+from fdpo import replicates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

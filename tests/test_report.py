@@ -1,8 +1,10 @@
-"""launch.report's verdicts and tables for the miniature and for a real run's benchmarks."""
+"""fdpo.report's verdicts and tables for the miniature and for a real run's benchmarks."""
 
 from __future__ import annotations
 
-from launch import report
+import json
+
+from fdpo import report
 
 
 def data_for(toy: bool, pass_at_1: dict) -> dict:
@@ -40,3 +42,30 @@ def test_miniature_verdict_is_on_held_out_tasks_only():
     missing = report.verdicts({"dpo": {"held_out": summary["warm_start"]["held_out"]}},
                               ["held_out"])
     assert missing == ["Focused-DPO was not evaluated on held-out."]
+
+
+def test_write_reads_what_the_stages_left(tmp_path):
+    cfg = data_for(True, {})["config"]
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "timings.json").write_text(json.dumps({"train": 12.0, "evaluate": 3.0}))
+    for model, frac in (("warm_start", 0.5), ("focused_dpo-s0", 0.75), ("focused_dpo-s1", 0.625)):
+        d = tmp_path / "eval" / model / "held_out"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"pass_at_k": {"base": {"pass@1": frac}}}))
+    metrics = tmp_path / "train" / "focused_dpo-s0" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    rows = [{"split": s, "step": i, "loss": 1.0 / i, "rewards/margins": 0.1 * i}
+            for i, s in ((1, "train"), (2, "eval"), (3, "train"))]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = report.write(tmp_path)
+    out = tmp_path / "report"
+    assert path == out / "report.md"
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "loss.png",
+                                               "margins.png", "pass_at_1.png"}
+    written = json.loads((out / "report.json").read_text())
+    # results.json holds fractions; the report speaks in percent, per method over seeds.
+    assert written["summary"]["focused_dpo"]["held_out"]["values"] == [75.0, 62.5]
+    assert written["curves"]["focused_dpo-s0"]["loss"] == [[1, 1.0], [3, 1 / 3]]
+    text = path.read_text()
+    assert "Focused-DPO beat warm_start on held-out pass@1: 68.8 vs 50.0" in text
+    assert "| total | 15 |" in text and "![pass_at_1.png](pass_at_1.png)" in text

@@ -1,0 +1,415 @@
+"""The whole Focused-DPO pipeline, stage by stage, each stage one of fdpo's own programs.
+
+    python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
+    Pipeline(cfg, workdir, judging_tests=analyze.judging_tests).all()   # the same, in Python
+
+Stages, in order (each skipped when its `stages/NAME.json` marker exists, so a rerun
+resumes after an interruption; programs that resume themselves — sampling, execution,
+training — pick up where they stopped):
+
+    data        the miniature's tokenizer, prompts, tests, SFT pairs (toy only)
+    init        the initial policy (random tiny model, or an HF import)
+    sft_data    SFT records (launch.build on ready pairs)          (warm start only)
+    warm_start  supervised warm start with the `sft` preset             (warm start only)
+    sample      k codes per prompt from the warm-started policy (launch.sample)
+    execute     every code against every test in the sandbox (launch.execute)
+    pairs       ranking, error-point pairs, ArrayRecord shards (launch.build)
+    reference   per-segment reference log-prob sums (launch.precompute_ref)
+    train       every method x seed from the same start (launch.train)
+    evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
+    analyze     the Phi table of the samples (launch.analyze)
+    report      report.md, plots and report.json (launch.report)
+
+Every stage runs as a subprocess with its log in `logs/NAME.log`, exactly the command a
+user would type for a real run; nothing is special-cased for the miniature beyond the
+config's values. The config is `configs/toy.py`'s or `configs/real.py`'s (same fields).
+
+The one piece of the data stage run in this process, choosing the tests that judge
+continuations in a real run (the tests its ranking trusts), is given as `judging_tests`
+(`data_tools.analyze.judging_tests`): the library does not import the data stage.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from fdpo import extract
+
+# The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The methods a config may list, each with its launch.train preset (configs/focused_dpo.py).
+METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
+                  "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
+
+# (tests, passed[code][test], ranker) -> the tests that judge continuations of one problem.
+JudgingTests = Callable[[Sequence[str], Any, str], list[str]]
+
+
+def responses_behind_codes(sample: dict, completion: bool) -> list[str] | None:
+    """The code responses of a `launch.sample` line that became its `codes` (the executor's
+    verdict rows), in order: the sampler drops responses whose program is empty. None when
+    they do not line up (e.g. samples written by another version of the extractor)."""
+    raw = sample["raw"]
+    if completion:
+        kept = [t for t in raw["code_responses"] if (raw["problem"] + t).strip()]
+    else:
+        kept = [t for t in raw["code_responses"] if extract.extract_program(t).strip()]
+    return kept if len(kept) == len(sample["codes"]) else None
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Pipeline:
+    """The stages of one run in `workdir`. `only`: run just these stages, their markers
+    ignored (`--only`); `judging_tests`: see the module docstring."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                 judging_tests: JudgingTests, only: Sequence[str] = ()):
+        self.cfg, self.w = cfg, workdir
+        self.judging_tests = judging_tests
+        self.only = tuple(only)
+        (workdir / "stages").mkdir(parents=True, exist_ok=True)
+        (workdir / "logs").mkdir(exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def run(self, stage: str, module: str, *args: str) -> None:
+        """Runs `python -m module args` with its output in logs/stage.log (appended)."""
+        log = self.w / "logs" / f"{stage}.log"
+        cmd = [sys.executable, "-m", module, *map(str, args)]
+        with open(log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise StageFailed(f"stage {stage}: `{' '.join(cmd[2:])}` exited with "
+                              f"{proc.returncode}; last lines of {log}:\n{tail}")
+
+    def stage(self, name: str, fn) -> None:
+        marker = self.w / "stages" / f"{name}.json"
+        if marker.exists() and (not self.only or name not in self.only):
+            print(f"[pipeline] {name}: done earlier, skipped")
+            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            return
+        if self.only and name not in self.only:
+            print(f"[pipeline] {name}: not run (--only={','.join(self.only)})")
+            return
+        print(f"[pipeline] {name} ...", flush=True)
+        start = time.time()
+        fn()
+        seconds = time.time() - start
+        self.timings[name] = seconds
+        marker.write_text(json.dumps({"seconds": seconds, "finished": time.ctime()}) + "\n")
+        print(f"[pipeline] {name}: {seconds:.0f} s", flush=True)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def toy_dir(self):
+        return self.w / "data"
+
+    @property
+    def tokenizer(self):
+        if self.cfg.toy.enabled:
+            return self.toy_dir / "tokenizer"
+        return self.w / "init" / "hf_extras"  # copied from the HF checkpoint by import_hf
+
+    def jax_flags(self):
+        """Mesh and multi-host flags passed to every JAX program."""
+        flags_ = ["--mesh_shape", ",".join(map(str, self.cfg.mesh_shape))]
+        return flags_ + (["--distributed"] if self.cfg.distributed else [])
+
+    @property
+    def start_model(self):
+        """The policy every method starts from (and the frozen reference)."""
+        if self.cfg.warm_start.enabled:
+            return self.w / "warm_start" / "final"
+        return self.w / "init"
+
+    def runs(self):
+        """(run name, method, seed, w_focused) for every preference-training run."""
+        out = [(f"{m}-s{s}", m, s, None) for m in self.cfg.methods for s in self.cfg.seeds]
+        out += [(f"focused_dpo-w{w:g}-s0", "focused_dpo", 0, w)
+                for w in self.cfg.w_focused_ablation]
+        return out
+
+    # ------------------------------------------------------------------ stages
+    def data(self):
+        t = self.cfg.toy
+        if self.toy_dir.exists():
+            shutil.rmtree(self.toy_dir)
+        fields = [k for k in t.keys() if k != "enabled"]  # configs/toy_data.py's fields
+        self.run("data", "launch.toy_data", "--out", self.toy_dir,
+                 *(f"--config.{k}={t[k]}" for k in fields))
+
+    def init(self):
+        out = self.w / "init"
+        if out.exists():
+            shutil.rmtree(out)
+        if self.cfg.init.hf_dir:
+            self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out,
+                     *self.jax_flags())
+        else:
+            self.run("init", "launch.init_model", "--out", out, "--tokenizer", self.tokenizer,
+                     "--fields", self.cfg.init.random_fields, "--seed", self.cfg.init.seed)
+
+    def sft_data(self):
+        out = self.w / "sft_data"
+        if out.exists():
+            shutil.rmtree(out)
+        self.run("sft_data", "launch.build", "--input", self.toy_dir / "sft_pairs.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out,
+                 f"--config.max_len={self.cfg.max_len}", "--config.val_fraction=0.05",
+                 "--noprogress")
+
+    def warm_start(self):
+        ws = self.cfg.warm_start
+        self._train("warm_start", self.w / "warm_start", self.w / "init", self.w / "sft_data",
+                    preset="sft", steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
+                    warmup=ws.warmup_steps, seed=0, reference="frozen")
+
+    def _train(self, stage, workdir, model, data, *, preset, steps, batch_size, lr, warmup,
+               seed, reference, extra=()):
+        t = self.cfg.train
+        self.run(stage, "launch.train", f"--workdir={workdir}",
+                 f"--config=configs/focused_dpo.py:model={model},data={data},preset={preset}",
+                 f"--config.train.num_steps={steps}", f"--config.train.batch_size={batch_size}",
+                 f"--config.optimizer.lr={lr}", f"--config.optimizer.warmup_steps={warmup}",
+                 f"--config.data.seed={seed}", f"--config.loss.reference={reference}",
+                 f"--config.loss.beta={t.beta}", "--config.model.compute_dtype=float32",
+                 "--config.log.every_steps=10",
+                 # steps <= 0: the config's epochs decide the length; evaluate/save every 200.
+                 f"--config.log.eval_every_steps={steps if steps > 0 else 200}",
+                 f"--config.checkpoint.every_steps={max(steps // 2, 1) if steps > 0 else 200}",
+                 f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}",
+                 f"--distributed={self.cfg.distributed}", *extra)
+
+    def sample(self):
+        s = self.cfg.sample
+        if self.cfg.toy.enabled:
+            rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
+            rows = [r for r in rows if r["split"] == s.split]
+        else:
+            rows = [json.loads(l) for l in open(self.cfg.prompts)]
+        if s.max_prompts:
+            rows = rows[:s.max_prompts]
+        prompts = self.w / "sample_prompts.jsonl"
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mode = "code" if self.cfg.tests_source == "oracle" else "both"
+        self.run("sample", "launch.sample", "--checkpoint", self.start_model, "--input", prompts,
+                 "--output", self.w / "samples.jsonl", "--config=configs/sample.py",
+                 f"--config.mode={mode}", f"--config.num_codes={s.num_codes}",
+                 f"--config.num_tests={s.num_tests}",
+                 f"--config.temperature={s.temperature}", f"--config.top_p={s.top_p}",
+                 f"--config.max_new_tokens={s.max_new_tokens}",
+                 f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
+                 *([f"--config.code_prompt={s.code_prompt}"] if s.code_prompt else []),
+                 # instruct responses hold the program in a block to extract; completions
+                 # are the program's continuation (launch.sample's code_format).
+                 "--config.code_format=" + ("completion" if s.prompt_style == "completion"
+                                            else "extract"), *self.jax_flags())
+
+    def execute(self):
+        # The miniature's tests come from the oracle (with corrupted expectations); a real
+        # run uses the tests the policy wrote in the sample stage (METHOD.md section 2).
+        oracle = {}
+        if self.cfg.tests_source == "oracle":
+            oracle = {r["id"]: r["tests"]
+                      for r in map(json.loads, open(self.toy_dir / "tests.jsonl"))}
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "execute_input.jsonl", "w") as out:
+            for line in f:
+                r = json.loads(line)
+                tests = oracle[r["id"]] if oracle else r["tests"]
+                out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
+        e = self.cfg.execute
+        self.run("execute", "launch.execute", "--input", self.w / "execute_input.jsonl",
+                 "--output", self.w / "verdicts.jsonl", "--timeout", e.timeout,
+                 *(["--workers", e.workers] if e.workers else []))  # 0: all cores
+
+    def pairs(self):
+        verdicts = {r["id"]: r for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
+        tests = {r["id"]: r for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "build_input.jsonl", "w") as out:
+            for line in f:
+                r = json.loads(line)
+                v = verdicts[r["id"]]
+                # Completion style: the response is the body the policy wrote after the
+                # prompt. Instruct style: the extracted program, after the code prompt.
+                completion = self.cfg.sample.prompt_style == "completion"
+                out.write(json.dumps({
+                    "id": r["id"], "prompt": r["raw"]["problem"] if completion else r["prompt"],
+                    "codes": r["raw"]["code_responses"] if completion else r["codes"],
+                    "tests": tests[r["id"]]["tests"], "passed": v["passed"]}) + "\n")
+        out_dir = self.w / "pairs"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        b = self.cfg.build
+        self.run("pairs", "launch.build", "--input", self.w / "build_input.jsonl",
+                 "--tokenizer", self.tokenizer, "--out", out_dir,
+                 f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
+                 f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
+                 "--noprogress")
+        # Training needs a batch of pairs; say why there are too few here rather than let
+        # every training run fail on it (a policy that writes no program, or no mixed
+        # verdicts, gives none).
+        counts = json.loads((out_dir / "manifest.json").read_text())["counts"]
+        built = counts["records_out"]["train"]
+        if built < self.cfg.train.batch_size:
+            drops = collections.Counter(
+                json.loads(line)["reason"] for path in sorted(out_dir.glob("drops-*.jsonl"))
+                for line in open(path) if line.strip())
+            raise StageFailed(
+                f"stage pairs: {built} training pairs from {counts['lines_in']} prompts, fewer "
+                f"than one batch ({self.cfg.train.batch_size}); dropped lines by reason "
+                f"{dict(drops)}, filtered candidate pairs {counts['candidate_pairs_filtered']} "
+                f"(details: {out_dir}/drops-*.jsonl, {self.w / 'samples.jsonl'})")
+
+    def reference(self):
+        out = self.w / "pairs_ref"
+        if out.exists():
+            shutil.rmtree(out)
+        self.run("reference", "launch.precompute_ref", "--checkpoint", self.start_model,
+                 "--data", self.w / "pairs", "--out", out, *self.jax_flags())
+
+    def train(self):
+        t = self.cfg.train
+        for name, method, seed, w in self.runs():
+            if (self.w / "train" / name / "final" / "fdpo_model.json").exists():
+                continue
+            # Per-method learning rate and NLL weight, where the config sets them.
+            own = self.cfg.method_train.get(method, {})
+            lr, nll = own.get("lr", t.lr), own.get("nll_weight", t.nll_weight)
+            extra = [f"--config.loss.w_focused={w if w is not None else t.w_focused}"]
+            if nll and method != "continued_sft":
+                extra.append(f"--config.loss.nll_weight={nll}")
+            self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
+                        preset=METHOD_PRESETS[method], steps=t.steps, batch_size=t.batch_size,
+                        lr=lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
+                        extra=extra)
+
+    def models(self):
+        """(name, checkpoint) of everything evaluated: the start and every trained run."""
+        out = [("warm_start" if self.cfg.warm_start.enabled else "init", self.start_model)]
+        out += [(name, self.w / "train" / name / "final") for name, *_ in self.runs()]
+        return out
+
+    def benchmarks(self):
+        """(name, benchmark, dataset file or '') evaluated for every model."""
+        if self.cfg.toy.enabled:
+            return [(split, "evalplus", str(self.toy_dir / f"eval_{split}.jsonl"))
+                    for split in ("seen", "held_out")]
+        return [tuple(b) for b in self.cfg.evaluate.benchmarks]
+
+    def evaluate(self):
+        e = self.cfg.evaluate
+        for name, ckpt in self.models():
+            for bench_name, benchmark, dataset in self.benchmarks():
+                out = self.w / "eval" / name / bench_name
+                if (out / "results.json").exists():
+                    continue
+                self.run("evaluate", "launch.evaluate", "--benchmark", benchmark,
+                         *(["--dataset", dataset] if dataset else []), "--checkpoint", ckpt,
+                         "--out", out, "--prompt_style", self.cfg.sample.prompt_style,
+                         "--temperature", 0, "--max_new_tokens", e.max_new_tokens,
+                         *(["--workers", e.workers] if e.workers else []), "--k", "1",
+                         "--min_time_limit", e.min_time_limit, *self.jax_flags())
+
+    def analyze(self):
+        completion = self.cfg.sample.prompt_style == "completion"
+        b = self.cfg.build
+        oracle = self.toy_dir / "tests.jsonl"
+        verdicts = {r["id"]: r["passed"] for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
+        if self.cfg.toy.enabled and oracle.exists():
+            # The miniature knows which tests are right: they judge continuations.
+            judged = {r["id"]: [t for t, ok in zip(r["tests"], r["tests_correct"]) if ok]
+                      for r in map(json.loads, open(oracle))}
+        else:
+            # A real run has no ground truth. Continuations are judged by the tests the data
+            # stage trusts: those passed by the top-ranked code, with the build's ranker
+            # (analyze.judging_tests says why), so that a continuation "passes" exactly when
+            # the data stage would call it correct.
+            tests = {r["id"]: r["tests"]
+                     for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
+            judged = {pid: self.judging_tests(tests[pid], passed, b.ranker)
+                      for pid, passed in verdicts.items() if pid in tests}
+        skipped = []
+        with open(self.w / "samples.jsonl") as f, \
+                open(self.w / "analyze_input.jsonl", "w") as out:
+            for lineno, line in enumerate(f, 1):
+                r = json.loads(line)
+                # Segments of the responses (what the policy wrote, and what a continuation
+                # extends), one per verdict row.
+                responses = responses_behind_codes(r, completion)
+                if responses is None:
+                    skipped.append({"file": str(self.w / "samples.jsonl"), "line": lineno,
+                                    "id": r["id"], "reason": "responses_do_not_match_codes"})
+                    continue
+                # The text the policy was given: the problem itself (completion) or the code
+                # message, which the continuation wraps in the chat template as sampling did.
+                out.write(json.dumps({"id": r["id"], "codes": responses,
+                                      "prompt": r["raw"]["problem"] if completion else r["prompt"],
+                                      "tests": judged.get(r["id"], [])}) + "\n")
+        with open(self.w / "analyze_input_skipped.jsonl", "w") as out:
+            out.writelines(json.dumps(x) + "\n" for x in skipped)
+        if skipped:
+            print(f"[pipeline] analyze: {len(skipped)} sample lines skipped, see "
+                  f"{self.w / 'analyze_input_skipped.jsonl'}")
+        continuation = []
+        if self.cfg.analysis.continuation and judged:
+            continuation = ["--continuation", "--checkpoint", self.start_model,
+                            "--num_continuations", self.cfg.analysis.num_continuations,
+                            "--max_new_tokens", self.cfg.sample.max_new_tokens,
+                            "--program_style", "completion" if completion else "extract",
+                            "--timeout", self.cfg.execute.timeout]
+        if self.cfg.toy.enabled and oracle.exists():
+            # Correctness = passing all the right tests.
+            good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
+            with open(self.w / "analyze_verdicts.jsonl", "w") as out:
+                for pid, passed in verdicts.items():
+                    keep = good[pid]
+                    out.write(json.dumps({"id": pid, "passed": [
+                        [p for p, k in zip(row, keep) if k] for row in passed]}) + "\n")
+            verdict_args = ["--verdicts", self.w / "analyze_verdicts.jsonl",
+                            "--verdict", "all_tests"]
+        else:  # a real run: correctness as the data stage decides it (ranked ground truth)
+            verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--verdict", "ranked"]
+        # The build's ranker and lambda: the reference pair is the one the builder would pick.
+        self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
+                 *verdict_args, "--ranker", b.ranker, "--lam", b.lam,
+                 "--out", self.w / "analysis", *continuation)
+
+    def report(self):
+        self.run("report", "launch.report", "--workdir", self.w)
+
+    def all(self):
+        """Every stage in order (skipping those done earlier); the config beside them."""
+        (self.w / "pipeline_config.json").write_text(self.cfg.to_json(indent=2) + "\n")
+        start = time.time()
+        if self.cfg.toy.enabled:
+            self.stage("data", self.data)
+        self.stage("init", self.init)
+        if self.cfg.warm_start.enabled:
+            self.stage("sft_data", self.sft_data)
+            self.stage("warm_start", self.warm_start)
+        for name in ("sample", "execute", "pairs", "reference", "train", "evaluate", "analyze"):
+            self.stage(name, getattr(self, name))
+        (self.w / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+        self.stage("report", self.report)
+        print(f"[pipeline] finished in {time.time() - start:.0f} s; report: "
+              f"{self.w / 'report' / 'report.md'}")
