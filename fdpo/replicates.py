@@ -4,7 +4,7 @@
 
 A pipeline run's seeds vary only the data order of preference training; every method starts
 from the same warm start. On the miniature, float rounding alone moves the warm start enough
-to change the verdict (README, "The miniature"), so a claim needs several warm starts. This
+to change the verdict (docs/results/miniature.md), so a claim needs several warm starts. This
 reads each workdir's `report/report.json` (written by :mod:`fdpo.report`) and writes
 `replicates.md`, `replicates.json` and `replicates.png`: pass@1 per method and replicate
 (the mean over that run's seeds), every method's difference to Focused-DPO per replicate,
