@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -417,14 +419,11 @@ class Sampler:
         return lo
 
 
-def eos_ids(model_cfg: ModelConfig, tokenizer, tok_dir) -> tuple[int, ...]:
+def eos_ids(model_cfg: ModelConfig, tokenizer=None, tok_dir=None) -> tuple[int, ...]:
     """Union of the model config's, the tokenizer's and generation_config.json's EOS ids
     (chat models end turns with a token, e.g. <|im_end|>, that config.json may not name)."""
-    import json
-    import pathlib
-
     found = []
-    for value in (model_cfg.eos_token_id, tokenizer.eos_token_id):
+    for value in (model_cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
         found += value if isinstance(value, (list, tuple)) else [value]
     gen = pathlib.Path(tok_dir) / "generation_config.json" if tok_dir else None
     if gen is not None and gen.is_file():
