@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     c.mesh_shape = (1, -1, 1)  # FSDP over every device; e.g. (1, -1, 4) adds tensor parallel
     c.max_len = 2048
     c.sample.update(dict(num_codes=10, num_tests=10, temperature=1.5, top_p=1.0,
-                         max_new_tokens=768, batch_size=256, prompt_style="instruct",
+                         max_new_tokens=768, batch_size=256, response_format="code_block",
                          code_prompt="", max_prompts=0))
     c.execute.update(dict(timeout=10.0, workers=0))  # 0: all cores
     c.build.update(dict(val_fraction=1 / 6))
