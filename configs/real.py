@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # launch.sample's own code message.
     c.sample = ml_collections.ConfigDict(dict(
         num_codes=10, temperature=1.5, top_p=1.0, max_new_tokens=768, batch_size=256,
-        prompt_style="instruct", seed=0, max_prompts=0,  # 0: every prompt
+        response_format="code_block", seed=0, max_prompts=0,  # 0: every prompt
         split="",  # the miniature's prompt split; a real run samples every line of `prompts`
         num_tests=10, code_prompt=""))
     c.execute = ml_collections.ConfigDict(dict(timeout=10.0, workers=0))  # 0: all cores

@@ -9,9 +9,10 @@ noise at 1.5, use ~0.8-1.0 there. The `greedy` variant is the pass@1 evaluation 
 one greedy code per prompt, no tests.
 
 Templates are Python format strings with `{prompt}` (the input line's prompt) and, for
-tests, `{num_asserts}`. The rendered message is sent as one user turn through the
-tokenizer's chat template when it has one, else as plain text (with the tokenizer's
-special tokens, e.g. BOS): the same rule as the data builder (`fdpo.tokenization`).
+tests, `{num_asserts}`. The rendered message is sent in the policy's prompt format:
+one user turn through the tokenizer's chat template when it has one ("chat_template"),
+else as plain text with the tokenizer's special tokens, e.g. BOS ("plain"): the same rule
+as the data builder (`fdpo.tokenization`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_tests = 10  # sampled test responses per prompt [paper: 10]
     c.num_asserts = 5  # asked for in each test response (each assert becomes one test)
     c.code_prompt = CODE_PROMPT
-    # "extract": the program is the code block of the response; "completion": the program
-    # is the input prompt + the response (a base model completing a function, the miniature).
-    c.code_format = "extract"
+    # How the program is read from a code response (fdpo.extract.RESPONSE_FORMATS):
+    # "code_block": the program in the response's fenced block; "completion": the input
+    # prompt + the response (a base model completing a function, the miniature).
+    c.response_format = "code_block"
     c.test_prompt = TEST_PROMPT
 
     c.temperature = 1.5  # [paper]; 0 is greedy. Small models: ~0.8

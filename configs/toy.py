@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Self-generation (launch.sample) on the seen prompts.
     c.sample = ml_collections.ConfigDict(dict(
         num_codes=10, temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=128,
-        prompt_style="completion", seed=0, max_prompts=0,  # 0: every prompt of the split
+        response_format="completion", seed=0, max_prompts=0,  # 0: every prompt of the split
         split="dpo",  # seen combinations that were not in the warm start
         num_tests=0, code_prompt="{prompt}"))
     c.execute = ml_collections.ConfigDict(dict(timeout=2.0, workers=2))

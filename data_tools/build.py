@@ -49,7 +49,7 @@ import numpy as np
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
 from fdpo import records
-from fdpo.tokenization import Encoder
+from fdpo.tokenization import Encoder, load_tokenizer
 
 log = logging.getLogger("data_tools.build")
 
@@ -347,10 +347,8 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
     timings: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            tokenizer = load_tokenizer(tokenizer_path)
         except Exception as e:  # transformers raises many types; name the flag in the error
             raise ValueError(f"--tokenizer={tokenizer_path}: cannot load a tokenizer: {e}") from e
     enc = Encoder(tokenizer)

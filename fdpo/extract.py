@@ -18,6 +18,12 @@ of the whole response without fences), including those under `if __name__ ==
 "__main__":`, each as its own test, source text exactly as written (multi-line ones
 included). A block that does not parse falls back to its single lines that start with
 `assert` and parse alone. Duplicates are dropped, order is kept.
+
+Response format (`RESPONSE_FORMATS`, `program_from_response`): what a model is asked for and
+how its program is read back. "code_block": a response holding the program in a fenced
+block (instruct models), read with `extract_program`; "completion": a continuation of the
+prompt (base models completing a function, the miniature), the program being prompt +
+response.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import ast
 import re
 
+RESPONSE_FORMATS = ("code_block", "completion")
 PYTHON_TAGS = {"", "python", "py", "python3", "py3"}
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([^\s`]*)[^\n]*$", re.M)
 _CODE_START = re.compile(r"^(def |class |import |from |@|#|async def )")
@@ -92,6 +99,15 @@ def extract_program(response: str) -> str:
         return ""
     chosen = next((b for b in blocks if _defines(b)), blocks[0])
     return chosen.strip("\n") + "\n" if chosen.strip() else ""
+
+
+def program_from_response(response: str, prompt: str, response_format: str) -> str:
+    """The program a response stands for, in `response_format` (module docstring)."""
+    if response_format == "code_block":
+        return extract_program(response)
+    if response_format == "completion":
+        return prompt + response
+    raise ValueError(f"response_format={response_format!r}; expected one of {RESPONSE_FORMATS}")
 
 
 def _assertions_in(code: str) -> list[str]:

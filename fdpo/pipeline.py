@@ -218,10 +218,7 @@ class Pipeline:
                  f"--config.max_new_tokens={s.max_new_tokens}",
                  f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
                  *([f"--config.code_prompt={s.code_prompt}"] if s.code_prompt else []),
-                 # instruct responses hold the program in a block to extract; completions
-                 # are the program's continuation (launch.sample's code_format).
-                 "--config.code_format=" + ("completion" if s.prompt_style == "completion"
-                                            else "extract"), *self.jax_flags())
+                 f"--config.response_format={s.response_format}", *self.jax_flags())
 
     def execute(self):
         # The miniature's tests come from the oracle (with corrupted expectations); a real
@@ -251,7 +248,7 @@ class Pipeline:
                 v = verdicts[r["id"]]
                 # Completion style: the response is the body the policy wrote after the
                 # prompt. Instruct style: the extracted program, after the code prompt.
-                completion = self.cfg.sample.prompt_style == "completion"
+                completion = self.cfg.sample.response_format == "completion"
                 out.write(json.dumps({
                     "id": r["id"], "prompt": r["raw"]["problem"] if completion else r["prompt"],
                     "codes": r["raw"]["code_responses"] if completion else r["codes"],
@@ -325,13 +322,13 @@ class Pipeline:
                     continue
                 self.run("evaluate", "launch.evaluate", "--benchmark", benchmark,
                          *(["--dataset", dataset] if dataset else []), "--checkpoint", ckpt,
-                         "--out", out, "--prompt_style", self.cfg.sample.prompt_style,
+                         "--out", out, "--response_format", self.cfg.sample.response_format,
                          "--temperature", 0, "--max_new_tokens", e.max_new_tokens,
                          *(["--workers", e.workers] if e.workers else []), "--k", "1",
                          "--min_time_limit", e.min_time_limit, *self.jax_flags())
 
     def analyze(self):
-        completion = self.cfg.sample.prompt_style == "completion"
+        completion = self.cfg.sample.response_format == "completion"
         b = self.cfg.build
         oracle = self.toy_dir / "tests.jsonl"
         verdicts = {r["id"]: r["passed"] for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
@@ -375,7 +372,7 @@ class Pipeline:
             continuation = ["--continuation", "--checkpoint", self.start_model,
                             "--num_continuations", self.cfg.analysis.num_continuations,
                             "--max_new_tokens", self.cfg.sample.max_new_tokens,
-                            "--program_style", "completion" if completion else "extract",
+                            "--response_format", self.cfg.sample.response_format,
                             "--timeout", self.cfg.execute.timeout]
         if self.cfg.toy.enabled and oracle.exists():
             # Correctness = passing all the right tests.

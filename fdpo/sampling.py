@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -417,49 +419,14 @@ class Sampler:
         return lo
 
 
-def eos_ids(model_cfg: ModelConfig, tokenizer, tok_dir) -> tuple[int, ...]:
+def eos_ids(model_cfg: ModelConfig, tokenizer=None, tok_dir=None) -> tuple[int, ...]:
     """Union of the model config's, the tokenizer's and generation_config.json's EOS ids
     (chat models end turns with a token, e.g. <|im_end|>, that config.json may not name)."""
-    import json
-    import pathlib
-
     found = []
-    for value in (model_cfg.eos_token_id, tokenizer.eos_token_id):
+    for value in (model_cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
         found += value if isinstance(value, (list, tuple)) else [value]
     gen = pathlib.Path(tok_dir) / "generation_config.json" if tok_dir else None
     if gen is not None and gen.is_file():
         value = json.loads(gen.read_text()).get("eos_token_id")
         found += value if isinstance(value, (list, tuple)) else [value]
     return tuple(dict.fromkeys(int(e) for e in found if e is not None))
-
-
-def sample_texts(cfg: ModelConfig, graphdef, state, tokenizer, prompts: Sequence[str], *,
-                 num_samples: int, mesh: Mesh, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, max_new_tokens: int = 512, batch_size: int = 16,
-                 seed: int = 0, tok_dir=None) -> list[list[str]]:
-    """`num_samples` completions (text) for each prompt string, formatted as
-    `launch.sample` and `data_tools.build` do (chat template when the tokenizer has one).
-
-    Row seeds are (prompt index, sample index), so results do not depend on batch_size.
-    """
-    from fdpo.tokenization import Encoder
-
-    encoder = Encoder(tokenizer)
-    sampler = Sampler(cfg, graphdef, state, mesh,
-                      decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                      pad_id=encoder.pad if encoder.pad is not None else 0)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p,
-                            eos_ids=eos_ids(cfg, tokenizer, tok_dir))
-    encoded = encoder.prompts(list(prompts))
-    rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-    batch = max(batch_size, sampler.batch_multiple)
-    texts: list[list[str]] = [[] for _ in prompts]
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        done = sampler.generate([encoded[i].tolist() for i, _ in chunk], params, seed=seed,
-                                row_seeds=[i * 100_003 + j for i, j in chunk],
-                                pad_rows_to=min(batch, len(rows)))
-        for (i, _), completion in zip(chunk, done):
-            texts[i].append(completion.text)
-    return texts

@@ -1,7 +1,18 @@
-"""Prompt formatting and response tokenisation, shared by the data builder and the sampler
-(no JAX): a chat template applied to one user message when the tokenizer has one, else the
-plain prompt with the tokenizer's own special tokens; responses tokenised on their own,
-without special tokens, with the EOS token appended."""
+"""Tokenizer loading, prompt formatting and response tokenisation, shared by the data
+builder and the policy (no JAX).
+
+Loading: `load_tokenizer` reads a tokenizer from its files alone. transformers would also
+read a config.json beside them and may then pick another class (for model_type qwen2 it
+takes Qwen2Tokenizer over the TokenizersBackend that tokenizer_config.json names, which
+splits whitespace differently); an fdpo checkpoint keeps the tokenizer files without
+config.json (`hf_extras/`), so reading only the files gives one tokenizer, and the same ids,
+whether a model comes as a Hugging Face directory or as a checkpoint.
+
+Prompt format (`PROMPT_FORMATS`): "chat_template" applies the tokenizer's chat template to
+one user message; "plain" tokenises the prompt as it is, with the tokenizer's own special
+tokens (e.g. BOS). The default is "chat_template" when the tokenizer has one. Responses are
+tokenised on their own, without special tokens, with the EOS token appended.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -9,14 +20,31 @@ import os
 from typing import Any
 
 import numpy as np
+from transformers import AutoTokenizer, PreTrainedConfig
+
+PROMPT_FORMATS = ("chat_template", "plain")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer in directory `path`, from its tokenizer files only (see the module
+    docstring): a blank model config stands in for any config.json there."""
+    return AutoTokenizer.from_pretrained(str(path), config=PreTrainedConfig())
 
 
 class Encoder:
     """Prompt and response tokenisation as described in the module docstring."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt_format: str | None = None):
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format is None:
+            prompt_format = "chat_template" if has_template else "plain"
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format={prompt_format!r}; expected one of {PROMPT_FORMATS}")
+        if prompt_format == "chat_template" and not has_template:
+            raise ValueError("prompt_format='chat_template' but the tokenizer has no chat template")
         self.tok = tokenizer
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.prompt_format = prompt_format
+        self.chat = prompt_format == "chat_template"
         self.eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
@@ -62,7 +90,7 @@ class Encoder:
             "vocab_size": len(self.tok),
             "tokenizer_json_sha256": sha,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None,
-            "prompt_format": "chat_template" if self.chat else "plain",
+            "prompt_format": self.prompt_format,
             "eos_token_id": self.eos,
             "eos_appended": self.eos is not None,
             "pad_token_id_in_records": self.pad,

@@ -17,19 +17,26 @@ sandbox against the line's tests, and pass@1 of each side is reported (paper, Qw
 90.02% vs 3.17%). It needs ``"prompt"`` (the text the samples were generated from) and
 ``"tests"`` in the sample lines of the problems used (checked, with file:line, before the
 model is loaded); a used problem without tests is left out and counted. A program is prompt +
-text (``--program_style completion``) or the code block extracted from the text
-(``extract``). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
+text (``--response_format completion``) or the code block extracted from the text
+(``code_block``); the prompt is rendered in the policy's prompt format, as sampling did
+(:class:`fdpo.policy.Policy`). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
 right ones where they are known; in a real run, the tests the data stage takes as ground
 truth (:func:`data_tools.analyze.judging_tests`; the pipeline's analyze stage does this).
 """
 from __future__ import annotations
 
+import collections
 import json
+import pathlib
 
 from absl import app, flags, logging
 
 from data_tools import analyze
 from data_tools import rank as rank_lib
+from fdpo import extract, jsonl
+from fdpo.policy import Policy
+from fdpo.sandbox.executor import Executor, Limits
+from launch import common
 
 SAMPLES = flags.DEFINE_string("samples", None, "JSONL of {'id', 'codes'} (optionally 'passed').", required=True)
 VERDICTS = flags.DEFINE_string("verdicts", None, "JSONL of {'id', 'passed'}; default: 'passed' in --samples.")
@@ -50,8 +57,9 @@ HF_DIR = flags.DEFINE_string("hf_dir", None, "Or: the policy as a Hugging Face d
 NUM_CONTINUATIONS = flags.DEFINE_integer("num_continuations", 1, "Continuations per side.")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Continuation sampling temperature (0: greedy).")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Continuation length.")
-PROGRAM_STYLE = flags.DEFINE_enum("program_style", "completion", ["completion", "extract"],
-                                  "Program = prompt + text, or the code block of the text.")
+RESPONSE_FORMAT = flags.DEFINE_enum("response_format", "completion",
+                                    list(extract.RESPONSE_FORMATS),
+                                    "Program = prompt + text, or the code block of the text.")
 TIMEOUT = flags.DEFINE_float("timeout", 5.0, "Seconds per (program, test) in the sandbox.")
 
 
@@ -60,8 +68,6 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
     a continuation needs. Lines that ``read_inputs`` dropped (bad JSON, no id) are already
     counted in drops.jsonl and are skipped here; lines of problems the table did not use need
     no prompt or tests."""
-    from fdpo import jsonl
-
     needed = set(ids)
     found: dict[str, tuple[int, dict]] = {}
     for where, rec in jsonl.objects(samples_path, errors=[]):  # bad lines: counted already
@@ -83,13 +89,6 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
 
 def continuation(samples_path, result, options, out_dir):
     """pass@1 of continuations from prefix + chosen mid and prefix + rejected mid."""
-    import collections
-    import pathlib
-
-    from fdpo import extract
-    from fdpo.tokenization import Encoder
-    from fdpo.sandbox.executor import Executor, Limits
-
     lines = {pid: rec for pid, (_, rec) in
              continuation_lines(samples_path, [s.id for s in result.segments]).items()}
     skipped: collections.Counter = collections.Counter()
@@ -103,45 +102,22 @@ def continuation(samples_path, result, options, out_dir):
             logging.warning("%s: problem %r has no tests; left out of the continuation",
                             samples_path, seg.id)
 
-    from fdpo import sampling
-    from fdpo.models.checkpoint import load_checkpoint_or_hf
-    from launch import common
-
     common.quiet_tokenizers()
-    mesh = common.init_jax()
-    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(mesh, checkpoint=CHECKPOINT.value,
-                                                          hf_dir=HF_DIR.value)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    encoder = Encoder(tokenizer)
-    sampler = sampling.Sampler(cfg, graphdef, state, mesh,
-                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                               pad_id=encoder.pad if encoder.pad is not None else 0)
-    params = sampling.SamplingParams(max_new_tokens=MAX_NEW_TOKENS.value,
-                                     temperature=TEMPERATURE.value,
-                                     eos_ids=sampling.eos_ids(cfg, tokenizer, tok_dir))
+    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
     rows = []  # (problem id, side, started text, token ids)
     for seg in segments:
         rec = lines[seg.id]
-        prompt_ids = encoder.prompts([rec["prompt"]])[0].tolist()
+        [prompt_ids] = policy.encode_prompts([rec["prompt"]])
         for side, text in zip(("chosen", "rejected"),
                               analyze.continuation_prefixes(rec["codes"], seg, options.unit)):
-            ids = prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows += [(seg.id, side, text, ids)] * NUM_CONTINUATIONS.value
-    texts = []
-    batch = 64
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        done = sampler.generate([r[3] for r in chunk], params, seed=0,
-                                row_seeds=list(range(start, start + len(chunk))),
-                                pad_rows_to=min(batch, len(rows)))
-        texts += [c.text for c in done]
+            rows += [(seg.id, side, text, prompt_ids + policy.encode_text(text))] * \
+                NUM_CONTINUATIONS.value
+    done = policy.generate([r[3] for r in rows], seed=0, row_seeds=range(len(rows)),
+                           max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value)
     programs: dict[tuple[str, str], list[str]] = {}
-    for (pid, side, started, _), cont in zip(rows, texts):
-        body = started + cont
-        program = (lines[pid]["prompt"] + body if PROGRAM_STYLE.value == "completion"
-                   else extract.extract_program(body))
+    for (pid, side, started, _), (cont,) in zip(rows, done):
+        program = extract.program_from_response(started + cont.text, lines[pid]["prompt"],
+                                                RESPONSE_FORMAT.value)
         programs.setdefault((pid, side), []).append(program)
     passed = {"chosen": [], "rejected": []}
     per_problem = []
@@ -162,7 +138,9 @@ def continuation(samples_path, result, options, out_dir):
     summary["problems"] = len(segments)
     summary["problems_skipped"] = dict(skipped)
     summary["settings"] = {"num_continuations": NUM_CONTINUATIONS.value,
-                           "temperature": TEMPERATURE.value, "program_style": PROGRAM_STYLE.value}
+                           "temperature": TEMPERATURE.value,
+                           "response_format": RESPONSE_FORMAT.value,
+                           "prompt_format": policy.prompt_format}
     summary["per_problem"] = per_problem
     out = pathlib.Path(out_dir)
     (out / "continuation.json").write_text(json.dumps(summary, indent=2) + "\n")

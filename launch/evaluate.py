@@ -5,9 +5,9 @@
     python -m launch.evaluate --benchmark livecodebench --dataset lcb.jsonl --samples s.jsonl --out eval/
 
 Samples (EvalPlus format): one JSON line per sample, {"task_id", "solution"} (a whole
-program) or {"task_id", "completion"} (appended to the task's prompt). With --checkpoint
-the samples are generated first (needs fdpo/sampling.py) and written to OUT/samples.jsonl
-in that format. Outputs in --out: results.json (pass@k, status counts, settings, dataset
+program) or {"task_id", "completion"} (appended to the task's prompt). With --checkpoint or
+--hf_dir the samples are generated first by the policy (`fdpo.policy.Policy`) and written
+to OUT/samples.jsonl in that format; --response_format says what the model is asked for. Outputs in --out: results.json (pass@k, status counts, settings, dataset
 hash, per-sample verdicts), tasks.md and tasks.csv (one row per task). See
 fdpo/evaluation/ and docs/evaluation.md for oracles and time limits.
 """
@@ -18,9 +18,12 @@ import logging as pylogging
 import pathlib
 
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from fdpo.extract import RESPONSE_FORMATS
+from fdpo.policy import Policy
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
 BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
@@ -55,35 +58,27 @@ BUDGET_S = flags.DEFINE_float("split_budget", 60.0,
                               "Cap on a sample's summed time on one split, seconds.")
 LCB_TIMEOUT = flags.DEFINE_float("lcb_timeout", 6.0, "LiveCodeBench seconds per test.")
 PARTIAL = flags.DEFINE_bool("partial", False, "Allow samples for only some tasks.")
-PROMPT_STYLE = flags.DEFINE_enum(
-    "prompt_style", "instruct", ["instruct", "completion"],
-    "--checkpoint: 'instruct' asks for a whole program in a fenced block (chat template when "
-    "the tokenizer has one); 'completion' feeds the task's prompt as plain text and appends "
-    "the model's continuation to it (base models, the miniature).")
+RESPONSE_FORMAT = flags.DEFINE_enum(
+    "response_format", "code_block", list(RESPONSE_FORMATS),
+    "With a model: 'code_block' asks for a whole program in a fenced block and extracts it; "
+    "'completion' gives the task's prompt as it is and appends the model's continuation to "
+    "it (base models, the miniature). The prompt is rendered in the policy's prompt format "
+    "(chat template when the tokenizer has one).")
 
 
-def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> list[rn.Sample]:
-    """The one place that needs a model (imported here: --samples runs without jax)."""
-    from fdpo import sampling
-    from transformers import AutoTokenizer
-
-    from fdpo.models.checkpoint import load_checkpoint_or_hf
-
+def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> tuple[list[rn.Sample], str]:
+    """`n` samples per task from the policy, and the prompt format they were asked in."""
     common.quiet_tokenizers()
-    mesh = common.init_jax()
-    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(
-        mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
     ids = list(tasks)
-    completion = PROMPT_STYLE.value == "completion"
+    completion = RESPONSE_FORMAT.value == "completion"
     prompts = [tasks[t].prompt if completion else prompt_for(tasks[t], benchmark) for t in ids]
-    texts = sampling.sample_texts(
-        cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
-        temperature=TEMPERATURE.value, top_p=TOP_P.value,
-        max_new_tokens=MAX_NEW_TOKENS.value, batch_size=BATCH_SIZE.value, seed=SEED.value, tok_dir=tok_dir)
-    if completion:
-        return [rn.Sample(t, tasks[t].prompt + x) for t, outs in zip(ids, texts) for x in outs]
-    return [rn.Sample(t, rn.extract_code(x)) for t, outs in zip(ids, texts) for x in outs]
+    outs = policy.generate(prompts, num_samples=n, temperature=TEMPERATURE.value,
+                           top_p=TOP_P.value, max_new_tokens=MAX_NEW_TOKENS.value,
+                           batch_size=BATCH_SIZE.value, seed=SEED.value)
+    samples = [rn.Sample(t, tasks[t].prompt + c.text if completion else rn.extract_code(c.text))
+               for t, cs in zip(ids, outs) for c in cs]
+    return samples, policy.prompt_format
 
 
 def prompt_for(task: tk.Task, benchmark: str) -> str:
@@ -115,7 +110,7 @@ def main(argv):
     samples = None
     samples_path = SAMPLES.value
     if model is not None:
-        samples = generate(tasks, bench, N.value)
+        samples, prompt_format = generate(tasks, bench, N.value)
         samples_path = out / "samples.jsonl"
         with open(samples_path, "w", encoding="utf-8") as f:
             for s in samples:
@@ -125,8 +120,6 @@ def main(argv):
         policy=tk.TimePolicy(floor_s=FLOOR_S.value, factor=FACTOR.value,
                              budget_s=BUDGET_S.value, lcb_timeout_s=LCB_TIMEOUT.value),
         workers=WORKERS.value, isolation=ISOLATION.value, memory_mb=MEMORY_MB.value)
-    from tqdm import tqdm
-
     total = None
     if samples is None:
         try:
@@ -145,7 +138,8 @@ def main(argv):
     if model is not None:
         meta["generation"] = {"model": model, "n": N.value, "temperature": TEMPERATURE.value,
                               "top_p": TOP_P.value, "max_new_tokens": MAX_NEW_TOKENS.value,
-                              "prompt_style": PROMPT_STYLE.value,
+                              "response_format": RESPONSE_FORMAT.value,
+                              "prompt_format": prompt_format,
                               "seed": SEED.value}
     paths = rn.write_outputs(out, summary, records, meta)
     for name, scores in summary["pass_at_k"].items():

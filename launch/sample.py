@@ -16,9 +16,11 @@ readable by `launch.build` once verdicts are added:
 
 `prompt` is the user message the codes were sampled from (the code template applied to
 the input prompt), so DPO later conditions on exactly what the policy saw; the input
-prompt is kept as `raw.problem`. `codes` holds the non-empty programs extracted from the
-code responses, `tests` every distinct assertion extracted from the test responses
-(`data_tools/extract.py`); the responses themselves are in `raw`.
+prompt is kept as `raw.problem`. `codes` holds the non-empty programs of the code
+responses (`--config.response_format`: the fenced block of each, or input prompt +
+response), `tests` every distinct assertion extracted from the test responses
+(`fdpo.extract`); the responses themselves are in `raw`. The model, its tokenizer, prompt
+format and EOS set come from `fdpo.policy.Policy`.
 
 Resuming: ids already in OUTPUT are skipped (a cut-off last line is dropped and redone);
 lines are appended as prompts finish. Each sample's random stream is fixed by
@@ -34,8 +36,10 @@ import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm import tqdm
 
-from fdpo import jsonl
+from fdpo import extract, jsonl
+from fdpo.policy import Policy
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
@@ -108,17 +112,12 @@ def row_seed(pid: str, kind: str, index: int) -> int:
 
 def main(argv):
     del argv
-    from tqdm import tqdm
-
-    from fdpo import extract
-    from fdpo.tokenization import Encoder
-
     cfg_s = CONFIG.value
     if (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
-    if cfg_s.code_format not in ("extract", "completion"):
-        raise app.UsageError(f"--config.code_format={cfg_s.code_format!r}; expected 'extract' "
-                             "or 'completion'")
+    if cfg_s.response_format not in extract.RESPONSE_FORMATS:
+        raise app.UsageError(f"--config.response_format={cfg_s.response_format!r}; expected "
+                             f"one of {extract.RESPONSE_FORMATS}")
     if cfg_s.mode not in MODES:
         raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {MODES}")
     in_path, out_path = pathlib.Path(INPUT.value), pathlib.Path(OUTPUT.value)
@@ -133,38 +132,21 @@ def main(argv):
     if not pending:
         print(f"nothing to do: all {len(items)} prompts are in {out_path}")
         return
-
-    import jax  # noqa: F401  (after flags: --distributed must run first)
-
-    from fdpo import sampling
-    from fdpo.models import checkpoint
-
-    mesh = common.init_jax()
-    overrides = {"compute_dtype": cfg_s.compute_dtype} if cfg_s.compute_dtype else {}
-    model_cfg, graphdef, state, tok_dir = checkpoint.load_checkpoint_or_hf(
-        mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value, **overrides)
-    common.quiet_tokenizers()
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    encoder = Encoder(tokenizer)
-    eos = sampling.eos_ids(model_cfg, tokenizer, tok_dir)
-    logging.info("prompt format %s; EOS ids %s", "chat template" if encoder.chat else "plain",
-                 eos)
-
-    sampler = sampling.Sampler(
-        model_cfg, graphdef, state, mesh, decode=lambda ids: tokenizer.decode(
-            ids, skip_special_tokens=True), length_bucket=cfg_s.length_bucket,
-        stop_check_steps=cfg_s.stop_check_steps,
-        pad_id=encoder.pad if encoder.pad is not None else 0)
-    params = sampling.SamplingParams(
-        max_new_tokens=cfg_s.max_new_tokens, temperature=cfg_s.temperature,
-        top_k=cfg_s.top_k, top_p=cfg_s.top_p, stop=tuple(cfg_s.stop), eos_ids=eos)
     num = {"code": cfg_s.num_codes if cfg_s.mode in ("code", "both") else 0,
            "test": cfg_s.num_tests if cfg_s.mode in ("tests", "both") else 0}
     rows_per_prompt = num["code"] + num["test"]
     if rows_per_prompt == 0:
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
-    batch = max(cfg_s.batch_size, sampler.batch_multiple)
+
+    common.quiet_tokenizers()
+    mesh = common.init_jax()
+    policy = Policy.load(mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
+                         compute_dtype=cfg_s.compute_dtype, length_bucket=cfg_s.length_bucket,
+                         stop_check_steps=cfg_s.stop_check_steps)
+    logging.info("prompt format %s; EOS ids %s", policy.prompt_format, policy.eos_ids)
+    params = dict(max_new_tokens=cfg_s.max_new_tokens, temperature=cfg_s.temperature,
+                  top_k=cfg_s.top_k, top_p=cfg_s.top_p, stop=tuple(cfg_s.stop))
+    batch = max(cfg_s.batch_size, policy.sampler.batch_multiple)
     prompts_per_call = max(1, batch // rows_per_prompt)
     # Every call padded to one row count (one compiled shape), no more than the job needs.
     pad_rows_to = min(batch, len(pending) * rows_per_prompt)
@@ -173,32 +155,22 @@ def main(argv):
             tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
         for start in range(0, len(pending), prompts_per_call):
             group = pending[start:start + prompts_per_call]
-            messages = {}
-            for pid, prompt in group:
-                messages[pid] = {
-                    "code": cfg_s.code_prompt.format(prompt=prompt),
-                    "test": cfg_s.test_prompt.format(prompt=prompt,
-                                                     num_asserts=cfg_s.num_asserts)}
+            messages = {pid: {"code": cfg_s.code_prompt.format(prompt=prompt),
+                              "test": cfg_s.test_prompt.format(prompt=prompt,
+                                                               num_asserts=cfg_s.num_asserts)}
+                        for pid, prompt in group}
             rows = [(pid, kind, i) for pid, _ in group for kind in ("code", "test")
                     for i in range(num[kind])]
-            encoded = dict(zip([(pid, kind) for pid, _ in group for kind in ("code", "test")],
-                               encoder.prompts([messages[pid][kind] for pid, _ in group
-                                                for kind in ("code", "test")])))
-            completions = []
-            for b in range(0, len(rows), batch):
-                chunk = rows[b:b + batch]
-                completions += sampler.generate(
-                    [encoded[(pid, kind)].tolist() for pid, kind, _ in chunk], params,
-                    seed=cfg_s.seed, row_seeds=[row_seed(*r) for r in chunk],
-                    pad_rows_to=pad_rows_to)
-            by_row = dict(zip(rows, completions))
+            completions = policy.generate(
+                [messages[pid][kind] for pid, kind, _ in rows], seed=cfg_s.seed,
+                row_seeds=[row_seed(*r) for r in rows], batch_size=batch,
+                pad_rows_to=pad_rows_to, **params)
+            by_row = {r: c for r, (c,) in zip(rows, completions)}
             for pid, prompt in group:
                 code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
                 test_c = [by_row[(pid, "test", i)] for i in range(num["test"])]
-                if cfg_s.code_format == "completion":  # base-model style: prompt + body
-                    programs = [prompt + c.text for c in code_c]
-                else:
-                    programs = [extract.extract_program(c.text) for c in code_c]
+                programs = [extract.program_from_response(c.text, prompt, cfg_s.response_format)
+                            for c in code_c]
                 tests = list(dict.fromkeys(
                     a for c in test_c for a in extract.extract_assertions(c.text)))
                 record = {

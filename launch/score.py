@@ -8,7 +8,8 @@ token, 0..15), and any other fields, which are copied through (`id`, say). Each 
 line adds `logp_sum` = sum over t >= 1 of log p(x_t | x_<t) (float32 log-softmax),
 `num_tokens` (tokens scored, length - 1), and with segments `segment_logp_sums` and
 `segment_num_tokens`, keyed by label: token t's log-prob counts in the segment of token t.
-Output lines are in input order. Malformed lines stop the run with the line number.
+Output lines are in input order. Malformed lines stop the run with the line number. The
+model and its tokenizer are a `fdpo.policy.Policy`; scoring is `Policy.score`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from fdpo import jsonl
+from fdpo.policy import Policy
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
@@ -40,7 +44,7 @@ class InputError(ValueError):
     pass
 
 
-def parse_line(path, lineno, line, tokenizer_fn):
+def parse_line(path, lineno, line, policy: Policy):
     where = f"{path}:{lineno}"
     rec = jsonl.parse_object(where, line, InputError)
     if "input_ids" in rec:
@@ -50,7 +54,10 @@ def parse_line(path, lineno, line, tokenizer_fn):
     elif "text" in rec:
         if not isinstance(rec["text"], str):
             raise InputError(f"{where}: text must be a string")
-        ids = tokenizer_fn(where)(rec["text"])
+        if policy.tokenizer is None:
+            raise InputError(f"{where}: has 'text' but {policy.tokenizer_dir} holds no "
+                             "tokenizer")
+        ids = policy.encode_text(rec["text"])
     else:
         raise InputError(f"{where}: needs 'input_ids' or 'text'")
     if not ids:
@@ -66,69 +73,36 @@ def parse_line(path, lineno, line, tokenizer_fn):
 
 def main(argv):
     del argv
-    import numpy as np
-    from tqdm import tqdm
-
-    from fdpo import scoring
-    from fdpo.models import checkpoint
-
     if (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
     in_path = pathlib.Path(INPUT.value)
     if not in_path.is_file():
         raise app.UsageError(f"--input={in_path}: no such file")
-    mesh = common.init_jax()
-    overrides = {"compute_dtype": COMPUTE_DTYPE.value} if COMPUTE_DTYPE.value else {}
-    cfg, graphdef, state, tok_dir = checkpoint.load_checkpoint_or_hf(
-        mesh, checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value, **overrides)
-    scorer = scoring.Scorer(cfg, graphdef, state, mesh, chunk=CHUNK.value)
-
-    tokenizer = None
-
-    def tokenizer_fn(where):
-        nonlocal tokenizer
-        if tokenizer is None:
-            common.quiet_tokenizers()
-            from transformers import AutoTokenizer
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-            except Exception as e:  # transformers raises many types here
-                raise InputError(f"{where}: has 'text' but no tokenizer could be loaded from "
-                                 f"{tok_dir} ({e})") from e
-        return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    common.quiet_tokenizers()
+    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
+                         compute_dtype=COMPUTE_DTYPE.value, logprob_chunk=CHUNK.value)
 
     # Parse everything first, so a malformed line fails before any compute.
     records = []
     with open(in_path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                records.append(parse_line(in_path, lineno, line, tokenizer_fn))
+                records.append(parse_line(in_path, lineno, line, policy))
     logging.info("%s: %d sequences", in_path, len(records))
 
-    bucket = LENGTH_BUCKET.value
-    results = [None] * len(records)
-    order = sorted(range(len(records)), key=lambda i: len(records[i][1]))
     with tqdm(total=len(records), desc="score", unit="seq") as bar:
-        for start in range(0, len(order), BATCH_SIZE.value):
-            idx = order[start:start + BATCH_SIZE.value]
-            seqs = [records[i][1] for i in idx]
-            has_labels = any(records[i][2] is not None for i in idx)
-            labels = [records[i][2] or [0] * len(records[i][1]) for i in idx] \
-                if has_labels else None
-            pad_to = -(-max(len(s) for s in seqs) // bucket) * bucket
-            res = scorer.score(seqs, labels, pad_to=pad_to)
-            for j, i in enumerate(idx):
-                rec = dict(records[i][0])
-                rec["logp_sum"] = float(res.logp_sum[j])
-                rec["num_tokens"] = int(res.num_tokens[j])
-                if records[i][2] is not None:
-                    present = sorted(set(records[i][2]))
-                    rec["segment_logp_sums"] = {str(s): float(res.segment_sums[j, s])
-                                                for s in present}
-                    rec["segment_num_tokens"] = {str(s): int(res.segment_counts[j, s])
-                                                 for s in present}
-                results[i] = rec
-            bar.update(len(idx))
+        res = policy.score([ids for _, ids, _ in records], [labels for _, _, labels in records],
+                           batch_size=BATCH_SIZE.value, length_bucket=LENGTH_BUCKET.value,
+                           progress=bar.update)
+    results = []
+    for i, (rec, _, labels) in enumerate(records):
+        rec = dict(rec, logp_sum=float(res.logp_sum[i]), num_tokens=int(res.num_tokens[i]))
+        if labels is not None:
+            present = sorted(set(labels))
+            rec["segment_logp_sums"] = {str(s): float(res.segment_sums[i, s]) for s in present}
+            rec["segment_num_tokens"] = {str(s): int(res.segment_counts[i, s])
+                                         for s in present}
+        results.append(rec)
 
     out_path = pathlib.Path(OUTPUT.value)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,11 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from transformers import AutoTokenizer
 
 import configs
 from data_tools import concepts as concepts_lib
 from data_tools import synthesize
-from fdpo import sampling
-from fdpo.models.checkpoint import load_checkpoint_or_hf
+from fdpo.policy import Policy
 from launch import common
 
 log = logging.getLogger("launch.synthesize")
@@ -46,20 +44,14 @@ DECONTAMINATE = flags.DEFINE_list(
 
 
 def generate(prompts: list[str], n: int, sampling_cfg) -> list[list[str]]:
-    """`n` policy samples per prompt (the user message; the chat template is applied)."""
+    """`n` policy samples per prompt (the user message, in the policy's prompt format)."""
     common.quiet_tokenizers()
-    mesh = common.init_jax()
-    cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(mesh, checkpoint=CHECKPOINT.value,
-                                                          hf_dir=HF_DIR.value)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    texts = sampling.sample_texts(
-        cfg, graphdef, state, tokenizer, prompts, num_samples=n, mesh=mesh,
-        temperature=sampling_cfg["temperature"], top_p=sampling_cfg["top_p"],
-        max_new_tokens=sampling_cfg["max_new_tokens"], batch_size=sampling_cfg["batch_size"],
-        seed=sampling_cfg["seed"], tok_dir=tok_dir)
-    if len(texts) != len(prompts) or any(len(t) != n for t in texts):
-        raise RuntimeError("fdpo.sampling.sample_texts returned the wrong number of samples")
-    return [list(t) for t in texts]
+    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
+    outs = policy.generate(prompts, num_samples=n, temperature=sampling_cfg["temperature"],
+                           top_p=sampling_cfg["top_p"],
+                           max_new_tokens=sampling_cfg["max_new_tokens"],
+                           batch_size=sampling_cfg["batch_size"], seed=sampling_cfg["seed"])
+    return [[c.text for c in cs] for cs in outs]
 
 
 def main(argv):

@@ -211,7 +211,7 @@ def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
     args.remove("--continuation")  # the one flag without a value
     flags = dict(zip(args[::2], args[1::2]))
     assert flags["--verdict"] == "ranked" and flags["--verdicts"] == str(w / "verdicts.jsonl")
-    assert flags["--ranker"] == "mutual" and flags["--program_style"] == "extract"
+    assert flags["--ranker"] == "mutual" and flags["--response_format"] == "code_block"
     assert flags["--checkpoint"] == str(w / "init") and flags["--timeout"] == "10.0"
     (line,) = [json.loads(x) for x in (w / "analyze_input.jsonl").read_text().splitlines()]
     # The responses behind the verdict rows, the message the policy saw, the trusted tests.

@@ -2,6 +2,7 @@
 labels, compressed private tests) and the `launch.evaluate` program end to end."""
 import base64
 import collections
+import gzip
 import json
 import pickle
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
+from fdpo.testing import build_tiny_tokenizer, make_hf_model
 from tests.conftest import REPO, SHARED
 
 FIXTURE = REPO / "tests/data/lcb_fixture.jsonl"
@@ -110,3 +112,31 @@ def test_cli_errors(tmp_path):
     r = run_cli("--benchmark=livecodebench", f"--samples={tmp_path}/s.jsonl",
                 f"--out={tmp_path}/o")
     assert r.returncode != 0 and "livecodebench needs --dataset" in r.stderr
+
+
+def test_cli_generates_with_a_policy(tmp_path):
+    """--hf_dir: the policy writes the samples; in the completion format each program is the
+    task's prompt + the model's continuation, and results.json records how it was asked."""
+    hf = build_tiny_tokenizer(tmp_path / "hf", chat_template=False)
+    make_hf_model(hf, "qwen2", vocab_size=400, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    with gzip.open(SHARED / "data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz", "rt") as f:
+        rows = [row for row in map(json.loads, f) if row["task_id"] in ("HumanEval/0",
+                                                                        "HumanEval/2")]
+    dataset = tmp_path / "two.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = {row["task_id"]: row["prompt"] for row in rows}
+    out = tmp_path / "out"
+    r = run_cli("--benchmark=humaneval+", f"--dataset={dataset}", f"--hf_dir={hf}",
+                f"--out={out}", "--response_format=completion", "--n=2", "--temperature=0",
+                "--max_new_tokens=4", "--workers=2", "--k=1", "--min_time_limit=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/2"] * 2
+    for s in samples:
+        assert s["solution"].startswith(prompts[s["task_id"]])
+    assert samples[0] == samples[1]  # greedy
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_samples"] == 4
+    assert {k: res["generation"][k] for k in ("response_format", "prompt_format", "n")} == {
+        "response_format": "completion", "prompt_format": "plain", "n": 2}

@@ -47,7 +47,7 @@ def test_samples_in_executor_format_and_resume(hf_dir, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
     write_jsonl(inp, PROMPTS)
     proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL)
-    assert "prompt format chat template" in proc.stderr
+    assert "prompt format chat_template" in proc.stderr
     lines = out.read_text().splitlines()
     records = [json.loads(l) for l in lines]
     assert [r["id"] for r in records] == ["p0", "7", "p2"]
