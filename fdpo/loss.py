@@ -16,7 +16,7 @@ plus `nll_weight` x the mean negative log-likelihood per chosen response token (
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,31 @@ def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig
         fields.update(loss_type="none", nll_weight=1.0)
     fields.update(overrides)
     return LossConfig(**fields)
+
+
+def from_config(c: Mapping[str, Any]) -> LossConfig:
+    """The LossConfig of a run config's `loss` section (configs/focused_dpo.py): the preset's
+    table and loss type, with `weights`, `loss_type` and `nll_weight` replacing the preset's
+    where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))`."""
+    overrides: dict[str, Any] = dict(beta=c["beta"], label_smoothing=c["label_smoothing"])
+    for key in ("loss_type", "nll_weight"):
+        if c[key] is not None:
+            overrides[key] = c[key]
+    if c["weights"] is not None:
+        overrides["weights"] = _weight_rows(c["weights"])
+    return preset(c["preset"], w_focused=c["w_focused"], **overrides)
+
+
+def _weight_rows(weights) -> tuple[tuple[float, ...], ...]:
+    expected = ("expected ((cp, cm, cs), (rp, rm, rs)): rows chosen, rejected; columns "
+                "prefix, mid, suffix")
+    try:
+        rows = tuple(tuple(float(w) for w in row) for row in weights)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"loss weights {weights!r}: {expected}") from e
+    if len(rows) != 2 or any(len(r) != 3 for r in rows):
+        raise ValueError(f"loss weights {weights!r}: {expected}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------

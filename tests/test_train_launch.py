@@ -134,7 +134,9 @@ def read_tensorboard_tags(logdir) -> set[str]:
 def uninterrupted(setup, env):
     base, _ = setup
     workdir = base / "uninterrupted"
-    run(train_cmd(base, workdir, "--config.export_hf=True"), env[1])
+    # The preset's own weight table, given as launch.train takes one on the command line.
+    run(train_cmd(base, workdir, "--config.export_hf=True",
+                  "--config.loss.weights=((1,2,1),(1,1,0))"), env[1])
     return workdir
 
 
@@ -151,6 +153,10 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     assert {"train/loss", "train/rewards/accuracies", "validation/loss"} <= \
         read_tensorboard_tags(uninterrupted / "tensorboard")
     assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["20", "22", "24"]  # keep 3
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["loss"]["weights"] == [[1, 2, 1], [1, 1, 0]]
+    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in \
+        checkpoint.read_metadata(uninterrupted / "final")["loss"]
     # The final model: loadable by load_model, exported HF weights load in transformers.
     from transformers import AutoModelForCausalLM
     import torch
