@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fdpo import records, sharding, train
+from fdpo import records, scoring, sharding
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
 from fdpo.testing import random_pairs, write_dataset
@@ -166,7 +166,7 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     cfg, graphdef, state = checkpoint.load_model(uninterrupted / "final", ONE_DEVICE)
     hf = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf", dtype=torch.float32)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 24))
-    ours = np.asarray(train.make_score_fn(cfg, ONE_DEVICE, chunk=8)(
+    ours = np.asarray(scoring.make_score_fn(cfg, ONE_DEVICE, chunk=8)(
         nnx.to_pure_dict(state), ids, np.full(ids.shape, records.Segment.MID, np.int8)))
     theirs = torch_token_logprobs(hf, ids)[:, 1:].sum(-1)
     np.testing.assert_allclose(ours[:, 1], theirs, rtol=1e-5)
