@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fdpo import sharding as shd
 from fdpo.models import convert
-from fdpo.models.config import ModelConfig, preset as model_preset
+from fdpo.models.config import ModelConfig, field_overrides, preset as model_preset
 from fdpo.models.transformer import Decoder
 
 log = logging.getLogger("fdpo.models.checkpoint")
@@ -189,9 +189,10 @@ TINY_QWEN2 = dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermed
 def init_random(out, *, preset: str | None = None, fields: dict | None = None,
                 tokenizer: str | None = None, seed: int = 0) -> pathlib.Path:
     """A randomly initialised checkpoint (normal std 0.02, as transformers): the base is a
-    preset or a tiny Qwen2 shape, `fields` override it, and a tokenizer directory sets the
-    vocabulary size and special ids and is stored with the checkpoint."""
-    fields = dict(fields or {})
+    preset or a tiny Qwen2 shape, the set entries of `fields` override it
+    (`config.field_overrides`), and a tokenizer directory sets the vocabulary size and
+    special ids and is stored with the checkpoint."""
+    fields = field_overrides(fields or {})
     if tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer)
