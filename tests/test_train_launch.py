@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tensorboardX.proto import event_pb2
 
 from fdpo import records, scoring, sharding
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
-from fdpo.testing import random_pairs, write_dataset
-from fdpo.testing import make_hf_model
+from fdpo.testing import make_hf_model, random_pairs, torch_token_logprobs, write_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -116,8 +116,6 @@ def assert_bitwise_equal(a, b):
 
 def read_tensorboard_tags(logdir) -> set[str]:
     """Scalar tags in tensorboardX event files (TFRecord framing around Event protos)."""
-    from tensorboardX.proto import event_pb2
-
     tags = set()
     for f in pathlib.Path(logdir).glob("events.out.tfevents.*"):
         data = f.read_bytes()
@@ -160,8 +158,6 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     # The final model: loadable by load_model, exported HF weights load in transformers.
     from transformers import AutoModelForCausalLM
     import torch
-
-    from fdpo.testing import torch_token_logprobs
 
     cfg, graphdef, state = checkpoint.load_model(uninterrupted / "final", ONE_DEVICE)
     hf = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf", dtype=torch.float32)
