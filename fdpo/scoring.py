@@ -86,9 +86,7 @@ class Scorer:
         # Labels 0..15, and one more column for scored tokens without a label.
         self._score = make_score_fn(cfg, mesh, rules, chunk,
                                     values=range(MAX_SEGMENT_LABELS + 1))
-        batch_axes = dict(rules).get("batch") or ()
-        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
+        self.batch_multiple = shd.data_parallel_size(mesh, rules)
 
     def score(self, sequences: Sequence[Sequence[int]],
               labels: Sequence[Sequence[int]] | None = None,
@@ -127,7 +125,7 @@ def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, 
     params = nnx.to_pure_dict(state)
     score = make_score_fn(cfg, mesh, chunk=chunk)
     out_dir.mkdir(parents=True, exist_ok=True)
-    multiple = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    multiple = shd.data_parallel_size(mesh)
     batch = -(-batch_size // multiple) * multiple
 
     shards = [(split, s["path"]) for split, info in manifest["splits"].items()

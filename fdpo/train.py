@@ -233,8 +233,7 @@ class Trainer:
             k: NamedSharding(mesh, P(None, batch_axes, *([None] * extra)))
             for k, extra in ([(k, 1) for k in sequence_keys] +
                              [("ref_logps", 2), ("pair_mask", 0)])}
-        axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
+        self.batch_multiple = shd.data_parallel_size(mesh, self.rules)
         ref_sh = self.param_shardings if self._uses_ref_params else None
 
         self.init_state = jax.jit(self._init_state, in_shardings=(self.param_shardings,),
