@@ -45,7 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.preset = arg.preset
     c.loss.w_focused = 2.0  # chosen-mid weight of focused_dpo
-    c.loss.weights = config_dict.placeholder(str)  # "cp,cm,cs/rp,rm,rs" replaces the table
+    # ((cp, cm, cs), (rp, rm, rs)) replaces the table: rows chosen, rejected; columns prefix,
+    # mid, suffix. From the command line: --config.loss.weights='((1,2,1),(1,1,0))'.
+    c.loss.weights = config_dict.placeholder(tuple)
     c.loss.loss_type = config_dict.placeholder(str)  # sigmoid | ipo | hinge | none
     c.loss.beta = 0.1
     c.loss.label_smoothing = 0.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import toy_data
+from configs import init_model, toy_data
 from configs.common import parse_arg
 
 
@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.toy.enabled = False
 
     # The initial policy and frozen reference, imported from Hugging Face (launch.import_hf).
-    c.init = ml_collections.ConfigDict(dict(hf_dir=arg.hf_dir, random_fields="", seed=0))
+    c.init = ml_collections.ConfigDict(dict(hf_dir=arg.hf_dir, seed=0))
+    c.init.fields = init_model.get_config().fields  # unused: the model comes from hf_dir
     c.prompts = arg.prompts  # {"id", "prompt"} lines
     c.tests_source = "model"  # the policy writes the tests (the paper)
     c.mesh_shape = (1, -1, 1)  # FSDP over every device; e.g. (1, -1, 4) adds tensor parallel

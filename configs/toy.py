@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import toy_data
+from configs import init_model, toy_data
 from configs.common import parse_arg
 
 # Focused-DPO, DPO, and continued supervised training on the chosen (correct) samples of
@@ -39,12 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.toy = toy_data.get_config()
     c.toy.enabled = True
 
-    # The initial policy: a random tiny Qwen2 (fields of ModelConfig), warm-started by SFT.
-    c.init = ml_collections.ConfigDict(dict(
-        hf_dir="",
-        random_fields="architecture=qwen2,hidden_size=96,num_layers=3,num_heads=4,"
-                      "num_kv_heads=2,intermediate_size=256,tie_embeddings=true",
-        seed=0))
+    # The initial policy: a random tiny Qwen2 (launch.init_model: fields of ModelConfig, as
+    # in configs/init_model.py), warm-started by SFT.
+    c.init = ml_collections.ConfigDict(dict(hf_dir="", seed=0))
+    c.init.fields = init_model.get_config().fields
+    c.init.fields.update(dict(architecture="qwen2", hidden_size=96, num_layers=3, num_heads=4,
+                              num_kv_heads=2, intermediate_size=256, tie_embeddings=True))
     c.prompts = ""  # a real run's prompt file ({"id", "prompt"} lines); the toy writes its own
     c.tests_source = "oracle"  # or "model": the policy writes the tests (the paper)
     c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor) for every JAX program
@@ -90,8 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8
         c.toy.held_out_fraction = 0.05
-        c.init.random_fields = ("architecture=qwen2,hidden_size=64,num_layers=2,num_heads=4,"
-                                 "num_kv_heads=2,intermediate_size=128,tie_embeddings=true")
+        c.init.fields.update(dict(hidden_size=64, num_layers=2, intermediate_size=128))
         # Enough to write some right and some wrong programs, so that pairs exist.
         c.warm_start.steps = 200
         c.sample.num_codes = 4

@@ -11,6 +11,8 @@ both hold at most [batch, chunk, vocab] logits.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -58,7 +60,8 @@ def target_logprobs(hidden: Array, unembedding: Array, targets: Array,
     return lp.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :n]
 
 
-def segment_sums(lp: Array, segment_labels: Array, num_segments: int) -> Array:
-    """Sums lp [B, T] per label in 0..num_segments-1 -> [B, num_segments] (float32)."""
-    one_hot = jax.nn.one_hot(segment_labels, num_segments, dtype=jnp.float32)
-    return jnp.einsum("bt,bts->bs", lp.astype(jnp.float32), one_hot)
+def segment_sums(lp: Array, labels: Array, values: Sequence[int]) -> Array:
+    """lp [N, T], labels [N, T] -> [N, len(values)]: column k sums lp over the tokens labelled
+    values[k], in float32. Tokens with any other label are multiplied by exactly 0."""
+    one_hot = (labels[..., None] == jnp.asarray([int(v) for v in values], labels.dtype))
+    return jnp.einsum("nt,nts->ns", lp.astype(jnp.float32), one_hot.astype(jnp.float32))

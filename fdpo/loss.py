@@ -10,18 +10,21 @@ suffix), the row/column order of `fdpo.records.PairRecord.ref_logps`. All sums a
     hinge:   max(0, 1 - beta h)
 
 plus `nll_weight` x the mean negative log-likelihood per chosen response token (RPO; the
-`sft` preset is that term alone). The rewards reported are `beta * W (S_pi - S_ref)`.
+`sft` preset is that term alone): `-sum_B S_pi[chosen].sum() / (chosen response tokens)`, from
+the same per-pair `logps_chosen` the metrics report. The rewards reported are
+`beta * W (S_pi - S_ref)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdpo import logprobs
 from fdpo.records import RESPONSE_SEGMENTS
 
 Array = jax.Array
@@ -82,6 +85,31 @@ def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig
     return LossConfig(**fields)
 
 
+def from_config(c: Mapping[str, Any]) -> LossConfig:
+    """The LossConfig of a run config's `loss` section (configs/focused_dpo.py): the preset's
+    table and loss type, with `weights`, `loss_type` and `nll_weight` replacing the preset's
+    where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))`."""
+    overrides: dict[str, Any] = dict(beta=c["beta"], label_smoothing=c["label_smoothing"])
+    for key in ("loss_type", "nll_weight"):
+        if c[key] is not None:
+            overrides[key] = c[key]
+    if c["weights"] is not None:
+        overrides["weights"] = _weight_rows(c["weights"])
+    return preset(c["preset"], w_focused=c["w_focused"], **overrides)
+
+
+def _weight_rows(weights) -> tuple[tuple[float, ...], ...]:
+    expected = ("expected ((cp, cm, cs), (rp, rm, rs)): rows chosen, rejected; columns "
+                "prefix, mid, suffix")
+    try:
+        rows = tuple(tuple(float(w) for w in row) for row in weights)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"loss weights {weights!r}: {expected}") from e
+    if len(rows) != 2 or any(len(r) != 3 for r in rows):
+        raise ValueError(f"loss weights {weights!r}: {expected}")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------------------
@@ -92,9 +120,7 @@ def response_segment_sums(lp: Array, segments: Array) -> Array:
 
     Only PREFIX, MID and SUFFIX tokens count; PROMPT and PAD are multiplied by exactly 0.
     """
-    labels = jnp.asarray([int(s) for s in RESPONSE_SEGMENTS], segments.dtype)
-    one_hot = (segments[..., None] == labels).astype(jnp.float32)  # [N, T, 3]
-    return jnp.einsum("nt,nts->ns", lp.astype(jnp.float32), one_hot)
+    return logprobs.segment_sums(lp, segments, RESPONSE_SEGMENTS)
 
 
 def weighted_log_ratios(policy: Array, reference: Array, weights) -> Array:
@@ -142,16 +168,31 @@ def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[
     }
 
 
-def total_loss(terms: dict[str, Array], policy: Array, mask: Array, num_pairs: Array,
-               num_chosen_tokens: Array, cfg: LossConfig) -> Array:
-    """Mean loss over pairs (+ RPO/SFT NLL per chosen response token).
+def masked_sums(terms: dict[str, Array], mask: Array) -> dict[str, Array]:
+    """Each per-pair term ([B] or [B, ...]) summed over the pairs where mask [B] is 1."""
+    mask = mask.astype(jnp.float32)
+    return {k: jnp.einsum("b,b...->...", mask, v) for k, v in terms.items()}
+
+
+def nll(sums: dict[str, Array], num_chosen_tokens: Array) -> Array:
+    """Mean negative log-likelihood per chosen response token, from `masked_sums`."""
+    return -sums["logps_chosen"] / jnp.maximum(num_chosen_tokens, 1.0)
+
+
+def loss_from_sums(sums: dict[str, Array], num_pairs: Array, num_chosen_tokens: Array,
+                   cfg: LossConfig) -> Array:
+    """Mean loss over pairs (+ RPO/SFT NLL per chosen response token), from `masked_sums`.
 
     The normalisers are those of the whole (global, all micro-batch) batch, so summing this
     over micro-batches gives exactly the loss of the full batch.
     """
-    mask = mask.astype(jnp.float32)
-    loss = jnp.sum(mask * terms["dpo_loss"]) / jnp.maximum(num_pairs, 1.0)
+    loss = sums["dpo_loss"] / jnp.maximum(num_pairs, 1.0)
     if cfg.nll_weight:
-        nll = -jnp.sum(mask * policy[:, 0].sum(-1)) / jnp.maximum(num_chosen_tokens, 1.0)
-        loss = loss + cfg.nll_weight * nll
+        loss = loss + cfg.nll_weight * nll(sums, num_chosen_tokens)
     return loss
+
+
+def total_loss(terms: dict[str, Array], mask: Array, num_pairs: Array,
+               num_chosen_tokens: Array, cfg: LossConfig) -> Array:
+    """`loss_from_sums` of the per-pair terms of `pair_terms` under mask [B]."""
+    return loss_from_sums(masked_sums(terms, mask), num_pairs, num_chosen_tokens, cfg)

@@ -164,8 +164,10 @@ class Pipeline:
             self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out,
                      *self.jax_flags())
         else:
+            fields = self.cfg.init.fields.to_dict()
             self.run("init", "launch.init_model", "--out", out, "--tokenizer", self.tokenizer,
-                     "--fields", self.cfg.init.random_fields, "--seed", self.cfg.init.seed)
+                     *(f"--config.fields.{k}={v}" for k, v in fields.items() if v is not None),
+                     f"--config.seed={self.cfg.init.seed}")
 
     def sft_data(self):
         out = self.w / "sft_data"

@@ -1,61 +1,92 @@
-"""Batched, jitted sequence scoring: log-prob sums, total and per segment.
+"""Sequence scoring: per-segment sums of per-token log-probs, one jitted function for every
+use. The train step runs `sequence_segment_logps` on chosen and rejected; `make_score_fn`
+compiles that same function over a mesh (reference log-probs, `precompute_reference`);
+`Scorer` pads arbitrary sequences for it (`launch.score`).
 
-Used by `launch.score`, and later to precompute the reference model's per-segment
-log-prob sums once instead of running the reference in every train step.
+Per-token log-probs are a float32 log-softmax, chunked over the sequence
+(`fdpo.logprobs`): token t's log-prob `log p(x_t | x_<t)` counts in the segment of token t,
+and token 0 has none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import pathlib
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from fdpo import logprobs, sharding
+from fdpo import logprobs
+from fdpo import records as rec
+from fdpo import sharding as shd
+from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
 
-MAX_SEGMENT_LABELS = 16  # segment labels 0..15 are summed separately
+Array = jax.Array
+log = logging.getLogger("fdpo.scoring")
+MAX_SEGMENT_LABELS = 16  # Scorer: segment labels 0..15 are summed separately
+
+
+def sequence_segment_logps(graphdef, params, ids: Array, labels: Array, chunk: int = 256,
+                           values: Sequence[int] = rec.RESPONSE_SEGMENTS) -> Array:
+    """ids, labels [N, L] -> [N, len(values)]: the log-prob sums of the tokens labelled
+    values[k] (default the response segments: prefix, mid, suffix).
+
+    Log-softmax in float32, chunked over the sequence (no [N, L, vocab] logits tensor).
+    Call under `sharding.use_mesh` to constrain activations.
+    """
+    model = nnx.merge(graphdef, params)
+    ids = shd.constrain(ids, ("batch", "length"))
+    hidden = model(ids, return_hidden=True)
+    lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), ids, chunk)
+    return logprobs.segment_sums(lp, labels, values)
+
+
+def make_score_fn(model_cfg: ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                  chunk: int = 256, values: Sequence[int] = rec.RESPONSE_SEGMENTS):
+    """jit(params, ids [N, L], labels [N, L]) -> [N, len(values)] `sequence_segment_logps`:
+    the train step's own log-prob function (N must divide over the data-parallel devices;
+    params are the pure-dict tree, placed by `rules`)."""
+    rules = tuple(tuple(r) for r in rules)
+    values = tuple(int(v) for v in values)
+    graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
+    param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, rules))
+    rows = NamedSharding(mesh, P(dict(rules).get("batch"), None))
+
+    def score(params, ids, labels):
+        with shd.use_mesh(mesh, rules):
+            return sequence_segment_logps(graphdef, params, ids, labels, chunk, values)
+
+    return jax.jit(score, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
 
 
 @dataclasses.dataclass
 class ScoreResult:
-    logp_sum: np.ndarray  # [B] float64 view of float32 sums over scored tokens
+    logp_sum: np.ndarray  # [B] float32 sums over scored tokens (1 <= t < length)
     num_tokens: np.ndarray  # [B] tokens scored (length - 1)
     segment_sums: np.ndarray  # [B, MAX_SEGMENT_LABELS]
     segment_counts: np.ndarray  # [B, MAX_SEGMENT_LABELS]
 
 
 class Scorer:
-    """Scores padded batches with one compiled function per (batch, length) shape."""
+    """Scores sequences of any lengths: pads them into one batch (rows a multiple of the
+    data-parallel devices), labels padding and token 0 as scored by no segment, and runs
+    `make_score_fn` (one compilation per (rows, length) shape)."""
 
     def __init__(self, cfg: ModelConfig, graphdef, state, mesh: Mesh,
-                 rules=sharding.DEFAULT_RULES, chunk: int = 256):
-        self.cfg, self.graphdef, self.state, self.mesh, self.rules = (cfg, graphdef, state,
-                                                                      mesh, rules)
-        self.batch_sharding = sharding.data_sharding(mesh, rules, ndim=2)
-        batch_axes = self.batch_sharding.spec[0] or ()
-        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
-
-        def score(state, input_ids, lengths, labels):
-            model = nnx.merge(graphdef, state)
-            with sharding.use_mesh(mesh, rules):
-                hidden = model(input_ids, return_hidden=True)
-            lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), input_ids,
-                                                     chunk)
-            t = jnp.arange(input_ids.shape[1])[None]
-            scored = (t >= 1) & (t < lengths[:, None])
-            lp = jnp.where(scored, lp, 0.0)
-            labels = jnp.where(scored, labels, -1)
-            return (lp.sum(-1), logprobs.segment_sums(lp, labels, MAX_SEGMENT_LABELS),
-                    logprobs.segment_sums(scored.astype(jnp.float32), labels,
-                                          MAX_SEGMENT_LABELS))
-
-        self._score = jax.jit(score)
+                 rules=shd.DEFAULT_RULES, chunk: int = 256):
+        del graphdef  # the model's graph comes from cfg, as in the train step
+        self.params = nnx.to_pure_dict(state)
+        # Labels 0..15, and one more column for scored tokens without a label.
+        self._score = make_score_fn(cfg, mesh, rules, chunk,
+                                    values=range(MAX_SEGMENT_LABELS + 1))
+        self.batch_multiple = shd.data_parallel_size(mesh, rules)
 
     def score(self, sequences: Sequence[Sequence[int]],
               labels: Sequence[Sequence[int]] | None = None,
@@ -65,18 +96,66 @@ class Scorer:
         length = int(pad_to or lengths.max())
         rows = -(-n // self.batch_multiple) * self.batch_multiple
         ids = np.zeros((rows, length), np.int32)
-        lab = np.full((rows, length), -1, np.int32)
-        lens = np.zeros((rows,), np.int32)
-        lens[:n] = lengths
+        lab = np.full((rows, length), -1, np.int32)  # -1: not scored
         for i, s in enumerate(sequences):
             ids[i, :len(s)] = s
-            if labels is not None:
-                lab[i, :len(s)] = labels[i]
-        put = lambda x: jax.device_put(x, self.batch_sharding if x.ndim == 2 else
-                                       jax.sharding.NamedSharding(
-                                           self.mesh, jax.sharding.PartitionSpec(
-                                               self.batch_sharding.spec[0])))
-        total, seg, cnt = jax.device_get(
-            self._score(self.state, put(ids), put(lens), put(lab)))
-        return ScoreResult(np.asarray(total[:n]), np.maximum(lengths - 1, 0),
-                           np.asarray(seg[:n]), np.asarray(cnt[:n]).round().astype(np.int64))
+            lab[i, 1:len(s)] = labels[i][1:] if labels is not None else MAX_SEGMENT_LABELS
+        sums = np.asarray(jax.device_get(self._score(self.params, ids, lab)))[:n]
+        counts = (lab[:n, :, None] == np.arange(MAX_SEGMENT_LABELS)).sum(1)
+        return ScoreResult(sums.sum(-1), np.maximum(lengths - 1, 0),
+                           sums[:, :MAX_SEGMENT_LABELS], counts.astype(np.int64))
+
+
+def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, *,
+                         batch_size: int = 16, compute_dtype: str = "float32",
+                         chunk: int = 256, shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Copies the pair dataset `data_dir` to `out_dir` with `ref_logps[side, segment]` set
+    to the reference model's per-segment log-prob sums (exactly one of `checkpoint_dir`,
+    `hf_dir`), scored by `make_score_fn` in batches of `batch_size` pairs (rounded up to the
+    data-parallel devices). This invocation scores the shard files `shard_index`,
+    `shard_index + num_shards`, ...; every invocation writes the same manifest, which
+    records the reference. Returns that manifest."""
+    data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
+    if data_dir.resolve() == out_dir.resolve():
+        raise ValueError("the output directory must differ from the data directory (shards "
+                         "are rewritten)")
+    manifest = rec.read_manifest(data_dir / "manifest.json")
+    cfg, _, state, _ = checkpoint.load_checkpoint_or_hf(
+        mesh, checkpoint=checkpoint_dir, hf_dir=hf_dir, compute_dtype=compute_dtype)
+    params = nnx.to_pure_dict(state)
+    score = make_score_fn(cfg, mesh, chunk=chunk)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    multiple = shd.data_parallel_size(mesh)
+    batch = -(-batch_size // multiple) * multiple
+
+    shards = [(split, s["path"]) for split, info in manifest["splits"].items()
+              for s in info["shards"]]
+    mine = shards[shard_index::num_shards]
+    total = sum(len(rec.PairDataSource(data_dir / p)) for _, p in mine)
+    with tqdm(total=total, desc="reference", unit="pair") as bar:
+        for _, path in mine:
+            source = rec.PairDataSource(data_dir / path, max_len=manifest["max_len"])
+            tmp = out_dir / (path + ".tmp")
+            with rec.RecordWriter(tmp) as writer:
+                for start in range(0, len(source), batch):
+                    records = [source.record(i)
+                               for i in range(start, min(start + batch, len(source)))]
+                    n = len(records)
+                    rows = records + [records[0]] * (batch - n)  # pad to the compiled shape
+                    ids = np.stack([r.chosen_ids for r in rows] + [r.rejected_ids for r in rows])
+                    seg = np.stack([r.chosen_segments for r in rows] +
+                                   [r.rejected_segments for r in rows])
+                    sums = np.asarray(jax.device_get(score(params, ids, seg)), np.float32)
+                    for i, r in enumerate(records):
+                        ref = np.stack([sums[i], sums[batch + i]]).astype(np.float32)
+                        writer.write(dataclasses.replace(r, ref_logps=ref))
+                    bar.update(n)
+            os.replace(tmp, out_dir / path)
+            log.info("%s: %d records -> %s", path, len(source), out_dir / path)
+    out_manifest = dict(manifest)
+    out_manifest["reference"] = {
+        "checkpoint": str(checkpoint_dir or hf_dir), "compute_dtype": compute_dtype,
+        "logprob_chunk": chunk, "source_dataset": str(data_dir.absolute()),
+        "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix)"}
+    rec.write_manifest(out_dir / "manifest.json", out_manifest)
+    return out_manifest

@@ -163,3 +163,11 @@ def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> Na
         target = dict(rules).get(name) if name else None
         spec.append(target)
     return NamedSharding(mesh, P(*spec))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """The number of devices the batch axis is spread over: a global batch's rows must be a
+    multiple of it."""
+    axes = dict(rules).get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)

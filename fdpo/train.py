@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdpo import logprobs
 from fdpo import loss as loss_lib
+from fdpo import scoring
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
@@ -123,26 +124,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int):
 # ----------------------------------------------------------------------------------------
 
 
-def sequence_segment_logps(graphdef, params, ids: Array, segments: Array,
-                           chunk: int = 256) -> Array:
-    """ids, segments [N, L] -> per-segment (prefix, mid, suffix) log-prob sums [N, 3].
-
-    Log-softmax in float32, chunked over the sequence (no [N, L, vocab] logits tensor).
-    Call under `sharding.use_mesh` to constrain activations.
-    """
-    model = nnx.merge(graphdef, params)
-    ids = shd.constrain(ids, ("batch", "length"))
-    hidden = model(ids, return_hidden=True)
-    lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), ids, chunk)
-    return loss_lib.response_segment_sums(lp, segments)
-
-
 def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 256) -> Array:
     """One forward over chosen and rejected -> [b, 2, 3] (side x segment)."""
     b, length = micro["chosen_ids"].shape
     ids = jnp.stack([micro["chosen_ids"], micro["rejected_ids"]], 1).reshape(2 * b, length)
     seg = jnp.stack([micro["chosen_segments"], micro["rejected_segments"]], 1)
-    sums = sequence_segment_logps(graphdef, params, ids, seg.reshape(2 * b, length), chunk)
+    sums = scoring.sequence_segment_logps(graphdef, params, ids, seg.reshape(2 * b, length),
+                                          chunk)
     return sums.reshape(b, 2, 3)
 
 
@@ -194,8 +182,8 @@ def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
     labels, branch = micro["labels"], micro["branch"]
     real = (labels != int(Segment.PAD)).astype(jnp.int32)  # padding: its own segment
     hidden = model(ids, micro["positions"], real, branch, return_hidden=True)
-    scoring = jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
-    lp = logprobs.target_logprobs(scoring, model.unembedding(), ids, chunk)
+    parents = jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
+    lp = logprobs.target_logprobs(parents, model.unembedding(), ids, chunk)
     side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
         lp, jnp.where(branch == k, labels, int(Segment.PAD)))
     return jnp.stack([side(1), side(2)], axis=1)
@@ -205,25 +193,8 @@ def _response_tokens(segments: Array) -> Array:
     return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
 
 
-def make_score_fn(model_cfg: ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
-                  chunk: int = 256):
-    """jit(params, ids [N, L], segments [N, L]) -> [N, 3] per-segment log-prob sums: the
-    train step's own log-prob function, for precomputing the reference (N must divide
-    over the data-parallel devices)."""
-    rules = tuple(tuple(r) for r in rules)
-    graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
-    param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, rules))
-    rows = NamedSharding(mesh, P(dict(rules).get("batch"), None))
-
-    def score(params, ids, segments):
-        with shd.use_mesh(mesh, rules):
-            return sequence_segment_logps(graphdef, params, ids, segments, chunk)
-
-    return jax.jit(score, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
-
-
 # ----------------------------------------------------------------------------------------
-# The trainer: shardings, state initialisation, jitted train / eval / scoring functions
+# The trainer: shardings, state initialisation, jitted train / eval functions
 # ----------------------------------------------------------------------------------------
 
 
@@ -262,8 +233,7 @@ class Trainer:
             k: NamedSharding(mesh, P(None, batch_axes, *([None] * extra)))
             for k, extra in ([(k, 1) for k in sequence_keys] +
                              [("ref_logps", 2), ("pair_mask", 0)])}
-        axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-        self.batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
+        self.batch_multiple = shd.data_parallel_size(mesh, self.rules)
         ref_sh = self.param_shardings if self._uses_ref_params else None
 
         self.init_state = jax.jit(self._init_state, in_shardings=(self.param_shardings,),
@@ -277,7 +247,6 @@ class Trainer:
                                  in_shardings=(self.param_shardings, self.batch_shardings,
                                                ref_sh),
                                  out_shardings=self.replicated)
-        self.score = make_score_fn(model_cfg, mesh, self.rules, chunk)
 
     @property
     def _uses_ref_params(self) -> bool:
@@ -352,10 +321,8 @@ class Trainer:
             reference = self._reference(micro, ref_params)
         terms = loss_lib.pair_terms(policy, reference, self.loss_cfg)
         mask = micro["pair_mask"]
-        loss = loss_lib.total_loss(terms, policy, mask, num_pairs, num_chosen_tokens,
-                                   self.loss_cfg)
-        sums = {k: jnp.einsum("b,b...->...", mask, v) for k, v in terms.items()}
-        sums["nll"] = -jnp.sum(mask * policy[:, 0].sum(-1))
+        sums = loss_lib.masked_sums(terms, mask)
+        loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
         # Tokens the model ran on (shared-prompt rows count the prompt once).
         if self.shared_length:
             ran = (micro["labels"] != 0).sum(-1)
@@ -405,25 +372,16 @@ class Trainer:
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
                                  state)
-        metrics = self._metrics(sums, num_pairs, num_chosen)
-        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+        metrics = metric_means(sums, num_pairs, num_chosen)
+        metrics.update(tokens=sums["tokens"], pairs=num_pairs, loss=loss, grad_norm=grad_norm,
+                       finite=finite.astype(jnp.float32))
         if self.schedule is not None:
             metrics["lr"] = jnp.asarray(self.schedule(state["step"]), jnp.float32)
         return new_state, metrics
 
-    def _metrics(self, sums, num_pairs, num_chosen):
-        n = jnp.maximum(num_pairs, 1.0)
-        m = {METRIC_NAMES[k]: sums[k] / n for k in METRIC_NAMES}
-        for i, name in enumerate(loss_lib.SEGMENT_NAMES):
-            m[f"rewards/margins_{name}"] = sums["segment_margins"][i] / n
-        m["nll"] = sums["nll"] / jnp.maximum(num_chosen, 1.0)
-        m["tokens"] = sums["tokens"]
-        m["pairs"] = num_pairs
-        return m
-
     def _eval_step(self, params, batch, ref_params):
-        """Metric sums over the batch (the caller adds batches up): pairs, chosen tokens,
-        and each per-pair term summed; `loss_sum` is the summed per-pair loss."""
+        """Metric sums over the batch (the caller adds batches up, `eval_metrics` takes the
+        means): pairs, chosen tokens, tokens run, and each per-pair term summed."""
         num_pairs, num_chosen = self._normalisers(batch)
 
         def one(micro):
@@ -435,17 +393,24 @@ class Trainer:
         return sums
 
 
+def metric_means(sums: dict[str, Any], num_pairs, num_chosen_tokens) -> dict[str, Any]:
+    """The logged means from metric sums (of a step, or added over eval batches): each
+    per-pair term per pair and the NLL per chosen response token."""
+    n = jnp.maximum(num_pairs, 1.0)
+    out = {METRIC_NAMES[k]: sums[k] / n for k in METRIC_NAMES}
+    for i, name in enumerate(loss_lib.SEGMENT_NAMES):
+        out[f"rewards/margins_{name}"] = sums["segment_margins"][i] / n
+    out["nll"] = loss_lib.nll(sums, num_chosen_tokens)
+    return out
+
 
 def eval_metrics(sums: dict[str, Any], loss_cfg: loss_lib.LossConfig) -> dict[str, float]:
-    """Means from metric sums added over eval batches (host side, numpy)."""
-    n = max(float(sums["pairs"]), 1.0)
-    out = {METRIC_NAMES[k]: float(sums[k]) / n for k in METRIC_NAMES}
-    for i, name in enumerate(loss_lib.SEGMENT_NAMES):
-        out[f"rewards/margins_{name}"] = float(sums["segment_margins"][i]) / n
-    out["nll"] = float(sums["nll"]) / max(float(sums["chosen_tokens"]), 1.0)
-    out["loss"] = out["dpo_loss"] + loss_cfg.nll_weight * out["nll"]
-    out["pairs"] = float(sums["pairs"])
-    return out
+    """`metric_means` and the loss, as floats, from `Trainer.eval_step` sums added over eval
+    batches."""
+    out = metric_means(sums, sums["pairs"], sums["chosen_tokens"])
+    out["loss"] = loss_lib.loss_from_sums(sums, sums["pairs"], sums["chosen_tokens"], loss_cfg)
+    out["pairs"] = sums["pairs"]
+    return {k: float(v) for k, v in out.items()}
 
 
 def copy_params(params):

@@ -4,13 +4,14 @@
 
 Writes safetensors (sharded with an index above the size threshold, as transformers does)
 in the checkpoint's original dtype, config.json (the original one when the checkpoint kept
-it), generation_config.json and the tokenizer files.
+it), generation_config.json and the tokenizer files (`fdpo.models.checkpoint.export_hf`).
 """
 
 from __future__ import annotations
 
 from absl import app, flags, logging
 
+from fdpo.models import checkpoint
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.",
@@ -23,8 +24,6 @@ MAX_SHARD_SIZE_MB = flags.DEFINE_integer("max_shard_size_mb", 5 * 1024,
 def main(argv):
     del argv
     mesh = common.init_jax()
-    from fdpo.models import checkpoint
-
     out = checkpoint.export_hf(CHECKPOINT.value, OUT.value, mesh,
                                MAX_SHARD_SIZE_MB.value * 1024 * 1024)
     logging.info("wrote %s", out)

@@ -1,62 +1,41 @@
-"""Writes a randomly initialised fdpo checkpoint (for the miniature and for benchmarks).
+r"""Writes a randomly initialised fdpo checkpoint (for the miniature and for benchmarks).
 
-    python -m launch.init_model --out CKPT --preset qwen2.5-coder-0.5b
-    python -m launch.init_model --out CKPT --tokenizer TOKENIZER_DIR \
-        --fields hidden_size=64,num_layers=2,num_heads=4,num_kv_heads=2,intermediate_size=128
+    python -m launch.init_model --out=CKPT --config.preset=qwen2.5-coder-0.5b
+    python -m launch.init_model --out=CKPT --tokenizer=TOKENIZER_DIR \
+        --config.fields.hidden_size=64 --config.fields.num_layers=2 \
+        --config.fields.num_heads=4 --config.fields.num_kv_heads=2 \
+        --config.fields.intermediate_size=128
 
-Without --preset the base is a tiny Qwen2 shape. With --tokenizer, the vocabulary size,
-the bos/eos/pad ids come from the tokenizer and its files are stored with the checkpoint
-(so `launch.score`, sampling and export find them). Parameters are drawn as transformers
-initialises them (normal, std 0.02; norms 1, biases 0).
+The settings are configs/init_model.py: a preset (none: a tiny Qwen2 shape), ModelConfig
+fields that override it, the seed. With --tokenizer, the vocabulary size and the
+bos/eos/pad ids come from the tokenizer and its files are stored with the checkpoint (so
+`launch.score`, sampling and export find them). Parameters are drawn as transformers
+initialises them (normal, std 0.02; norms 1, biases 0): `fdpo.models.checkpoint.init_random`.
 """
 
 from __future__ import annotations
 
-import pathlib
-
 from absl import app, flags
+from ml_collections import config_flags
 
+import configs
+from fdpo.models import checkpoint
 from launch import common
 
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("init_model.py"),
+                                         "Model settings (configs/init_model.py).",
+                                         lock_config=True)
 OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
-PRESET = flags.DEFINE_string("preset", None, "A shape preset (fdpo.models.config.PRESETS).")
-FIELDS = flags.DEFINE_list("fields", [], "ModelConfig overrides, key=value.")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer directory.")
-SEED = flags.DEFINE_integer("seed", 0, "Initialisation seed.")
-
-
-def parse_fields(items):
-    import dataclasses
-
-    from fdpo.models.config import ModelConfig
-
-    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in types:
-            raise app.UsageError(f"--fields: {item!r} is not key=value with a ModelConfig "
-                                 f"field (fields: {sorted(types)})")
-        kind = str(types[key])
-        if "bool" in kind:
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif kind.startswith("int"):
-            out[key] = int(value)
-        elif kind.startswith("float"):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    return out
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.init_jax()
-    from fdpo.models import checkpoint
-
-    path = checkpoint.init_random(pathlib.Path(OUT.value), preset=PRESET.value,
-                                  fields=parse_fields(FIELDS.value),
-                                  tokenizer=TOKENIZER.value, seed=SEED.value)
+    c = CONFIG.value
+    path = checkpoint.init_random(OUT.value, preset=c.preset, fields=c.fields.to_dict(),
+                                  tokenizer=TOKENIZER.value, seed=c.seed)
     print(f"initialised {path}")
 
 

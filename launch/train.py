@@ -23,9 +23,19 @@ import signal
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from fdpo import data, train
+from fdpo import loss as loss_lib
+from fdpo.metric_writer import MetricWriter
+from fdpo.models import checkpoint, convert
+from fdpo.records import PairDataSource
 from launch import common
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (with :arg).",
@@ -38,23 +48,6 @@ EXIT_SIGTERM = 143
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def loss_config(c):
-    from fdpo import loss as loss_lib
-
-    overrides = dict(beta=c.beta, label_smoothing=c.label_smoothing)
-    if c.loss_type is not None:
-        overrides["loss_type"] = c.loss_type
-    if c.nll_weight is not None:
-        overrides["nll_weight"] = c.nll_weight
-    if c.weights is not None:
-        try:
-            rows = [[float(x) for x in row.split(",")] for row in c.weights.split("/")]
-        except ValueError as e:
-            raise ValueError(f"loss.weights={c.weights!r}: expected 'cp,cm,cs/rp,rm,rs'") from e
-        overrides["weights"] = tuple(tuple(r) for r in rows)
-    return loss_lib.preset(c.preset, w_focused=c.w_focused, **overrides)
 
 
 def _config_changes(old, new, prefix=""):
@@ -81,29 +74,14 @@ class _Sigterm:
         self.received = True
 
     def any_process(self) -> bool:
-        import jax
-
         if jax.process_count() == 1:
             return self.received
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         flags_ = multihost_utils.process_allgather(np.asarray(self.received))
         return bool(np.any(flags_))
 
 
 def run(config, workdir: str | pathlib.Path, mesh) -> dict:
     """Trains to the end (or resumes there); returns the last train and eval metrics."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from fdpo import data, train
-    from fdpo.metric_writer import MetricWriter
-    from fdpo.models import checkpoint, convert
-    from fdpo.records import PairDataSource
-
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -124,7 +102,7 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
                  json.loads((pathlib.Path(config.init_hf_dir) / "config.json").read_text()))
     init_params = nnx.to_pure_dict(state)
     del state
-    loss_cfg = loss_config(config.loss)
+    loss_cfg = loss_lib.from_config(config.loss)
 
     # Data.
     manifest = pathlib.Path(config.data.dir) / "manifest.json"
@@ -280,8 +258,6 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
             shutil.rmtree(final)
             shutil.rmtree(workdir / "hf", ignore_errors=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("fdpo_replace_final")
     if not (final / checkpoint.METADATA_FILE).exists():
         abstract = nnx.split(convert.abstract_model(trainer.model_cfg))[1]

@@ -1,19 +1,27 @@
-"""The import / export / score programs run as a user runs them, as subprocesses."""
+"""The import, export, score and init_model programs run as a user runs them, as subprocesses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from configs import init_model as init_model_config
+from fdpo import logprobs, sharding
+from fdpo.models import checkpoint
+from fdpo.models.config import ConfigError, ModelConfig, field_overrides
 from fdpo.testing import make_hf_model, torch_token_logprobs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -160,23 +168,13 @@ print('EXTRA', peak[0] - start)
 
 
 @pytest.mark.parametrize("arch_fields", [
-    "architecture=qwen2,tie_embeddings=true,num_kv_heads=1",
-    "architecture=llama,qkv_bias=false,tie_embeddings=false,rope_type=linear,rope_factor=4.0",
+    dict(architecture="qwen2", tie_embeddings=True, num_kv_heads=1),
+    dict(architecture="llama", qkv_bias=False, tie_embeddings=False, rope_type="linear",
+         rope_factor=4.0),
 ])
 def test_init_model_exports_to_a_checkpoint_transformers_loads(tmp_path, arch_fields):
     """A fresh fdpo model (generated config.json, not a copied one) round-trips through HF."""
-    from transformers import AutoModelForCausalLM
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from fdpo import logprobs, sharding
-    from fdpo.models import checkpoint
-    from launch import init_model
-
-    fields = init_model.parse_fields(arch_fields.split(",") + ["hidden_size=32", "num_heads=4",
-                                                               "vocab_size=97"])
+    fields = dict(arch_fields, hidden_size=32, num_heads=4, vocab_size=97)
     checkpoint.init_random(tmp_path / "ck", fields=fields, seed=3)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     checkpoint.export_hf(tmp_path / "ck", tmp_path / "hf", mesh, max_shard_bytes=1 << 30)
@@ -185,3 +183,23 @@ def test_init_model_exports_to_a_checkpoint_transformers_loads(tmp_path, arch_fi
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 30))
     ours = logprobs.token_logprobs(nnx.merge(graphdef, state)(jnp.asarray(ids)), jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(ours), torch_token_logprobs(torch_model, ids), atol=1e-5)
+
+
+def test_init_model_command_takes_fields_from_its_config(hf_dir, tmp_path):
+    """`launch.init_model` reads ModelConfig fields as typed config values; the tokenizer
+    gives the vocabulary; a field of the wrong type or name is an error naming it."""
+    hf, _, tokenizer = hf_dir
+    assert set(init_model_config.get_config().fields) == {
+        f.name for f in dataclasses.fields(ModelConfig)}
+    run("launch.init_model", f"--out={tmp_path / 'ck'}", f"--tokenizer={hf}",
+        "--config.fields.architecture=llama", "--config.fields.hidden_size=48",
+        "--config.fields.num_heads=4", "--config.fields.tie_embeddings=True",
+        "--config.fields.rope_theta=5e5", "--config.seed=1")
+    got = checkpoint.read_metadata(tmp_path / "ck")["model_config"]
+    assert (got["architecture"], got["hidden_size"], got["head_dim"], got["tie_embeddings"],
+            got["rope_theta"], got["vocab_size"]) == ("llama", 48, 12, True, 5e5, len(tokenizer))
+    assert (tmp_path / "ck" / "hf_extras" / "tokenizer.json").is_file()
+    with pytest.raises(ConfigError, match="'hidden' is not a ModelConfig field"):
+        field_overrides({"hidden": 64})
+    with pytest.raises(ConfigError, match="num_layers='2': expected int"):
+        field_overrides({"num_layers": "2"})

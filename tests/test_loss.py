@@ -13,7 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
-from fdpo import logprobs, sharding
+from fdpo import logprobs, scoring, sharding
 from fdpo import loss as loss_lib
 from fdpo import train
 from fdpo.models import convert
@@ -134,7 +134,7 @@ def fdpo_eval(models, pairs, loss_cfg, micro_batches=2, reference="frozen", data
 def fdpo_sums(models, pairs):
     """Per-segment sums [B, 2, 3] of policy and reference from fdpo's forward (the train
     step's own log-prob function, compiled once)."""
-    score = train.make_score_fn(models["cfg"], ONE_DEVICE, chunk=8)
+    score = scoring.make_score_fn(models["cfg"], ONE_DEVICE, chunk=8)
     b = len(pairs["chosen_ids"])
     ids = np.concatenate([pairs["chosen_ids"], pairs["rejected_ids"]])
     seg = np.concatenate([pairs["chosen_segments"], pairs["rejected_segments"]])
@@ -160,7 +160,7 @@ def test_loss_matches_torch_reference(name, fdpo_sums, pairs, torch_sums):
     terms = loss_lib.pair_terms(pol, ref if loss_cfg.needs_reference else None, loss_cfg)
     b = pol.shape[0]
     n_chosen = float((pairs["chosen_segments"] >= Segment.PREFIX).sum())
-    got = loss_lib.total_loss(terms, pol, jnp.ones(b), float(b), n_chosen, loss_cfg)
+    got = loss_lib.total_loss(terms, jnp.ones(b), float(b), n_chosen, loss_cfg)
     assert float(got) == pytest.approx(want, abs=LOSS_ATOL, rel=LOSS_RTOL)
     np.testing.assert_allclose(terms["rewards_margin"], margins, atol=LOSS_ATOL, rtol=LOSS_RTOL)
     if name != "sft":  # the pairs must make the test discriminating
@@ -241,7 +241,7 @@ def test_no_gradient_from_prompt_and_padding(models, pairs, preset):
         pol = loss_lib.response_segment_sums(lp, jnp.asarray(seg)).reshape(b, 2, 3)
         terms = loss_lib.pair_terms(pol, ref, loss_cfg)
         n_chosen = float((pairs["chosen_segments"] >= Segment.PREFIX).sum())
-        return loss_lib.total_loss(terms, pol, jnp.ones(b), float(b), n_chosen, loss_cfg)
+        return loss_lib.total_loss(terms, jnp.ones(b), float(b), n_chosen, loss_cfg)
 
     g = np.asarray(jax.grad(loss_of_hidden)(hidden))  # [2b, L, D]
     grad_norm = np.abs(g).max(-1)
@@ -286,7 +286,7 @@ def test_chunked_segment_sums_match_naive_with_weighted_gradients():
 
 
 def test_precomputed_reference_gives_the_same_loss(models, pairs, fdpo_sums):
-    """ref_logps scored once (`make_score_fn`, as launch.precompute_ref does) give the
+    """ref_logps scored once (`scoring.make_score_fn`, as launch.precompute_ref does) give the
     loss of the frozen reference evaluated in the step."""
     loss_cfg = CASES["focused_dpo_rpo"][0]
     data = dict(pairs, ref_logps=fdpo_sums["reference"].astype(np.float32))

@@ -1,22 +1,27 @@
 """The train step in-process: sharding, overfitting, numerics options, data order, config."""
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import focused_dpo
 from configs.common import parse_arg
-from fdpo import data, records, sharding, train
+from fdpo import data, logprobs, records, sharding, train
 from fdpo import loss as loss_lib
 from fdpo.models.config import ModelConfig
-from fdpo.records import Segment
-from launch.train import loss_config
-from tests.helpers.numerics import assert_close_at_scale
+from fdpo.records import PairDataSource, Segment
 from fdpo.testing import random_params, random_pairs, stack, write_dataset
+from tests.helpers.numerics import assert_close_at_scale
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 TINY = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -234,8 +239,6 @@ def _ids(batch):
 
 
 def test_shuffle_is_deterministic_and_covers_each_epoch(dataset):
-    from fdpo.records import PairDataSource
-
     src = PairDataSource.from_manifest(dataset, "train")
     order = lambda seed: [i for k, b in zip(range(10), data.train_dataset(
         src, global_batch=4, seed=seed)) for i in _ids(b)]
@@ -246,8 +249,6 @@ def test_shuffle_is_deterministic_and_covers_each_epoch(dataset):
 
 
 def test_processes_read_disjoint_parts_of_the_same_global_batches(dataset):
-    from fdpo.records import PairDataSource
-
     src = PairDataSource.from_manifest(dataset, "train")
     one = data.train_dataset(src, global_batch=4, seed=3)
     two = [data.train_dataset(src, global_batch=4, seed=3, process_index=i, process_count=2)
@@ -257,8 +258,6 @@ def test_processes_read_disjoint_parts_of_the_same_global_batches(dataset):
 
 
 def test_iterator_state_resumes_exactly(dataset):
-    from fdpo.records import PairDataSource
-
     src = PairDataSource.from_manifest(dataset, "train")
     ds = data.train_dataset(src, global_batch=4, seed=0)
     it = data.train_iterator(ds)
@@ -271,8 +270,6 @@ def test_iterator_state_resumes_exactly(dataset):
 
 
 def test_eval_batches_cover_the_split_once_with_a_mask(dataset):
-    from fdpo.records import PairDataSource
-
     src = PairDataSource.from_manifest(dataset, "validation")
     seen = []
     for examples, mask in data.eval_batches(src, global_batch=4):
@@ -293,31 +290,54 @@ def test_config_args_presets_and_overrides():
     c = focused_dpo.get_config("model=/ckpt,data=/d,preset=dpo,runlocal")
     assert (c.init_checkpoint, c.data.dir, c.loss.preset) == ("/ckpt", "/d", "dpo")
     assert c.train.num_steps == 20  # runlocal
-    assert loss_config(c.loss).weights == ((1, 1, 1), (1, 1, 1))
+    assert loss_lib.from_config(c.loss).weights == ((1, 1, 1), (1, 1, 1))
     c = focused_dpo.get_config("")
-    assert loss_config(c.loss) == loss_lib.preset("focused_dpo", beta=0.1)
+    assert loss_lib.from_config(c.loss) == loss_lib.preset("focused_dpo", beta=0.1)
     c.loss.w_focused = 5.0
-    assert loss_config(c.loss).weights[0] == (1.0, 5.0, 1.0)
-    c.loss.weights = "0,1,0/0,1,0"
+    assert loss_lib.from_config(c.loss).weights[0] == (1.0, 5.0, 1.0)
+    c.loss.weights = ((0, 1, 0), (0, 1, 0))
     c.loss.nll_weight = 0.5
-    got = loss_config(c.loss)
+    got = loss_lib.from_config(c.loss)
     assert got.weights == ((0, 1, 0), (0, 1, 0)) and got.nll_weight == 0.5
     c.loss.preset = "sft"
     c.loss.weights = None
     c.loss.nll_weight = None
-    assert loss_config(c.loss).loss_type == "none" and not loss_config(c.loss).needs_reference
+    sft = loss_lib.from_config(c.loss)
+    assert sft.loss_type == "none" and not sft.needs_reference
+    c.loss.weights = ((1, 2, 1),)
+    with pytest.raises(ValueError, match=r"loss weights .*expected \(\(cp, cm, cs\)"):
+        loss_lib.from_config(c.loss)
     with pytest.raises(ValueError, match="unknown config argument"):
         focused_dpo.get_config("modle=/x")
     with pytest.raises(ValueError, match="needs a value"):
         parse_arg("model", model="")
 
 
+def test_loss_weights_from_the_command_line():
+    """The weight table as a tuple literal on the command line, read as launch.train reads
+    its config (locked; the field's default is None)."""
+    script = ("from absl import app\n"
+              "from ml_collections import config_flags\n"
+              "from fdpo import loss\n"
+              "CONFIG = config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
+              "app.run(lambda _: print(repr(loss.from_config(CONFIG.value.loss))))\n")
+
+    def loss_cfg(*overrides):
+        proc = subprocess.run([sys.executable, "-c", script,
+                               "--config=configs/focused_dpo.py:model=/m,data=/d", *overrides],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in loss_cfg()
+    assert "weights=((0.0, 1.0, 0.0), (0.5, 1.0, 0.0))" in loss_cfg(
+        "--config.loss.weights=((0,1,0),(0.5,1,0))")
+
+
 def test_chunked_logprob_memory_does_not_hold_the_logits():
     """XLA's buffer plan for value-and-grad of summed log-probs: the chunked path needs less
     than one [B, T, V] float32 logits tensor of temporaries; the full path needs several.
     (The benchmark reports the same at vocab 152,064.)"""
-    from fdpo import logprobs
-
     b, t, d, v = 4, 512, 64, 32000
     shapes = (jax.ShapeDtypeStruct((b, t, d), jnp.float32),
               jax.ShapeDtypeStruct((v, d), jnp.float32),
@@ -339,8 +359,6 @@ def test_chunked_logprob_memory_does_not_hold_the_logits():
 def test_train_state_restores_onto_another_mesh(tmp_path):
     """A checkpoint written on one device restores into the 2x2x2 mesh's shardings (the
     restore target carries the current shardings, never the stored ones)."""
-    import orbax.checkpoint as ocp
-
     tx, _ = train.make_optimizer(train.OptimizerConfig(lr=1e-3), 10)
     loss_cfg = loss_lib.preset("focused_dpo")
     one = train.Trainer(TINY, loss_cfg, tx, ONE_DEVICE)

@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tensorboardX.proto import event_pb2
 
-from fdpo import records, sharding, train
+from fdpo import records, scoring, sharding
 from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
-from fdpo.testing import random_pairs, write_dataset
-from fdpo.testing import make_hf_model
+from fdpo.testing import make_hf_model, random_pairs, torch_token_logprobs, write_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -116,8 +116,6 @@ def assert_bitwise_equal(a, b):
 
 def read_tensorboard_tags(logdir) -> set[str]:
     """Scalar tags in tensorboardX event files (TFRecord framing around Event protos)."""
-    from tensorboardX.proto import event_pb2
-
     tags = set()
     for f in pathlib.Path(logdir).glob("events.out.tfevents.*"):
         data = f.read_bytes()
@@ -134,7 +132,9 @@ def read_tensorboard_tags(logdir) -> set[str]:
 def uninterrupted(setup, env):
     base, _ = setup
     workdir = base / "uninterrupted"
-    run(train_cmd(base, workdir, "--config.export_hf=True"), env[1])
+    # The preset's own weight table, given as launch.train takes one on the command line.
+    run(train_cmd(base, workdir, "--config.export_hf=True",
+                  "--config.loss.weights=((1,2,1),(1,1,0))"), env[1])
     return workdir
 
 
@@ -151,16 +151,18 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     assert {"train/loss", "train/rewards/accuracies", "validation/loss"} <= \
         read_tensorboard_tags(uninterrupted / "tensorboard")
     assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["20", "22", "24"]  # keep 3
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["loss"]["weights"] == [[1, 2, 1], [1, 1, 0]]
+    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in \
+        checkpoint.read_metadata(uninterrupted / "final")["loss"]
     # The final model: loadable by load_model, exported HF weights load in transformers.
     from transformers import AutoModelForCausalLM
     import torch
 
-    from fdpo.testing import torch_token_logprobs
-
     cfg, graphdef, state = checkpoint.load_model(uninterrupted / "final", ONE_DEVICE)
     hf = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf", dtype=torch.float32)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 24))
-    ours = np.asarray(train.make_score_fn(cfg, ONE_DEVICE, chunk=8)(
+    ours = np.asarray(scoring.make_score_fn(cfg, ONE_DEVICE, chunk=8)(
         nnx.to_pure_dict(state), ids, np.full(ids.shape, records.Segment.MID, np.int8)))
     theirs = torch_token_logprobs(hf, ids)[:, 1:].sum(-1)
     np.testing.assert_allclose(ours[:, 1], theirs, rtol=1e-5)

@@ -15,6 +15,7 @@ topology loads on any other.
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import shutil
 from typing import Any
@@ -23,12 +24,14 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from fdpo import sharding as shd
 from fdpo.models import convert
-from fdpo.models.config import ModelConfig, preset as model_preset
+from fdpo.models.config import ModelConfig, field_overrides, preset as model_preset
 from fdpo.models.transformer import Decoder
 
+log = logging.getLogger("fdpo.models.checkpoint")
 FORMAT_VERSION = 1
 METADATA_FILE = "fdpo_model.json"
 PARAMS_DIR = "params"
@@ -131,12 +134,26 @@ def load_checkpoint_or_hf(mesh: Mesh, *, checkpoint: str | None = None,
     return cfg, graphdef, state, pathlib.Path(hf_dir)
 
 
+def import_hf(hf_dir, out_dir, mesh: Mesh, *,
+              param_dtype: str | None = None) -> pathlib.Path:
+    """Writes an fdpo checkpoint from an HF directory (single or sharded safetensors, read
+    one tensor at a time onto its sharding), with the original config.json and the
+    tokenizer files; `param_dtype` defaults to the checkpoint's own."""
+    hf_dir = pathlib.Path(hf_dir)
+    cfg = ModelConfig.from_hf_dir(hf_dir, **({"param_dtype": param_dtype} if param_dtype
+                                             else {}))
+    log.info("%s: %s, %.3fB parameters", hf_dir, cfg.architecture, cfg.num_params / 1e9)
+    with tqdm(total=convert.num_hf_tensors(cfg), desc="import", unit="tensor") as bar:
+        _, state = convert.load_hf_params(hf_dir, cfg, mesh, progress=bar.update)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    return save_model(out_dir, cfg, state, hf_config=hf_config, extras_from=hf_dir,
+                      metadata={"imported_from": str(hf_dir.absolute())})
+
+
 def export_hf(checkpoint_dir, out_dir, mesh: Mesh,
               max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Writes an HF directory: safetensors in the original dtype, config.json (the original
     one when the checkpoint kept it), generation config and tokenizer files."""
-    from tqdm import tqdm
-
     ckpt = pathlib.Path(checkpoint_dir)
     meta = read_metadata(ckpt)
     cfg, _, state = load_model(ckpt, mesh)
@@ -172,9 +189,10 @@ TINY_QWEN2 = dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermed
 def init_random(out, *, preset: str | None = None, fields: dict | None = None,
                 tokenizer: str | None = None, seed: int = 0) -> pathlib.Path:
     """A randomly initialised checkpoint (normal std 0.02, as transformers): the base is a
-    preset or a tiny Qwen2 shape, `fields` override it, and a tokenizer directory sets the
-    vocabulary size and special ids and is stored with the checkpoint."""
-    fields = dict(fields or {})
+    preset or a tiny Qwen2 shape, the set entries of `fields` override it
+    (`config.field_overrides`), and a tokenizer directory sets the vocabulary size and
+    special ids and is stored with the checkpoint."""
+    fields = field_overrides(fields or {})
     if tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+import types
+import typing
+from typing import Any, Mapping
 
 ARCHITECTURES = ("qwen2", "llama")
 ROPE_TYPES = ("default", "linear")
@@ -217,6 +219,39 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields {sorted(unknown)}")
         return cls(**d)
+
+
+def field_overrides(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The set (not None) entries of `fields` as ModelConfig overrides (a run config's
+    `fields` section, say), ints for float fields made floats. A name that is no field, or a
+    value of the wrong type, is a ConfigError naming it."""
+    hints = typing.get_type_hints(ModelConfig)
+    out = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name not in hints:
+            raise ConfigError(f"{name!r} is not a ModelConfig field (fields: {sorted(hints)})")
+        if not _accepts(hints[name], value):
+            kind = getattr(hints[name], "__name__", hints[name])
+            raise ConfigError(f"ModelConfig field {name}={value!r}: expected {kind}")
+        out[name] = float(value) if hints[name] is float else value
+    return out
+
+
+def _accepts(hint, value) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(
+            _accepts(typing.get_args(hint)[0], v) for v in value)
+    return isinstance(value, hint)
 
 
 def _read_rope(hf: dict[str, Any], source: str) -> tuple[float, str, float]:

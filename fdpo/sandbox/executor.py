@@ -781,17 +781,3 @@ def run_problems(
     with Executor(lim, workers=workers, isolation=isolation, scratch_dir=scratch_dir) as ex:
         for pid, res in ex.map(problems):
             yield {"id": pid, **res.to_json()}
-
-
-def run_cells(codes: Sequence[str], tests: Sequence[str], timeout: float,
-              isolation: str = "full", **limits) -> ProblemResult:
-    """All (code, test) cells of one problem, in one sandbox."""
-    with Executor(Limits(timeout_s=timeout, **limits), workers=1, isolation=isolation) as ex:
-        return ex.run(codes, tests)
-
-
-def run_cell(code: str, test: str, timeout: float, isolation: str = "full",
-             **limits) -> tuple[str, str]:
-    """(status, detail) of one cell."""
-    res = run_cells([code], [test], timeout, isolation=isolation, **limits)
-    return res.status[0][0], res.detail[0][0]
