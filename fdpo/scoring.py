@@ -96,10 +96,14 @@ class Scorer:
         length = int(pad_to or lengths.max())
         rows = -(-n // self.batch_multiple) * self.batch_multiple
         ids = np.zeros((rows, length), np.int32)
-        lab = np.full((rows, length), -1, np.int32)  # -1: not scored
+        lab = np.full((rows, length), -1, np.int32)  # -1: not scored (padding, token 0)
         for i, s in enumerate(sequences):
             ids[i, :len(s)] = s
-            lab[i, 1:len(s)] = labels[i][1:] if labels is not None else MAX_SEGMENT_LABELS
+            # A scored token without a label in 0..15 (none given, or -1) counts in the
+            # extra column: in the total, in no segment.
+            row = np.asarray(labels[i][1:] if labels is not None else [], np.int32)
+            lab[i, 1:len(s)] = np.where((row >= 0) & (row < MAX_SEGMENT_LABELS), row,
+                                        MAX_SEGMENT_LABELS) if row.size else MAX_SEGMENT_LABELS
         sums = np.asarray(jax.device_get(self._score(self.params, ids, lab)))[:n]
         counts = (lab[:n, :, None] == np.arange(MAX_SEGMENT_LABELS)).sum(1)
         return ScoreResult(sums.sum(-1), np.maximum(lengths - 1, 0),

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -25,7 +26,8 @@ from fdpo import pipeline
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 # The config file a program reads when the pipeline names none (the program's --config default).
-DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py"}
+DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py",
+                   "launch.init_model": "configs/init_model.py"}
 # The stages whose commands stage_calls records: all but execute and analyze, whose programs
 # read no config.
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "pairs", "reference", "train",
@@ -130,24 +132,27 @@ def config(name: str, tmp_path: pathlib.Path):
     return toy.get_config("fast" if name == "toy:fast" else None)
 
 
-def field_types(c: dict, prefix: str = "") -> dict[str, type]:
+def field_types(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type]:
+    """{dotted field: declared type}; a placeholder (None until set) has its declared type."""
     out = {}
     for k, v in c.items():
-        if isinstance(v, dict):
+        if isinstance(v, ml_collections.ConfigDict):
             out.update(field_types(v, f"{prefix}{k}."))
         else:
-            out[prefix + k] = type(v)
+            out[prefix + k] = c.get_type(k)
     return out
 
 
 def test_toy_and_real_configs_have_the_same_fields(tmp_path):
     # Written apart, so that a real run inherits none of the miniature's tuning; one program
     # reads both, so a field one of them lacks (or types differently) breaks the other.
-    toy_cfg, real_cfg = (config(name, tmp_path).to_dict() for name in ("toy", "real"))
+    toy_cfg, real_cfg = (config(name, tmp_path) for name in ("toy", "real"))
     for c in (toy_cfg, real_cfg):
         # method_train is a map {method: {lr, nll_weight}}: its keys are the config's choice.
-        own = c.pop("method_train")
-        assert set(c["methods"]) | set(own) <= set(pipeline.METHOD_PRESETS)
+        own = c.method_train.to_dict()
+        with c.unlocked():
+            del c["method_train"]
+        assert set(c.methods) | set(own) <= set(pipeline.METHOD_PRESETS)
         assert all(set(v) <= {"lr", "nll_weight"} for v in own.values())
     assert field_types(toy_cfg) == field_types(real_cfg)
 
@@ -213,7 +218,7 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
             checked.add(module)
     expected = {"launch.train", "launch.sample", "launch.build"}
     if name != "real":
-        expected |= {"launch.toy_data"}
+        expected |= {"launch.toy_data", "launch.init_model"}
     assert checked == expected
 
 
