@@ -68,8 +68,8 @@ def main():
     print(f"batch {b}, prompt {args.prompt_len}, {n} new tokens, {jax.devices()[0].platform}, "
           f"{os.cpu_count()} cores, torch threads {args.torch_threads}, load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"| model | mode | transformers tok/s | fdpo tok/s | speed-up | fdpo compile s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | mode | transformers tok/s | fdpo tok/s | speed-up | fdpo compile s |")
+    print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             hf = make_hf_model(pathlib.Path(tmp), "qwen2", **MODELS[name])

@@ -8,7 +8,7 @@ k = 10 codes and 10 tests per prompt at temperature 1.5 [paper], every code runs
 every test, codes are ranked, error-point pairs built, reference sums precomputed, and
 Focused-DPO and DPO are trained from the imported checkpoint with the same learning rate,
 then evaluated greedily on HumanEval(+) and MBPP(+). The same program, stages and fields as
-`configs/toy.py` (tests/test_pipeline.py checks that they agree); only values differ.
+`configs/toy.py` (tests/launch/test_pipeline.py checks that they agree); only values differ.
 On a pod, run the same command on every host with `--config.distributed=True` (see
 launch/tpu_pod.sh). Not run here: no weights can be downloaded on this machine.
 """

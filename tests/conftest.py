@@ -41,5 +41,5 @@ def run_program(module: str, *args, env: dict | None = None, cwd=REPO, timeout: 
 
 @pytest.fixture
 def program():
-    """The subprocess runner for programs: `program("launch.build", "--out", d, check=False)`."""
+    """`run_program` as a fixture: `program("launch.build", "--out", d, check=False)`."""
     return run_program

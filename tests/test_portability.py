@@ -13,10 +13,10 @@ import pytest
 from tests.conftest import REPO
 
 MESH_TESTS = [
-    "tests/test_models.py::test_mesh_2x2x2_matches_one_device",
-    "tests/test_sampling.py::test_mesh_2x2x2_greedy_matches_one_device",
-    "tests/test_train.py::test_sharded_step_on_8_devices_matches_one_device",
-    "tests/test_train.py::test_shared_prompt_rows_on_8_devices",
+    "tests/fdpo/test_models.py::test_mesh_2x2x2_matches_one_device",
+    "tests/fdpo/test_sampling.py::test_mesh_2x2x2_greedy_matches_one_device",
+    "tests/fdpo/test_train.py::test_sharded_step_on_8_devices_matches_one_device",
+    "tests/fdpo/test_train.py::test_shared_prompt_rows_on_8_devices",
 ]
 
 

@@ -54,11 +54,9 @@ from __future__ import annotations
 import ast
 import collections
 import concurrent.futures as cf
-import copy
 import dataclasses
 import gzip
 import json
-import math
 import os
 import random
 import subprocess

@@ -22,6 +22,8 @@ from fdpo.records import Segment
 from fdpo.testing import random_pairs, stack
 from fdpo.testing import make_hf_model, torch_token_logprobs
 
+pytestmark = pytest.mark.torch
+
 torch.set_num_threads(2)
 
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])

@@ -12,7 +12,7 @@ import pytest
 
 from data_tools import concepts as C
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 

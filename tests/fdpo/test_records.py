@@ -6,6 +6,7 @@ import pytest
 
 from fdpo import records
 from fdpo.records import PairRecord, Segment
+from tests.conftest import REPO
 
 
 def _record(L=16, pair_id=7, name="prob/1", ref=True, seed=0):
@@ -162,5 +163,5 @@ def test_data_modules_do_not_import_jax():
     code = ("import sys; import fdpo.records, data_tools.rank, data_tools.segments, data_tools.build; "
             "sys.exit(1 if 'jax' in sys.modules else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+                         cwd=REPO)
     assert res.returncode == 0, "a data module imported jax: " + res.stderr

@@ -18,7 +18,10 @@ import pytest
 
 from fdpo.sandbox import executor as ex_mod
 from fdpo.sandbox.executor import Executor, Limits
+from tests.conftest import REPO
 from tests.helpers.sandbox import python_others_can_read
+
+pytestmark = pytest.mark.sandbox
 
 TIMEOUT = 1.5
 
@@ -164,7 +167,7 @@ def test_cannot_touch_files_outside_scratch(ex, tmp_path):
 
 
 def test_cannot_see_host_files(ex):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(ex_mod.__file__)))
+    repo = str(REPO)
     code = _src(f"""
         import os
         def ls(p):

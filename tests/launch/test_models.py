@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -24,16 +23,14 @@ from fdpo.models import checkpoint
 from fdpo.models.config import ConfigError, ModelConfig, field_overrides
 from fdpo.testing import make_hf_model, torch_token_logprobs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, run_program
+
+pytestmark = pytest.mark.torch
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
 def run(module: str, *args: str, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+    return run_program(module, *args, env=ENV, timeout=600, check=check)
 
 
 def save_tokenizer(out: pathlib.Path, vocab_size: int = 200):

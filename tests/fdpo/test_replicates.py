@@ -11,7 +11,7 @@ import pytest
 
 from fdpo import replicates
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def report(fdpo, dpo, warm, phi=0.9):

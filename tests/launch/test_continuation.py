@@ -2,7 +2,6 @@
 known exactly, and the tests that judge continuations in a real run."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,7 +15,10 @@ from data_tools import analyze as A
 from fdpo import pipeline
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.torch, pytest.mark.sandbox]
+
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 

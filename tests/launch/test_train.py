@@ -28,7 +28,7 @@ from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
 from fdpo.testing import make_hf_model, random_pairs, torch_token_logprobs, write_dataset
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 STEPS = 24
 BASE = [f"--config.train.num_steps={STEPS}", "--config.train.batch_size=8",
@@ -40,7 +40,7 @@ BASE = [f"--config.train.num_steps={STEPS}", "--config.train.batch_size=8",
 # between runs under the same flags.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Host-side checks of the in-sandbox oracle code (fdpo/evaluation/_cell.py) and of the
-input encoding; the sandboxed end-to-end runs are in test_evaluate_benchmarks.py."""
+input encoding; the sandboxed end-to-end runs are in tests/fdpo/evaluation/test_benchmarks.py."""
 import math
 
 import pytest

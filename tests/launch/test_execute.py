@@ -1,16 +1,18 @@
 """`python -m launch.execute`: output format, malformed-line reporting, resuming, and
 use from a process that has JAX (threads) loaded."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO, run_program
+
+pytestmark = pytest.mark.sandbox
 
 
 def _run(args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "launch.execute", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_program("launch.execute", *args, timeout=timeout, check=False)
 
 
 def _write(path, lines):

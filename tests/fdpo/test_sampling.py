@@ -18,6 +18,8 @@ from fdpo.models.config import ModelConfig
 from fdpo.models.transformer import KVCache
 from fdpo.testing import make_hf_model
 
+pytestmark = pytest.mark.torch
+
 torch.set_num_threads(2)
 
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +11,9 @@ from fdpo.extract import extract_assertions, extract_program
 from fdpo.testing import make_hf_model
 from fdpo.testing import build_tiny_tokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import run_program
+
+pytestmark = pytest.mark.torch
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 PROMPTS = [{"id": "p0", "prompt": "Write a function add(a, b)."},
            {"id": 7, "prompt": "Write is_even(n).", "extra": "ignored"},
@@ -24,11 +23,7 @@ SMALL = ["--config.num_codes=2", "--config.num_tests=2", "--config.max_new_token
 
 
 def run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(f"launch.sample failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+    return run_program("launch.sample", *args, env=ENV, timeout=600, check=check)
 
 
 @pytest.fixture(scope="module")

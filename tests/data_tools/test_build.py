@@ -14,7 +14,7 @@ from fdpo import records
 from fdpo.records import Segment
 from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401  (fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 SUM = "def f(xs):\n    return sum(xs)\n"
 MAX = "def f(xs):\n    return max(xs)\n"

@@ -1,7 +1,6 @@
 """The Phi statistic and table: hand-computed 2x2 tables, degenerate margins, known samples."""
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 
 from data_tools import analyze as A
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("n11,n10,n01,n00,expected", [

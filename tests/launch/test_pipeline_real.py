@@ -22,7 +22,9 @@ from transformers import AutoTokenizer
 
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.torch, pytest.mark.sandbox]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 

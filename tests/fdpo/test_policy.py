@@ -5,7 +5,6 @@ the Sampler's and scoring the Scorer's."""
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -20,7 +19,9 @@ from fdpo.policy import ROW_SEED_STRIDE, Policy
 from fdpo.scoring import Scorer
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.torch
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 # Indented code: transformers' Qwen2Tokenizer (what AutoTokenizer picks when a config.json

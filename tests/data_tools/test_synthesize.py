@@ -1,6 +1,5 @@
 """Synthesis: parsing, validation and dedupe of hand-written generations; requests; CLI."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 from configs import synthesize as syn_config
 from data_tools import synthesize as S
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 VALID = '''## Description
 Given a list of integers and a window size k, return the largest sum of any k consecutive

@@ -1,7 +1,6 @@
 """The train step in-process: sharding, overfitting, numerics options, data order, config."""
 from __future__ import annotations
 
-import pathlib
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from fdpo.records import PairDataSource, Segment
 from fdpo.testing import random_params, random_pairs, stack, write_dataset
 from tests.helpers.numerics import assert_close_at_scale
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 TINY = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,

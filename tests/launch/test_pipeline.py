@@ -23,7 +23,9 @@ from configs import real, toy
 from data_tools import analyze
 from fdpo import pipeline
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.sandbox
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 # The config file a program reads when the pipeline names none (the program's --config default).
 DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py",

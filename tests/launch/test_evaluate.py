@@ -5,8 +5,6 @@ import collections
 import gzip
 import json
 import pickle
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -14,7 +12,9 @@ import pytest
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, run_program
+
+pytestmark = [pytest.mark.torch, pytest.mark.sandbox]
 
 FIXTURE = REPO / "tests/data/lcb_fixture.jsonl"
 CFG = rn.RunConfig(policy=tk.TimePolicy(lcb_timeout_s=1.0), workers=2)
@@ -74,8 +74,7 @@ def test_verdicts_and_difficulty_breakdown():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return run_program("launch.evaluate", *args, check=False)
 
 
 def test_cli_samples_mode(tmp_path):
