@@ -5,72 +5,14 @@ A *cell* is one (code, test) pair: the code is executed, then the test, in one f
 namespace; the cell passes when neither raises within the time limit. A *problem* is
 codes x tests, all cells of one input line.
 
-Threat model
-------------
-The programs are model samples: mostly benign, sometimes broken in dangerous ways (fork
-loops, memory blow-ups, `rm -rf`, daemons, `os.kill(os.getppid(), 9)`), occasionally
-adversarial towards the reward (print "pass", exit 0 early, rebind builtins). What this
-module guarantees, each from *outside* the program's process:
-
-  * Host integrity. The program sees a read-only view of the interpreter and system
-    libraries only (no /home, /root, /work, /etc beyond a few loader files); the only
-    writable place is a size-capped tmpfs /tmp that is wiped between cells and vanishes with
-    the sandbox. It runs as an unprivileged per-worker uid without capabilities and with
-    no_new_privs, in its own network namespace (no interface but a down loopback), PID,
-    IPC and UTS namespaces, with a cleared environment and stdin at EOF.
-  * Resource limits. Per process: address space, CPU seconds, file size, open files,
-    no core files (rlimits set by the judge before the program runs, hard = soft). Per
-    sandbox: total memory and number of tasks (processes + threads) through a cgroup,
-    RLIMIT_NPROC for the per-worker uid, and the tmpfs size. Output is discarded at the
-    source (/dev/null); nothing the program prints reaches the host.
-  * Clean-up. Every cell is a fresh fork of a pre-loaded judge that is PID 1 of the
-    sandbox's PID namespace. After each cell the judge `kill(-1, SIGKILL)`s every other
-    process in the namespace (double-forked daemons included) and reaps them *before* it
-    writes the verdict. When the judge exits, or the host kills the sandbox, the kernel
-    kills whatever is left in the namespace.
-  * Robust judge. In-namespace signals cannot kill PID 1, so `os.kill(os.getppid(), 9)`
-    and `os.killpg(0, 9)` only hurt the cell itself; the judge is non-dumpable, so
-    /proc/1/fd, /proc/1/mem and ptrace are closed to the cell; the host reads verdicts only
-    from the judge's stdout, which no cell holds, tagged with a per-sandbox nonce.
-  * Verdicts from observation, not from the program's output. A pass needs a message on a
-    per-cell pipe, keyed with a per-cell random key, sent after `exec` of the test returned
-    normally, *and* a clean exit observed through a pidfd before the deadline. Printing
-    "pass", exit code 0, `os._exit(0)`, `sys.exit(0)`, rebinding builtins (exec,
-    AssertionError, ...), `__builtins__`, `os`, `json` or `import __main__` cannot produce
-    a pass: the reporting code runs only from locals captured before the program started.
-    Junk on the pipe, two verdicts, or an exit after a verdict make the cell an error.
-  * Independence. A cell that times out, crashes or leaves processes/files behind
-    cannot change another cell's verdict: different process, killed stragglers, wiped
-    scratch. That is also all that separates consecutive problems of one worker: a sandbox
-    is started once per worker and serves many problems (its start-up would otherwise cost
-    more than the cells), and it is replaced whenever it fails.
-
-What it does not guarantee (inherent to in-process tests, documented rather than hidden):
-the test runs in the same interpreter as the program, so a program that deliberately
-introspects the interpreter (frame walking, `gc.get_objects()`, `sys.settrace`, ctypes on
-its own memory) can find the per-cell key or skip the assertions and make *its own* cell
-pass, and a program can return objects whose `__eq__` is always true. Neither reaches
-other cells, other problems or the host. Reading world-readable files of the bound
-interpreter/library trees is allowed. There is no seccomp filter: the kernel's attack
-surface is the usual one for an unprivileged process in namespaces.
-
-Per-worker uids are derived from the host pid and an instance counter, so concurrent
-executors get different uids (and RLIMIT_NPROC counters) unless two host pids collide
-modulo 4096. If the host process dies, each judge sees EOF on its job pipe (or EPIPE on
-its verdict pipe) and exits within one cell's time limit; the kernel then kills the rest
-of its namespace.
-
-Weaker modes, only when chosen explicitly:
-  * isolation="no_cgroup": everything but the cgroup, so total memory is only bounded by
-    max_procs x memory_mb and total tasks by RLIMIT_NPROC.
-  * isolation="none": no namespaces: rlimits, a clean environment, a temporary working
-    directory under `scratch_dir` (default: the host's temp directory, TMPDIR honoured), and
-    (when run as root) the per-worker uid. The judge enters that directory before it drops
-    privileges and only ever reaches it through a descriptor afterwards, so it works
-    whatever the modes of its parents (a /tmp at 0700, systemd's PrivateTmp). The network and the file
-    system are reachable, a cell can kill the judge (the rest of that problem becomes
-    sandbox_error), and a daemon that leaves the cell's session survives. Only for
-    trusted code or machines without root/bwrap.
+Threat model, guarantees, what is not guaranteed, and the weaker modes: docs/sandbox.md
+(the one description). In short: a read-only view of the interpreter, a wiped size-capped
+tmpfs, an unprivileged per-worker uid, no network, PID 1 judge that kills every straggler
+before it writes a verdict, rlimits and a cgroup, verdicts from observation (a keyed
+message after the test returned plus a clean exit), never from the program's output.
+isolation="no_cgroup" drops the cgroup; isolation="none" drops the namespaces (trusted
+code only; its scratch directory is made under `scratch_dir`, and it needs a Python
+installation other users can read).
 
 Processes and threads. The host never forks Python: sandboxes are started with
 `subprocess.Popen` (fork+exec in C, no Python code between them), so this module is safe
