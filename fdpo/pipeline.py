@@ -237,8 +237,8 @@ class Pipeline:
                 out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
         e = self.cfg.execute
         self.run("execute", "launch.execute", "--input", self.w / "execute_input.jsonl",
-                 "--output", self.w / "verdicts.jsonl", "--timeout", e.timeout,
-                 *(["--workers", e.workers] if e.workers else []))  # 0: all cores
+                 "--output", self.w / "verdicts.jsonl", f"--config.timeout={e.timeout}",
+                 *([f"--config.workers={e.workers}"] if e.workers else []))  # 0: all cores
 
     def pairs(self):
         verdicts = {r["id"]: r for r in map(json.loads, open(self.w / "verdicts.jsonl"))}

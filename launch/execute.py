@@ -1,12 +1,12 @@
 """Run every code of every problem against every test, in sandboxes.
 
-    python -m launch.execute --input IN.jsonl --output OUT.jsonl --timeout 5 \
-        [--workers N] [--memory_mb 1024] [--isolation full|no_cgroup|none]
+    python -m launch.execute --input IN.jsonl --output OUT.jsonl --config.timeout=5 \
+        [--config.workers=N --config.memory_mb=1024 --config.isolation=full|no_cgroup|none]
 
 Input lines: {"id": str, "codes": [str], "tests": [str], ...}. Output lines, appended as
 problems finish (not in input order): {"id", "passed": [[bool]] (code x test), "status",
-"detail", "time_s", "wall_s"}. See fdpo/sandbox/executor.py (and docs/sandbox.md) for the isolation model and the
-statuses.
+"detail", "time_s", "wall_s"}. The limits and the isolation are configs/execute.py's; see
+fdpo/sandbox/executor.py (and docs/sandbox.md) for the isolation model and the statuses.
 
 Resuming: ids already in OUTPUT are skipped; a truncated last line (an interrupted write)
 is cut off and redone. Malformed input lines are all reported with file:line, the valid
@@ -19,26 +19,18 @@ import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 from tqdm import tqdm
 
+import configs
 from fdpo.sandbox import executor
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "JSONL problems: id, codes, tests.")
-flags.DEFINE_string("output", None, "JSONL results; appended to and resumed from.")
-flags.DEFINE_float("timeout", None, "Wall-clock seconds per (code, test) cell.")
-flags.DEFINE_integer("workers", None, "Parallel sandboxes (default: all cores).")
-flags.DEFINE_integer("memory_mb", 1024, "Address-space limit per process, and the "
-                     "programs' share of the sandbox memory cgroup.")
-flags.DEFINE_integer("max_procs", 64, "Processes + threads per cell.")
-flags.DEFINE_integer("file_size_mb", 16, "Largest file a program may write.")
-flags.DEFINE_integer("scratch_mb", 64, "Size of the writable /tmp in the sandbox.")
-flags.DEFINE_enum("isolation", "full", list(executor.ISOLATION_MODES),
-                  "full: bwrap namespaces + cgroups (needs root). Weaker modes only when "
-                  "asked for: no_cgroup (no total memory/task cap), none (no sandbox).")
-flags.DEFINE_string("scratch_dir", None, "isolation=none: where each sandbox's working "
-                    "directory is made (default: the temp directory, TMPDIR honoured).")
-flags.mark_flags_as_required(["input", "output", "timeout"])
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("execute.py"),
+                                         "Limits and isolation (configs/execute.py).",
+                                         lock_config=True)
+INPUT = flags.DEFINE_string("input", None, "JSONL problems: id, codes, tests.", required=True)
+OUTPUT = flags.DEFINE_string("output", None, "JSONL results; appended to and resumed from.",
+                             required=True)
 
 
 def read_problems(path):
@@ -107,13 +99,20 @@ def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = CONFIG.value
+    if c.timeout is None:
+        raise app.UsageError("--config.timeout is required (seconds per (code, test) cell)")
+    if c.isolation not in executor.ISOLATION_MODES:
+        raise app.UsageError(f"--config.isolation={c.isolation!r}; expected one of "
+                             f"{executor.ISOLATION_MODES}")
+    in_path, out_path = INPUT.value, OUTPUT.value
     try:
-        problems, errors = read_problems(FLAGS.input)
+        problems, errors = read_problems(in_path)
     except OSError as e:
-        raise app.UsageError(f"--input: cannot read {FLAGS.input}: {e}")
+        raise app.UsageError(f"--input: cannot read {in_path}: {e}")
     for msg in errors:
         print(f"malformed input: {msg}", file=sys.stderr)
-    done = done_outputs(FLAGS.output)
+    done = done_outputs(out_path)
     for p in problems:
         # A result is reused only for the problem it was computed for: a changed input
         # (other codes or tests under the same id) would otherwise keep stale verdicts.
@@ -121,30 +120,30 @@ def main(argv):
             line, codes, tests = done[p["id"]]
             if codes != len(p["codes"]) or (codes and tests != len(p["tests"])):
                 raise SystemExit(
-                    f"{FLAGS.output}:{line}: the result for id {p['id']!r} has {codes} codes x "
-                    f"{tests} tests, but {FLAGS.input} now has {len(p['codes'])} x "
+                    f"{out_path}:{line}: the result for id {p['id']!r} has {codes} codes x "
+                    f"{tests} tests, but {in_path} now has {len(p['codes'])} x "
                     f"{len(p['tests'])}: the input changed since; remove the output (or that "
                     f"line) to run it again")
     todo = [p for p in problems if p["id"] not in done]
-    print(f"{len(problems)} problems in {FLAGS.input} ({len(errors)} malformed lines), "
-          f"{len(problems) - len(todo)} already in {FLAGS.output}, {len(todo)} to run",
+    print(f"{len(problems)} problems in {in_path} ({len(errors)} malformed lines), "
+          f"{len(problems) - len(todo)} already in {out_path}, {len(todo)} to run",
           file=sys.stderr)
     try:
         limits = executor.Limits(
-            timeout_s=FLAGS.timeout, memory_mb=FLAGS.memory_mb, max_procs=FLAGS.max_procs,
-            file_size_mb=FLAGS.file_size_mb, scratch_mb=FLAGS.scratch_mb,
+            timeout_s=c.timeout, memory_mb=c.memory_mb, max_procs=c.max_procs,
+            file_size_mb=c.file_size_mb, scratch_mb=c.scratch_mb,
         )
-        ex = executor.Executor(limits, workers=FLAGS.workers, isolation=FLAGS.isolation,
-                               scratch_dir=FLAGS.scratch_dir)
+        ex = executor.Executor(limits, workers=c.workers, isolation=c.isolation,
+                               scratch_dir=c.scratch_dir)
     except ValueError as e:
         raise app.UsageError(str(e))
     except executor.IsolationUnavailable as e:
-        raise SystemExit(f"--isolation={FLAGS.isolation}: {e}")
+        raise SystemExit(f"--config.isolation={c.isolation}: {e}")
 
     counts = collections.Counter()
     n_cells = 0
     start = time.monotonic()
-    with ex, open(FLAGS.output, "a", encoding="utf-8") as out:
+    with ex, open(out_path, "a", encoding="utf-8") as out:
         bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True)
         for pid, res in ex.map(todo):
             out.write(json.dumps({"id": pid, **res.to_json()}) + "\n")
@@ -158,7 +157,7 @@ def main(argv):
     secs = time.monotonic() - start
     print(f"\n{len(todo)} problems, {n_cells} cells in {secs:.1f}s "
           f"({n_cells / max(secs, 1e-9):.1f} verdicts/s, {ex.workers} workers, "
-          f"isolation={FLAGS.isolation})")
+          f"isolation={c.isolation})")
     for status in executor.STATUSES:
         print(f"  {status:14s} {counts[status]:8d}  {100 * counts[status] / max(n_cells, 1):5.1f}%")
     if errors:

@@ -181,7 +181,8 @@ class _Cgroups:
             raise IsolationUnavailable(
                 f"isolation='full' needs writable cgroups (memory and pids): {e}. "
                 "Run as root on a machine with cgroups, or choose isolation='no_cgroup' "
-                "(flag --isolation=no_cgroup) to rely on per-process rlimits only."
+                "(--config.isolation=no_cgroup in the programs) to rely on per-process "
+                "rlimits only."
             ) from e
 
     @staticmethod

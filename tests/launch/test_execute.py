@@ -1,10 +1,16 @@
 """`python -m launch.execute`: output format, malformed-line reporting, resuming, and
 use from a process that has JAX (threads) loaded."""
-import pytest
+import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+
+from configs import execute as execute_config
+from fdpo.sandbox import executor
 
 from tests.conftest import REPO, run_program
 
@@ -34,7 +40,8 @@ def _read(path):
 def test_outputs_matrices_and_summary(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, GOOD)
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1", "--workers", "2"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1",
+              "--config.workers=2"])
     assert r.returncode == 0, r.stderr
     res = _read(out)
     assert set(res) == {"a", "b", "c"}
@@ -51,7 +58,7 @@ def test_malformed_lines_are_all_reported_with_line_numbers(tmp_path):
     _write(inp, [GOOD[0], "{not json", json.dumps({"id": "x", "codes": "nope", "tests": []}),
                  "", json.dumps({"id": "a", "codes": [], "tests": []}),
                  json.dumps({"codes": [], "tests": []}), GOOD[2]])
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode == 1
     for lineno in (2, 3, 4, 5, 6):
         assert f"{inp}:{lineno}:" in r.stderr, r.stderr
@@ -67,7 +74,7 @@ def test_resume_skips_done_ids_and_redoes_a_truncated_line(tmp_path):
             "status": [["pass"] * 2] * 2, "detail": [[""] * 2] * 2, "time_s": [[0.0] * 2] * 2,
             "wall_s": 0.0}
     out.write_text(json.dumps(done) + "\n" + '{"id": "c", "passed": [[tr')
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode == 0, r.stderr
     assert "truncated last line" in r.stderr
     lines = out.read_text().splitlines()
@@ -75,7 +82,7 @@ def test_resume_skips_done_ids_and_redoes_a_truncated_line(tmp_path):
     res = _read(out)
     assert res["a"] == done
     assert res["c"]["status"] == [["pass"]] and res["b"]["status"] == [["timeout"]]
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert "0 to run" in r.stderr and len(out.read_text().splitlines()) == 3
 
 
@@ -85,7 +92,7 @@ def test_resume_refuses_a_result_computed_for_other_codes_or_tests(tmp_path):
     _write(inp, GOOD)
     old = {"id": "a", "passed": [], "status": [], "detail": [], "time_s": [], "wall_s": 0.0}
     out.write_text(json.dumps(old) + "\n")
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode != 0
     assert f"{out}:1: the result for id 'a' has 0 codes x None tests, but {inp} now has" in r.stderr
     assert out.read_text() == json.dumps(old) + "\n"  # nothing appended
@@ -95,21 +102,34 @@ def test_corrupt_output_in_the_middle_is_an_error(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, GOOD)
     out.write_text("garbage\n" + json.dumps({"id": "a"}) + "\n")
-    r = _run(["--input", str(inp), "--output", str(out), "--timeout", "1"])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode != 0
     assert f"{out}:1: malformed line in the existing output" in r.stderr
 
 
 def test_bad_flags_are_clear(tmp_path):
     r = _run(["--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"),
-              "--timeout", "1"])
+              "--config.timeout=1"])
     assert r.returncode != 0 and "--input" in r.stderr and "missing.jsonl" in r.stderr
     r = _run(["--input", "x", "--output", "y"])
-    assert r.returncode != 0 and "timeout" in r.stderr
+    assert r.returncode != 0 and "--config.timeout is required" in r.stderr
+    r = _run(["--input", "x", "--output", "y", "--config.timeout=1", "--config.isolation=bwrap"])
+    assert r.returncode != 0 and "--config.isolation='bwrap'; expected one of" in r.stderr
     inp = tmp_path / "in.jsonl"
     _write(inp, GOOD[2:])
-    r = _run(["--input", str(inp), "--output", str(tmp_path / "o"), "--timeout", "-1"])
+    r = _run(["--input", str(inp), "--output", str(tmp_path / "o"), "--config.timeout=-1"])
     assert r.returncode != 0 and "timeout_s must be > 0" in r.stderr
+
+
+def test_execute_config_defaults_agree_with_the_library():
+    """configs/execute.py spells the limits out (configs import only ml_collections); they
+    must be Limits' (the timeout has none: it is required), the rest the Executor's."""
+    c = execute_config.get_config()
+    limits = dataclasses.asdict(executor.Limits())
+    del limits["timeout_s"], limits["max_open_files"]  # required here; not a setting
+    assert {k: c[k] for k in limits} == limits and c.timeout is None
+    params = inspect.signature(executor.Executor).parameters
+    assert all(c[k] == params[k].default for k in ("workers", "isolation", "scratch_dir"))
 
 
 def test_library_is_safe_in_a_process_with_jax_threads():

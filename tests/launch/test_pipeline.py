@@ -29,11 +29,12 @@ pytestmark = pytest.mark.sandbox
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 # The config file a program reads when the pipeline names none (the program's --config default).
 DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py",
-                   "launch.init_model": "configs/init_model.py"}
-# The stages whose commands stage_calls records: all but execute and analyze, whose programs
-# read no config.
-STAGES = ("data", "init", "sft_data", "warm_start", "sample", "pairs", "reference", "train",
-          "evaluate", "report")
+                   "launch.init_model": "configs/init_model.py",
+                   "launch.execute": "configs/execute.py"}
+# The stages whose commands stage_calls records: all but analyze, whose program reads no
+# config.
+STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
+          "train", "evaluate", "report")
 
 
 def run_program(workdir, *extra):
@@ -186,10 +187,12 @@ def stage_calls(cfg, w: pathlib.Path) -> list[tuple[str, str, list[str]]]:
             prompts.parent.mkdir(parents=True, exist_ok=True)
             prompts.write_text(json.dumps({"id": "t0", "prompt": "p", "split": cfg.sample.split})
                                + "\n")
-        if name == "pairs":
-            for f, rec in (("samples", sample), ("execute_input", sample),
-                           ("verdicts", {"id": "t0", "passed": [[True]]})):
+        if name == "execute":  # what the sample stage and the executor would leave
+            for f, rec in (("samples", sample), ("verdicts", {"id": "t0", "passed": [[True]]})):
                 (w / f"{f}.jsonl").write_text(json.dumps(rec) + "\n")
+            if cfg.toy.enabled:  # the miniature's oracle tests
+                (p.toy_dir / "tests.jsonl").write_text(json.dumps(
+                    {"id": "t0", "tests": ["t"], "tests_correct": [True]}) + "\n")
         getattr(p, name)()
     return calls
 
@@ -218,7 +221,7 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
         if any(a.startswith("--config") for a in args):
             program_config(module, args)
             checked.add(module)
-    expected = {"launch.train", "launch.sample", "launch.build"}
+    expected = {"launch.train", "launch.sample", "launch.build", "launch.execute"}
     if name != "real":
         expected |= {"launch.toy_data", "launch.init_model"}
     assert checked == expected
