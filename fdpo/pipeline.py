@@ -324,10 +324,13 @@ class Pipeline:
                     continue
                 self.run("evaluate", "launch.evaluate", "--benchmark", benchmark,
                          *(["--dataset", dataset] if dataset else []), "--checkpoint", ckpt,
-                         "--out", out, "--response_format", self.cfg.sample.response_format,
-                         "--temperature", 0, "--max_new_tokens", e.max_new_tokens,
-                         *(["--workers", e.workers] if e.workers else []), "--k", "1",
-                         "--min_time_limit", e.min_time_limit, *self.jax_flags())
+                         "--out", out,
+                         f"--config.response_format={self.cfg.sample.response_format}",
+                         "--config.temperature=0.0",
+                         f"--config.max_new_tokens={e.max_new_tokens}",
+                         *([f"--config.workers={e.workers}"] if e.workers else []),
+                         "--config.k=(1,)", f"--config.min_time_limit={e.min_time_limit}",
+                         *self.jax_flags())
 
     def analyze(self):
         completion = self.cfg.sample.response_format == "completion"

@@ -1,15 +1,18 @@
 """Evaluates code samples on HumanEval(+), MBPP(+) or LiveCodeBench, in the sandbox.
 
     python -m launch.evaluate --benchmark humaneval+ --samples samples.jsonl --out eval/
-    python -m launch.evaluate --benchmark mbpp+ --checkpoint CKPT --n 1 --temperature 0 --out eval/
+    python -m launch.evaluate --benchmark mbpp+ --checkpoint CKPT --out eval/ \
+        [--config.n=10 --config.temperature=0.8]
     python -m launch.evaluate --benchmark livecodebench --dataset lcb.jsonl --samples s.jsonl --out eval/
 
 Samples (EvalPlus format): one JSON line per sample, {"task_id", "solution"} (a whole
 program) or {"task_id", "completion"} (appended to the task's prompt). With --checkpoint or
 --hf_dir the samples are generated first by the policy (`fdpo.policy.Policy`) and written
-to OUT/samples.jsonl in that format; --response_format says what the model is asked for. Outputs in --out: results.json (pass@k, status counts, settings, dataset
-hash, per-sample verdicts), tasks.md and tasks.csv (one row per task). See
-fdpo/evaluation/ and docs/evaluation.md for oracles and time limits.
+to OUT/samples.jsonl in that format; --config.response_format says what the model is asked
+for. The settings (generation, pass@k, sandbox, time limits) are configs/evaluate.py's.
+Outputs in --out: results.json (pass@k, status counts, settings, dataset hash, per-sample
+verdicts), tasks.md and tasks.csv (one row per task). See fdpo/evaluation/ and
+docs/evaluation.md for oracles and time limits.
 """
 from __future__ import annotations
 
@@ -17,15 +20,22 @@ import json
 import logging as pylogging
 import pathlib
 
+import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
+import configs
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.extract import RESPONSE_FORMATS
 from fdpo.policy import Policy
+from fdpo.sandbox.executor import ISOLATION_MODES
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("evaluate.py"),
+                                         "Evaluation settings (configs/evaluate.py).",
+                                         lock_config=True)
 BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
                               required=True)
 SAMPLES = flags.DEFINE_string("samples", None, "EvalPlus samples JSONL to evaluate.")
@@ -39,43 +49,19 @@ DATA_DIR = flags.DEFINE_string(
     "Where the EvalPlus release files are (evalplus/HumanEvalPlus-v0.1.10.jsonl.gz, ...); "
     "default: the shared/data folder beside the checkout.")
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-N = flags.DEFINE_integer("n", 1, "Samples per task (--checkpoint).")
-TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (--checkpoint); "
-                                 "0 = greedy.")
-TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling (--checkpoint).")
-MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 768, "Generation length.")
-SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per compiled generation call.")
-KS = flags.DEFINE_list("k", ["1", "10", "100"], "pass@k values (those with n >= k).")
-WORKERS = flags.DEFINE_integer("workers", None, "Parallel sandboxes (default: all cores).")
-ISOLATION = flags.DEFINE_enum("isolation", "full", ["full", "no_cgroup", "none"],
-                              "Executor isolation (see docs/sandbox.md).")
-MEMORY_MB = flags.DEFINE_integer("memory_mb", 4096, "Memory per program (EvalPlus: 4 GB).")
-FLOOR_S = flags.DEFINE_float("min_time_limit", 4.0, "Per-input time limit floor, seconds.")
-FACTOR = flags.DEFINE_float("time_limit_factor", 4.0,
-                            "Per-input limit = max(floor, factor x reference time).")
-BUDGET_S = flags.DEFINE_float("split_budget", 60.0,
-                              "Cap on a sample's summed time on one split, seconds.")
-LCB_TIMEOUT = flags.DEFINE_float("lcb_timeout", 6.0, "LiveCodeBench seconds per test.")
-PARTIAL = flags.DEFINE_bool("partial", False, "Allow samples for only some tasks.")
-RESPONSE_FORMAT = flags.DEFINE_enum(
-    "response_format", "code_block", list(RESPONSE_FORMATS),
-    "With a model: 'code_block' asks for a whole program in a fenced block and extracts it; "
-    "'completion' gives the task's prompt as it is and appends the model's continuation to "
-    "it (base models, the miniature). The prompt is rendered in the policy's prompt format "
-    "(chat template when the tokenizer has one).")
 
 
-def generate(tasks: dict[str, tk.Task], benchmark: str, n: int) -> tuple[list[rn.Sample], str]:
-    """`n` samples per task from the policy, and the prompt format they were asked in."""
+def generate(tasks: dict[str, tk.Task], benchmark: str,
+             c: ml_collections.ConfigDict) -> tuple[list[rn.Sample], str]:
+    """`c.n` samples per task from the policy, and the prompt format they were asked in."""
     common.quiet_tokenizers()
     policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
     ids = list(tasks)
-    completion = RESPONSE_FORMAT.value == "completion"
+    completion = c.response_format == "completion"
     prompts = [tasks[t].prompt if completion else prompt_for(tasks[t], benchmark) for t in ids]
-    outs = policy.generate(prompts, num_samples=n, temperature=TEMPERATURE.value,
-                           top_p=TOP_P.value, max_new_tokens=MAX_NEW_TOKENS.value,
-                           batch_size=BATCH_SIZE.value, seed=SEED.value)
+    outs = policy.generate(prompts, num_samples=c.n, temperature=c.temperature,
+                           top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                           batch_size=c.batch_size, seed=c.seed)
     samples = [rn.Sample(t, tasks[t].prompt + c.text if completion else rn.extract_code(c.text))
                for t, cs in zip(ids, outs) for c in cs]
     return samples, policy.prompt_format
@@ -100,6 +86,11 @@ def main(argv):
         raise app.UsageError("give exactly one of --samples and --checkpoint/--hf_dir")
     if CHECKPOINT.value and HF_DIR.value:
         raise app.UsageError("give only one of --checkpoint and --hf_dir")
+    c = CONFIG.value
+    for field, allowed in (("response_format", RESPONSE_FORMATS),
+                           ("isolation", ISOLATION_MODES)):
+        if c[field] not in allowed:
+            raise app.UsageError(f"--config.{field}={c[field]!r}; expected one of {allowed}")
     bench = BENCHMARK.value
     try:
         tasks, _ = tk.load_tasks(bench, DATASET.value, DATA_DIR.value)
@@ -110,16 +101,16 @@ def main(argv):
     samples = None
     samples_path = SAMPLES.value
     if model is not None:
-        samples, prompt_format = generate(tasks, bench, N.value)
+        samples, prompt_format = generate(tasks, bench, c)
         samples_path = out / "samples.jsonl"
         with open(samples_path, "w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps({"task_id": s.task_id, "solution": s.solution}) + "\n")
         logging.info("wrote %d samples to %s", len(samples), samples_path)
     cfg = rn.RunConfig(
-        policy=tk.TimePolicy(floor_s=FLOOR_S.value, factor=FACTOR.value,
-                             budget_s=BUDGET_S.value, lcb_timeout_s=LCB_TIMEOUT.value),
-        workers=WORKERS.value, isolation=ISOLATION.value, memory_mb=MEMORY_MB.value)
+        policy=tk.TimePolicy(floor_s=c.min_time_limit, factor=c.time_limit_factor,
+                             budget_s=c.split_budget, lcb_timeout_s=c.lcb_timeout),
+        workers=c.workers, isolation=c.isolation, memory_mb=c.memory_mb)
     total = None
     if samples is None:
         try:
@@ -131,16 +122,16 @@ def main(argv):
         try:
             summary, records, meta = rn.evaluate(
                 bench, dataset=DATASET.value, data_dir=DATA_DIR.value, samples=samples, cfg=cfg,
-                ks=[int(k) for k in KS.value], partial=PARTIAL.value, progress=bar.update)
+                ks=list(c.k), partial=c.partial, progress=bar.update)
         except rn.SampleError as e:
             raise app.UsageError(str(e)) from e
     meta["samples"] = str(samples_path)
     if model is not None:
-        meta["generation"] = {"model": model, "n": N.value, "temperature": TEMPERATURE.value,
-                              "top_p": TOP_P.value, "max_new_tokens": MAX_NEW_TOKENS.value,
-                              "response_format": RESPONSE_FORMAT.value,
+        meta["generation"] = {"model": model, "n": c.n, "temperature": c.temperature,
+                              "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+                              "response_format": c.response_format,
                               "prompt_format": prompt_format,
-                              "seed": SEED.value}
+                              "seed": c.seed}
     paths = rn.write_outputs(out, summary, records, meta)
     for name, scores in summary["pass_at_k"].items():
         logging.info("%s %s: %s", bench, name,

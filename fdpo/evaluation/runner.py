@@ -289,7 +289,8 @@ def evaluate(benchmark: str, samples_path=None, dataset=None, *, samples=None,
     if missing and not partial:
         raise SampleError(f"{len(missing)} of {len(tasks)} {benchmark} tasks have no samples "
                           f"(e.g. {missing[:3]}); a score over a subset is not comparable "
-                          "with published ones (pass partial=True / --partial to allow it)")
+                          "with published ones (pass partial=True, --config.partial=True to "
+                          "launch.evaluate, to allow it)")
     t0 = time.monotonic()
     records = run(tasks, samples, benchmark, cfg, progress)
     wall = time.monotonic() - t0

@@ -2,16 +2,20 @@
 labels, compressed private tests) and the `launch.evaluate` program end to end."""
 import base64
 import collections
+import dataclasses
 import gzip
+import inspect
 import json
 import pickle
 import zlib
 
 import pytest
 
+from configs import evaluate as evaluate_config
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
+
 from tests.conftest import REPO, SHARED, run_program
 
 pytestmark = [pytest.mark.torch, pytest.mark.sandbox]
@@ -88,7 +92,7 @@ def test_cli_samples_mode(tmp_path):
     samples.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out"
     r = run_cli("--benchmark=humaneval+", f"--samples={samples}", f"--out={out}",
-                "--partial", "--workers=2", "--k=1,2")
+                "--config.partial=True", "--config.workers=2", "--config.k=(1,2)")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["pass_at_k"] == {"base": {"pass@1": 0.5, "pass@2": 1.0},
@@ -99,7 +103,7 @@ def test_cli_samples_mode(tmp_path):
     assert md[0].startswith("| task_id | n | base_correct | plus_correct")
     assert md[2].startswith("| HumanEval/0 | 2 | 1 | 1 | pass:1 fail:1")
     assert (out / "tasks.csv").read_text().splitlines()[1].startswith("HumanEval/0,2,1,1,")
-    # without --partial, 162 tasks without samples are an error
+    # without --config.partial, 162 tasks without samples are an error
     r = run_cli("--benchmark=humaneval+", f"--samples={samples}", f"--out={out}")
     assert r.returncode != 0 and "have no samples" in r.stderr
 
@@ -111,6 +115,22 @@ def test_cli_errors(tmp_path):
     r = run_cli("--benchmark=livecodebench", f"--samples={tmp_path}/s.jsonl",
                 f"--out={tmp_path}/o")
     assert r.returncode != 0 and "livecodebench needs --dataset" in r.stderr
+    r = run_cli("--benchmark=humaneval+", f"--samples={tmp_path}/s.jsonl",
+                f"--out={tmp_path}/o", "--config.isolation=docker")
+    assert r.returncode != 0 and "--config.isolation='docker'; expected one of" in r.stderr
+
+
+def test_evaluate_config_defaults_agree_with_the_library():
+    """configs/evaluate.py spells the defaults out (configs import only ml_collections); they
+    must be RunConfig's, TimePolicy's (under the program's names) and runner.evaluate's."""
+    c = evaluate_config.get_config()
+    run = rn.RunConfig()
+    assert (c.workers, c.isolation, c.memory_mb) == (run.workers, run.isolation, run.memory_mb)
+    assert dataclasses.asdict(run.policy) == {
+        "floor_s": c.min_time_limit, "factor": c.time_limit_factor, "budget_s": c.split_budget,
+        "lcb_timeout_s": c.lcb_timeout}
+    params = inspect.signature(rn.evaluate).parameters
+    assert (c.k, c.partial) == (tuple(params["ks"].default), params["partial"].default)
 
 
 def test_cli_generates_with_a_policy(tmp_path):
@@ -127,8 +147,9 @@ def test_cli_generates_with_a_policy(tmp_path):
     prompts = {row["task_id"]: row["prompt"] for row in rows}
     out = tmp_path / "out"
     r = run_cli("--benchmark=humaneval+", f"--dataset={dataset}", f"--hf_dir={hf}",
-                f"--out={out}", "--response_format=completion", "--n=2", "--temperature=0",
-                "--max_new_tokens=4", "--workers=2", "--k=1", "--min_time_limit=1")
+                f"--out={out}", "--config.response_format=completion", "--config.n=2",
+                "--config.temperature=0", "--config.max_new_tokens=4", "--config.workers=2",
+                "--config.k=(1,)", "--config.min_time_limit=1")
     assert r.returncode == 0, r.stderr[-2000:]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/2"] * 2

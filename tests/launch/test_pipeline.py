@@ -30,7 +30,8 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 # The config file a program reads when the pipeline names none (the program's --config default).
 DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py",
                    "launch.init_model": "configs/init_model.py",
-                   "launch.execute": "configs/execute.py"}
+                   "launch.execute": "configs/execute.py",
+                   "launch.evaluate": "configs/evaluate.py"}
 # The stages whose commands stage_calls records: all but analyze, whose program reads no
 # config.
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
@@ -221,7 +222,8 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
         if any(a.startswith("--config") for a in args):
             program_config(module, args)
             checked.add(module)
-    expected = {"launch.train", "launch.sample", "launch.build", "launch.execute"}
+    expected = {"launch.train", "launch.sample", "launch.build", "launch.execute",
+                "launch.evaluate"}
     if name != "real":
         expected |= {"launch.toy_data", "launch.init_model"}
     assert checked == expected
