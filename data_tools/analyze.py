@@ -134,7 +134,7 @@ class Options:
         for name, allowed in (("pair_rule", PAIR_RULES), ("verdict", VERDICTS), ("unit", UNITS),
                               ("ranker", tuple(rank_lib.RANKERS))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
 
 
 @dataclasses.dataclass

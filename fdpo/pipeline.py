@@ -374,11 +374,11 @@ class Pipeline:
                   f"{self.w / 'analyze_input_skipped.jsonl'}")
         continuation = []
         if self.cfg.analysis.continuation and judged:
-            continuation = ["--continuation", "--checkpoint", self.start_model,
-                            "--num_continuations", self.cfg.analysis.num_continuations,
-                            "--max_new_tokens", self.cfg.sample.max_new_tokens,
-                            "--response_format", self.cfg.sample.response_format,
-                            "--timeout", self.cfg.execute.timeout]
+            continuation = ["--checkpoint", self.start_model, "--config.continuation=True",
+                            f"--config.num_continuations={self.cfg.analysis.num_continuations}",
+                            f"--config.max_new_tokens={self.cfg.sample.max_new_tokens}",
+                            f"--config.response_format={self.cfg.sample.response_format}",
+                            f"--config.timeout={self.cfg.execute.timeout}"]
         if self.cfg.toy.enabled and oracle.exists():
             # Correctness = passing all the right tests.
             good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
@@ -388,12 +388,12 @@ class Pipeline:
                     out.write(json.dumps({"id": pid, "passed": [
                         [p for p, k in zip(row, keep) if k] for row in passed]}) + "\n")
             verdict_args = ["--verdicts", self.w / "analyze_verdicts.jsonl",
-                            "--verdict", "all_tests"]
+                            "--config.verdict=all_tests"]
         else:  # a real run: correctness as the data stage decides it (ranked ground truth)
-            verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--verdict", "ranked"]
+            verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--config.verdict=ranked"]
         # The build's ranker and lambda: the reference pair is the one the builder would pick.
         self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
-                 *verdict_args, "--ranker", b.ranker, "--lam", b.lam,
+                 *verdict_args, f"--config.ranker={b.ranker}", f"--config.lam={b.lam}",
                  "--out", self.w / "analysis", *continuation)
 
     def report(self):

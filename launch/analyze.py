@@ -1,6 +1,7 @@
 """The Phi table of METHOD.md section 1 from sampled codes and their verdicts.
 
-    python -m launch.analyze --samples SAMPLES.jsonl --verdicts VERDICTS.jsonl --out DIR
+    python -m launch.analyze --samples SAMPLES.jsonl --verdicts VERDICTS.jsonl --out DIR \
+        [--config.pair_rule=first --config.unit=line ...]
 
 ``SAMPLES.jsonl``: ``{"id", "codes": [str, ...]}`` per problem (other fields ignored).
 ``VERDICTS.jsonl``: ``{"id", "passed": [[bool]]}`` from the executor, ``passed[i][j]`` when
@@ -8,16 +9,17 @@ code i passes test j; joined to the samples by id. Without ``--verdicts`` the sa
 must carry ``passed`` themselves (the ``launch.build`` input format). Writes ``phi.md``,
 ``phi.png``, ``phi.json``, ``phi_problems.jsonl`` (reference pair, segment lengths and
 per-sample containment of every used problem) and ``drops.jsonl`` (every dropped input line
-with file, line number and reason). The analysis itself is :mod:`data_tools.analyze`.
+with file, line number and reason). The analysis itself is :mod:`data_tools.analyze`; its
+settings are configs/analyze.py's.
 
-``--continuation --checkpoint CKPT`` adds the paper's second experiment: for every problem
-used, the policy continues from prompt + prefix + chosen mid and from prompt + prefix +
-rejected mid (:func:`data_tools.analyze.continuation_prefixes`), the programs are run in the
+``--config.continuation=True --checkpoint CKPT`` adds the paper's second experiment: for
+every problem used, the policy continues from prompt + prefix + chosen mid and from prompt +
+prefix + rejected mid (:func:`data_tools.analyze.continuation_prefixes`), the programs are run in the
 sandbox against the line's tests, and pass@1 of each side is reported (paper, Qwen2.5-Coder-7B:
 90.02% vs 3.17%). It needs ``"prompt"`` (the text the samples were generated from) and
 ``"tests"`` in the sample lines of the problems used (checked, with file:line, before the
 model is loaded); a used problem without tests is left out and counted. A program is prompt +
-text (``--response_format completion``) or the code block extracted from the text
+text (``--config.response_format=completion``) or the code block extracted from the text
 (``code_block``); the prompt is rendered in the policy's prompt format, as sampling did
 (:class:`fdpo.policy.Policy`). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
 right ones where they are known; in a real run, the tests the data stage takes as ground
@@ -29,8 +31,11 @@ import collections
 import json
 import pathlib
 
+import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
+import configs
 from data_tools import analyze
 from data_tools import rank as rank_lib
 from fdpo import extract, jsonl
@@ -38,29 +43,21 @@ from fdpo.policy import Policy
 from fdpo.sandbox.executor import Executor, Limits
 from launch import common
 
-SAMPLES = flags.DEFINE_string("samples", None, "JSONL of {'id', 'codes'} (optionally 'passed').", required=True)
-VERDICTS = flags.DEFINE_string("verdicts", None, "JSONL of {'id', 'passed'}; default: 'passed' in --samples.")
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("analyze.py"),
+                                         "Analysis settings (configs/analyze.py).",
+                                         lock_config=True)
+SAMPLES = flags.DEFINE_string("samples", None, "JSONL of {'id', 'codes'} (optionally 'passed').",
+                              required=True)
+VERDICTS = flags.DEFINE_string("verdicts", None, "JSONL of {'id', 'passed'}; default: 'passed' "
+                               "in --samples.")
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-PAIR_RULE = flags.DEFINE_enum("pair_rule", "diff", list(analyze.PAIR_RULES),
-                              "Reference pair: the builder's Diff rule, or the first correct/incorrect.")
-VERDICT = flags.DEFINE_enum("verdict", "all_tests", list(analyze.VERDICTS),
-                            "Correct = passes all tests, or the data stage's ranked verdict.")
-UNIT = flags.DEFINE_enum("unit", "char", list(analyze.UNITS), "Segment unit.")
-RANKER = flags.DEFINE_enum("ranker", "mutual", sorted(rank_lib.RANKERS), "Ranker (ranks for Diff; 'ranked' verdicts).")
-LAM = flags.DEFINE_float("lam", analyze.seg_lib.DEFAULT_LAMBDA, "lambda of the Diff rule.")
-EXCLUDE_REFERENCE = flags.DEFINE_bool("exclude_reference", False,
-                                      "Leave the reference pair's two samples out of the counts.")
-CONTINUATION = flags.DEFINE_bool("continuation", False,
-                                 "Also run the continuation experiment (needs --checkpoint or --hf_dir).")
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy (fdpo checkpoint) for --continuation.")
+CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy (fdpo checkpoint) for "
+                                 "--config.continuation.")
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Or: the policy as a Hugging Face directory.")
-NUM_CONTINUATIONS = flags.DEFINE_integer("num_continuations", 1, "Continuations per side.")
-TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Continuation sampling temperature (0: greedy).")
-MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Continuation length.")
-RESPONSE_FORMAT = flags.DEFINE_enum("response_format", "completion",
-                                    list(extract.RESPONSE_FORMATS),
-                                    "Program = prompt + text, or the code block of the text.")
-TIMEOUT = flags.DEFINE_float("timeout", 5.0, "Seconds per (program, test) in the sandbox.")
+# The settings of configs/analyze.py that name one of a set, and the set.
+CHOICES = {"pair_rule": analyze.PAIR_RULES, "verdict": analyze.VERDICTS, "unit": analyze.UNITS,
+           "ranker": tuple(sorted(rank_lib.RANKERS)),
+           "response_format": extract.RESPONSE_FORMATS}
 
 
 def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
@@ -77,18 +74,19 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
         if pid in found:
             # Two used problems under one id: their continuations could not be told apart.
             raise SystemExit(f"error: {where}: id {pid!r} repeats line {found[pid][0]}; "
-                             "--continuation needs unique ids")
+                             "--config.continuation needs unique ids")
         tests = rec.get("tests")
         if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
                 not all(isinstance(t, str) for t in tests):
-            raise SystemExit(f"error: {where}: --continuation needs 'prompt' (str) and 'tests' "
-                             "(list of str) in every sample line it uses")
+            raise SystemExit(f"error: {where}: --config.continuation needs 'prompt' (str) and "
+                             "'tests' (list of str) in every sample line it uses")
         found[pid] = (lineno, rec)
     return found
 
 
-def continuation(samples_path, result, options, out_dir):
-    """pass@1 of continuations from prefix + chosen mid and prefix + rejected mid."""
+def continuation(samples_path, result, options, c: ml_collections.ConfigDict, out_dir):
+    """pass@1 of continuations from prefix + chosen mid and prefix + rejected mid (`c`: the
+    continuation settings of configs/analyze.py)."""
     lines = {pid: rec for pid, (_, rec) in
              continuation_lines(samples_path, [s.id for s in result.segments]).items()}
     skipped: collections.Counter = collections.Counter()
@@ -111,22 +109,22 @@ def continuation(samples_path, result, options, out_dir):
         for side, text in zip(("chosen", "rejected"),
                               analyze.continuation_prefixes(rec["codes"], seg, options.unit)):
             rows += [(seg.id, side, text, prompt_ids + policy.encode_text(text))] * \
-                NUM_CONTINUATIONS.value
+                c.num_continuations
     done = policy.generate([r[3] for r in rows], seed=0, row_seeds=range(len(rows)),
-                           max_new_tokens=MAX_NEW_TOKENS.value, temperature=TEMPERATURE.value)
+                           max_new_tokens=c.max_new_tokens, temperature=c.temperature)
     programs: dict[tuple[str, str], list[str]] = {}
     for (pid, side, started, _), (cont,) in zip(rows, done):
         program = extract.program_from_response(started + cont.text, lines[pid]["prompt"],
-                                                RESPONSE_FORMAT.value)
+                                                c.response_format)
         programs.setdefault((pid, side), []).append(program)
     passed = {"chosen": [], "rejected": []}
     per_problem = []
-    with Executor(Limits(timeout_s=TIMEOUT.value)) as ex:
+    with Executor(Limits(timeout_s=c.timeout)) as ex:
         for seg in segments:
             codes = programs[(seg.id, "chosen")] + programs[(seg.id, "rejected")]
             res = ex.run(codes, lines[seg.id]["tests"])
             ok = [all(row) for row in res.passed]
-            n = NUM_CONTINUATIONS.value
+            n = c.num_continuations
             passed["chosen"] += ok[:n]
             passed["rejected"] += ok[n:]
             per_problem.append({"id": seg.id, "chosen_passed": sum(ok[:n]),
@@ -137,9 +135,9 @@ def continuation(samples_path, result, options, out_dir):
                for side, v in passed.items()}
     summary["problems"] = len(segments)
     summary["problems_skipped"] = dict(skipped)
-    summary["settings"] = {"num_continuations": NUM_CONTINUATIONS.value,
-                           "temperature": TEMPERATURE.value,
-                           "response_format": RESPONSE_FORMAT.value,
+    summary["settings"] = {"num_continuations": c.num_continuations,
+                           "temperature": c.temperature,
+                           "response_format": c.response_format,
                            "prompt_format": policy.prompt_format}
     summary["per_problem"] = per_problem
     out = pathlib.Path(out_dir)
@@ -152,7 +150,7 @@ def continuation(samples_path, result, options, out_dir):
         f"{summary['chosen']['passed']} | {summary['chosen']['programs']} |\n"
         f"| prompt + prefix + rejected mid | {fmt(summary['rejected']['pass@1'])} | "
         f"{summary['rejected']['passed']} | {summary['rejected']['programs']} |\n\n"
-        f"{summary['problems']} problems x {NUM_CONTINUATIONS.value} continuations per side; "
+        f"{summary['problems']} problems x {c.num_continuations} continuations per side; "
         f"problems left out: {skipped_text}.\n"
         "Paper (Qwen2.5-Coder-7B): 90.02 vs 3.17.\n")
     return summary
@@ -160,10 +158,15 @@ def continuation(samples_path, result, options, out_dir):
 
 def main(argv):
     del argv
-    if CONTINUATION.value and (CHECKPOINT.value is None) == (HF_DIR.value is None):
-        raise app.UsageError("--continuation needs exactly one of --checkpoint and --hf_dir")
-    options = analyze.Options(pair_rule=PAIR_RULE.value, verdict=VERDICT.value, unit=UNIT.value,
-                              ranker=RANKER.value, lam=LAM.value, exclude_reference=EXCLUDE_REFERENCE.value)
+    c = CONFIG.value
+    for field, allowed in CHOICES.items():
+        if c[field] not in allowed:
+            raise app.UsageError(f"--config.{field}={c[field]!r}; expected one of {allowed}")
+    if c.continuation and (CHECKPOINT.value is None) == (HF_DIR.value is None):
+        raise app.UsageError("--config.continuation needs exactly one of --checkpoint and "
+                             "--hf_dir")
+    options = analyze.Options(pair_rule=c.pair_rule, verdict=c.verdict, unit=c.unit,
+                              ranker=c.ranker, lam=c.lam, exclude_reference=c.exclude_reference)
     try:
         inputs = analyze.read_inputs(SAMPLES.value, VERDICTS.value)
     except FileNotFoundError as e:
@@ -174,8 +177,8 @@ def main(argv):
     print(analyze.markdown(result, options, paper=False))
     print(json.dumps({"lines_dropped": inputs.dropped, "problems_used": result.problems_used,
                       "problems_skipped": result.skipped}))
-    if CONTINUATION.value:
-        print(json.dumps(continuation(SAMPLES.value, result, options, OUT.value)))
+    if c.continuation:
+        print(json.dumps(continuation(SAMPLES.value, result, options, c, OUT.value)))
 
 
 if __name__ == "__main__":

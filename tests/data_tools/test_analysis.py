@@ -1,4 +1,5 @@
 """The Phi statistic and table: hand-computed 2x2 tables, degenerate margins, known samples."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import analyze as analyze_config
 from data_tools import analyze as A
 
 from tests.conftest import REPO
@@ -139,7 +141,7 @@ def test_line_unit_and_continuation_prefixes():
 
 
 def test_options_validated():
-    with pytest.raises(ValueError, match="--unit="):
+    with pytest.raises(ValueError, match="unit='token'"):
         A.phi_tables([], A.Options(unit="token"))
 
 
@@ -158,7 +160,7 @@ def test_cli_end_to_end(tmp_path):
     ]) + "\n")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples), "--verdicts",
-                        str(verdicts), "--out", str(out), "--pair_rule", "first"], cwd=REPO,
+                        str(verdicts), "--out", str(out), "--config.pair_rule=first"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     md = (out / "phi.md").read_text()
@@ -173,8 +175,19 @@ def test_cli_end_to_end(tmp_path):
     assert any(d["file"] == str(verdicts) and d["id"] == "bad-rows" for d in drops)
     # The continuation experiment needs a policy to sample from.
     r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples), "--out", str(out),
-                        "--continuation"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "--continuation needs exactly one of --checkpoint" in r.stderr + r.stdout
+                        "--config.continuation=True"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "--config.continuation needs exactly one of --checkpoint" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples), "--out", str(out),
+                        "--config.unit=token"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--config.unit='token'; expected one of ('char', 'line')" in r.stderr
+
+
+def test_analyze_config_defaults_agree_with_the_library():
+    """configs/analyze.py spells the table's defaults out (configs import only ml_collections);
+    they must be Options'."""
+    options = dataclasses.asdict(A.Options())
+    assert {k: analyze_config.get_config()[k] for k in options} == options
 
 
 def test_module_imports_no_jax():

@@ -77,8 +77,9 @@ def test_continuation_known_answer(tmp_path, eos_model):
                      # Dropped by the Phi stage (counted there); the continuation skips it too.
                      ["{not json\n"])
     out = tmp_path / "out"
-    r = _analyze("--samples", samples, "--out", out, "--continuation", "--hf_dir", eos_model,
-                 "--num_continuations", 2, "--max_new_tokens", 4, "--timeout", 5)
+    r = _analyze("--samples", samples, "--out", out, "--config.continuation=True",
+                 "--hf_dir", eos_model, "--config.num_continuations=2",
+                 "--config.max_new_tokens=4", "--config.timeout=5")
     assert r.returncode == 0, r.stderr[-3000:]
     phi = json.loads((out / "phi.json").read_text())
     assert phi["problems_used"] == 2 and phi["problems_skipped"] == {"no_incorrect_code": 1}
@@ -99,8 +100,8 @@ def test_continuation_problem_without_tests_is_counted_not_passed(tmp_path, eos_
     # An empty test list would pass every program (all([]) is True): left out and counted.
     samples = _write(tmp_path / "s.jsonl", [ADD, dict(UPPER, tests=[])])
     out = tmp_path / "out"
-    r = _analyze("--samples", samples, "--out", out, "--continuation", "--hf_dir", eos_model,
-                 "--max_new_tokens", 4)
+    r = _analyze("--samples", samples, "--out", out, "--config.continuation=True",
+                 "--hf_dir", eos_model, "--config.max_new_tokens=4")
     assert r.returncode == 0, r.stderr[-3000:]
     cont = json.loads((out / "continuation.json").read_text())
     assert cont["problems"] == 1 and cont["problems_skipped"] == {"no_tests": 1}
@@ -114,10 +115,10 @@ def test_continuation_line_without_prompt_or_tests_names_file_and_line(tmp_path,
     # Checked before any model is loaded, so a checkpoint path that does not exist is fine.
     bad = {k: v for k, v in UPPER.items() if k != drop}
     samples = _write(tmp_path / "s.jsonl", [ADD, bad])
-    r = _analyze("--samples", samples, "--out", tmp_path / "out", "--continuation",
+    r = _analyze("--samples", samples, "--out", tmp_path / "out", "--config.continuation=True",
                  "--checkpoint", tmp_path / "nowhere", timeout=120)
     assert r.returncode != 0
-    assert f"{samples}:{where}: --continuation needs 'prompt' (str) and 'tests'" in r.stderr
+    assert f"{samples}:{where}: --config.continuation needs 'prompt' (str) and 'tests'" in r.stderr
 
 
 def test_continuation_unused_line_needs_no_prompt(tmp_path):
@@ -125,7 +126,7 @@ def test_continuation_unused_line_needs_no_prompt(tmp_path):
     # id of a used problem is one (whose continuations would they be?).
     no_prompt = {k: v for k, v in ALL_CORRECT.items() if k != "prompt"}
     samples = _write(tmp_path / "s.jsonl", [no_prompt, ADD, ADD])
-    r = _analyze("--samples", samples, "--out", tmp_path / "out", "--continuation",
+    r = _analyze("--samples", samples, "--out", tmp_path / "out", "--config.continuation=True",
                  "--checkpoint", tmp_path / "nowhere", timeout=120)
     assert r.returncode != 0
     assert f"{samples}:3: id 'add' repeats line 2" in r.stderr
@@ -134,10 +135,10 @@ def test_continuation_unused_line_needs_no_prompt(tmp_path):
 def test_continuation_without_a_model_is_a_usage_error(tmp_path):
     samples = _write(tmp_path / "s.jsonl", [ADD])
     for extra in ([], ["--checkpoint", "a", "--hf_dir", "b"]):
-        r = _analyze("--samples", samples, "--out", tmp_path / "out", "--continuation", *extra,
-                     timeout=120)
+        r = _analyze("--samples", samples, "--out", tmp_path / "out",
+                     "--config.continuation=True", *extra, timeout=120)
         assert r.returncode != 0
-        assert "--continuation needs exactly one of --checkpoint and --hf_dir" in r.stderr
+        assert "--config.continuation needs exactly one of --checkpoint and --hf_dir" in r.stderr
         assert not (tmp_path / "out").exists()  # refused before any work
 
 
@@ -209,12 +210,14 @@ def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
     (call,) = calls
     stage, module, *args = call
     assert (stage, module) == ("analyze", "launch.analyze")
-    assert "--continuation" in args
-    args.remove("--continuation")  # the one flag without a value
-    flags = dict(zip(args[::2], args[1::2]))
-    assert flags["--verdict"] == "ranked" and flags["--verdicts"] == str(w / "verdicts.jsonl")
-    assert flags["--ranker"] == "mutual" and flags["--response_format"] == "code_block"
-    assert flags["--checkpoint"] == str(w / "init") and flags["--timeout"] == "10.0"
+    config = dict(a.removeprefix("--config.").split("=", 1) for a in args
+                  if a.startswith("--config."))
+    paths = [a for a in args if not a.startswith("--config.")]
+    flags = dict(zip(paths[::2], paths[1::2]))
+    assert config["continuation"] == "True" and config["verdict"] == "ranked"
+    assert flags["--verdicts"] == str(w / "verdicts.jsonl")
+    assert config["ranker"] == "mutual" and config["response_format"] == "code_block"
+    assert flags["--checkpoint"] == str(w / "init") and config["timeout"] == "10.0"
     (line,) = [json.loads(x) for x in (w / "analyze_input.jsonl").read_text().splitlines()]
     # The responses behind the verdict rows, the message the policy saw, the trusted tests.
     assert line["codes"] == [t for t in REAL_SAMPLE["raw"]["code_responses"] if t != "I cannot."]
@@ -229,7 +232,7 @@ def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
     # tests; the rejected side's x + 2 fails them (though it passes the wrong test 2).
     i = args.index("--checkpoint")
     args[i:i + 2] = ["--hf_dir", str(eos_model)]
-    r = _analyze(*args, "--continuation", "--max_new_tokens", 4)
+    r = _analyze(*args, "--config.max_new_tokens=4")
     assert r.returncode == 0, r.stderr[-3000:]
     cont = json.loads((w / "analysis" / "continuation.json").read_text())
     assert cont["problems"] == 1

@@ -31,11 +31,11 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "configs/toy_data.py",
                    "launch.init_model": "configs/init_model.py",
                    "launch.execute": "configs/execute.py",
-                   "launch.evaluate": "configs/evaluate.py"}
-# The stages whose commands stage_calls records: all but analyze, whose program reads no
-# config.
+                   "launch.evaluate": "configs/evaluate.py",
+                   "launch.analyze": "configs/analyze.py"}
+# The stages whose commands stage_calls records.
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
-          "train", "evaluate", "report")
+          "train", "evaluate", "analyze", "report")
 
 
 def run_program(workdir, *extra):
@@ -223,7 +223,7 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
             program_config(module, args)
             checked.add(module)
     expected = {"launch.train", "launch.sample", "launch.build", "launch.execute",
-                "launch.evaluate"}
+                "launch.evaluate", "launch.analyze"}
     if name != "real":
         expected |= {"launch.toy_data", "launch.init_model"}
     assert checked == expected
