@@ -52,6 +52,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
                   "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
 
+# The compute dtype of every training run, and so of the frozen reference whose log-prob
+# sums the reference stage precomputes (they must be what the train step would compute).
+COMPUTE_DTYPE = "float32"
+
 # (tests, passed[code][test], ranker) -> the tests that judge continuations of one problem.
 JudgingTests = Callable[[Sequence[str], Any, str], list[str]]
 
@@ -192,7 +196,7 @@ class Pipeline:
                  f"--config.train.num_steps={steps}", f"--config.train.batch_size={batch_size}",
                  f"--config.optimizer.lr={lr}", f"--config.optimizer.warmup_steps={warmup}",
                  f"--config.data.seed={seed}", f"--config.loss.reference={reference}",
-                 f"--config.loss.beta={t.beta}", "--config.model.compute_dtype=float32",
+                 f"--config.loss.beta={t.beta}", f"--config.model.compute_dtype={COMPUTE_DTYPE}",
                  "--config.log.every_steps=10",
                  # steps <= 0: the config's epochs decide the length; evaluate/save every 200.
                  f"--config.log.eval_every_steps={steps if steps > 0 else 200}",
@@ -284,7 +288,8 @@ class Pipeline:
         if out.exists():
             shutil.rmtree(out)
         self.run("reference", "launch.precompute_ref", "--checkpoint", self.start_model,
-                 "--data", self.w / "pairs", "--out", out, *self.jax_flags())
+                 "--data", self.w / "pairs", "--out", out,
+                 f"--config.compute_dtype={COMPUTE_DTYPE}", *self.jax_flags())
 
     def train(self):
         t = self.cfg.train

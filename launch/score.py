@@ -1,6 +1,7 @@
 """Scores sequences with a model: log-prob sums, total and per segment.
 
-    python -m launch.score (--checkpoint CKPT | --hf_dir HF) --input IN.jsonl --output OUT.jsonl
+    python -m launch.score (--checkpoint CKPT | --hf_dir HF) --input IN.jsonl --output OUT.jsonl \
+        [--config.batch_size=8 --config.compute_dtype=float32]
 
 Each input line holds `input_ids` (a list of ints) or `text` (tokenised with the model's
 tokenizer, without special tokens added), optionally `segment_ids` (one int label per
@@ -9,7 +10,8 @@ line adds `logp_sum` = sum over t >= 1 of log p(x_t | x_<t) (float32 log-softmax
 `num_tokens` (tokens scored, length - 1), and with segments `segment_logp_sums` and
 `segment_num_tokens`, keyed by label: token t's log-prob counts in the segment of token t.
 Output lines are in input order. Malformed lines stop the run with the line number. The
-model and its tokenizer are a `fdpo.policy.Policy`; scoring is `Policy.score`.
+model and its tokenizer are a `fdpo.policy.Policy`; scoring is `Policy.score`, batched and
+chunked as configs/score.py says.
 """
 
 from __future__ import annotations
@@ -19,25 +21,22 @@ import pathlib
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
+import configs
 from fdpo import jsonl
 from fdpo.policy import Policy
 from launch import common
 
+CONFIG = config_flags.DEFINE_config_file("config", configs.path("score.py"),
+                                         "Scoring settings (configs/score.py).",
+                                         lock_config=True)
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 INPUT = flags.DEFINE_string("input", None, "Input JSONL.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, "Output JSONL.", required=True)
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per compiled call.")
-LENGTH_BUCKET = flags.DEFINE_integer(
-    "length_bucket", 128, "Pad lengths up to a multiple of this (fewer recompilations).")
-COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
-                                  "Compute dtype; default: the checkpoint's.")
-CHUNK = flags.DEFINE_integer("logprob_chunk", 256, "Positions per chunk of the log-softmax.")
-
-flags.register_validator("length_bucket", lambda v: v >= 1, "--length_bucket must be >= 1")
-flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+COMPUTE_DTYPES = ("", "float32", "bfloat16")  # "": the checkpoint's
 
 
 class InputError(ValueError):
@@ -75,12 +74,19 @@ def main(argv):
     del argv
     if (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
+    c = CONFIG.value
+    for field in ("batch_size", "length_bucket", "logprob_chunk"):
+        if c[field] < 1:
+            raise app.UsageError(f"--config.{field}={c[field]}: must be >= 1")
+    if c.compute_dtype not in COMPUTE_DTYPES:
+        raise app.UsageError(f"--config.compute_dtype={c.compute_dtype!r}; expected one of "
+                             f"{COMPUTE_DTYPES}")
     in_path = pathlib.Path(INPUT.value)
     if not in_path.is_file():
         raise app.UsageError(f"--input={in_path}: no such file")
     common.quiet_tokenizers()
     policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
-                         compute_dtype=COMPUTE_DTYPE.value, logprob_chunk=CHUNK.value)
+                         compute_dtype=c.compute_dtype, logprob_chunk=c.logprob_chunk)
 
     # Parse everything first, so a malformed line fails before any compute.
     records = []
@@ -92,7 +98,7 @@ def main(argv):
 
     with tqdm(total=len(records), desc="score", unit="seq") as bar:
         res = policy.score([ids for _, ids, _ in records], [labels for _, _, labels in records],
-                           batch_size=BATCH_SIZE.value, length_bucket=LENGTH_BUCKET.value,
+                           batch_size=c.batch_size, length_bucket=c.length_bucket,
                            progress=bar.update)
     results = []
     for i, (rec, _, labels) in enumerate(records):

@@ -1,8 +1,10 @@
-"""The import, export, score and init_model programs run as a user runs them, as subprocesses."""
+"""The import, export, score and init_model programs run as a user runs them, as subprocesses;
+the defaults of the configs of score and precompute_ref."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -18,9 +20,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from configs import init_model as init_model_config
-from fdpo import logprobs, sharding
+from configs import precompute_ref as precompute_ref_config
+from configs import score as score_config
+from fdpo import logprobs, scoring, sharding
 from fdpo.models import checkpoint
 from fdpo.models.config import ConfigError, ModelConfig, field_overrides
+from fdpo.policy import Policy
 from fdpo.testing import make_hf_model, torch_token_logprobs
 
 from tests.conftest import REPO, run_program
@@ -74,7 +79,8 @@ def test_import_score_export_commands(hf_dir, tmp_path):
         for i, text in enumerate(texts):
             f.write(json.dumps({"id": f"text{i}", "text": text}) + "\n")
     run("launch.score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in.jsonl"),
-        "--output", str(tmp_path / "a.jsonl"), "--batch_size", "2", "--length_bucket", "16")
+        "--output", str(tmp_path / "a.jsonl"), "--config.batch_size=2",
+        "--config.length_bucket=16")
     run("launch.score", "--hf_dir", str(hf), "--input", str(tmp_path / "in.jsonl"),
         "--output", str(tmp_path / "b.jsonl"))
     a = [json.loads(l) for l in open(tmp_path / "a.jsonl")]
@@ -110,9 +116,30 @@ def test_score_reports_bad_lines(hf_dir, tmp_path):
                str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode != 0
     assert f"{bad}:2: segment_ids must be 2 ints" in proc.stderr
+    proc = run("launch.score", "--hf_dir", str(hf), "--input", str(bad), "--output",
+               str(tmp_path / "o.jsonl"), "--config.compute_dtype=float16", check=False)
+    assert proc.returncode != 0
+    assert "--config.compute_dtype='float16'; expected one of" in proc.stderr
     proc = run("launch.import_hf", "--hf_dir", str(tmp_path / "nope"), "--out",
                str(tmp_path / "ck"), check=False)
     assert proc.returncode != 0 and "no config.json" in proc.stderr
+
+
+def test_score_and_precompute_ref_config_defaults_agree_with_the_library():
+    """configs/score.py and configs/precompute_ref.py spell the defaults out (configs import
+    only ml_collections); they must be Policy's and precompute_reference's."""
+    c = score_config.get_config()
+    load = inspect.signature(Policy.load).parameters
+    score = inspect.signature(Policy.score).parameters
+    chunk = inspect.signature(Policy).parameters["logprob_chunk"].default
+    assert (c.batch_size, c.length_bucket, c.logprob_chunk) == (
+        score["batch_size"].default, score["length_bucket"].default, chunk)
+    assert (c.compute_dtype or None) == load["compute_dtype"].default  # "": the checkpoint's
+    ref = {k: p.default for k, p in
+           inspect.signature(scoring.precompute_reference).parameters.items()
+           if p.kind == p.KEYWORD_ONLY}
+    ref["logprob_chunk"] = ref.pop("chunk")
+    assert precompute_ref_config.get_config().to_dict() == ref
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "confi
                    "launch.init_model": "configs/init_model.py",
                    "launch.execute": "configs/execute.py",
                    "launch.evaluate": "configs/evaluate.py",
-                   "launch.analyze": "configs/analyze.py"}
+                   "launch.analyze": "configs/analyze.py",
+                   "launch.precompute_ref": "configs/precompute_ref.py"}
 # The stages whose commands stage_calls records.
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
           "train", "evaluate", "analyze", "report")
@@ -223,10 +224,21 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
             program_config(module, args)
             checked.add(module)
     expected = {"launch.train", "launch.sample", "launch.build", "launch.execute",
-                "launch.evaluate", "launch.analyze"}
+                "launch.precompute_ref", "launch.evaluate", "launch.analyze"}
     if name != "real":
         expected |= {"launch.toy_data", "launch.init_model"}
     assert checked == expected
+
+
+def test_reference_sums_are_computed_in_the_dtype_training_computes_in(tmp_path, monkeypatch):
+    # A frozen reference and precomputed sums agree only at one compute dtype.
+    calls = stage_calls(config("toy:fast", tmp_path), tmp_path / "run")
+    monkeypatch.chdir(REPO)
+    dtypes = {stage: {program_config(module, args).compute_dtype if stage == "reference" else
+                      program_config(module, args).model.compute_dtype
+                      for s, module, args in calls if s == stage}
+              for stage in ("reference", "train")}
+    assert len(dtypes["reference"]) == 1 and dtypes["reference"] == dtypes["train"]
 
 
 def test_real_run_starts_from_the_checkpoint_and_prompts_given_at_one_learning_rate(

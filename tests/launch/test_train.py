@@ -201,8 +201,8 @@ def test_sigterm_and_kill_9_then_resume_is_bitwise_exact(setup, env, uninterrupt
 def test_precomputed_reference_run_matches_frozen(setup, env, uninterrupted):
     base, _ = setup
     run([sys.executable, "-m", "launch.precompute_ref", f"--checkpoint={base / 'ckpt'}",
-         f"--data={base / 'data'}", f"--out={base / 'data_ref'}", "--batch_size=8",
-         "--logprob_chunk=256"], env[1])
+         f"--data={base / 'data'}", f"--out={base / 'data_ref'}", "--config.batch_size=8",
+         "--config.logprob_chunk=256"], env[1])
     manifest = records.read_manifest(base / "data_ref" / "manifest.json")
     assert manifest["reference"]["checkpoint"] == str(base / "ckpt")
     src = records.PairDataSource.from_manifest(base / "data_ref" / "manifest.json", "train")
