@@ -62,8 +62,8 @@ def generate(tasks: dict[str, tk.Task], benchmark: str,
     outs = policy.generate(prompts, num_samples=c.n, temperature=c.temperature,
                            top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                            batch_size=c.batch_size, seed=c.seed)
-    samples = [rn.Sample(t, tasks[t].prompt + c.text if completion else rn.extract_code(c.text))
-               for t, cs in zip(ids, outs) for c in cs]
+    samples = [rn.Sample(t, tasks[t].prompt + o.text if completion else rn.extract_code(o.text))
+               for t, task_outs in zip(ids, outs) for o in task_outs]
     return samples, policy.prompt_format
 
 
