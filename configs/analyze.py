@@ -1,4 +1,4 @@
-"""The Phi analysis and the continuation experiment (`python -m launch.analyze`).
+r"""The Phi analysis and the continuation experiment (`python -m launch.analyze`).
 
     python -m launch.analyze --samples=S.jsonl --verdicts=V.jsonl --out=DIR \
         [--config.pair_rule=first --config.verdict=ranked --config.unit=line]

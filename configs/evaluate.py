@@ -1,4 +1,4 @@
-"""Benchmark evaluation (`python -m launch.evaluate`): generation, pass@k, sandbox, time limits.
+r"""Benchmark evaluation (`python -m launch.evaluate`): generation, pass@k, sandbox, time limits.
 
     python -m launch.evaluate --benchmark=humaneval+ --samples=S.jsonl --out=DIR \
         [--config.k='(1, 10)' --config.partial=True --config.workers=8]

@@ -1,4 +1,4 @@
-"""The sandboxed executor (`python -m launch.execute`): limits per cell and isolation.
+r"""The sandboxed executor (`python -m launch.execute`): limits per cell and isolation.
 
     python -m launch.execute --input=IN.jsonl --output=OUT.jsonl --config.timeout=5 \
         [--config.workers=8 --config.memory_mb=1024 --config.isolation=no_cgroup]

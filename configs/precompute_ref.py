@@ -1,4 +1,4 @@
-"""Reference log-prob sums for pair records (`python -m launch.precompute_ref`).
+r"""Reference log-prob sums for pair records (`python -m launch.precompute_ref`).
 
     python -m launch.precompute_ref --checkpoint=CKPT --data=DIR --out=DIR2 \
         [--config.batch_size=16 --config.shard_index=I --config.num_shards=N]

@@ -1,4 +1,4 @@
-"""Scoring sequences with a model (`python -m launch.score`).
+r"""Scoring sequences with a model (`python -m launch.score`).
 
     python -m launch.score --checkpoint=CKPT --input=IN.jsonl --output=OUT.jsonl \
         [--config.batch_size=16 --config.compute_dtype=float32]

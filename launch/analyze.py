@@ -1,4 +1,4 @@
-"""The Phi table of METHOD.md section 1 from sampled codes and their verdicts.
+r"""The Phi table of METHOD.md section 1 from sampled codes and their verdicts.
 
     python -m launch.analyze --samples SAMPLES.jsonl --verdicts VERDICTS.jsonl --out DIR \
         [--config.pair_rule=first --config.unit=line ...]

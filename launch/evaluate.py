@@ -1,4 +1,4 @@
-"""Evaluates code samples on HumanEval(+), MBPP(+) or LiveCodeBench, in the sandbox.
+r"""Evaluates code samples on HumanEval(+), MBPP(+) or LiveCodeBench, in the sandbox.
 
     python -m launch.evaluate --benchmark humaneval+ --samples samples.jsonl --out eval/
     python -m launch.evaluate --benchmark mbpp+ --checkpoint CKPT --out eval/ \

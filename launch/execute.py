@@ -1,4 +1,4 @@
-"""Run every code of every problem against every test, in sandboxes.
+r"""Run every code of every problem against every test, in sandboxes.
 
     python -m launch.execute --input IN.jsonl --output OUT.jsonl --config.timeout=5 \
         [--config.workers=N --config.memory_mb=1024 --config.isolation=full|no_cgroup|none]

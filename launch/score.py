@@ -1,4 +1,4 @@
-"""Scores sequences with a model: log-prob sums, total and per segment.
+r"""Scores sequences with a model: log-prob sums, total and per segment.
 
     python -m launch.score (--checkpoint CKPT | --hf_dir HF) --input IN.jsonl --output OUT.jsonl \
         [--config.batch_size=8 --config.compute_dtype=float32]
