@@ -322,7 +322,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def merge_manifests(manifests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Merges per-shard manifests (from ``--num_shards`` builds) into one.
+    """Merges per-shard manifests (from ``--config.num_shards`` builds) into one.
 
     Counts and drop reasons add up; shard lists concatenate; max_len, tokenizer and the
     builder config (less the shard index) must agree, else this raises.
