@@ -76,7 +76,7 @@ def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
         seen[pid] = where.rpartition(":")[2]
         items.append((pid, rec["prompt"]))
     if errors:
-        raise InputError("\n".join(errors))
+        raise InputError("\n".join(map(str, errors)))
     return items
 
 
