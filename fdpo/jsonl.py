@@ -114,23 +114,26 @@ def resume(path: str | os.PathLike, key: str | None = "id", *,
 class Appender:
     """Appends records to a JSON Lines output, one line each, flushed as it is written, so
     an interrupted run loses at most the line being written. Opening repairs the end of an
-    earlier interrupted write (`resume(path, key=None)`) unless the file ends in a newline."""
+    earlier interrupted write (`resume(path, key=None)`) when the file does not end in a
+    newline. Use it as a context manager, or call `close`."""
 
     def __init__(self, path: str | os.PathLike, *, error: type[Exception] = JsonlError):
-        self.path, self._error, self._file = path, error, None
-
-    def __enter__(self) -> Appender:
-        if os.path.exists(self.path) and os.path.getsize(self.path):
-            with open(self.path, "rb") as f:
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
-                    resume(self.path, key=None, error=self._error)
-        self._file = open(self.path, "a", encoding="utf-8")
-        return self
+                    resume(path, key=None, error=error)
+        self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self._file.close()
+
+    def __enter__(self) -> Appender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
