@@ -2,6 +2,7 @@
 
     for where, rec in jsonl.objects(path):           # a bad line raises, naming file:line
     for where, rec in jsonl.objects(path, errors):   # ... or is appended to `errors`, skipped
+    rows = jsonl.records(path)                        # [record], a bad line raises
 
     done = jsonl.resume(path, key="id")               # {id: (line, record)} already written
     with jsonl.Appender(path) as out:
@@ -71,6 +72,12 @@ def objects(path: str | os.PathLike, errors: list | None = None, *,
                 errors.append(bad)
                 continue
             yield where, rec
+
+
+def records(path: str | os.PathLike, *, error: type[Exception] = JsonlError,
+            label: str | None = None) -> list[dict]:
+    """Every record of `path`, without locations; a bad line raises as in `objects`."""
+    return [rec for _, rec in objects(path, error=error, label=label)]
 
 
 def resume(path: str | os.PathLike, key: str | None = "id", *,

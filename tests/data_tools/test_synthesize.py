@@ -7,6 +7,7 @@ import pytest
 
 from configs import synthesize as syn_config
 from data_tools import synthesize as S
+from fdpo import jsonl
 
 from tests.conftest import REPO
 
@@ -368,9 +369,7 @@ def _humaneval_copy(task: dict) -> str:
 def test_decontamination_against_humaneval_plus(shared_dir, tmp_path):
     files = sorted((shared_dir / "data" / "evalplus").glob("HumanEvalPlus-*.jsonl.gz"))
     assert files, f"no HumanEvalPlus-*.jsonl.gz in {shared_dir / 'data' / 'evalplus'}"
-    from fdpo.evaluation.tasks import read_jsonl
-
-    tasks = {t["task_id"]: t for t in read_jsonl(files[0])}
+    tasks = {t["task_id"]: t for t in jsonl.records(files[0])}
     idx = S.benchmark_index([str(files[0])])
     assert idx.tasks == len(tasks) == 164
     for tid in ("HumanEval/0", "HumanEval/12", "HumanEval/129"):
