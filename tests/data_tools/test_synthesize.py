@@ -1,5 +1,6 @@
 """Synthesis: parsing, validation and dedupe of hand-written generations; requests; CLI."""
 import json
+import re
 import subprocess
 import sys
 
@@ -348,6 +349,22 @@ def test_benchmark_file_errors(tmp_path):
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no tasks"):
         S.benchmark_index([str(bad)])
+
+
+def test_generations_file_errors_name_the_line(tmp_path):
+    gens = tmp_path / "g.jsonl"
+    gens.write_bytes(b'{"request": 1, "texts": ["b"]}\n\n{"request": 0, "texts": ["a"]}\n')
+    assert S.read_generations(str(gens), 2) == [["a"], ["b"]]  # blank lines skipped
+    label = f"--generations={gens}"
+    for content, message in [
+            (b'{"request": 0, "texts": []}\n{"request": 0, "texts": ["\xff"]}\n',
+             f"{label}:2: not valid UTF-8"),  # was a bare UnicodeDecodeError
+            (b'{"request": 0, "texts": []}\n\n{oops\n', f"{label}:3: not valid JSON"),
+            (b'{"request": "x", "texts": []}\n', f"{label}:1: expected {{'request': int"),
+            (b'{"request": 2, "texts": []}\n', f"{label}:1: request 2 out of range")]:
+        gens.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            S.read_generations(str(gens), 2)
 
 
 def _humaneval_copy(task: dict) -> str:
