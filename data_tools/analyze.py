@@ -55,6 +55,7 @@ import numpy as np
 
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
+from fdpo import jsonl
 
 log = logging.getLogger("data_tools.analyze")
 
@@ -369,19 +370,20 @@ class InputProblems:
 
 
 def _read_jsonl(path: str, drops: list, dropped: collections.Counter) -> Iterable[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict) or "id" not in obj:
-                    raise ValueError("expected a JSON object with an 'id'")
-            except (ValueError, UnicodeDecodeError) as e:
-                dropped[MALFORMED] += 1
-                drops.append({"file": path, "line": i, "id": None, "reason": MALFORMED, "detail": str(e)[:200]})
-                continue
-            yield i, obj
+    """(line, record) of every record with an 'id'; the other lines are dropped as malformed."""
+    def drop(line, detail):
+        dropped[MALFORMED] += 1
+        drops.append({"file": path, "line": line, "id": None, "reason": MALFORMED, "detail": detail[:200]})
+
+    errors = []
+    for where, obj in jsonl.objects(path, errors):
+        line = int(where.rpartition(":")[2])
+        if "id" not in obj:
+            drop(line, "expected a JSON object with an 'id'")
+            continue
+        yield line, obj
+    for e in errors:
+        drop(e.line, str(e).removeprefix(f"{path}:{e.line}: "))
 
 
 def _passed_matrix(passed: Any, n_codes: int) -> np.ndarray:

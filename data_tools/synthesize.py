@@ -70,7 +70,6 @@ import ast
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -510,18 +509,14 @@ def process_generations(requests: Sequence[Request], generations: Sequence[Seque
 
 def read_generations(path: str, num_requests: int) -> list[list[str]]:
     out: list[list[str] | None] = [None] * num_requests
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                k, texts = int(obj["request"]), obj["texts"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"--generations={path}:{i}: expected {{'request': int, 'texts': [str]}} ({e})") from e
-            if not 0 <= k < num_requests or not isinstance(texts, list):
-                raise ValueError(f"--generations={path}:{i}: request {k} out of range 0..{num_requests - 1}")
-            out[k] = [str(t) for t in texts]
+    for where, obj in jsonl.objects(path, error=ValueError, label=f"--generations={path}"):
+        try:
+            k, texts = int(obj["request"]), obj["texts"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: expected {{'request': int, 'texts': [str]}} ({e})") from e
+        if not 0 <= k < num_requests or not isinstance(texts, list):
+            raise ValueError(f"{where}: request {k} out of range 0..{num_requests - 1}")
+        out[k] = [str(t) for t in texts]
     missing = [k for k, v in enumerate(out) if v is None]
     if missing:
         raise ValueError(f"--generations={path}: no texts for requests {missing[:10]}")

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from fdpo import extract
+from fdpo import extract, jsonl
 
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -207,10 +207,10 @@ class Pipeline:
     def sample(self):
         s = self.cfg.sample
         if self.cfg.toy.enabled:
-            rows = [json.loads(l) for l in open(self.toy_dir / "prompts.jsonl")]
-            rows = [r for r in rows if r["split"] == s.split]
+            rows = [r for r in jsonl.records(self.toy_dir / "prompts.jsonl")
+                    if r["split"] == s.split]
         else:
-            rows = [json.loads(l) for l in open(self.cfg.prompts)]
+            rows = jsonl.records(self.cfg.prompts)
         if s.max_prompts:
             rows = rows[:s.max_prompts]
         prompts = self.w / "sample_prompts.jsonl"
@@ -231,12 +231,9 @@ class Pipeline:
         # run uses the tests the policy wrote in the sample stage (METHOD.md section 2).
         oracle = {}
         if self.cfg.tests_source == "oracle":
-            oracle = {r["id"]: r["tests"]
-                      for r in map(json.loads, open(self.toy_dir / "tests.jsonl"))}
-        with open(self.w / "samples.jsonl") as f, \
-                open(self.w / "execute_input.jsonl", "w") as out:
-            for line in f:
-                r = json.loads(line)
+            oracle = {r["id"]: r["tests"] for r in jsonl.records(self.toy_dir / "tests.jsonl")}
+        with open(self.w / "execute_input.jsonl", "w") as out:
+            for r in jsonl.records(self.w / "samples.jsonl"):
                 tests = oracle[r["id"]] if oracle else r["tests"]
                 out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
         e = self.cfg.execute
@@ -245,12 +242,10 @@ class Pipeline:
                  *([f"--config.workers={e.workers}"] if e.workers else []))  # 0: all cores
 
     def pairs(self):
-        verdicts = {r["id"]: r for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
-        tests = {r["id"]: r for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
-        with open(self.w / "samples.jsonl") as f, \
-                open(self.w / "build_input.jsonl", "w") as out:
-            for line in f:
-                r = json.loads(line)
+        verdicts = {r["id"]: r for r in jsonl.records(self.w / "verdicts.jsonl")}
+        tests = {r["id"]: r for r in jsonl.records(self.w / "execute_input.jsonl")}
+        with open(self.w / "build_input.jsonl", "w") as out:
+            for r in jsonl.records(self.w / "samples.jsonl"):
                 v = verdicts[r["id"]]
                 # Completion style: the response is the body the policy wrote after the
                 # prompt. Instruct style: the extracted program, after the code prompt.
@@ -275,8 +270,8 @@ class Pipeline:
         built = counts["records_out"]["train"]
         if built < self.cfg.train.batch_size:
             drops = collections.Counter(
-                json.loads(line)["reason"] for path in sorted(out_dir.glob("drops-*.jsonl"))
-                for line in open(path) if line.strip())
+                r["reason"] for path in sorted(out_dir.glob("drops-*.jsonl"))
+                for r in jsonl.records(path))
             raise StageFailed(
                 f"stage pairs: {built} training pairs from {counts['lines_in']} prompts, fewer "
                 f"than one batch ({self.cfg.train.batch_size}); dropped lines by reason "
@@ -341,31 +336,29 @@ class Pipeline:
         completion = self.cfg.sample.response_format == "completion"
         b = self.cfg.build
         oracle = self.toy_dir / "tests.jsonl"
-        verdicts = {r["id"]: r["passed"] for r in map(json.loads, open(self.w / "verdicts.jsonl"))}
+        verdicts = {r["id"]: r["passed"] for r in jsonl.records(self.w / "verdicts.jsonl")}
         if self.cfg.toy.enabled and oracle.exists():
             # The miniature knows which tests are right: they judge continuations.
             judged = {r["id"]: [t for t, ok in zip(r["tests"], r["tests_correct"]) if ok]
-                      for r in map(json.loads, open(oracle))}
+                      for r in jsonl.records(oracle)}
         else:
             # A real run has no ground truth. Continuations are judged by the tests the data
             # stage trusts: those passed by the top-ranked code, with the build's ranker
             # (analyze.judging_tests says why), so that a continuation "passes" exactly when
             # the data stage would call it correct.
-            tests = {r["id"]: r["tests"]
-                     for r in map(json.loads, open(self.w / "execute_input.jsonl"))}
+            tests = {r["id"]: r["tests"] for r in jsonl.records(self.w / "execute_input.jsonl")}
             judged = {pid: self.judging_tests(tests[pid], passed, b.ranker)
                       for pid, passed in verdicts.items() if pid in tests}
         skipped = []
-        with open(self.w / "samples.jsonl") as f, \
-                open(self.w / "analyze_input.jsonl", "w") as out:
-            for lineno, line in enumerate(f, 1):
-                r = json.loads(line)
+        with open(self.w / "analyze_input.jsonl", "w") as out:
+            for where, r in jsonl.objects(self.w / "samples.jsonl"):
                 # Segments of the responses (what the policy wrote, and what a continuation
                 # extends), one per verdict row.
                 responses = responses_behind_codes(r, completion)
                 if responses is None:
-                    skipped.append({"file": str(self.w / "samples.jsonl"), "line": lineno,
-                                    "id": r["id"], "reason": "responses_do_not_match_codes"})
+                    file, _, line = where.rpartition(":")
+                    skipped.append({"file": file, "line": int(line), "id": r["id"],
+                                    "reason": "responses_do_not_match_codes"})
                     continue
                 # The text the policy was given: the problem itself (completion) or the code
                 # message, which the continuation wraps in the chat template as sampling did.
@@ -386,7 +379,7 @@ class Pipeline:
                             f"--config.timeout={self.cfg.execute.timeout}"]
         if self.cfg.toy.enabled and oracle.exists():
             # Correctness = passing all the right tests.
-            good = {r["id"]: r["tests_correct"] for r in map(json.loads, open(oracle))}
+            good = {r["id"]: r["tests_correct"] for r in jsonl.records(oracle)}
             with open(self.w / "analyze_verdicts.jsonl", "w") as out:
                 for pid, passed in verdicts.items():
                     keep = good[pid]

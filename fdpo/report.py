@@ -19,10 +19,6 @@ from matplotlib import figure
 from fdpo import jsonl
 
 
-def read_jsonl(path):
-    return [rec for _, rec in jsonl.objects(path)]
-
-
 def method_of(run: str) -> str:
     return run.rsplit("-s", 1)[0]
 
@@ -33,7 +29,7 @@ def collect(w: pathlib.Path) -> dict:
     if (w / "timings.json").exists():
         data["timings"] = json.loads((w / "timings.json").read_text())
     for metrics in sorted((w / "train").glob("*/metrics.jsonl")):
-        rows = [r for r in read_jsonl(metrics) if r.get("split") == "train"]
+        rows = [r for r in jsonl.records(metrics) if r.get("split") == "train"]
         data["curves"][metrics.parent.name] = {
             k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
             for k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/margins_mid",
@@ -50,8 +46,9 @@ def collect(w: pathlib.Path) -> dict:
         codes = correct = problems = mixed = 0
         tests_ok = {}
         if (w / "data" / "tests.jsonl").exists():
-            tests_ok = {r["id"]: r["tests_correct"] for r in read_jsonl(w / "data" / "tests.jsonl")}
-        for r in read_jsonl(w / "verdicts.jsonl"):
+            tests_ok = {r["id"]: r["tests_correct"]
+                        for r in jsonl.records(w / "data" / "tests.jsonl")}
+        for r in jsonl.records(w / "verdicts.jsonl"):
             good = tests_ok.get(r["id"])
             truly = [all(p for p, ok in zip(row, good) if ok) if good else all(row)
                      for row in r["passed"]]

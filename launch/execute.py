@@ -13,8 +13,6 @@ is cut off and redone. Malformed input lines are all reported with file:line, th
 ones still run, and the exit status is 1.
 """
 import collections
-import json
-import os
 import sys
 import time
 
@@ -23,6 +21,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import configs
+from fdpo import jsonl
 from fdpo.sandbox import executor
 
 CONFIG = config_flags.DEFINE_config_file("config", configs.path("execute.py"),
@@ -37,63 +36,37 @@ def read_problems(path):
     """Returns (problems, errors): valid problem dicts in input order, and one message
     per malformed line, each naming path:line."""
     problems, errors, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                errors.append(f"{where}: empty line")
-                continue
-            try:
-                obj = json.loads(line)
-                executor.validate_problem(obj, where)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            except ValueError as e:
-                errors.append(str(e))
-                continue
-            if obj["id"] in seen:
-                errors.append(f"{where}: duplicate id {obj['id']!r} (first on line "
-                              f"{seen[obj['id']]})")
-                continue
-            seen[obj["id"]] = lineno
-            problems.append(obj)
-    return problems, errors
+    for where, obj in jsonl.objects(path, errors):
+        try:
+            executor.validate_problem(obj, where)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        if obj["id"] in seen:
+            errors.append(f"{where}: duplicate id {obj['id']!r} (first on line "
+                          f"{seen[obj['id']]})")
+            continue
+        seen[obj["id"]] = where.rpartition(":")[2]
+        problems.append(obj)
+    return problems, [str(e) for e in errors]
 
 
 def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
     """{id: (line number, codes, tests)} of the results already in the output (tests is
-    None when there are no codes). A last line without its newline that does not parse is
-    an interrupted write: it is truncated away. Any other bad line is an error."""
-    ids = {}
-    if not os.path.exists(path):
-        return ids
-    with open(path, "rb") as f:
-        data = f.read()
-    offset = 0
-    lines = data.split(b"\n")
-    for k, raw in enumerate(lines):
-        is_last = k == len(lines) - 1
-        if is_last and not raw:
-            break
-        try:
-            obj = json.loads(raw)
-            passed = obj["passed"]
-            ids[obj["id"]] = (k + 1, len(passed), len(passed[0]) if passed else None)
-        except (ValueError, KeyError, TypeError) as e:
-            if is_last:  # no trailing newline: a partial write
-                with open(path, "r+b") as f:
-                    f.truncate(offset)
-                print(f"{path}:{k + 1}: truncated last line dropped; it will be redone",
-                      file=sys.stderr)
-                break
-            raise SystemExit(f"{path}:{k + 1}: malformed line in the existing output "
-                             f"({e!r}); fix or remove it before resuming")
-        if is_last:  # complete JSON but the newline was lost
-            with open(path, "ab") as f:
-                f.write(b"\n")
-        offset += len(raw) + 1
-    return ids
+    None when there are no codes), read by `jsonl.resume`: a last line cut off by an
+    interrupted write is truncated and redone; any other bad line is an error."""
+    done = {}
+    try:
+        outputs = jsonl.resume(path, key="id")
+    except jsonl.JsonlError as e:
+        raise SystemExit(str(e))
+    for pid, (line, obj) in outputs.items():
+        passed = obj.get("passed")
+        if not isinstance(passed, list) or not all(isinstance(row, list) for row in passed):
+            raise SystemExit(f"{path}:{line}: malformed line in the existing output ('passed' "
+                             "is not a list of lists); fix or remove it before resuming")
+        done[pid] = (line, len(passed), len(passed[0]) if passed else None)
+    return done
 
 
 def main(argv):
@@ -143,11 +116,10 @@ def main(argv):
     counts = collections.Counter()
     n_cells = 0
     start = time.monotonic()
-    with ex, open(out_path, "a", encoding="utf-8") as out:
+    with ex, jsonl.Appender(out_path) as out:
         bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True)
         for pid, res in ex.map(todo):
-            out.write(json.dumps({"id": pid, **res.to_json()}) + "\n")
-            out.flush()
+            out.write({"id": pid, **res.to_json()})
             for row in res.status:
                 counts.update(row)
                 n_cells += len(row)

@@ -22,7 +22,8 @@ response), `tests` every distinct assertion extracted from the test responses
 (`fdpo.extract`); the responses themselves are in `raw`. The model, its tokenizer, prompt
 format and EOS set come from `fdpo.policy.Policy`.
 
-Resuming: ids already in OUTPUT are skipped (a cut-off last line is dropped and redone);
+Resuming: ids already in OUTPUT are skipped (`fdpo.jsonl.resume`: a cut-off last line is
+dropped and redone, any other malformed line is refused, naming it, and nothing runs);
 lines are appended as prompts finish. Each sample's random stream is fixed by
 (--config.seed, id, code/test, sample index), so a resumed run writes what an
 uninterrupted one would have.
@@ -31,7 +32,6 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
 
 from absl import app, flags, logging
@@ -76,33 +76,8 @@ def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
         seen[pid] = where.rpartition(":")[2]
         items.append((pid, rec["prompt"]))
     if errors:
-        raise InputError("\n".join(errors))
+        raise InputError("\n".join(map(str, errors)))
     return items
-
-
-def done_ids(path: pathlib.Path) -> set[str]:
-    """Ids already written; a last line cut off by an interrupted write is truncated."""
-    if not path.exists():
-        return set()
-    ids, good_end = set(), 0
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    for raw in data.splitlines(keepends=True):
-        pos += len(raw)
-        if not raw.endswith(b"\n"):
-            break
-        try:
-            ids.add(str(json.loads(raw)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            break
-        good_end = pos
-    if good_end < len(data):
-        logging.warning("%s: dropping %d bytes after the last complete line", path,
-                        len(data) - good_end)
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return ids
 
 
 def row_seed(pid: str, kind: str, index: int) -> int:
@@ -125,7 +100,7 @@ def main(argv):
         raise app.UsageError(f"--input={in_path}: no such file")
     items = read_prompts(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    finished = done_ids(out_path)
+    finished = {str(pid) for pid in jsonl.resume(out_path, key="id")}
     pending = [(pid, p) for pid, p in items if pid not in finished]
     logging.info("%s: %d prompts, %d already in %s", in_path, len(items),
                  len(items) - len(pending), out_path)
@@ -151,7 +126,7 @@ def main(argv):
     # Every call padded to one row count (one compiled shape), no more than the job needs.
     pad_rows_to = min(batch, len(pending) * rows_per_prompt)
 
-    with open(out_path, "a", encoding="utf-8") as out, \
+    with jsonl.Appender(out_path) as out, \
             tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
         for start in range(0, len(pending), prompts_per_call):
             group = pending[start:start + prompts_per_call]
@@ -181,8 +156,7 @@ def main(argv):
                             "code_finish": [c.finish_reason for c in code_c],
                             "test_responses": [c.text for c in test_c],
                             "test_finish": [c.finish_reason for c in test_c]}}
-                out.write(json.dumps(record) + "\n")
-            out.flush()
+                out.write(record)
             bar.update(len(group))
     print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
           f"{out_path}")
@@ -193,3 +167,5 @@ if __name__ == "__main__":
         app.run(main)
     except InputError as e:
         raise SystemExit(f"error: malformed input lines:\n{e}")
+    except jsonl.JsonlError as e:
+        raise SystemExit(f"error: {e}")

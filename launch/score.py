@@ -43,9 +43,7 @@ class InputError(ValueError):
     pass
 
 
-def parse_line(path, lineno, line, policy: Policy):
-    where = f"{path}:{lineno}"
-    rec = jsonl.parse_object(where, line, InputError)
+def parse_record(where, rec, policy: Policy):
     if "input_ids" in rec:
         ids = rec["input_ids"]
         if not (isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids)):
@@ -89,11 +87,8 @@ def main(argv):
                          compute_dtype=c.compute_dtype, logprob_chunk=c.logprob_chunk)
 
     # Parse everything first, so a malformed line fails before any compute.
-    records = []
-    with open(in_path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                records.append(parse_line(in_path, lineno, line, policy))
+    records = [parse_record(where, rec, policy)
+               for where, rec in jsonl.objects(in_path, error=InputError)]
     logging.info("%s: %d sequences", in_path, len(records))
 
     with tqdm(total=len(records), desc="score", unit="seq") as bar:

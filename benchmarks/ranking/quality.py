@@ -55,7 +55,6 @@ import ast
 import collections
 import concurrent.futures as cf
 import dataclasses
-import gzip
 import json
 import os
 import random
@@ -70,6 +69,7 @@ from scipy import stats as sstats
 
 from benchmarks.ranking import mutate
 from data_tools import rank as rank_lib
+from fdpo import jsonl
 from fdpo.sandbox.executor import Executor, Limits
 
 RANKERS = ("mutual", "codet", "pass_count")
@@ -143,12 +143,6 @@ class Config:
     pool_factor: int = 3
     keep_equivalent: bool = False
     isolation: str = "full"
-
-
-def load_tasks(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # -- expected outputs (trusted reference, host subprocess) ---------------------------------
@@ -271,7 +265,7 @@ def _task_rng(cfg: Config, task_id: str) -> random.Random:
 def build(cfg: Config, log=print) -> dict:
     """Runs everything; returns (report, per-task records). See :func:`markdown`, :func:`write`."""
     t0 = time.monotonic()
-    tasks = load_tasks(cfg.dataset)
+    tasks = jsonl.records(cfg.dataset)
     if cfg.tasks:
         tasks = tasks[: cfg.tasks]
     counts: collections.Counter = collections.Counter()

@@ -88,10 +88,6 @@ def resolve_dataset(benchmark: str, path: str | os.PathLike | None,
     return path
 
 
-def read_jsonl(path) -> list[dict]:
-    return [obj for _, obj in jsonl.objects(path, error=DataError)]
-
-
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -143,7 +139,7 @@ def mbpp_inputs(task_id: str, inputs: list) -> list:
 def load_evalplus(path, benchmark: str) -> dict[str, Task]:
     fam = family(benchmark)
     tasks = {}
-    for k, row in enumerate(read_jsonl(path)):
+    for k, row in enumerate(jsonl.records(path, error=DataError)):
         missing = [f for f in ("task_id", "prompt", "entry_point", "canonical_solution",
                                "base_input", "plus_input") if f not in row]
         if missing:
@@ -195,7 +191,7 @@ def _lcb_cases(value, where):
 
 def load_lcb(path) -> dict[str, Task]:
     tasks = {}
-    for row in read_jsonl(path):
+    for row in jsonl.records(path, error=DataError):
         tid = str(row.get("question_id") or row.get("task_id") or "")
         where = f"{path}: problem {tid or '?'}"
         if not tid:

@@ -1,5 +1,6 @@
 """Synthesis: parsing, validation and dedupe of hand-written generations; requests; CLI."""
 import json
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 from configs import synthesize as syn_config
 from data_tools import synthesize as S
+from fdpo import jsonl
 
 from tests.conftest import REPO
 
@@ -349,6 +351,22 @@ def test_benchmark_file_errors(tmp_path):
         S.benchmark_index([str(bad)])
 
 
+def test_generations_file_errors_name_the_line(tmp_path):
+    gens = tmp_path / "g.jsonl"
+    gens.write_bytes(b'{"request": 1, "texts": ["b"]}\n\n{"request": 0, "texts": ["a"]}\n')
+    assert S.read_generations(str(gens), 2) == [["a"], ["b"]]  # blank lines skipped
+    label = f"--generations={gens}"
+    for content, message in [
+            (b'{"request": 0, "texts": []}\n{"request": 0, "texts": ["\xff"]}\n',
+             f"{label}:2: not valid UTF-8"),  # was a bare UnicodeDecodeError
+            (b'{"request": 0, "texts": []}\n\n{oops\n', f"{label}:3: not valid JSON"),
+            (b'{"request": "x", "texts": []}\n', f"{label}:1: expected {{'request': int"),
+            (b'{"request": 2, "texts": []}\n', f"{label}:1: request 2 out of range")]:
+        gens.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            S.read_generations(str(gens), 2)
+
+
 def _humaneval_copy(task: dict) -> str:
     """A generation that copies a HumanEval prompt into the synthesis layout: the docstring's
     prose as the description, the def line as the signature, a call on its first base input
@@ -368,9 +386,7 @@ def _humaneval_copy(task: dict) -> str:
 def test_decontamination_against_humaneval_plus(shared_dir, tmp_path):
     files = sorted((shared_dir / "data" / "evalplus").glob("HumanEvalPlus-*.jsonl.gz"))
     assert files, f"no HumanEvalPlus-*.jsonl.gz in {shared_dir / 'data' / 'evalplus'}"
-    from fdpo.evaluation.tasks import read_jsonl
-
-    tasks = {t["task_id"]: t for t in read_jsonl(files[0])}
+    tasks = {t["task_id"]: t for t in jsonl.records(files[0])}
     idx = S.benchmark_index([str(files[0])])
     assert idx.tasks == len(tasks) == 164
     for tid in ("HumanEval/0", "HumanEval/12", "HumanEval/129"):

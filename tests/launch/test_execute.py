@@ -58,10 +58,14 @@ def test_malformed_lines_are_all_reported_with_line_numbers(tmp_path):
     _write(inp, [GOOD[0], "{not json", json.dumps({"id": "x", "codes": "nope", "tests": []}),
                  "", json.dumps({"id": "a", "codes": [], "tests": []}),
                  json.dumps({"codes": [], "tests": []}), GOOD[2]])
+    with open(inp, "ab") as f:
+        f.write(b'{"id": "\xff"}\n')  # bad bytes: was a bare UnicodeDecodeError
     r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode == 1
-    for lineno in (2, 3, 4, 5, 6):
+    for lineno in (2, 3, 5, 6, 8):
         assert f"{inp}:{lineno}:" in r.stderr, r.stderr
+    assert f"{inp}:4:" not in r.stderr  # blank lines are skipped (they were errors)
+    assert f"{inp}:8: not valid UTF-8" in r.stderr
     assert "duplicate id 'a'" in r.stderr
     assert "5 malformed input lines" in r.stderr
     assert set(_read(out)) == {"a", "c"}  # the valid lines still ran
@@ -101,10 +105,11 @@ def test_resume_refuses_a_result_computed_for_other_codes_or_tests(tmp_path):
 def test_corrupt_output_in_the_middle_is_an_error(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, GOOD)
-    out.write_text("garbage\n" + json.dumps({"id": "a"}) + "\n")
+    out.write_text("garbage\n" + json.dumps({"id": "a"}) + "\n" + '{"id": "c", "pa')
     r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=1"])
     assert r.returncode != 0
     assert f"{out}:1: malformed line in the existing output" in r.stderr
+    assert out.read_text().endswith('{"id": "c", "pa')  # refused before any repair
 
 
 def test_bad_flags_are_clear(tmp_path):

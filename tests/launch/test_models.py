@@ -120,6 +120,10 @@ def test_score_reports_bad_lines(hf_dir, tmp_path):
                str(tmp_path / "o.jsonl"), "--config.compute_dtype=float16", check=False)
     assert proc.returncode != 0
     assert "--config.compute_dtype='float16'; expected one of" in proc.stderr
+    bad.write_bytes(b'{"input_ids": [1, 2, 3]}\n\n{"text": "\xff"}\n')  # was a bare UnicodeDecodeError
+    proc = run("launch.score", "--hf_dir", str(hf), "--input", str(bad), "--output",
+               str(tmp_path / "o.jsonl"), check=False)
+    assert proc.returncode != 0 and f"{bad}:3: not valid UTF-8" in proc.stderr
     proc = run("launch.import_hf", "--hf_dir", str(tmp_path / "nope"), "--out",
                str(tmp_path / "ck"), check=False)
     assert proc.returncode != 0 and "no config.json" in proc.stderr

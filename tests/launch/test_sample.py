@@ -75,6 +75,20 @@ def test_samples_in_executor_format_and_resume(hf_dir, tmp_path):
     assert out.read_text().splitlines() == lines
 
 
+def test_resume_refuses_a_corrupt_line_before_the_last(hf_dir, tmp_path):
+    """A bad line with records after it is no interrupted write: the run stops, naming it,
+    and the output is left as it was (records after a corrupt line were deleted before)."""
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    write_jsonl(inp, PROMPTS)
+    corrupt = '{"id": "p0", "codes": []}\n{"id": "7", "co\n{"id": "p2", "codes": []}\n'
+    out.write_text(corrupt)
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL,
+               check=False)
+    assert proc.returncode != 0
+    assert f"error: {out}:2: malformed line in the existing output" in proc.stderr
+    assert out.read_text() == corrupt
+
+
 def test_greedy_variant_is_deterministic(hf_dir, tmp_path):
     inp = tmp_path / "prompts.jsonl"
     write_jsonl(inp, PROMPTS[:2])
