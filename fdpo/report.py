@@ -242,7 +242,7 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
                   f"{c['problems_with_correct_and_incorrect']} prompts had both kinds of "
                   f"samples.", ""]
     if data["counts"].get("pairs_manifest"):
-        lines += ["Pair construction counts (data_tools.build manifest): "
+        lines += ["Pair construction counts (launch.build manifest): "
                   f"`{json.dumps(data['counts']['pairs_manifest'])}`", ""]
     for img in images:
         lines += [f"![{img}]({img})", ""]
