@@ -1,0 +1,117 @@
+"""A problems JSONL run through the executor into a results JSONL, resumably (standard
+library and tqdm only; no JAX). `launch.execute` is this with flags:
+
+    from fdpo.sandbox import executor, files
+    files.execute_file("in.jsonl", "out.jsonl", executor.Limits(timeout_s=5), workers=8)
+
+The formats are described in launch/execute.py and docs/sandbox.md.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import time
+
+from tqdm import tqdm
+
+from fdpo import jsonl
+from fdpo.sandbox import executor
+
+
+class ResumeError(RuntimeError):
+    """The existing output cannot be resumed from (a malformed line, or a result computed
+    for other codes or tests than the input now has)."""
+
+
+def read_problems(path):
+    """Returns (problems, errors): valid problem dicts in input order, and one message
+    per malformed line, each naming path:line."""
+    problems, errors, seen = [], [], {}
+    for where, obj in jsonl.objects(path, errors):
+        try:
+            executor.validate_problem(obj, where)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        if obj["id"] in seen:
+            errors.append(f"{where}: duplicate id {obj['id']!r} (first on line "
+                          f"{seen[obj['id']]})")
+            continue
+        seen[obj["id"]] = where.rpartition(":")[2]
+        problems.append(obj)
+    return problems, [str(e) for e in errors]
+
+
+def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
+    """{id: (line number, codes, tests)} of the results already in the output (tests is
+    None when there are no codes), read by `jsonl.resume`: a last line cut off by an
+    interrupted write is truncated and redone; any other bad line is a ResumeError."""
+    done = {}
+    try:
+        outputs = jsonl.resume(path, key="id")
+    except jsonl.JsonlError as e:
+        raise ResumeError(str(e)) from e
+    for pid, (line, obj) in outputs.items():
+        passed = obj.get("passed")
+        if not isinstance(passed, list) or not all(isinstance(row, list) for row in passed):
+            raise ResumeError(f"{path}:{line}: malformed line in the existing output ('passed' "
+                              "is not a list of lists); fix or remove it before resuming")
+        done[pid] = (line, len(passed), len(passed[0]) if passed else None)
+    return done
+
+
+def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | None = None,
+                 isolation: str = "full", scratch_dir: str | None = None,
+                 progress: bool = True) -> dict:
+    """Runs every valid problem of `in_path` not yet in `out_path`, appending one result
+    line per problem as it finishes; malformed input lines are reported on stderr and
+    skipped. Prints a summary by status. Raises OSError (unreadable input), ResumeError,
+    executor.IsolationUnavailable and ValueError (bad `workers`). Returns {"problems",
+    "malformed", "done", "run", "cells", "counts" (cells by status), "seconds"}."""
+    problems, errors = read_problems(in_path)
+    for msg in errors:
+        print(f"malformed input: {msg}", file=sys.stderr)
+    done = done_outputs(out_path)
+    for p in problems:
+        # A result is reused only for the problem it was computed for: a changed input
+        # (other codes or tests under the same id) would otherwise keep stale verdicts.
+        if p["id"] in done:
+            line, codes, tests = done[p["id"]]
+            if codes != len(p["codes"]) or (codes and tests != len(p["tests"])):
+                raise ResumeError(
+                    f"{out_path}:{line}: the result for id {p['id']!r} has {codes} codes x "
+                    f"{tests} tests, but {in_path} now has {len(p['codes'])} x "
+                    f"{len(p['tests'])}: the input changed since; remove the output (or that "
+                    f"line) to run it again")
+    todo = [p for p in problems if p["id"] not in done]
+    print(f"{len(problems)} problems in {in_path} ({len(errors)} malformed lines), "
+          f"{len(problems) - len(todo)} already in {out_path}, {len(todo)} to run",
+          file=sys.stderr)
+    ex = executor.Executor(limits, workers=workers, isolation=isolation,
+                           scratch_dir=scratch_dir)
+
+    counts = collections.Counter()
+    n_cells = 0
+    start = time.monotonic()
+    with ex, jsonl.Appender(out_path) as out:
+        bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True, disable=not progress)
+        for pid, res in ex.map(todo):
+            out.write({"id": pid, **res.to_json()})
+            for row in res.status:
+                counts.update(row)
+                n_cells += len(row)
+            bar.update(1)
+            bar.set_postfix(cells=n_cells, passed=counts["pass"], refresh=False)
+        bar.close()
+    secs = time.monotonic() - start
+    print(f"\n{len(todo)} problems, {n_cells} cells in {secs:.1f}s "
+          f"({n_cells / max(secs, 1e-9):.1f} verdicts/s, {ex.workers} workers, "
+          f"isolation={isolation})")
+    for status in executor.STATUSES:
+        print(f"  {status:14s} {counts[status]:8d}  {100 * counts[status] / max(n_cells, 1):5.1f}%")
+    if errors:
+        print(f"{len(errors)} malformed input lines were skipped (listed on stderr)",
+              file=sys.stderr)
+    return {"problems": len(problems), "malformed": len(errors),
+            "done": len(problems) - len(todo), "run": len(todo), "cells": n_cells,
+            "counts": dict(counts), "seconds": secs}
