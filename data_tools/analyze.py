@@ -460,3 +460,71 @@ def write_report(out_dir: str, result: PhiResult, options: Options, inputs: Inpu
         for d in inputs.drops:
             f.write(json.dumps(d) + "\n")
     return paths
+
+
+def analyze_files(samples_path: str, verdicts_path: str | None, out_dir: str,
+                  options: Options) -> PhiResult:
+    """What ``launch.analyze`` does without the continuation: reads the inputs
+    (:func:`read_inputs`; FileNotFoundError for a missing file), computes the tables, writes
+    the report (:func:`write_report`) and prints the table and the counts."""
+    inputs = read_inputs(samples_path, verdicts_path)
+    result = phi_tables(inputs.problems, options)
+    paths = write_report(out_dir, result, options, inputs)
+    log.info("wrote %s", ", ".join(paths.values()))
+    print(markdown(result, options, paper=False))
+    print(json.dumps({"lines_dropped": inputs.dropped, "problems_used": result.problems_used,
+                      "problems_skipped": result.skipped}))
+    return result
+
+
+class ContinuationInputError(ValueError):
+    """A sample line the continuation experiment uses lacks what it needs (file:line)."""
+
+
+def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
+    """{id: (line number, record)} of the sample lines the Phi table used, checked for what
+    a continuation needs. Lines that ``read_inputs`` dropped (bad JSON, no id) are already
+    counted in drops.jsonl and are skipped here; lines of problems the table did not use need
+    no prompt or tests."""
+    needed = set(ids)
+    found: dict[str, tuple[int, dict]] = {}
+    for where, rec in jsonl.objects(samples_path, errors=[]):  # bad lines: counted already
+        if str(rec.get("id")) not in needed:
+            continue
+        pid, lineno = str(rec["id"]), int(where.rpartition(":")[2])
+        if pid in found:
+            # Two used problems under one id: their continuations could not be told apart.
+            raise ContinuationInputError(
+                f"{where}: id {pid!r} repeats line {found[pid][0]}; "
+                "--config.continuation needs unique ids")
+        tests = rec.get("tests")
+        if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
+                not all(isinstance(t, str) for t in tests):
+            raise ContinuationInputError(
+                f"{where}: --config.continuation needs 'prompt' (str) and "
+                "'tests' (list of str) in every sample line it uses")
+        found[pid] = (lineno, rec)
+    return found
+
+
+def continuation_jobs(samples_path: str, result: PhiResult, unit: str
+                      ) -> tuple[list[dict], collections.Counter]:
+    """The continuation experiment's input, JAX-free: ([{"id", "prompt", "tests", "starts":
+    (prefix + chosen mid, prefix + rejected mid)}] of every used problem with tests, problems
+    left out by reason). Raises ContinuationInputError (:func:`continuation_lines`). The
+    model side is :func:`fdpo.continuation.run`."""
+    lines = {pid: rec for pid, (_, rec) in
+             continuation_lines(samples_path, [s.id for s in result.segments]).items()}
+    skipped: collections.Counter = collections.Counter()
+    jobs = []
+    for seg in result.segments:
+        rec = lines[seg.id]
+        if rec["tests"]:
+            jobs.append({"id": seg.id, "prompt": rec["prompt"], "tests": rec["tests"],
+                         "starts": continuation_prefixes(rec["codes"], seg, unit)})
+        else:
+            # No test would pass every continuation (all([]) is True): not evidence.
+            skipped["no_tests"] += 1
+            log.warning("%s: problem %r has no tests; left out of the continuation",
+                        samples_path, seg.id)
+    return jobs, skipped
