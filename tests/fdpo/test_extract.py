@@ -1,4 +1,5 @@
-"""Programs and assertions out of hand-made responses (fdpo.extract), and the fixture set\nshared by its two users, the data stage and the evaluation (tests/helpers/extract_cases.py)."""
+"""Programs and assertions out of hand-made responses (fdpo.extract), and the fixture set
+shared by its two users, the data stage and the evaluation (tests/helpers/extract_cases.py)."""
 
 from __future__ import annotations
 

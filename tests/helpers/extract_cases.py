@@ -119,7 +119,8 @@ CASES = [
          program=("import sys\n\n\ndef main():\n    data = sys.stdin.read().split()\n"
                   "    print(sum(map(int, data)))\n\n\nmain()\n")),
     dict(name="indented_fence_in_list_item", entry_point="add",
-         response=f"1. Write the function:\n\n   {F}python\n   def add(a, b):\n       return a + b\n   {F}\n2. Call it.",
+         response=(f"1. Write the function:\n\n   {F}python\n   def add(a, b):\n"
+                   f"       return a + b\n   {F}\n2. Call it."),
          program=ADD, sanitized=ADD),
     dict(name="doctest_in_docstring_kept", entry_point="double",
          response=(f"{F}python\ndef double(x):\n    \"\"\"Twice x.\n\n    >>> double(2)\n    4\n"
