@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.unit = "char"  # segment unit: char | line
     c.ranker = "mutual"  # data_tools.rank.RANKERS: ranks for the diff rule and ranked verdicts
     c.lam = 1.0  # lambda of the diff rule (rank difference + lam x common fraction)
-    c.exclude_reference = False  # leave the reference pair's two samples out of the counts
+    c.exclude_reference = True  # leave the reference pair's two samples out (both reported)
 
     # The continuation experiment (needs --checkpoint or --hf_dir): the policy continues from
     # prompt + prefix + chosen mid and from prompt + prefix + rejected mid.

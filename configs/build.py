@@ -15,8 +15,8 @@ def get_config(arg=None):
     c.max_len = 2048  # record length L: prompt + response + padding
     c.ranker = "mutual"  # mutual | codet | pass_count
     c.damping = 0.85  # mutual reinforcement: d
-    c.max_iter = 100
-    c.patience = 3  # stop after this many iterations without a ranking change
+    c.max_iter = 1000  # mutual: stops at the fixed point (no score moves by 1e-9) or here
+    c.patience = 0  # > 0: stop early after this many updates without a ranking change
     c.lam = 1.0  # Diff = rank difference + lam * common fraction
     c.pairs_per_problem = 1
     c.granularity = "token"  # token | line

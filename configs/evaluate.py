@@ -28,6 +28,11 @@ def get_config(arg=None):
     # model's continuation appended to it (base models, the miniature). The prompt is
     # rendered in the policy's prompt format (chat template when the tokenizer has one).
     c.response_format = "code_block"
+    # Generated programs go through fdpo.extract.sanitize (EvalPlus's post-processing: keep
+    # the entry point, what it uses and the imports; drop prints, asserts, __main__ blocks),
+    # as EvalPlus's codegen does by default before its evaluate. Samples files are evaluated
+    # as given. No effect on tasks without an entry point (LiveCodeBench stdin).
+    c.sanitize = True
 
     c.k = (1, 10, 100)  # pass@k for each k (those with n >= k on every task)
     c.partial = False  # allow samples for only some tasks (not comparable with published scores)

@@ -32,12 +32,17 @@ Choices [open], with their options:
 * unit (``unit``): ``char`` (default; characters of the code string) or ``line`` (whole
   lines, so segments end on line boundaries). Token-level analysis needs a tokenizer and is
   not done here;
-* the reference pair's own two samples count in the table (``exclude_reference=False``,
-  default) or not.
+* the reference pair's own two samples are left out of the counts (``exclude_reference=True``,
+  default) or counted. They are chosen *because* one is correct and the other is not and
+  each contains its own mid, so counting them pushes Phi of the mids towards +-1 by
+  construction; both tables are reported (``tables`` per the option, ``tables_other``
+  with the other setting).
 
 Problems that cannot be used are counted by reason: ``no_correct_code``,
 ``no_incorrect_code``, ``identical_programs`` / ``empty_chosen_mid`` (every candidate pair
-filtered, ``diff`` rule), and, at input, ``malformed`` lines and ``no_verdicts``.
+filtered, ``diff`` rule), and, at input, ``malformed`` lines and ``no_verdicts``. An id on
+two lines of one input file is an error (:class:`DuplicateIdError`) naming both lines
+(file:line), as every message here names the file and the line.
 
 numpy and matplotlib only; no jax.
 """
@@ -129,7 +134,7 @@ class Options:
     unit: str = "char"
     ranker: str = "mutual"
     lam: float = seg_lib.DEFAULT_LAMBDA
-    exclude_reference: bool = False
+    exclude_reference: bool = True
 
     def validate(self) -> None:
         for name, allowed in (("pair_rule", PAIR_RULES), ("verdict", VERDICTS), ("unit", UNITS),
@@ -230,6 +235,10 @@ class PhiResult:
     skipped: dict[str, int]
     per_problem: list[dict[str, Any]]
     segments: list[ProblemSegments] = dataclasses.field(default_factory=list)
+    # The same tables with the reference pair's samples the other way round (counted when
+    # the options exclude them, excluded when they count them), and its sample count.
+    tables_other: dict[str, Table] = dataclasses.field(default_factory=dict)
+    samples_counted_other: int = 0
 
 
 def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], options: Options = Options()
@@ -237,10 +246,11 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
     """Aggregates the four 2x2 tables over ``(id, codes, passed[k, tests])`` problems."""
     options.validate()
     tables = {name: Table() for name in SEGMENTS}
+    tables_other = {name: Table() for name in SEGMENTS}
     skipped: collections.Counter = collections.Counter()
     per_problem = []
     kept_segments = []
-    used = samples = 0
+    used = samples = samples_other = 0
     for pid, codes, passed in problems:
         correct, ranks = verdicts(passed, options)
         seg = problem_segments(pid, codes, correct, ranks, options)
@@ -249,11 +259,15 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
             continue
         used += 1
         for k, ok in enumerate(seg.correct):
-            if options.exclude_reference and k in (seg.chosen, seg.rejected):
-                continue
-            samples += 1
+            counted = not (options.exclude_reference and k in (seg.chosen, seg.rejected))
+            counted_other = not (not options.exclude_reference and k in (seg.chosen, seg.rejected))
+            samples += counted
+            samples_other += counted_other
             for name in SEGMENTS:
-                tables[name].add(seg.contains[name][k], ok)
+                if counted:
+                    tables[name].add(seg.contains[name][k], ok)
+                if counted_other:
+                    tables_other[name].add(seg.contains[name][k], ok)
         kept_segments.append(seg)
         per_problem.append({"id": pid, "chosen": seg.chosen, "rejected": seg.rejected,
                             "prefix_len": len(seg.prefix), "suffix_len": len(seg.suffix),
@@ -261,7 +275,7 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
                             "correct": int(sum(seg.correct)), "incorrect": len(seg.correct) - int(sum(seg.correct)),
                             "contains": {n: [int(b) for b in v] for n, v in seg.contains.items()}})
     return PhiResult(tables, used, samples, dict(sorted(skipped.items())), per_problem,
-                     kept_segments)
+                     kept_segments, tables_other, samples_other)
 
 
 def continuation_prefixes(codes: Sequence[str], seg: ProblemSegments, unit: str) -> tuple[str, str]:
@@ -326,7 +340,12 @@ def markdown(result: PhiResult, options: Options, paper: bool = True) -> str:
         "n00: lacks, incorrect. Phi is undefined when a margin is zero.",
         "",
     ]
+    other = "counted" if options.exclude_reference else "excluded"
     out = head + rows
+    if result.tables_other:
+        out += ["", f"With the reference pair's samples {other} ({result.samples_counted_other} "
+                    "samples): Phi " + "; ".join(
+                        f"{n} {_fmt(result.tables_other[n].phi)}" for n in SEGMENTS) + "."]
     if paper:
         out += ["", "Paper (Qwen2.5-Coder-7B, 20 samples per prompt): prefix 0.791 / 0.733 / 0.068; "
                     "suffix 0.848 / 0.786 / 0.080; prefix + chosen mid 0.637 / 0.091 / 0.565; "
@@ -369,18 +388,28 @@ class InputProblems:
     drops: list[dict[str, Any]]  # {"file", "line", "id", "reason", "detail"}
 
 
+class DuplicateIdError(ValueError):
+    """One id on two lines of an input file (the message names both, file:line)."""
+
+
 def _read_jsonl(path: str, drops: list, dropped: collections.Counter) -> Iterable[tuple[int, dict]]:
-    """(line, record) of every record with an 'id'; the other lines are dropped as malformed."""
+    """(line, record) of every record with an 'id'; the other lines are dropped as malformed.
+    Raises DuplicateIdError at the second line of an id."""
     def drop(line, detail):
         dropped[MALFORMED] += 1
         drops.append({"file": path, "line": line, "id": None, "reason": MALFORMED, "detail": detail[:200]})
 
-    errors = []
+    errors, seen = [], {}
     for where, obj in jsonl.objects(path, errors):
         line = int(where.rpartition(":")[2])
         if "id" not in obj:
             drop(line, "expected a JSON object with an 'id'")
             continue
+        pid = str(obj["id"])
+        if pid in seen:
+            # Two problems under one id would share a row of the table and its reference pair.
+            raise DuplicateIdError(f"{path}:{line}: id {pid!r} repeats {path}:{seen[pid]}")
+        seen[pid] = line
         yield line, obj
     for e in errors:
         drop(e.line, str(e).removeprefix(f"{path}:{e.line}: "))
@@ -446,6 +475,10 @@ def write_report(out_dir: str, result: PhiResult, options: Options, inputs: Inpu
         f.write(markdown(result, options))
     plot(result, paths["png"])
     summary = {"tables": {n: t.to_dict() for n, t in result.tables.items()},
+               "tables_other": {n: t.to_dict() for n, t in result.tables_other.items()},
+               "tables_other_reference_samples": ("counted" if options.exclude_reference
+                                                  else "excluded"),
+               "samples_counted_other": result.samples_counted_other,
                "problems_in": len(inputs.problems) + sum(inputs.dropped.values()),
                "lines_dropped": inputs.dropped, "problems_used": result.problems_used,
                "problems_skipped": result.skipped, "samples_counted": result.samples_counted,
@@ -513,8 +546,9 @@ def continuation_jobs(samples_path: str, result: PhiResult, unit: str
     (prefix + chosen mid, prefix + rejected mid)}] of every used problem with tests, problems
     left out by reason). Raises ContinuationInputError (:func:`continuation_lines`). The
     model side is :func:`fdpo.continuation.run`."""
-    lines = {pid: rec for pid, (_, rec) in
-             continuation_lines(samples_path, [s.id for s in result.segments]).items()}
+    found = continuation_lines(samples_path, [s.id for s in result.segments])
+    lines = {pid: rec for pid, (_, rec) in found.items()}
+    lines_at = {pid: lineno for pid, (lineno, _) in found.items()}
     skipped: collections.Counter = collections.Counter()
     jobs = []
     for seg in result.segments:
@@ -525,6 +559,6 @@ def continuation_jobs(samples_path: str, result: PhiResult, unit: str
         else:
             # No test would pass every continuation (all([]) is True): not evidence.
             skipped["no_tests"] += 1
-            log.warning("%s: problem %r has no tests; left out of the continuation",
-                        samples_path, seg.id)
+            log.warning("%s:%d: problem %r has no tests; left out of the continuation",
+                        samples_path, lines_at[seg.id], seg.id)
     return jobs, skipped

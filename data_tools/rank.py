@@ -18,15 +18,22 @@ Rankers (selectable by name through :func:`rank`):
     non-negative and ``(1-d) * s`` sums to ``1-d > 0``, the sum never vanishes for d < 1; with
     an all-zero A the scores simply stay uniform (every code tied). For d = 1 (plain HITS) a
     zero sum keeps the previous vector;
-  * stopping rule: per problem, stop when the ranking (the ordering defined below) has not
-    changed for ``patience`` consecutive iterations (default 3), or when no score moved by more
-    than ``tol`` (1e-9, a fixed point), or after ``max_iter`` (100) iterations. Converged
-    problems are frozen while the rest of the batch keeps iterating.
+  * stopping rule: per problem, stop at a fixed point, when no score moved by more than
+    ``tol`` (1e-9) in one iteration, or after ``max_iter`` (1000) iterations (then
+    ``converged`` is False). Converged problems are frozen while the rest of the batch keeps
+    iterating. An optional early stop, ``patience`` > 0 (default 0: off), ends a problem
+    whose ranking has not changed for ``patience`` consecutive updates; it is counted from
+    the first update, never against the initial order, because the uniform start is no
+    ranking (its order is the pass-count tie-break, which iteration 1 reproduces, so an
+    unchanged ranking there says nothing). Even so, an order can hold for several
+    iterations and then turn (a cluster of agreeing codes overtaking a lone code that
+    passes more tests typically needs 4 to 7), so early stopping approximates the limit.
   * Note: at a fixed point ``s_code ∝ A s_test`` and ``s_test ∝ A^T s_code`` whatever d is, so
     the converged scores are the HITS hub (codes) and authority (tests) vectors of the
-    code->test graph; damping only slows the path (a "lazy" power iteration). The tests check
-    this against ``networkx.hits``. Stopping on an unchanged ranking may end before the limit,
-    so early-stopped scores are approximations of it.
+    code->test graph, i.e. the top eigenvectors of ``A A^T`` and ``A^T A``; damping only
+    slows the path (a "lazy" power iteration). The tests check this against ``networkx.hits``
+    and ``numpy.linalg.eigh``. When the top two eigenvalues of ``A A^T`` nearly coincide the
+    path converges very slowly and the limit depends on the start; ``max_iter`` bounds it.
 
 ``codet`` -- CodeT dual agreement: codes with identical pass sets (over the real tests) form a
   group; every code of a group scores ``#tests passed x sqrt(#codes in group)``.
@@ -50,8 +57,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 DEFAULT_DAMPING = 0.85
-DEFAULT_MAX_ITER = 100
-DEFAULT_PATIENCE = 3
+DEFAULT_MAX_ITER = 1000
+DEFAULT_PATIENCE = 0  # off: stop at the fixed point (tol) or max_iter
 DEFAULT_TOL = 1e-9
 _TIE_DECIMALS = 12
 
@@ -132,8 +139,8 @@ def mutual_reinforcement(A, code_mask=None, test_mask=None, *, damping: float = 
     """The damped code-test score iteration; see the module docstring for every choice."""
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping must be in (0, 1], got {damping}")
-    if max_iter < 1 or patience < 1:
-        raise ValueError("max_iter and patience must be >= 1")
+    if max_iter < 1 or patience < 0:
+        raise ValueError(f"need max_iter >= 1 and patience >= 0, got {max_iter}, {patience}")
     A, code_mask, test_mask = _as_batch(A, code_mask, test_mask)
     B, C, T = A.shape
     Af = A.astype(np.float64)
@@ -142,28 +149,29 @@ def mutual_reinforcement(A, code_mask=None, test_mask=None, *, damping: float = 
     # Uniform start over the real entries (a problem with no codes/tests keeps zeros).
     s_code = cmf / np.maximum(cmf.sum(-1, keepdims=True), 1.0)
     s_test = tmf / np.maximum(tmf.sum(-1, keepdims=True), 1.0)
-    order, _ = _order(s_code, passed, code_mask)
+    # No order to compare with before the first update (module docstring, stopping rule).
+    order = np.full((B, C), -1, np.int64)
     stable = np.zeros(B, np.int64)
     done = np.zeros(B, bool)
     iterations = np.zeros(B, np.int64)
     for _ in range(max_iter):
-        active = ~done
-        if not active.any():
+        act = np.flatnonzero(~done)
+        if not act.size:
             break
-        new_code = (1 - damping) * s_code + damping * np.einsum("bct,bt->bc", Af, s_test)
-        new_code = _normalise(new_code, s_code, cmf)
-        new_test = (1 - damping) * s_test + damping * np.einsum("bct,bc->bt", Af, new_code)
-        new_test = _normalise(new_test, s_test, tmf)
-        delta = np.maximum(np.abs(new_code - s_code).max(-1, initial=0.0),
-                           np.abs(new_test - s_test).max(-1, initial=0.0))
-        s_code = np.where(active[:, None], new_code, s_code)
-        s_test = np.where(active[:, None], new_test, s_test)
-        iterations += active
-        new_order, _ = _order(s_code, passed, code_mask)
-        same = (new_order == order).all(-1)
-        stable = np.where(active, np.where(same, stable + 1, 0), stable)
-        order = new_order
-        done |= active & ((stable >= patience) | (delta <= tol))
+        # Only the problems still running are updated (slow ones do not cost the batch).
+        sc, st, Aa = s_code[act], s_test[act], Af[act]
+        new_code = (1 - damping) * sc + damping * np.einsum("bct,bt->bc", Aa, st)
+        new_code = _normalise(new_code, sc, cmf[act])
+        new_test = (1 - damping) * st + damping * np.einsum("bct,bc->bt", Aa, new_code)
+        new_test = _normalise(new_test, st, tmf[act])
+        delta = np.maximum(np.abs(new_code - sc).max(-1, initial=0.0),
+                           np.abs(new_test - st).max(-1, initial=0.0))
+        s_code[act], s_test[act] = new_code, new_test
+        iterations[act] += 1
+        new_order, _ = _order(new_code, passed[act], code_mask[act])
+        stable[act] = np.where((new_order == order[act]).all(-1), stable[act] + 1, 0)
+        order[act] = new_order
+        done[act] = (delta <= tol) | ((stable[act] >= patience) if patience else False)
     order, ranks = _order(s_code, passed, code_mask)
     return RankResult(s_code, s_test, order, ranks, iterations, done)
 

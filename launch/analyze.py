@@ -72,6 +72,8 @@ def main(argv):
         result = analyze.analyze_files(SAMPLES.value, VERDICTS.value, OUT.value, options)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e.filename}: no such file")
+    except analyze.DuplicateIdError as e:
+        raise SystemExit(f"error: {e}")
     if c.continuation:
         try:
             jobs, skipped = analyze.continuation_jobs(SAMPLES.value, result, options.unit)

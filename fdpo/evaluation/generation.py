@@ -19,6 +19,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from fdpo import extract
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.policy import Policy
@@ -33,8 +34,21 @@ def generate(policy: Policy, tasks: dict[str, tk.Task], benchmark: str,
     outs = policy.generate(prompts, num_samples=c.n, temperature=c.temperature,
                            top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                            batch_size=c.batch_size, seed=c.seed)
-    return [rn.Sample(t, tasks[t].prompt + o.text if completion else rn.extract_code(o.text))
+    return [rn.Sample(t, solution(o.text, tasks[t], c.response_format, c.sanitize))
             for t, task_outs in zip(ids, outs) for o in task_outs]
+
+
+def solution(text: str, task: tk.Task, response_format: str, sanitize: bool) -> str:
+    """The program a generated response stands for: the data stage's extractor
+    (`fdpo.extract.program_from_response`, told the task's entry point), then with
+    `sanitize` EvalPlus's post-processing (`fdpo.extract.sanitize`) where the task has an
+    entry point (LiveCodeBench stdin programs have none: their top-level code is the
+    program)."""
+    program = extract.program_from_response(text, task.prompt, response_format,
+                                            task.entry_point or None)
+    if sanitize and task.entry_point:
+        program = extract.sanitize(program, task.entry_point)
+    return program
 
 
 def prompt_for(task: tk.Task, benchmark: str) -> str:
@@ -85,7 +99,7 @@ def evaluate_dir(benchmark: str, out_dir, c, *, samples_path=None, model: str | 
     if model is not None:
         meta["generation"] = {"model": model, "n": c.n, "temperature": c.temperature,
                               "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
-                              "response_format": c.response_format,
+                              "response_format": c.response_format, "sanitize": c.sanitize,
                               "prompt_format": policy.prompt_format,
                               "seed": c.seed}
     paths = rn.write_outputs(out, summary, records, meta)

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import pathlib
-import re
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -98,15 +97,6 @@ def read_samples(path, tasks: dict[str, tk.Task], benchmark: str) -> list[Sample
                         next(iter(unknown)))
     return out
 
-
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)```", re.S)
-
-
-def extract_code(text: str) -> str:
-    """The program in a model response: the longest fenced code block if there is one
-    (chat models), else the text itself."""
-    blocks = _FENCE.findall(text)
-    return max(blocks, key=len) if blocks else text
 
 
 # ------------------------------------------------------------------------------ running

@@ -78,7 +78,7 @@ def test_known_table_first_rule():
                 ("all-correct", ["x", "y"], np.array([[True], [True]])),
                 ("none-correct", ["x", "y"], np.array([[False], [False]])),
                 ("no-tests", ["x", "y"], np.zeros((2, 0), bool))]
-    res = A.phi_tables(problems, A.Options(pair_rule="first"))
+    res = A.phi_tables(problems, A.Options(pair_rule="first", exclude_reference=False))
     assert res.problems_used == 1 and res.samples_counted == 4
     assert res.skipped == {"no_correct_code": 2, "no_incorrect_code": 1}
     t = res.tables
@@ -98,9 +98,19 @@ def test_known_table_first_rule():
     assert (p["chosen"], p["rejected"], p["prefix_len"], p["suffix_len"]) == (0, 1, 23, 3)
     assert p["mid_chosen_len"] == 1 and p["mid_rejected_len"] == 1
     # Leaving the reference pair out: samples 2 (correct) and 3 (incorrect) remain.
-    res = A.phi_tables(problems, A.Options(pair_rule="first", exclude_reference=True))
-    assert res.samples_counted == 2
-    assert res.tables["prefix + chosen mid"].phi == pytest.approx(1.0)
+    # (the default): samples 2 (correct) and 3 (incorrect) remain; both settings reported.
+    assert res.samples_counted_other == 2
+    excluded = A.phi_tables(problems, A.Options(pair_rule="first"))
+    assert A.Options().exclude_reference
+    assert excluded.samples_counted == 2 and excluded.samples_counted_other == 4
+    t = excluded.tables["prefix + chosen mid"]
+    assert (t.n11, t.n10, t.n01, t.n00) == (1, 0, 0, 1) and t.phi == pytest.approx(1.0)
+    # Neither remaining sample has "-" right after f's prefix.
+    t = excluded.tables["prefix + rejected mid"]
+    assert (t.n11, t.n10, t.n01, t.n00) == (0, 0, 1, 1) and t.phi is None
+    for name in A.SEGMENTS:
+        assert excluded.tables[name].to_dict() == res.tables_other[name].to_dict()
+        assert excluded.tables_other[name].to_dict() == res.tables[name].to_dict()
 
 
 def test_diff_rule_picks_the_builders_pair():
@@ -124,7 +134,8 @@ def test_ranked_verdicts_follow_the_data_stage():
     passed = np.array([[1, 0], [1, 0], [0, 1]], bool)
     res = A.phi_tables([("p", codes, passed)], A.Options(verdict="all_tests"))
     assert res.skipped == {"no_correct_code": 1}
-    res = A.phi_tables([("p", codes, passed)], A.Options(verdict="ranked"))
+    res = A.phi_tables([("p", codes, passed)],
+                       A.Options(verdict="ranked", exclude_reference=False))
     assert res.problems_used == 1
     assert res.tables["prefix + chosen mid"].n11 == 2 and res.tables["prefix + chosen mid"].n10 == 0
 
@@ -164,12 +175,16 @@ def test_cli_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     md = (out / "phi.md").read_text()
-    assert "| common suffix | 1.000 | 1.000 | undefined | 2 | 2 | 0 | 0 |" in md
-    assert "| prefix + chosen mid | 1.000 | 0.000 | 1.000 | 2 | 0 | 0 | 2 |" in md
+    # Default: the reference pair (codes 0 and 1) left out, codes 2 and 3 counted.
+    assert "| common suffix | 1.000 | 1.000 | undefined | 1 | 1 | 0 | 0 |" in md
+    assert "| prefix + chosen mid | 1.000 | 0.000 | 1.000 | 1 | 0 | 0 | 1 |" in md
+    assert "With the reference pair's samples counted (4 samples): Phi common prefix" in md
     assert (out / "phi.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "phi.json").read_text())
     assert summary["lines_dropped"] == {"malformed": 2, "no_verdicts": 1}
     assert summary["tables"]["common suffix"]["phi"] is None
+    assert summary["tables_other_reference_samples"] == "counted"
+    assert summary["tables_other"]["prefix + chosen mid"]["n11"] == 2
     drops = [json.loads(x) for x in (out / "drops.jsonl").read_text().splitlines()]
     assert {(d["line"], d["reason"]) for d in drops} == {(2, "malformed"), (3, "no_verdicts"), (2, "malformed")}
     assert any(d["file"] == str(verdicts) and d["id"] == "bad-rows" for d in drops)
@@ -181,6 +196,26 @@ def test_cli_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples), "--out", str(out),
                         "--config.unit=token"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--config.unit='token'; expected one of ('char', 'line')" in r.stderr
+
+
+def test_duplicate_ids_are_an_error_naming_both_lines(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "codes": A_CODES, "passed": A_PASSED},
+        {"id": "b", "codes": ["x"], "passed": [[True]]},
+        {"id": "a", "codes": ["y"], "passed": [[False]]}]) + "\n")
+    with pytest.raises(A.DuplicateIdError, match=f"^{samples}:3: id 'a' repeats {samples}:1$"):
+        A.read_inputs(str(samples), None)
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text('{"id": "b", "passed": [[true]]}\n{"id": 7, "passed": []}\n'
+                        '{"id": "7", "passed": []}\n')
+    samples.write_text(json.dumps({"id": "b", "codes": ["x"]}) + "\n")
+    with pytest.raises(A.DuplicateIdError, match=f"{verdicts}:3: id '7' repeats {verdicts}:2"):
+        A.read_inputs(str(samples), str(verdicts))
+    r = subprocess.run([sys.executable, "-m", "launch.analyze", "--samples", str(samples),
+                        "--verdicts", str(verdicts), "--out", str(tmp_path / "out")], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and f"error: {verdicts}:3: id '7' repeats {verdicts}:2" in r.stderr
 
 
 def test_analyze_config_defaults_agree_with_the_library():

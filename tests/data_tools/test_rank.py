@@ -186,6 +186,89 @@ def test_stopping_rule_is_per_problem():
     assert (v_stop.correct == v_limit.correct).all()
 
 
+def _cluster_against_lone(overlap):
+    """Code 0 passes tests 0..6 alone; codes 1..3, three independent samples, all pass the
+    same tests: {5, 6, 7, 8} (overlap 2 with code 0) or {7, 8, 9} (overlap 0)."""
+    A = np.zeros((4, 10), bool)
+    A[0, :7] = True
+    A[1:4, [5, 6, 7, 8] if overlap else [7, 8, 9]] = True
+    return A
+
+
+@pytest.mark.parametrize("overlap", [2, 0])
+def test_cluster_of_agreeing_codes_beats_lone_code_that_passes_more(overlap):
+    """The case mutual reinforcement exists for. Three samples that agree on their tests are
+    evidence for those tests; the lone code's extra tests are endorsed by nobody else. By
+    hand, with x the hub score of a cluster code and y the lone code's (A A^T restricted to
+    the symmetric vectors): overlap 2 gives [[3*4, 2], [3*2, 7]] = [[12, 2], [6, 7]], top
+    eigenvalue (19 + sqrt(73)) / 2 = 13.77 and y / x = 1.77 / 2 = 0.885 < 1; overlap 0 gives
+    two components with eigenvalues 3*3 = 9 (cluster) and 7 (lone), so y = 0. Either way the
+    cluster is on top at the fixed point while pass counts (7 against 4 or 3) put code 0
+    first. The damped path needs 4 (overlap 2) or 5 (overlap 0) iterations to overturn the
+    pass-count order that iteration 1 produces, so a stop on "ranking unchanged for 3
+    iterations" counted from the uniform start ended with the pass-count order."""
+    A = _cluster_against_lone(overlap)
+    mutual = rank.mutual_reinforcement(A)  # the defaults, as data_tools.build uses them
+    counts = rank.pass_count(A)
+    assert mutual.converged.all() and mutual.iterations[0] > 5
+    assert counts.order[0, 0] == 0
+    assert mutual.order[0, :3].tolist() == [1, 2, 3]
+    s = mutual.code_scores[0]
+    # y / x = (lambda - 12) / 2 from the first row of the reduced matrix.
+    expected_ratio = ((19 + np.sqrt(73)) / 2 - 12) / 2 if overlap else 0.0
+    np.testing.assert_allclose(s[0] / s[1], expected_ratio, atol=1e-6)
+    v_mutual, v_counts = rank.classify(A, mutual), rank.classify(A, counts)
+    assert v_mutual.correct.tolist() == [[False, True, True, True]]
+    assert v_counts.correct.tolist() == [[True, False, False, False]]
+    # The path really does hold the pass-count order for a while before it turns.
+    first_turn = next(n for n in range(1, 50) if rank.mutual_reinforcement(
+        A, max_iter=n, tol=0.0).order[0, 0] != 0)
+    assert first_turn == (4 if overlap else 5)
+
+
+def test_patience_counts_from_the_first_update():
+    # CROWD's order (code 0 first) holds from iteration 1 to the limit and scores keep
+    # moving (tol=0), so only patience stops it: after 1 + patience updates, never fewer.
+    for patience in (1, 3):
+        res = rank.mutual_reinforcement(CROWD, patience=patience, tol=0.0)
+        assert res.iterations.tolist() == [1 + patience] and res.converged.all()
+
+
+def test_converged_order_is_the_top_eigenvector_order_of_AAt():
+    """Converged `mutual` ranks codes as the Perron vector of A A^T (numpy.linalg.eigh on the
+    real block of each padded problem). Matrices whose top two eigenvalues are closer than a
+    ratio of 0.9 are skipped: there the limit depends on the start and the path is slow (the
+    module docstring). Pairs whose eigenvector entries differ by more than 1e-6 (entries sum
+    to 1) must be in eigenvector order; tied entries (identical pass rows, or codes outside
+    the top component, whose scores are still decaying at 1e-9) are not compared."""
+    rng = np.random.default_rng(5)
+    mats = []
+    while len(mats) < 60:
+        c, t = rng.integers(2, 11), rng.integers(2, 11)
+        m = rng.random((c, t)) < rng.uniform(0.2, 0.8)
+        w = np.linalg.eigvalsh(m @ m.T.astype(float))
+        if w[-1] > 0 and (len(w) < 2 or w[-2] < 0.9 * w[-1]):
+            mats.append(m)
+    A, cm, tm = rank.pad_batch(mats)
+    res = rank.mutual_reinforcement(A, cm, tm)
+    assert res.converged.all()
+    compared = 0
+    for b, m in enumerate(mats):
+        w, vecs = np.linalg.eigh(m @ m.T.astype(float))
+        e = np.abs(vecs[:, -1])  # Perron vector, sign fixed
+        e /= e.sum()
+        np.testing.assert_allclose(res.code_scores[b, :len(e)], e, atol=1e-6)
+        ranks = res.ranks[b]
+        for i in range(len(e)):
+            for j in range(len(e)):
+                if e[i] > e[j] + 1e-6:
+                    assert ranks[i] < ranks[j], (b, i, j, e)
+                    compared += 1
+        if np.sum(e > e.max() - 1e-6) == 1:
+            assert res.order[b, 0] == np.argmax(e)
+    assert compared > 500
+
+
 def test_errors():
     with pytest.raises(ValueError, match="unknown ranker 'foo'"):
         rank.rank(SMALL, method="foo")

@@ -122,14 +122,15 @@ def test_continuation_line_without_prompt_or_tests_names_file_and_line(tmp_path,
 
 
 def test_continuation_unused_line_needs_no_prompt(tmp_path):
-    # The all-correct problem is not used, so its missing prompt is no error; the repeated
-    # id of a used problem is one (whose continuations would they be?).
+    # The all-correct problem is not used, so its missing prompt is no error; a repeated id
+    # is one, already when the table's input is read, naming both lines (file:line).
     no_prompt = {k: v for k, v in ALL_CORRECT.items() if k != "prompt"}
     samples = _write(tmp_path / "s.jsonl", [no_prompt, ADD, ADD])
     r = _analyze("--samples", samples, "--out", tmp_path / "out", "--config.continuation=True",
                  "--checkpoint", tmp_path / "nowhere", timeout=120)
     assert r.returncode != 0
-    assert f"{samples}:3: id 'add' repeats line 2" in r.stderr
+    assert f"error: {samples}:3: id 'add' repeats {samples}:2" in r.stderr
+    assert "needs 'prompt'" not in r.stderr
 
 
 def test_continuation_without_a_model_is_a_usage_error(tmp_path):

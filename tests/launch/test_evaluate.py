@@ -149,7 +149,10 @@ def test_cli_generates_with_a_policy(tmp_path):
     r = run_cli("--benchmark=humaneval+", f"--dataset={dataset}", f"--hf_dir={hf}",
                 f"--out={out}", "--config.response_format=completion", "--config.n=2",
                 "--config.temperature=0", "--config.max_new_tokens=4", "--config.workers=2",
-                "--config.k=(1,)", "--config.min_time_limit=1")
+                "--config.k=(1,)", "--config.min_time_limit=1",
+                # Unsanitised, so the prompt + continuation can be checked as written
+                # (sanitize: tests/fdpo/test_extract.py, with the default config).
+                "--config.sanitize=False")
     assert r.returncode == 0, r.stderr[-2000:]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == ["HumanEval/0"] * 2 + ["HumanEval/2"] * 2
@@ -158,5 +161,6 @@ def test_cli_generates_with_a_policy(tmp_path):
     assert samples[0] == samples[1]  # greedy
     res = json.loads((out / "results.json").read_text())
     assert res["num_samples"] == 4
-    assert {k: res["generation"][k] for k in ("response_format", "prompt_format", "n")} == {
-        "response_format": "completion", "prompt_format": "plain", "n": 2}
+    assert {k: res["generation"][k] for k in ("response_format", "prompt_format", "n",
+                                              "sanitize")} == {
+        "response_format": "completion", "prompt_format": "plain", "n": 2, "sanitize": False}
