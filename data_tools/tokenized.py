@@ -121,12 +121,19 @@ def _to_pair(line_no: int, obj: Any, vocab_size: int) -> TokenPair:
     if not ids["prompt_ids"]:
         raise ValueError("field 'prompt_ids' must not be empty (the first response token is "
                          "predicted from the last prompt token)")
+    arrays = {}
     for key, v in ids.items():
-        for pos, x in enumerate(v):
-            if not 0 <= x < vocab_size:
-                raise _Dropped(TOKEN_ID_OUT_OF_RANGE,
-                               f"{key}[{pos}] = {x} is outside [0, vocab_size={vocab_size})")
-    prompt, chosen, rejected = (np.asarray(ids[k], np.int64) for k in ID_FIELDS)
+        try:
+            arr = np.asarray(v, np.int64)
+            bad = np.nonzero((arr < 0) | (arr >= vocab_size))[0]
+        except OverflowError:  # beyond int64: find it the slow way
+            bad = [pos for pos, x in enumerate(v) if not 0 <= x < vocab_size]
+        if len(bad):
+            pos = int(bad[0])
+            raise _Dropped(TOKEN_ID_OUT_OF_RANGE,
+                           f"{key}[{pos}] = {v[pos]} is outside [0, vocab_size={vocab_size})")
+        arrays[key] = arr
+    prompt, chosen, rejected = (arrays[k] for k in ID_FIELDS)
     if name is None:  # same prompt -> same split, so no prompt leaks into validation
         name = "prompt-ids-sha256:" + hashlib.sha256(prompt.astype("<i8").tobytes()).hexdigest()[:16]
     bounds = (obj["prefix_len"], obj["suffix_len"]) if given else None

@@ -51,6 +51,7 @@ MIXED = [
     (_pair("long", [1] * 20, [2, 3], [2, 4]), "too_long"),
     (_pair("given", [1, 2], [10, 11, 12, 13, 14], [10, 11, 20, 13, 14], prefix_len=1, suffix_len=1), None),
     (_line(prompt_ids=[7, 8], chosen_ids=[3], rejected_ids=[]), None),  # no id; empty rejected
+    (_pair("huge", [1], [2, 2**70], [2, 3]), "token_id_out_of_range"),  # beyond int64
 ]
 MAX_LEN = 16
 FILTERS = ("identical_programs", "empty_chosen_mid", "too_long")  # drops with no detail
@@ -118,6 +119,7 @@ def test_mixed_file_counts_drops_and_layouts(tmp_path):
     assert "'prefix_len' without 'suffix_len'" in by_line[10]
     assert f"chosen_ids[1] = {V} is outside [0, vocab_size={V})" in by_line[13]
     assert "prompt_ids[0] = -1" in by_line[14]
+    assert f"chosen_ids[1] = {2**70} is outside" in by_line[26]
     assert "out of range" in by_line[15] and "out of range" in by_line[16]
     assert "prefix ends after the suffix starts" in by_line[17]
     assert "prefix is not common" in by_line[18] and "suffix is not common" in by_line[19]
