@@ -3,8 +3,11 @@ r"""Focused-DPO pair records from sampled codes, tests and verdicts (or from rea
     python -m launch.build --input=SAMPLES.jsonl --tokenizer=HF_DIR --out=DIR \
         [--config=configs/build.py --config.max_len=2048 --config.ranker=mutual ...]
     python -m launch.build --out=DIR --merge    # after a multi-host build
+    # pairs that are already token ids (prompt_ids, chosen_ids, rejected_ids per line)
+    python -m launch.build --tokenized --input=PAIRS.jsonl --vocab_size=V --out=DIR
 
-The input format, the outputs and the accounting are described in `data_tools.build`.
+The input format, the outputs and the accounting are described in `data_tools.build`, and
+for `--tokenized` in `data_tools.tokenized` (docs/data.md).
 """
 import json
 import logging
@@ -13,12 +16,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import configs
-from data_tools import build
+from data_tools import build, tokenized
 
 CONFIG = config_flags.DEFINE_config_file("config", configs.path("build.py"),
                                          "Build config (configs/build.py).", lock_config=True)
 INPUT = flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
-TOKENIZER = flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory.")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory "
+                                 "(optional with --tokenized).")
+TOKENIZED = flags.DEFINE_bool("tokenized", False, "The input holds token ids per pair "
+                              "(prompt_ids, chosen_ids, rejected_ids; docs/data.md), not text.")
+VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "With --tokenized: every token id must "
+                                  "be in [0, vocab_size) (default: the --tokenizer's length).")
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 MERGE = flags.DEFINE_bool("merge", False, "Only merge the shard manifests found in --out into "
                           "manifest.json.")
@@ -32,13 +40,20 @@ def main(argv):
     if MERGE.value:
         print(json.dumps(build.merge(OUT.value)["counts"], indent=2))
         return
-    for flag in (INPUT, TOKENIZER):
+    if VOCAB_SIZE.value is not None and not TOKENIZED.value:
+        raise app.UsageError("--vocab_size applies only with --tokenized")
+    for flag in (INPUT,) if TOKENIZED.value else (INPUT, TOKENIZER):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required")
     config = build.BuildConfig(**CONFIG.value.to_dict())
     try:
-        manifest, timings = build.build(INPUT.value, TOKENIZER.value, OUT.value, config,
-                                        progress=PROGRESS.value)
+        if TOKENIZED.value:
+            manifest, timings = tokenized.build_tokenized(
+                INPUT.value, OUT.value, config, vocab_size=VOCAB_SIZE.value,
+                tokenizer_path=TOKENIZER.value, progress=PROGRESS.value)
+        else:
+            manifest, timings = build.build(INPUT.value, TOKENIZER.value, OUT.value, config,
+                                            progress=PROGRESS.value)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]},
