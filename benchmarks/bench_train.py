@@ -22,7 +22,8 @@
    compiled step of the same trainer run back to back on one batch of those records. Loop
    time per step: the logged `step_time` (wall clock between log lines, the compiling first
    step excluded) weighted by the steps of each window; bare: wall clock of `--steps` steps
-   dispatched back to back, then waited for, measured before and after the loop.
+   dispatched back to back, then waited for, measured before and after the loop (the loop
+   continues from the first measurement's state).
 4. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
    summed log-probs with respect to the hidden states and the unembedding, at vocab
    152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
@@ -215,9 +216,10 @@ def bench_loop(args) -> dict:
             return (sum(t * n for t, n in windows) / sum(n for _, n in windows),
                     lines[0].get("first_step_time"))
 
-        # The loop first (it compiles the step); bare steps after it and once more.
+        # Bare steps before and after the loop: the machine's load moves between them.
+        bare_s = [bare()]
         loop_s, first = loop()
-        bare_s = [bare(), bare()]
+        bare_s.append(bare())
     return {"params_M": shape.num_params / 1e6, "loop_s": loop_s, "bare_s": bare_s,
             "first_step_s": first, "overhead": loop_s / min(bare_s) - 1}
 
