@@ -1,6 +1,7 @@
 """Benchmark: the Focused-DPO train step, and log-prob memory (chunked vs full logits).
 
     python -m benchmarks.bench_train [--steps 5] [--compute_dtype float32] [--remat none]
+    python -m benchmarks.bench_train --loop [--steps 50] [--hidden 512 --layers 8 ...]
 
 1. Train step: a Qwen2-shaped model (hidden 512, 8 layers, 8 heads, 2 KV heads, head_dim 64,
    MLP 2816, vocab 32000, untied), 4 pairs of length 512 per step (8 sequences, 4,096
@@ -15,7 +16,15 @@
    (hidden 256, 4 layers, vocab 8192), 4 pairs padded to 512 tokens the way built records
    are (prompt 192, responses 160 = prefix 96 + mid 32 + suffix 32, padding 160), frozen
    reference; both steps compiled in one process and timed alternately, losses compared.
-3. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
+3. The loop's overhead (`--loop`): `fdpo.train_loop.TrainRun` with the default config
+   (shared-prompt rows, frozen reference, log every 10 steps, no validation split, one
+   checkpoint at the end) on records of the step benchmark's shape, against the bare
+   compiled step of the same trainer run back to back on one batch of those records. Loop
+   time per step: the logged `step_time` (wall clock between log lines, the compiling first
+   step excluded) weighted by the steps of each window; bare: wall clock of `--steps` steps
+   dispatched back to back, then waited for, measured before and after the loop (the loop
+   continues from the first measurement's state).
+4. Memory: XLA's buffer assignment (`compiled.memory_analysis()`) for value-and-grad of
    summed log-probs with respect to the hidden states and the unembedding, at vocab
    152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
    chunked path (`token_logprobs_from_hidden`). Compile-only: nothing that large is run.
@@ -23,7 +32,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
+import tempfile
 import statistics
 import sys
 import time
@@ -37,7 +49,7 @@ import numpy as np  # noqa: E402
 from fdpo import logprobs, records, sharding, train  # noqa: E402
 from fdpo import loss as loss_lib  # noqa: E402
 from fdpo.models.config import ModelConfig  # noqa: E402
-from fdpo.testing import random_params  # noqa: E402
+from fdpo.testing import random_params, random_pairs, stack, write_dataset  # noqa: E402
 
 GiB = 1024**3
 
@@ -156,6 +168,62 @@ def bench_shared(steps: int) -> dict:
             for name, r in runs.items()}
 
 
+def bench_loop(args) -> dict:
+    from configs import focused_dpo
+    from fdpo import train_loop
+    from fdpo.models import checkpoint
+
+    shape = bench_shape(args.compute_dtype, args.remat).replace(
+        hidden_size=args.hidden, num_layers=args.layers, intermediate_size=args.mlp,
+        vocab_size=args.vocab, head_dim=args.hidden // 8)
+    fields = {k: getattr(shape, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+        "num_kv_heads", "head_dim", "tie_embeddings", "rope_theta")}
+    quarter = args.length // 4  # prompt, prefix, mid, suffix
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        checkpoint.init_random(tmp / "ckpt", fields=fields)
+        pairs = random_pairs(8 * args.pairs, args.length, args.vocab, lengths=(
+            (quarter, quarter), (quarter, quarter), (quarter - 8, quarter),
+            (quarter - 8, quarter), (quarter, quarter)))
+        write_dataset(tmp / "data", {"train": pairs})
+        config = focused_dpo.get_config(f"model={tmp / 'ckpt'},data={tmp / 'data'}")
+        config.model.compute_dtype, config.model.remat_policy = args.compute_dtype, args.remat
+        config.train.num_steps, config.train.batch_size = args.steps + 1, args.pairs
+        config.optimizer.warmup_steps = 0
+        config.checkpoint.every_steps = 10**9  # one checkpoint, at the end
+        config.log.every_steps, config.log.tensorboard = 10, True
+        mesh = sharding.make_mesh((1, -1, 1))
+        run = train_loop.TrainRun(config, tmp / "run", mesh, handle_sigterm=False)
+        batch = run.trainer.make_batch(stack(pairs[:args.pairs]))
+
+        def bare():
+            state = run.trainer.train_step(run.state, batch, run.ref_params)[0]  # warm
+            jax.block_until_ready(state)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = run.trainer.train_step(state, batch, run.ref_params)
+            jax.block_until_ready((state, m))
+            run.state = state
+            return (time.perf_counter() - t) / args.steps
+
+        def loop():
+            run.train()
+            lines = [json.loads(x) for x in open(tmp / "run" / "metrics.jsonl")]
+            steps = [0] + [r["step"] for r in lines]
+            windows = [(r["step_time"], s - max(prev, 1)) for r, prev, s in
+                       zip(lines, steps, steps[1:]) if "step_time" in r]
+            return (sum(t * n for t, n in windows) / sum(n for _, n in windows),
+                    lines[0].get("first_step_time"))
+
+        # Bare steps before and after the loop: the machine's load moves between them.
+        bare_s = [bare()]
+        loop_s, first = loop()
+        bare_s.append(bare())
+    return {"params_M": shape.num_params / 1e6, "loop_s": loop_s, "bare_s": bare_s,
+            "first_step_s": first, "overhead": loop_s / min(bare_s) - 1}
+
+
 def logprob_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
                    hidden: int = 512) -> dict:
     h = jax.ShapeDtypeStruct((sequences, length, hidden), jnp.float32)
@@ -190,6 +258,12 @@ def main() -> None:
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     ap.add_argument("--reference", default="frozen", choices=["frozen", "precomputed"])
     ap.add_argument("--skip_step", action="store_true")
+    ap.add_argument("--loop", action="store_true",
+                    help="only the loop's time per step against the bare step (item 3)")
+    ap.add_argument("--hidden", type=int, default=512, help="--loop model shape")
+    ap.add_argument("--layers", type=int, default=8, help="--loop model shape")
+    ap.add_argument("--mlp", type=int, default=2816, help="--loop model shape")
+    ap.add_argument("--vocab", type=int, default=32000, help="--loop model shape")
     ap.add_argument("--shared", action="store_true",
                     help="only the shared-prompt rows vs separate rows comparison")
     args = ap.parse_args()
@@ -204,6 +278,15 @@ def main() -> None:
                   f"| {r['temp_GiB']:.2f} | {r['loss']:.6f} |")
         return
     print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
+    if args.loop:
+        r = bench_loop(args)
+        print(f"loop vs bare step, {r['params_M']:.1f}M params, {args.pairs} pairs x "
+              f"{args.length} tokens, {args.compute_dtype}, {args.steps} steps, log every 10:")
+        print(f"  loop {r['loop_s'] * 1e3:.1f} ms/step; bare step "
+              f"{', '.join(f'{b * 1e3:.1f}' for b in r['bare_s'])} ms/step (two measurements); "
+              f"loop overhead {100 * r['overhead']:+.1f}% (first step, with compilation, "
+              f"{r['first_step_s']:.1f} s)")
+        return
     mem = logprob_memory()
     print(f"log-prob value+grad, vocab 152064, 8 x 512 tokens, hidden 512 "
           f"(one [8, 512, V] float32 logits tensor = {mem.pop('logits_tensor_GiB'):.2f} GiB):")

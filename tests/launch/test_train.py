@@ -1,18 +1,19 @@
 """launch.train and launch.precompute_ref as programs: resume after kill -9 and SIGTERM
-(bitwise), the non-finite stop, 2 processes x 4 devices = 1 x 8, precomputed reference,
-logs, final model and HF export.
+(bitwise, each step logged once), the non-finite stop, 2 processes x 4 devices = 1 x 8,
+precomputed reference, logs, final model and HF export, an incomplete final/ completed.
 
 Every run shares one persistent compilation cache, so only the first run of each program
 shape pays for XLA compilation.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
 import signal
+import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tensorboardX.proto import event_pb2
 
 from fdpo import records, scoring, sharding
 from fdpo.models import checkpoint, convert
@@ -29,6 +29,7 @@ from fdpo.models.config import ModelConfig
 from fdpo.testing import make_hf_model, random_pairs, torch_token_logprobs, write_dataset
 
 from tests.conftest import REPO
+from tests.helpers import tensorboard
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 STEPS = 24
 BASE = [f"--config.train.num_steps={STEPS}", "--config.train.batch_size=8",
@@ -105,27 +106,46 @@ def final_params(workdir):
 
 
 def metrics(workdir, split="train"):
+    """{step: line} of one split, read line by line: a step logged twice fails here."""
     lines = [json.loads(x) for x in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    steps = collections.Counter(m["step"] for m in lines if m["split"] == split)
+    assert all(n == 1 for n in steps.values()), \
+        f"{split} steps logged more than once: {[s for s, n in steps.items() if n > 1]}"
     return {m["step"]: m for m in lines if m["split"] == split}
+
+
+# Wall-clock scalars: their steps depend on where a run was resumed (first_step_time).
+TIMING = ("first_step_time", "step_time", "tokens_per_s", "pairs_per_s")
+
+
+def tensorboard_scalars(workdir):
+    """{(tag, step): value} as TensorBoard shows the run, timing scalars left out; a (tag,
+    step) twice fails here."""
+    rows = [r for r in tensorboard.scalars(pathlib.Path(workdir) / "tensorboard")
+            if not r[0].endswith(TIMING)]
+    counts = collections.Counter((tag, step) for tag, step, _ in rows)
+    assert all(n == 1 for n in counts.values()), \
+        f"logged more than once: {sorted(k for k, n in counts.items() if n > 1)[:10]}"
+    return {(tag, step): value for tag, step, value in rows}
+
+
+def assert_logs_equal(workdir, reference):
+    """Every (split, step) once, with the reference run's losses, in metrics.jsonl and in
+    TensorBoard."""
+    for split in ("train", "validation"):
+        want, got = metrics(reference, split), metrics(workdir, split)
+        assert sorted(got) == sorted(want)
+        assert [got[s]["loss"] for s in sorted(want)] == [want[s]["loss"] for s in sorted(want)]
+    want, got = tensorboard_scalars(reference), tensorboard_scalars(workdir)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        if key[0].endswith("/loss"):
+            assert got[key] == want[key], key
 
 
 def assert_bitwise_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def read_tensorboard_tags(logdir) -> set[str]:
-    """Scalar tags in tensorboardX event files (TFRecord framing around Event protos)."""
-    tags = set()
-    for f in pathlib.Path(logdir).glob("events.out.tfevents.*"):
-        data = f.read_bytes()
-        off = 0
-        while off < len(data):
-            (n,) = struct.unpack_from("<Q", data, off)
-            event = event_pb2.Event.FromString(data[off + 12:off + 12 + n])
-            tags.update(v.tag for v in event.summary.value)
-            off += 12 + n + 4
-    return tags
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +168,8 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
                 "step_time"):
         assert key in train_m[STEPS], key
     assert train_m[STEPS]["loss"] < train_m[1]["loss"] == pytest.approx(np.log(2), abs=1e-5)
-    assert {"train/loss", "train/rewards/accuracies", "validation/loss"} <= \
-        read_tensorboard_tags(uninterrupted / "tensorboard")
+    tags = {tag for tag, _ in tensorboard_scalars(uninterrupted)}
+    assert {"train/loss", "train/rewards/accuracies", "validation/loss"} <= tags
     assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["20", "22", "24"]  # keep 3
     config = json.loads((uninterrupted / "config.json").read_text())
     assert config["loss"]["weights"] == [[1, 2, 1], [1, 1, 0]]
@@ -194,8 +214,74 @@ def test_sigterm_and_kill_9_then_resume_is_bitwise_exact(setup, env, uninterrupt
     resumed = run(train_cmd(base, workdir), env[1])
     assert "resumed from" in resumed.stderr
     assert_bitwise_equal(final_params(uninterrupted), final_params(workdir))
-    want, got = metrics(uninterrupted), metrics(workdir)  # steps repeated after kill -9 too
-    assert sorted(got) == sorted(want) and all(got[s]["loss"] == want[s]["loss"] for s in want)
+    assert_logs_equal(workdir, uninterrupted)
+
+
+def wait_for(predicate, proc, what, timeout=240, poll=0.005):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended ({proc.returncode}) before {what}:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(poll)
+
+
+def test_kill_9_between_checkpoints_and_while_one_is_written(setup, env, uninterrupted):
+    """kill -9 right after an odd step is logged (checkpoints are at even steps), and at
+    the moment a checkpoint's temporary directory appears, then rerun: the parameters are
+    bitwise the uninterrupted run's and every (split, step) is logged once, in
+    metrics.jsonl and in TensorBoard."""
+    base, _ = setup
+    workdir = base / "killed"
+    log = workdir / "metrics.jsonl"
+
+    def odd_step_logged():
+        return log.exists() and any(json.loads(x)["step"] >= 7 and json.loads(x)["step"] % 2
+                                    for x in log.read_text().splitlines() if x.endswith("}"))
+
+    proc = start(train_cmd(base, workdir), env[1])
+    wait_for(odd_step_logged, proc, "a train line of an odd step >= 7")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = max(json.loads(x)["step"] for x in log.read_text().splitlines()
+                    if x.endswith("}"))
+
+    def temporary_checkpoint():
+        return any(".orbax-checkpoint-tmp" in p.name and p.name.split(".")[0].isdigit() and
+                   int(p.name.split(".")[0]) > killed_at
+                   for p in (workdir / "checkpoints").iterdir())
+
+    proc = start(train_cmd(base, workdir), env[1])
+    wait_for(temporary_checkpoint, proc, "a temporary checkpoint directory")
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and "resumed from" in err
+
+    resumed = run(train_cmd(base, workdir), env[1])
+    assert "resumed from" in resumed.stderr
+    assert_bitwise_equal(final_params(uninterrupted), final_params(workdir))
+    assert_logs_equal(workdir, uninterrupted)
+
+
+def test_final_without_metadata_is_rebuilt_on_rerun(setup, env, uninterrupted):
+    """A kill after final/params was written but before its metadata (left by earlier
+    versions, which wrote final/ in place): the rerun rebuilds final/ (and hf/) from the
+    last checkpoint, saying so, instead of failing."""
+    base, _ = setup
+    workdir = base / "final_incomplete"
+    shutil.copytree(uninterrupted, workdir, ignore=shutil.ignore_patterns("hf"))
+    (workdir / "final" / checkpoint.METADATA_FILE).unlink()
+    proc = run(train_cmd(base, workdir, "--config.export_hf=True",
+                         "--config.loss.weights=((1,2,1),(1,1,0))"), env[1])
+    assert f"has no {checkpoint.METADATA_FILE}" in proc.stderr
+    assert f"rebuilding it from checkpoint step {STEPS}" in proc.stderr
+    assert_bitwise_equal(final_params(uninterrupted), final_params(workdir))
+    assert checkpoint.read_metadata(workdir / "final")["steps"] == STEPS
+    assert (workdir / "hf" / "config.json").is_file()
+    assert not list(workdir.glob(".*.tmp"))
+    assert_logs_equal(workdir, uninterrupted)
 
 
 def test_precomputed_reference_run_matches_frozen(setup, env, uninterrupted):
@@ -218,20 +304,27 @@ def test_precomputed_reference_run_matches_frozen(setup, env, uninterrupted):
                                [want[s]["loss"] for s in sorted(want)], rtol=1e-4, atol=1e-6)
 
 
-def test_non_finite_loss_stops_naming_the_step(setup, env):
+@pytest.mark.parametrize("every", [1, 3], ids=["checkpoint_every_step", "between_checkpoints"])
+def test_non_finite_loss_stops_naming_the_step(setup, env, every):
+    """Step 4 is not finite. Checked one step behind when step 4 is neither a log nor a
+    checkpoint step (every=3: step 5 is already queued), at once otherwise; either way the
+    run names step 4 and saves nothing after step 3."""
     base, _ = setup
     items = random_pairs(40, 32, 211, seed=0)
     for i, r in enumerate(items):
         r.ref_logps = np.zeros((2, 3), np.float32)
     items[26].ref_logps[1, 1] = np.nan  # unshuffled: pair 26 is in batch 3 -> step 4
-    write_dataset(base / "data_nan", {"train": items}, shards=1)
-    workdir = base / "nan"
+    if not (base / "data_nan").exists():
+        write_dataset(base / "data_nan", {"train": items}, shards=1)
+    workdir = base / f"nan_{every}"
     proc = run(train_cmd(base, workdir, "--config.loss.reference=precomputed",
-                         "--config.data.shuffle=False", "--config.checkpoint.every_steps=1",
-                         data="data_nan"), env[1], check=False)
+                         "--config.data.shuffle=False", f"--config.checkpoint.every_steps={every}",
+                         f"--config.log.every_steps={every}", data="data_nan"), env[1],
+               check=False)
     assert proc.returncode == 1
     assert "step 4: loss nan" in proc.stderr and "last good checkpoint is step 3" in proc.stderr
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(s) for s in range(every, 4, every)]
+    assert sorted(metrics(workdir)) == list(range(every, 4, every))
     assert not (workdir / "final").exists()
 
 
