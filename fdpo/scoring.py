@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fdpo import logprobs
 from fdpo import records as rec
 from fdpo import sharding as shd
-from fdpo.models import checkpoint, convert
+from fdpo.models import convert
 from fdpo.models.config import ModelConfig
 
 Array = jax.Array
@@ -110,26 +110,25 @@ class Scorer:
                            sums[:, :MAX_SEGMENT_LABELS], counts.astype(np.int64))
 
 
-def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, *,
-                         batch_size: int = 16, compute_dtype: str = "float32",
-                         chunk: int = 256, shard_index: int = 0, num_shards: int = 1) -> dict:
+def precompute_reference(params, model_cfg: ModelConfig, data_dir, out_dir, mesh: Mesh, *,
+                         rules=shd.DEFAULT_RULES, provenance: dict | None = None,
+                         batch_size: int = 16, chunk: int = 256, shard_index: int = 0,
+                         num_shards: int = 1) -> dict:
     """Copies the pair dataset `data_dir` to `out_dir` with `ref_logps[side, segment]` set
-    to the reference model's per-segment log-prob sums (exactly one of `checkpoint_dir`,
-    `hf_dir`), scored by `make_score_fn` in batches of `batch_size` pairs (rounded up to the
-    data-parallel devices). This invocation scores the shard files `shard_index`,
-    `shard_index + num_shards`, ...; every invocation writes the same manifest, which
-    records the reference. Returns that manifest."""
+    to the per-segment log-prob sums of the model (`model_cfg`, pure-dict `params`), scored
+    by `make_score_fn` in batches of `batch_size` pairs (rounded up to the data-parallel
+    devices). This invocation scores the shard files `shard_index`,
+    `shard_index + num_shards`, ...; every invocation writes the same manifest, whose
+    `reference` entry is `provenance` (`fdpo.reference.precompute` passes the reference's
+    identity, path, compute dtype and chunk) plus the layout. Returns that manifest."""
     data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
     if data_dir.resolve() == out_dir.resolve():
         raise ValueError("the output directory must differ from the data directory (shards "
                          "are rewritten)")
     manifest = rec.read_manifest(data_dir / "manifest.json")
-    cfg, _, state, _ = checkpoint.load_checkpoint_or_hf(
-        mesh, checkpoint=checkpoint_dir, hf_dir=hf_dir, compute_dtype=compute_dtype)
-    params = nnx.to_pure_dict(state)
-    score = make_score_fn(cfg, mesh, chunk=chunk)
+    score = make_score_fn(model_cfg, mesh, rules, chunk=chunk)
     out_dir.mkdir(parents=True, exist_ok=True)
-    multiple = shd.data_parallel_size(mesh)
+    multiple = shd.data_parallel_size(mesh, rules)
     batch = -(-batch_size // multiple) * multiple
 
     shards = [(split, s["path"]) for split, info in manifest["splits"].items()
@@ -158,8 +157,7 @@ def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, 
             log.info("%s: %d records -> %s", path, len(source), out_dir / path)
     out_manifest = dict(manifest)
     out_manifest["reference"] = {
-        "checkpoint": str(checkpoint_dir or hf_dir), "compute_dtype": compute_dtype,
-        "logprob_chunk": chunk, "source_dataset": str(data_dir.absolute()),
+        **(provenance or {}), "logprob_chunk": chunk, "source_dataset": str(data_dir.absolute()),
         "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix)"}
     rec.write_manifest(out_dir / "manifest.json", out_manifest)
     return out_manifest

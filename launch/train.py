@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from fdpo import data, train
+from fdpo import data, reference, train
 from fdpo import loss as loss_lib
 from fdpo.metric_writer import MetricWriter
 from fdpo.models import checkpoint, convert
@@ -145,9 +145,9 @@ def run(config, workdir: str | pathlib.Path, mesh) -> dict:
             max_to_keep=config.checkpoint.keep,
             enable_async_checkpointing=config.checkpoint.use_async))
     latest = manager.latest_step()
-    ref_params = None
-    if trainer.loss_cfg.needs_reference and config.loss.reference == "frozen":
-        ref_params = train.copy_params(init_params)  # the train state's buffers are donated
+    # Frozen: the reference's params; precomputed: None, once the data's provenance matches.
+    ref_params = reference.for_run(config, init_params, trainer.model_cfg, mesh,
+                                   needs_reference=trainer.loss_cfg.needs_reference)
     if latest is not None:
         restored = manager.restore(latest, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(trainer.abstract_state()),
