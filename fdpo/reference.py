@@ -23,10 +23,12 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fdpo import data, scoring, train
 from fdpo import records as rec
-from fdpo import scoring, train
-from fdpo.models import checkpoint
+from fdpo import sharding as shd
+from fdpo.models import checkpoint, convert
 
 log = logging.getLogger("fdpo.reference")
 # The provenance fields a training run must agree with (the path is reported, not compared:
@@ -151,16 +153,61 @@ def for_run(config, init_params, model_cfg, mesh, *, needs_reference: bool = Tru
     return None
 
 
+def pair_scorer(model_cfg, params, mesh, rules, chunk: int, shared_length: int = 0):
+    """numpy pairs (`chosen_ids`, `rejected_ids`, `chosen_segments`, `rejected_segments`
+    [b, L]) -> [b, 2, 3] log-prob sums, by the train step's own pair function in its own
+    layout (shared-prompt rows of `shared_length` tokens, or separate rows): in bfloat16 the
+    layout changes the rounding, and the sums must be the step's to the last bit."""
+    graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
+    param_shardings = nnx.to_pure_dict(shd.state_shardings(abstract, mesh, rules))
+    rows = NamedSharding(mesh, P(dict(rules).get("batch")))
+    fn = train.shared_pair_segment_logps if shared_length else train.pair_segment_logps
+
+    def score(params, micro):
+        with shd.use_mesh(mesh, rules):
+            return fn(graphdef, params, micro, chunk)
+
+    jitted = jax.jit(score, in_shardings=(param_shardings, rows), out_shardings=rows)
+
+    def call(pairs):
+        micro = {k: np.asarray(pairs[k]) for k in train.BATCH_KEYS[:4]}
+        if shared_length:
+            micro = train.pack_shared_prompt(micro, shared_length)
+        return np.asarray(jax.device_get(jitted(params, micro)))
+
+    return call
+
+
+def shared_length_of(config) -> int:
+    """The shared-prompt row length `launch.train` uses for this config and its data (0:
+    separate rows)."""
+    if not config.train.shared_prompt:
+        return 0
+    if config.train.shared_length:
+        return int(config.train.shared_length)
+    manifest = pathlib.Path(config.data.dir) / "manifest.json"
+    sources = [rec.PairDataSource.from_manifest(manifest, config.data.train_split)]
+    try:
+        sources.append(rec.PairDataSource.from_manifest(manifest, config.data.eval_split))
+    except KeyError:
+        pass
+    return data.longest_shared_row(*sources)
+
+
 def precompute(config, out_dir, mesh, *, batch_size: int = 16, shard_index: int = 0,
                num_shards: int = 1) -> dict:
     """Copies `config.data.dir` to `out_dir` with `ref_logps` from the run's reference,
-    computed as the run would compute them (its model settings, chunk and sharding rules),
-    and the provenance record in the manifest. Returns that manifest."""
+    computed as the run's train step would compute them (its model settings, chunk, sharding
+    rules and row layout), and the provenance record in the manifest. Returns that
+    manifest."""
     ckpt, hf_dir, _ = source(config)
     model_cfg, params = load(config, mesh, ckpt, hf_dir)
     record = provenance(config, params, ckpt or hf_dir)
     log.info("reference %s", _describe(record))
+    rules = rules_of(config)
+    score = pair_scorer(model_cfg, params, mesh, rules, int(config.train.logprob_chunk),
+                        shared_length_of(config))
     return scoring.precompute_reference(
-        params, model_cfg, config.data.dir, out_dir, mesh, rules=rules_of(config),
-        provenance=record, batch_size=batch_size, chunk=int(config.train.logprob_chunk),
-        shard_index=shard_index, num_shards=num_shards)
+        score, config.data.dir, out_dir, batch_multiple=shd.data_parallel_size(mesh, rules),
+        provenance=record, batch_size=batch_size, shard_index=shard_index,
+        num_shards=num_shards)
