@@ -54,6 +54,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.nll_weight = config_dict.placeholder(float)  # RPO term; sft: 1
     c.loss.reference = "frozen"  # or "precomputed" (ref_logps in the data)
 
+    # The reference model: at most one of these; neither = the initial policy. Frozen and
+    # precomputed modes use the same one (launch.precompute_ref reads this config).
+    c.reference = ml_collections.ConfigDict()
+    c.reference.checkpoint = config_dict.placeholder(str)  # fdpo checkpoint
+    c.reference.hf_dir = config_dict.placeholder(str)  # or a Hugging Face directory
+    # Precomputed mode: refuse ref_logps whose provenance (reference identity, compute
+    # dtype, chunk; written by launch.precompute_ref) differs from this run's.
+    c.reference.check_provenance = True
+
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=5e-6, warmup_steps=10, decay="cosine", end_lr_ratio=0.0, b1=0.9, b2=0.999,
         eps=1e-8, weight_decay=0.0, clip_norm=1.0))

@@ -282,9 +282,13 @@ class Pipeline:
         out = self.w / "pairs_ref"
         if out.exists():
             shutil.rmtree(out)
-        self.run("reference", "launch.precompute_ref", "--checkpoint", self.start_model,
-                 "--data", self.w / "pairs", "--out", out,
-                 f"--config.compute_dtype={COMPUTE_DTYPE}", *self.jax_flags())
+        # The train stage's config (model, compute dtype, chunk, mesh): launch.train checks
+        # the provenance this writes against its own.
+        self.run("reference", "launch.precompute_ref", "--out", out,
+                 f"--config=configs/focused_dpo.py:model={self.start_model},"
+                 f"data={self.w / 'pairs'}",
+                 f"--config.model.compute_dtype={COMPUTE_DTYPE}",
+                 f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}")
 
     def train(self):
         t = self.cfg.train

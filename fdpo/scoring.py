@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fdpo import logprobs
 from fdpo import records as rec
 from fdpo import sharding as shd
-from fdpo.models import checkpoint, convert
+from fdpo.models import convert
 from fdpo.models.config import ModelConfig
 
 Array = jax.Array
@@ -110,27 +110,23 @@ class Scorer:
                            sums[:, :MAX_SEGMENT_LABELS], counts.astype(np.int64))
 
 
-def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, *,
-                         batch_size: int = 16, compute_dtype: str = "float32",
-                         chunk: int = 256, shard_index: int = 0, num_shards: int = 1) -> dict:
+def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int = 1,
+                         provenance: dict | None = None, batch_size: int = 16,
+                         shard_index: int = 0, num_shards: int = 1) -> dict:
     """Copies the pair dataset `data_dir` to `out_dir` with `ref_logps[side, segment]` set
-    to the reference model's per-segment log-prob sums (exactly one of `checkpoint_dir`,
-    `hf_dir`), scored by `make_score_fn` in batches of `batch_size` pairs (rounded up to the
-    data-parallel devices). This invocation scores the shard files `shard_index`,
-    `shard_index + num_shards`, ...; every invocation writes the same manifest, which
-    records the reference. Returns that manifest."""
+    by `score_pairs` (numpy pair arrays `chosen_ids`, ... [b, L] -> [b, 2, 3] sums;
+    `fdpo.reference.pair_scorer`), in batches of `batch_size` pairs rounded up to
+    `batch_multiple` (the last one padded). This invocation scores the shard files
+    `shard_index`, `shard_index + num_shards`, ...; every invocation writes the same
+    manifest, whose `reference` entry is `provenance` (the reference's identity, path,
+    compute dtype and chunk) plus the layout. Returns that manifest."""
     data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
     if data_dir.resolve() == out_dir.resolve():
         raise ValueError("the output directory must differ from the data directory (shards "
                          "are rewritten)")
     manifest = rec.read_manifest(data_dir / "manifest.json")
-    cfg, _, state, _ = checkpoint.load_checkpoint_or_hf(
-        mesh, checkpoint=checkpoint_dir, hf_dir=hf_dir, compute_dtype=compute_dtype)
-    params = nnx.to_pure_dict(state)
-    score = make_score_fn(cfg, mesh, chunk=chunk)
     out_dir.mkdir(parents=True, exist_ok=True)
-    multiple = shd.data_parallel_size(mesh)
-    batch = -(-batch_size // multiple) * multiple
+    batch = -(-batch_size // batch_multiple) * batch_multiple
 
     shards = [(split, s["path"]) for split, info in manifest["splits"].items()
               for s in info["shards"]]
@@ -146,20 +142,19 @@ def precompute_reference(checkpoint_dir, hf_dir, data_dir, out_dir, mesh: Mesh, 
                                for i in range(start, min(start + batch, len(source)))]
                     n = len(records)
                     rows = records + [records[0]] * (batch - n)  # pad to the compiled shape
-                    ids = np.stack([r.chosen_ids for r in rows] + [r.rejected_ids for r in rows])
-                    seg = np.stack([r.chosen_segments for r in rows] +
-                                   [r.rejected_segments for r in rows])
-                    sums = np.asarray(jax.device_get(score(params, ids, seg)), np.float32)
+                    pairs = {k: np.stack([getattr(r, k) for r in rows]) for k in
+                             ("chosen_ids", "rejected_ids", "chosen_segments",
+                              "rejected_segments")}
+                    sums = np.asarray(score_pairs(pairs), np.float32)
                     for i, r in enumerate(records):
-                        ref = np.stack([sums[i], sums[batch + i]]).astype(np.float32)
+                        ref = sums[i]
                         writer.write(dataclasses.replace(r, ref_logps=ref))
                     bar.update(n)
             os.replace(tmp, out_dir / path)
             log.info("%s: %d records -> %s", path, len(source), out_dir / path)
     out_manifest = dict(manifest)
     out_manifest["reference"] = {
-        "checkpoint": str(checkpoint_dir or hf_dir), "compute_dtype": compute_dtype,
-        "logprob_chunk": chunk, "source_dataset": str(data_dir.absolute()),
+        **(provenance or {}), "source_dataset": str(data_dir.absolute()),
         "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix)"}
     rec.write_manifest(out_dir / "manifest.json", out_manifest)
     return out_manifest

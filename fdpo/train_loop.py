@@ -44,7 +44,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fdpo import data, train
+from fdpo import data, reference, train
 from fdpo import loss as loss_lib
 from fdpo.metric_writer import MetricWriter
 from fdpo.models import checkpoint, convert
@@ -114,11 +114,11 @@ def load_policy(config, mesh, rules) -> Policy:
 
 def reference_params(config, trainer: train.Trainer, policy: Policy):
     """The frozen reference's parameters for the step (None when the step runs none: a
-    precomputed reference or a loss without one). Today: a copy of the initial policy,
-    taken before the train state's buffers are donated."""
-    if trainer.loss_cfg.needs_reference and config.loss.reference == "frozen":
-        return train.copy_params(policy.params)
-    return None
+    precomputed reference, after its provenance is checked, or a loss without one). The
+    initial policy's are copied, since the train state's buffers are donated; see
+    `fdpo.reference.for_run`."""
+    return reference.for_run(config, policy.params, trainer.model_cfg, trainer.mesh,
+                             needs_reference=trainer.loss_cfg.needs_reference)
 
 
 class _Sigterm:

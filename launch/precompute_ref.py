@@ -1,20 +1,22 @@
-r"""Fills `ref_logps` of pair records with a reference model's per-segment log-prob sums.
+r"""Fills `ref_logps` of pair records with the reference's per-segment log-prob sums, computed
+as the training run given by `--config` would compute them.
 
-    python -m launch.precompute_ref --checkpoint CKPT --data DIR --out DIR2 \
-        [--config.batch_size=16 --config.compute_dtype=float32] \
-        [--config.shard_index=I --config.num_shards=N]
+    python -m launch.precompute_ref --out=DATA_REF \
+        --config=configs/focused_dpo.py:model=CKPT,data=DATA [--config.reference.checkpoint=REF] \
+        [--batch_size=16 --shard_index=I --num_shards=N]
 
-Reads every shard listed in DIR/manifest.json, scores chosen and rejected with the train
-step's own log-prob function (`fdpo.scoring.make_score_fn`: float32 log-softmax, chunked),
-and writes the same records, with `ref_logps[side, (prefix, mid, suffix)]` set, to shards
-of the same names in DIR2, plus a manifest that records which reference made them. Train
-on DIR2 with `--config.loss.reference=precomputed`: the step then runs no reference
-forward. Use the compute dtype the frozen reference would have had (float32 by default).
-The work is `fdpo.scoring.precompute_reference`; its settings are configs/precompute_ref.py's.
+`--config` is the training config, with the same overrides as `launch.train`: the reference
+is its `reference.checkpoint` / `reference.hf_dir`, or the initial policy when neither is
+set; it runs with the config's `model` settings (compute dtype) and `train.logprob_chunk`,
+on the config's mesh. Every shard of `data.dir` is scored with the train step's own log-prob
+function (`fdpo.scoring.make_score_fn`) and written, with `ref_logps[side, (prefix, mid,
+suffix)]` set, to DATA_REF, whose manifest records the provenance (reference identity and
+path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF` and
+`--config.loss.reference=precomputed`: `launch.train` refuses data whose provenance differs
+from its own reference, dtype or chunk. The work is `fdpo.reference.precompute`.
 
-Several hosts: give each a `--config.shard_index` of `--config.num_shards`; each scores the
-shard files `i, i+n, ...` on its own devices (no jax.distributed needed) and writes the same
-manifest.
+Several hosts: give each a `--shard_index` of `--num_shards`; each scores the shard files
+`i, i+n, ...` on its own devices (no jax.distributed needed) and writes the same manifest.
 """
 
 from __future__ import annotations
@@ -25,37 +27,45 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-import configs
-from fdpo import scoring, sharding
-from launch import common
+from fdpo import reference, sharding
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("precompute_ref.py"),
-                                         "Batching, dtype and shards (configs/precompute_ref.py).",
+CONFIG = config_flags.DEFINE_config_file("config", None, "The training run's config file "
+                                         "(with :arg), as given to launch.train.",
                                          lock_config=True)
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint of the reference.")
-HF_DIR = flags.DEFINE_string("hf_dir", None, "Or: a Hugging Face model directory.")
-DATA = flags.DEFINE_string("data", None, "Dataset directory (manifest.json).", required=True)
 OUT = flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Pairs per compiled call (rounded up to "
+                                  "the data-parallel devices).", lower_bound=1)
+SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This invocation scores the shard files "
+                                   "shard_index, + num_shards, ...", lower_bound=0)
+NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Invocations sharing the work (one per "
+                                  "host).", lower_bound=1)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def main(argv):
     del argv
-    if (CHECKPOINT.value is None) == (HF_DIR.value is None):
-        raise app.UsageError("give exactly one of --checkpoint and --hf_dir")
-    if pathlib.Path(DATA.value).resolve() == pathlib.Path(OUT.value).resolve():
-        raise app.UsageError("--out must differ from --data (shards are rewritten)")
     c = CONFIG.value
-    if c.compute_dtype not in COMPUTE_DTYPES:
-        raise app.UsageError(f"--config.compute_dtype={c.compute_dtype!r}; expected one of "
-                             f"{COMPUTE_DTYPES}")
-    shape = [int(s) for s in common.MESH_SHAPE.value]
-    mesh = sharding.make_mesh(shape, jax.local_devices())
-    scoring.precompute_reference(
-        CHECKPOINT.value, HF_DIR.value, DATA.value, OUT.value, mesh,
-        batch_size=c.batch_size, compute_dtype=c.compute_dtype, chunk=c.logprob_chunk,
-        shard_index=c.shard_index, num_shards=c.num_shards)
-    print(f"reference log-probs: {DATA.value} -> {OUT.value}")
+    if c is None:
+        raise app.UsageError("--config (the training config) is required")
+    if not c.data.dir:
+        raise app.UsageError("--config: data.dir (config arg data=) is empty")
+    if pathlib.Path(c.data.dir).resolve() == pathlib.Path(OUT.value).resolve():
+        raise app.UsageError("--out must differ from the config's data.dir (shards are "
+                             "rewritten)")
+    if c.model.compute_dtype not in COMPUTE_DTYPES:
+        raise app.UsageError(f"--config.model.compute_dtype={c.model.compute_dtype!r}; "
+                             f"expected one of {COMPUTE_DTYPES}")
+    if SHARD_INDEX.value >= NUM_SHARDS.value:
+        raise app.UsageError(f"--shard_index={SHARD_INDEX.value} must be below "
+                             f"--num_shards={NUM_SHARDS.value}")
+    try:
+        reference.source(c)
+    except ValueError as e:
+        raise app.UsageError(f"--config: {e}") from e
+    mesh = sharding.make_mesh([int(s) for s in c.mesh_shape], jax.local_devices())
+    reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value,
+                         shard_index=SHARD_INDEX.value, num_shards=NUM_SHARDS.value)
+    print(f"reference log-probs: {c.data.dir} -> {OUT.value}")
 
 
 if __name__ == "__main__":

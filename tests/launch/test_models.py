@@ -1,5 +1,5 @@
 """The import, export, score and init_model programs run as a user runs them, as subprocesses;
-the defaults of the configs of score and precompute_ref."""
+the defaults of the score config."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from configs import init_model as init_model_config
-from configs import precompute_ref as precompute_ref_config
 from configs import score as score_config
 from fdpo import logprobs, scoring, sharding
 from fdpo.models import checkpoint
@@ -129,9 +128,9 @@ def test_score_reports_bad_lines(hf_dir, tmp_path):
     assert proc.returncode != 0 and "no config.json" in proc.stderr
 
 
-def test_score_and_precompute_ref_config_defaults_agree_with_the_library():
-    """configs/score.py and configs/precompute_ref.py spell the defaults out (configs import
-    only ml_collections); they must be Policy's and precompute_reference's."""
+def test_score_config_defaults_agree_with_the_library():
+    """configs/score.py spells the defaults out (configs import only ml_collections); they
+    must be Policy's."""
     c = score_config.get_config()
     load = inspect.signature(Policy.load).parameters
     score = inspect.signature(Policy.score).parameters
@@ -139,11 +138,6 @@ def test_score_and_precompute_ref_config_defaults_agree_with_the_library():
     assert (c.batch_size, c.length_bucket, c.logprob_chunk) == (
         score["batch_size"].default, score["length_bucket"].default, chunk)
     assert (c.compute_dtype or None) == load["compute_dtype"].default  # "": the checkpoint's
-    ref = {k: p.default for k, p in
-           inspect.signature(scoring.precompute_reference).parameters.items()
-           if p.kind == p.KEYWORD_ONLY}
-    ref["logprob_chunk"] = ref.pop("chunk")
-    assert precompute_ref_config.get_config().to_dict() == ref
 
 
 @pytest.mark.slow

@@ -32,8 +32,7 @@ DEFAULT_CONFIGS = {"launch.build": "configs/build.py", "launch.toy_data": "confi
                    "launch.init_model": "configs/init_model.py",
                    "launch.execute": "configs/execute.py",
                    "launch.evaluate": "configs/evaluate.py",
-                   "launch.analyze": "configs/analyze.py",
-                   "launch.precompute_ref": "configs/precompute_ref.py"}
+                   "launch.analyze": "configs/analyze.py"}
 # The stages whose commands stage_calls records.
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
           "train", "evaluate", "analyze", "report")
@@ -230,15 +229,20 @@ def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name,
     assert checked == expected
 
 
-def test_reference_sums_are_computed_in_the_dtype_training_computes_in(tmp_path, monkeypatch):
-    # A frozen reference and precomputed sums agree only at one compute dtype.
+def test_reference_sums_are_computed_as_the_train_stage_computes_them(tmp_path, monkeypatch):
+    # launch.train refuses ref_logps of another reference, dtype or chunk; a mismatch here
+    # would stop the run at its train stage, after sampling and execution.
     calls = stage_calls(config("toy:fast", tmp_path), tmp_path / "run")
     monkeypatch.chdir(REPO)
-    dtypes = {stage: {program_config(module, args).compute_dtype if stage == "reference" else
-                      program_config(module, args).model.compute_dtype
-                      for s, module, args in calls if s == stage}
-              for stage in ("reference", "train")}
-    assert len(dtypes["reference"]) == 1 and dtypes["reference"] == dtypes["train"]
+
+    def what(c):
+        return (c.init_checkpoint, c.reference.checkpoint, c.model.compute_dtype,
+                c.model.param_dtype, c.train.logprob_chunk, tuple(c.mesh_shape))
+
+    seen = {stage: {what(program_config(module, args)) for s, module, args in calls
+                    if s == stage}
+            for stage in ("reference", "train")}
+    assert len(seen["reference"]) == 1 and seen["reference"] == seen["train"]
 
 
 def test_real_run_starts_from_the_checkpoint_and_prompts_given_at_one_learning_rate(
