@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import analyze
@@ -40,9 +39,9 @@ from fdpo import continuation, extract
 from fdpo.policy import Policy
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("analyze.py"),
-                                         "Analysis settings (configs/analyze.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("analyze.py"),
+                              "Analysis settings (configs/analyze.py).",
+                              lock_config=True)
 SAMPLES = flags.DEFINE_string("samples", None, "JSONL of {'id', 'codes'} (optionally 'passed').",
                               required=True)
 VERDICTS = flags.DEFINE_string("verdicts", None, "JSONL of {'id', 'passed'}; default: 'passed' "
@@ -87,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -10,13 +10,13 @@ import json
 import logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import build
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("build.py"),
-                                         "Build config (configs/build.py).", lock_config=True)
+CONFIG = common.define_config("config", configs.path("build.py"),
+                              "Build config (configs/build.py).", lock_config=True)
 INPUT = flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory.")
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -10,16 +10,16 @@ import json
 import logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import concepts
+from launch import common
 
 log = logging.getLogger("launch.concepts")
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("concepts.py"),
-                                         "Concept filters (configs/concepts.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("concepts.py"),
+                              "Concept filters (configs/concepts.py).",
+                              lock_config=True)
 SOURCE = flags.DEFINE_multi_string("source", None, "Source directory (or .py file); repeat "
                                    "the flag or list several after it.")
 OUT = flags.DEFINE_string("out", None, "Output JSONL of concepts (OUT.report.json beside it).",
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -21,7 +21,6 @@ import logging as pylogging
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.evaluation import generation
@@ -32,9 +31,9 @@ from fdpo.policy import Policy
 from fdpo.sandbox.executor import ISOLATION_MODES
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("evaluate.py"),
-                                         "Evaluation settings (configs/evaluate.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("evaluate.py"),
+                              "Evaluation settings (configs/evaluate.py).",
+                              lock_config=True)
 BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
                               required=True)
 SAMPLES = flags.DEFINE_string("samples", None, "EvalPlus samples JSONL to evaluate.")
@@ -77,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

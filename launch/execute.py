@@ -15,14 +15,14 @@ ones still run, and the exit status is 1. The work is `fdpo.sandbox.files.execut
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.sandbox import executor, files
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("execute.py"),
-                                         "Limits and isolation (configs/execute.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("execute.py"),
+                              "Limits and isolation (configs/execute.py).",
+                              lock_config=True)
 INPUT = flags.DEFINE_string("input", None, "JSONL problems: id, codes, tests.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, "JSONL results; appended to and resumed from.",
                              required=True)
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -16,15 +16,14 @@ initialises them (normal, std 0.02; norms 1, biases 0): `fdpo.models.checkpoint.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.models import checkpoint
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("init_model.py"),
-                                         "Model settings (configs/init_model.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("init_model.py"),
+                              "Model settings (configs/init_model.py).",
+                              lock_config=True)
 OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer directory.")
 
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from data_tools import analyze
 from fdpo import pipeline
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/toy.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", None, "Pipeline config (configs/toy.py).",
+                              required=True,
+                              lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are ignored).")
 
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -23,15 +23,14 @@ import pathlib
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo import scoring, sharding
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("precompute_ref.py"),
-                                         "Batching, dtype and shards (configs/precompute_ref.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("precompute_ref.py"),
+                              "Batching, dtype and shards (configs/precompute_ref.py).",
+                              lock_config=True)
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint of the reference.")
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Or: a Hugging Face model directory.")
 DATA = flags.DEFINE_string("data", None, "Dataset directory (manifest.json).", required=True)
@@ -59,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -15,6 +15,7 @@ import pathlib
 from absl import app, flags
 
 from fdpo import replicates
+from launch import common
 
 WORKDIRS = flags.DEFINE_list("workdirs", None, "Pipeline work directories (report/report.json "
                              "in each).", required=True)
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -13,6 +13,7 @@ import pathlib
 from absl import app, flags
 
 from fdpo import report
+from launch import common
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory.", required=True)
 
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

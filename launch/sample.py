@@ -34,7 +34,6 @@ from __future__ import annotations
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from fdpo import extract, jsonl, selfgen
 from fdpo.policy import Policy
@@ -45,7 +44,7 @@ HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 INPUT = flags.DEFINE_string("input", None, "Prompts JSONL.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, "Samples JSONL (appended to, resumed from).",
                              required=True)
-CONFIG = config_flags.DEFINE_config_file(
+CONFIG = common.define_config(
     "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "sample.py"),
     "Sampling config (configs/sample.py[:greedy]).", lock_config=True)
 
@@ -81,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -21,7 +21,6 @@ import pathlib
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from tqdm import tqdm
 
 import configs
@@ -29,9 +28,9 @@ from fdpo import jsonl
 from fdpo.policy import Policy
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("score.py"),
-                                         "Scoring settings (configs/score.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("score.py"),
+                              "Scoring settings (configs/score.py).",
+                              lock_config=True)
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 INPUT = flags.DEFINE_string("input", None, "Input JSONL.", required=True)
@@ -118,6 +117,6 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        app.run(main)
+        common.run(main)
     except InputError as e:
         raise SystemExit(f"error: {e}")

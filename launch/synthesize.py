@@ -12,7 +12,6 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import concepts as concepts_lib
@@ -22,7 +21,7 @@ from launch import common
 
 log = logging.getLogger("launch.synthesize")
 
-CONFIG = config_flags.DEFINE_config_file(
+CONFIG = common.define_config(
     "config", configs.path("synthesize.py"),
     "Synthesis config (templates, sampling, validation, dedupe).", lock_config=True)
 CONCEPTS = flags.DEFINE_string("concepts", None, "Concepts JSONL from launch.concepts.",
@@ -108,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -6,13 +6,13 @@ tasks (see `data_tools.toy.data` for the layout).
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools.toy import data as toy_data
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("toy_data.py"),
-                                         "The miniature's data settings.", lock_config=True)
+CONFIG = common.define_config("config", configs.path("toy_data.py"),
+                              "The miniature's data settings.", lock_config=True)
 OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 
 
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

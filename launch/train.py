@@ -29,7 +29,6 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from fdpo import data, train
 from fdpo import loss as loss_lib
@@ -38,8 +37,9 @@ from fdpo.models import checkpoint, convert
 from fdpo.records import PairDataSource
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (with :arg).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", None, "Run config file (with :arg).",
+                              required=True,
+                              lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has "
                               "checkpoints).", required=True)
 
@@ -289,4 +289,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)
