@@ -32,15 +32,20 @@ def main(argv):
     if MERGE.value:
         print(json.dumps(build.merge(OUT.value)["counts"], indent=2))
         return
-    for flag in (INPUT, TOKENIZER):
-        if flag.value is None:
-            raise app.UsageError(f"--{flag.name} is required")
     config = build.BuildConfig(**CONFIG.value.to_dict())
+    # Every check before the tokenizer loads or --out is touched.
+    common.check_readable_file("--input", INPUT.value)
+    common.check_dir("--tokenizer", TOKENIZER.value)
+    try:
+        config.validate()
+        build.check_output(OUT.value, config)
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
     try:
         manifest, timings = build.build(INPUT.value, TOKENIZER.value, OUT.value, config,
                                         progress=PROGRESS.value)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise common.UsageError(str(e)) from None
     print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]},
                      indent=2))
     print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))

@@ -62,6 +62,27 @@ def main(argv):
                            ("isolation", ISOLATION_MODES)):
         if c[field] not in allowed:
             raise app.UsageError(f"--config.{field}={c[field]!r}; expected one of {allowed}")
+    # Cheap checks before any generation or grading.
+    ks = c.k if isinstance(c.k, (tuple, list)) else (c.k,)
+    common.check(len(ks) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                     for k in ks),
+                 f"--config.k={c.k!r}: expected positive integers, e.g. --config.k='(1, 10)'")
+    num = common.check_number
+    num("--config.n", c.n, lo=1, integer=True)
+    num("--config.temperature", c.temperature, lo=0)
+    num("--config.top_p", c.top_p, lo=0, hi=1, lo_open=True)
+    num("--config.max_new_tokens", c.max_new_tokens, lo=1, integer=True)
+    num("--config.batch_size", c.batch_size, lo=1, integer=True)
+    num("--config.memory_mb", c.memory_mb, lo=1, integer=True)
+    if c.workers is not None:
+        num("--config.workers", c.workers, lo=1, integer=True)
+    for field in ("min_time_limit", "time_limit_factor", "split_budget", "lcb_timeout"):
+        num(f"--config.{field}", c[field], lo=0, lo_open=True)
+    if SAMPLES.value is not None:
+        common.check_readable_file("--samples", SAMPLES.value)
+    if DATASET.value is not None:
+        common.check_readable_file("--dataset", DATASET.value)
+    common.check_output("--out", OUT.value, directory=True)
 
     def load_policy():
         common.quiet_tokenizers()

@@ -9,6 +9,8 @@ and the tokenizer files (`fdpo.models.checkpoint.import_hf`).
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import app, flags, logging
 
 from fdpo.models import checkpoint
@@ -21,7 +23,11 @@ PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "fl
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise common.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.check_readable_file("--hf_dir", pathlib.Path(HF_DIR.value) / "config.json")
+    common.check_output("--out", OUT.value, directory=True)
+    common.check_mesh_shape()
     mesh = common.init_jax()
     out = checkpoint.import_hf(HF_DIR.value, OUT.value, mesh, param_dtype=PARAM_DTYPE.value)
     logging.info("wrote %s", out)

@@ -31,10 +31,18 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer direc
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.init_jax()
     c = CONFIG.value
-    path = checkpoint.init_random(OUT.value, preset=c.preset, fields=c.fields.to_dict(),
-                                  tokenizer=TOKENIZER.value, seed=c.seed)
+    common.check_output("--out", OUT.value, directory=True)
+    if TOKENIZER.value is not None:
+        common.check_dir("--tokenizer", TOKENIZER.value)
+    common.check_mesh_shape()
+    common.init_jax()
+    try:
+        path = checkpoint.init_random(OUT.value, preset=c.preset, fields=c.fields.to_dict(),
+                                      tokenizer=TOKENIZER.value, seed=c.seed)
+    except ValueError as e:  # a vocab_size below the tokenizer's, an unknown preset
+        raise common.UsageError(f"--config.fields.{e}" if str(e).startswith("vocab_size")
+                                else str(e)) from None
     print(f"initialised {path}")
 
 

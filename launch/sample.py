@@ -61,6 +61,17 @@ def main(argv):
         raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {selfgen.MODES}")
     if not pathlib.Path(INPUT.value).is_file():
         raise app.UsageError(f"--input={INPUT.value}: no such file")
+    num = common.check_number
+    for field in ("num_codes", "num_tests", "num_asserts", "top_k", "seed"):
+        num(f"--config.{field}", cfg_s[field], lo=0, integer=True)
+    for field in ("max_new_tokens", "batch_size", "length_bucket", "stop_check_steps"):
+        num(f"--config.{field}", cfg_s[field], lo=1, integer=True)
+    num("--config.temperature", cfg_s.temperature, lo=0)
+    num("--config.top_p", cfg_s.top_p, lo=0, hi=1, lo_open=True)
+    common.check_choice("--config.compute_dtype", cfg_s.compute_dtype,
+                        ("", "float32", "bfloat16"))
+    common.check_output("--output", OUTPUT.value)
+    common.check_mesh_shape()
     if not sum(selfgen.samples_per_prompt(cfg_s).values()):
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
 
