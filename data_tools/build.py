@@ -454,10 +454,11 @@ def check_output(out_dir: str, config: BuildConfig) -> None:
     """--out can be (re)placed: absent, empty, or a dataset a build wrote (the whole
     directory is replaced, so a directory holding anything else is refused)."""
     out = pathlib.Path(out_dir).absolute()
-    if not out.parent.is_dir():
-        raise ValueError(f"--out={out_dir}: the parent directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out={out_dir}: cannot write in {out.parent}")
+    parent = out.parent  # created when missing: its nearest existing ancestor must be writable
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={out_dir}: cannot write in {parent}")
     if not out.exists():
         return
     if not out.is_dir():
@@ -475,6 +476,7 @@ def _open_output(out_dir: str, config: BuildConfig) -> str:
     if not _is_single(config):
         os.makedirs(out_dir, exist_ok=True)
         return out_dir
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     atomic.clean(out_dir, _TEMP_TAG)
     work = atomic.temp_sibling(out_dir, _TEMP_TAG)
     work.mkdir()

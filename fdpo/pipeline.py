@@ -76,6 +76,12 @@ class StageFailed(RuntimeError):
     pass
 
 
+# Every stage, in the order `Pipeline.all` runs them (some only with the toy data or a warm
+# start).
+STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
+          "train", "evaluate", "analyze", "report")
+
+
 class Pipeline:
     """The stages of one run in `workdir`. `only`: run just these stages, their markers
     ignored (`--only`); `judging_tests`: see the module docstring."""
@@ -85,6 +91,10 @@ class Pipeline:
         self.cfg, self.w = cfg, workdir
         self.judging_tests = judging_tests
         self.only = tuple(only)
+        unknown = [n for n in self.only if n not in STAGES]
+        if unknown:
+            raise ValueError(f"--only={','.join(self.only)}: unknown stage(s) "
+                             f"{', '.join(unknown)}; the stages are {', '.join(STAGES)}")
         (workdir / "stages").mkdir(parents=True, exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
         self.timings: dict[str, float] = {}
@@ -397,8 +407,28 @@ class Pipeline:
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)
 
+    def check_inputs(self) -> None:
+        """What a real run reads from outside the workdir, read before any stage runs (a
+        bad prompts file should not wait for the model import). Raises ValueError."""
+        if self.cfg.toy.enabled:
+            return
+        if not self.cfg.prompts:
+            raise ValueError("config.prompts: no prompts file given (configs/real.py:prompts=P)")
+        try:
+            rows = list(jsonl.objects(self.cfg.prompts))
+        except OSError as e:
+            raise ValueError(f"config.prompts={self.cfg.prompts}: cannot read: {e}") from None
+        except jsonl.JsonlError as e:
+            raise ValueError(f"config.prompts: {e}") from None
+        for where, r in rows:
+            if not isinstance(r.get("prompt"), str):
+                raise ValueError(f"config.prompts: {where}: no string 'prompt'")
+        if not rows:
+            raise ValueError(f"config.prompts={self.cfg.prompts}: no prompts")
+
     def all(self):
         """Every stage in order (skipping those done earlier); the config beside them."""
+        self.check_inputs()
         (self.w / "pipeline_config.json").write_text(self.cfg.to_json(indent=2) + "\n")
         start = time.time()
         if self.cfg.toy.enabled:

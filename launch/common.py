@@ -139,11 +139,18 @@ def check_dir(name: str, path) -> None:
         raise UsageError(f"{name}={path}: no such directory")
 
 
-def check_output(name: str, path, *, directory: bool = False) -> None:
-    """An output file (or directory) can be written: its parent exists and is writable, and
-    an existing output is writable too."""
+def check_output(name: str, path, *, directory: bool = False,
+                 make_parents: bool = False) -> None:
+    """An output file (or directory) can be written: its parent exists (with
+    `make_parents`, for programs that create it: its nearest existing ancestor) and is
+    writable, and an existing output is writable too."""
+    if path is None:
+        raise UsageError(f"{name} is required")
     p = pathlib.Path(path).absolute()
     parent = p.parent
+    if make_parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{name}={path}: the parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):

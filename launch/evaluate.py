@@ -82,7 +82,7 @@ def main(argv):
         common.check_readable_file("--samples", SAMPLES.value)
     if DATASET.value is not None:
         common.check_readable_file("--dataset", DATASET.value)
-    common.check_output("--out", OUT.value, directory=True)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
 
     def load_policy():
         common.quiet_tokenizers()

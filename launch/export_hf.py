@@ -27,7 +27,7 @@ def main(argv):
     common.check(MAX_SHARD_SIZE_MB.value > 0,
                  f"--max_shard_size_mb={MAX_SHARD_SIZE_MB.value}: must be positive")
     common.check_dir("--checkpoint", CHECKPOINT.value)
-    common.check_output("--out", OUT.value, directory=True)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     try:
         checkpoint.check_export_out(OUT.value)
     except ValueError as e:

@@ -26,7 +26,7 @@ def main(argv):
     if len(argv) > 1:
         raise common.UsageError(f"unexpected arguments: {argv[1:]}")
     common.check_readable_file("--hf_dir", pathlib.Path(HF_DIR.value) / "config.json")
-    common.check_output("--out", OUT.value, directory=True)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     common.check_mesh_shape()
     mesh = common.init_jax()
     out = checkpoint.import_hf(HF_DIR.value, OUT.value, mesh, param_dtype=PARAM_DTYPE.value)

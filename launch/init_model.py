@@ -32,7 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = CONFIG.value
-    common.check_output("--out", OUT.value, directory=True)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     if TOKENIZER.value is not None:
         common.check_dir("--tokenizer", TOKENIZER.value)
     common.check_mesh_shape()

@@ -29,9 +29,18 @@ ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are i
 def main(argv):
     del argv
     workdir = pathlib.Path(WORKDIR.value).absolute()
+    unknown = [n for n in ONLY.value if n not in pipeline.STAGES]
+    common.check(not unknown, f"--only: unknown stage(s) {', '.join(unknown)}; the stages are "
+                 f"{', '.join(pipeline.STAGES)}")
+    common.check_output("--workdir", workdir, directory=True, make_parents=True)
     try:
-        pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
-                          only=ONLY.value).all()
+        run = pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
+                                only=ONLY.value)
+        run.check_inputs()
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
+    try:
+        run.all()
     except pipeline.StageFailed as e:
         raise SystemExit(f"error: {e}")
 

@@ -70,7 +70,7 @@ def main(argv):
     num("--config.top_p", cfg_s.top_p, lo=0, hi=1, lo_open=True)
     common.check_choice("--config.compute_dtype", cfg_s.compute_dtype,
                         ("", "float32", "bfloat16"))
-    common.check_output("--output", OUTPUT.value)
+    common.check_output("--output", OUTPUT.value, make_parents=True)
     common.check_mesh_shape()
     if not sum(selfgen.samples_per_prompt(cfg_s).values()):
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")

@@ -81,6 +81,13 @@ def main(argv):
     in_path = pathlib.Path(INPUT.value)
     if not in_path.is_file():
         raise app.UsageError(f"--input={in_path}: no such file")
+    # The output is written after all the compute: check it can be, before.
+    try:
+        pathlib.Path(OUTPUT.value).absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise common.UsageError(f"--output={OUTPUT.value}: {e}") from None
+    common.check_output("--output", OUTPUT.value)
+    common.check_mesh_shape()
     common.quiet_tokenizers()
     policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
                          compute_dtype=c.compute_dtype, logprob_chunk=c.logprob_chunk)
@@ -105,7 +112,6 @@ def main(argv):
         results.append(rec)
 
     out_path = pathlib.Path(OUTPUT.value)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     with open(tmp, "w") as f:
         for rec in results:
