@@ -65,6 +65,11 @@ def main(argv):
     if c.continuation and (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("--config.continuation needs exactly one of --checkpoint and "
                              "--hf_dir")
+    common.check_readable_file("--samples", SAMPLES.value)
+    if VERDICTS.value is not None:
+        common.check_readable_file("--verdicts", VERDICTS.value)
+    common.check_number("--config.lam", c.lam)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     options = analyze.Options(pair_rule=c.pair_rule, verdict=c.verdict, unit=c.unit,
                               ranker=c.ranker, lam=c.lam, exclude_reference=c.exclude_reference)
     try:

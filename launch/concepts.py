@@ -36,6 +36,8 @@ def main(argv):
     c = CONFIG.value
     if c.min_count < 1 or c.min_files < 1:
         raise app.UsageError("--config.min_count and --config.min_files must be >= 1")
+    common.check_output("--out", OUT.value)
+    common.check_output("--out", OUT.value + ".report.json")
     filters = concepts.Filters(c.min_count, c.min_files, c.drop_local)
     try:
         rows, report = concepts.scan(sources, filters, progress=PROGRESS.value,

@@ -37,10 +37,11 @@ def main(argv):
     if c.isolation not in executor.ISOLATION_MODES:
         raise app.UsageError(f"--config.isolation={c.isolation!r}; expected one of "
                              f"{executor.ISOLATION_MODES}")
-    try:
-        open(INPUT.value, "rb").close()
-    except OSError as e:
-        raise app.UsageError(f"--input: cannot read {INPUT.value}: {e}")
+    common.check_readable_file("--input", INPUT.value)
+    common.check_number("--config.timeout", c.timeout, lo=0, lo_open=True)
+    if c.workers is not None:
+        common.check_number("--config.workers", c.workers, lo=1, integer=True)
+    common.check_output("--output", OUTPUT.value, make_parents=True)
     try:
         limits = executor.Limits(
             timeout_s=c.timeout, memory_mb=c.memory_mb, max_procs=c.max_procs,

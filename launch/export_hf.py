@@ -9,7 +9,7 @@ it), generation_config.json and the tokenizer files (`fdpo.models.checkpoint.exp
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fdpo.models import checkpoint
 from launch import common

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fdpo.models import checkpoint
 from launch import common

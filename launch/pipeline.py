@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from data_tools import analyze
 from fdpo import pipeline

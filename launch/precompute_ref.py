@@ -48,6 +48,13 @@ def main(argv):
     if c.compute_dtype not in COMPUTE_DTYPES:
         raise app.UsageError(f"--config.compute_dtype={c.compute_dtype!r}; expected one of "
                              f"{COMPUTE_DTYPES}")
+    common.check_readable_file("--data", pathlib.Path(DATA.value) / "manifest.json")
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
+    for field in ("batch_size", "logprob_chunk", "num_shards"):
+        common.check_number(f"--config.{field}", c[field], lo=1, integer=True)
+    common.check(0 <= c.shard_index < c.num_shards,
+                 f"--config.shard_index={c.shard_index}: must be in [0, {c.num_shards})")
+    common.check_mesh_shape()
     shape = [int(s) for s in common.MESH_SHAPE.value]
     mesh = sharding.make_mesh(shape, jax.local_devices())
     scoring.precompute_reference(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from fdpo import report
 from launch import common
@@ -20,6 +20,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory.", requi
 
 def main(argv):
     del argv
+    common.check_dir("--workdir", WORKDIR.value)
     print(f"wrote {report.write(pathlib.Path(WORKDIR.value))}")
 
 

@@ -19,6 +19,12 @@ OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = CONFIG.value
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
+    for field in ("held_out_fraction", "corrupt_fraction", "sft_fraction"):
+        common.check_number(f"--config.{field}", c[field], lo=0, hi=1)
+    for field in ("num_tests", "vocab_size", "eval_tests", "eval_seen"):
+        common.check_number(f"--config.{field}", c[field], lo=1, integer=True)
     meta = toy_data.write(pathlib.Path(OUT.value), **CONFIG.value.to_dict())
     print(f"wrote {OUT.value}: {meta['counts']}")
 

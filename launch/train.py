@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
