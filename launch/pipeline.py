@@ -34,13 +34,12 @@ def main(argv):
                  f"{', '.join(pipeline.STAGES)}")
     common.check_output("--workdir", workdir, directory=True, make_parents=True)
     try:
-        run = pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
-                                only=ONLY.value)
-        run.check_inputs()
+        pipeline.check_inputs(CONFIG.value)  # before the workdir is touched
     except ValueError as e:
         raise common.UsageError(str(e)) from None
     try:
-        run.all()
+        pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
+                          only=ONLY.value).all()
     except pipeline.StageFailed as e:
         raise SystemExit(f"error: {e}")
 
