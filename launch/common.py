@@ -56,8 +56,13 @@ def define_config(name: str, default: str | None, help_string: str, *, required:
     field fails while the program module is imported, before `run` could catch it."""
     try:
         holder = config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
-    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-        usage_exit(f"--{name}.*: no such config field {str(e).strip(chr(34))}")
+    except (AttributeError, KeyError) as e:  # ml_collections: "'field'\nDid you mean ..."
+        inner = e.args[0] if e.args else e
+        while isinstance(inner, BaseException) and inner.args:
+            inner = inner.args[0]
+        usage_exit(f"--{name}.*: no such config field {inner}")
+    except (TypeError, ValueError, flags.Error) as e:
+        usage_exit(f"--{name}.*: {e}")
     _CONFIG_FLAGS.append((holder, required))
     return holder
 

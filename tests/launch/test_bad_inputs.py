@@ -174,6 +174,7 @@ def test_killed_build_leaves_old_or_new_dataset_whole(world, tmp_path):
     old, new = tree_hash(ref_old), tree_hash(ref_new)
     assert old != new
     out = tmp_path / "out"
+    killed = 0
     for seed in range(3):
         subprocess.run(_build_cmd(old_in, world / "tok", out), cwd=REPO, check=True,
                        capture_output=True)
@@ -186,11 +187,13 @@ def test_killed_build_leaves_old_or_new_dataset_whole(world, tmp_path):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            killed += 1
         assert tree_hash(out) in (old, new), f"seed {seed}: a mixed dataset after the kill"
         subprocess.run(_build_cmd(tmp_path / "new.jsonl", world / "tok", out), cwd=REPO,
                        check=True, capture_output=True)
         assert tree_hash(out) == new
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert killed >= 1, "no build was interrupted: the delays are too long"
 
 
 def test_reader_refuses_shards_that_do_not_match_the_manifest(world, tmp_path):
