@@ -9,6 +9,7 @@ and the tokenizer files (`fdpo.models.checkpoint.import_hf`).
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from absl import flags, logging
@@ -25,7 +26,9 @@ PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "fl
 def main(argv):
     if len(argv) > 1:
         raise common.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.check_readable_file("--hf_dir", pathlib.Path(HF_DIR.value) / "config.json")
+    common.check(os.path.isfile(pathlib.Path(HF_DIR.value) / "config.json"),
+                 f"--hf_dir={HF_DIR.value}: no config.json (not a Hugging Face model "
+                 "directory)")
     common.check_output("--out", OUT.value, directory=True, make_parents=True)
     common.check_mesh_shape()
     mesh = common.init_jax()

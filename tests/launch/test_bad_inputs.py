@@ -214,3 +214,20 @@ def test_reader_refuses_shards_that_do_not_match_the_manifest(world, tmp_path):
         records.PairDataSource.from_manifest(data / "manifest.json", "train")
     assert len(records.PairDataSource.from_manifest(world / "data" / "manifest.json",
                                                     "train")) > 0
+
+
+def test_export_over_an_old_export_leaves_only_the_new_files(world, tmp_path):
+    """An old sharded export (index + shards) replaced by an unsharded one: the directory
+    holds exactly what an export into an empty directory holds (no stale index that
+    import_hf would prefer), and no temporary is left beside it."""
+    from fdpo import sharding
+
+    mesh = sharding.make_mesh((1, -1, 1))
+    out, fresh = tmp_path / "hf", tmp_path / "fresh"
+    checkpoint.export_hf(world / "ckpt", out, mesh, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    checkpoint.export_hf(world / "ckpt_small_vocab", out, mesh)
+    checkpoint.export_hf(world / "ckpt_small_vocab", fresh, mesh)
+    assert tree_hash(out) == tree_hash(fresh)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "hf"]
