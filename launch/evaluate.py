@@ -78,10 +78,8 @@ def main(argv):
         num("--config.workers", c.workers, lo=1, integer=True)
     for field in ("min_time_limit", "time_limit_factor", "split_budget", "lcb_timeout"):
         num(f"--config.{field}", c[field], lo=0, lo_open=True)
-    if SAMPLES.value is not None:
-        common.check_readable_file("--samples", SAMPLES.value)
-    if DATASET.value is not None:
-        common.check_readable_file("--dataset", DATASET.value)
+    # The benchmark file and --samples are read (and named in errors) by evaluate_dir
+    # before any generation or grading.
     common.check_output("--out", OUT.value, directory=True, make_parents=True)
 
     def load_policy():

@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"--config.isolation={c.isolation!r}; expected one of "
                              f"{executor.ISOLATION_MODES}")
     common.check_readable_file("--input", INPUT.value)
-    common.check_number("--config.timeout", c.timeout, lo=0, lo_open=True)
+    common.check_number("--config.timeout", c.timeout)  # the range: executor.Limits
     if c.workers is not None:
         common.check_number("--config.workers", c.workers, lo=1, integer=True)
     common.check_output("--output", OUTPUT.value, make_parents=True)
