@@ -39,7 +39,10 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
+import pathlib
+import shutil
 import sys
 import time
 from typing import Any, Iterator
@@ -48,7 +51,7 @@ import numpy as np
 
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
-from fdpo import records
+from fdpo import atomic, records
 from fdpo.tokenization import Encoder, load_tokenizer
 
 log = logging.getLogger("data_tools.build")
@@ -93,6 +96,15 @@ class BuildConfig:
             raise ValueError(f"config.shard_index={self.shard_index} must be in [0, config.num_shards={self.num_shards})")
         if self.chunk_size < 1:
             raise ValueError("config.chunk_size must be >= 1")
+        if not (math.isfinite(self.damping) and 0.0 < self.damping <= 1.0):
+            raise ValueError(f"config.damping={self.damping} must be in (0, 1]")
+        if self.max_iter < 1 or self.patience < 1:
+            raise ValueError(f"config.max_iter={self.max_iter} and config.patience="
+                             f"{self.patience} must be >= 1")
+        if not math.isfinite(self.lam):
+            raise ValueError(f"config.lam={self.lam} must be a finite number")
+        if self.preview_pairs < 0:
+            raise ValueError(f"config.preview_pairs={self.preview_pairs} must be >= 0")
 
     def shard_tag(self) -> str:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
@@ -344,6 +356,7 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
     config.validate()
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input: no such file {input_path}")
+    check_output(out_dir, config)
     timings: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
     if tokenizer is None:
@@ -353,7 +366,19 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
             raise ValueError(f"--tokenizer={tokenizer_path}: cannot load a tokenizer: {e}") from e
     enc = Encoder(tokenizer)
     timings["load_tokenizer"] += time.perf_counter() - t0
-    os.makedirs(out_dir, exist_ok=True)
+    work_dir = _open_output(out_dir, config)
+    try:
+        manifest = _build_into(work_dir, input_path, tokenizer_path, enc, config, progress,
+                               timings)
+    except BaseException:  # also KeyboardInterrupt: leave no temporary behind
+        _abandon_output(work_dir, out_dir)
+        raise
+    _finish_output(work_dir, out_dir)
+    timings["total"] = time.perf_counter() - t0
+    return manifest, dict(timings)
+
+
+def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timings):
     tag = config.shard_tag()
     drops = Drops()
     counts: collections.Counter = collections.Counter()
@@ -408,8 +433,64 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
     if config.num_shards == 1:
         records.write_manifest(os.path.join(out_dir, "manifest.json"), manifest)
     _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
-    timings["total"] = time.perf_counter() - t0
-    return manifest, dict(timings)
+    return manifest
+
+
+# ------------------------------------------------------------------ the output directory
+# A single-host build writes into a temporary sibling of --out and swaps it into place at
+# the end (fdpo.atomic): an existing dataset is replaced whole or not at all, also when the
+# build is killed or rejected. A multi-host shard writes its tagged files into --out itself
+# (other hosts write there too); `merge` writes manifest.json last, and readers check every
+# shard's record count against the manifest (PairDataSource.from_manifest).
+
+_TEMP_TAG = "building"
+
+
+def _is_single(config: BuildConfig) -> bool:
+    return config.num_shards == 1
+
+
+def check_output(out_dir: str, config: BuildConfig) -> None:
+    """--out can be (re)placed: absent, empty, or a dataset a build wrote (the whole
+    directory is replaced, so a directory holding anything else is refused)."""
+    out = pathlib.Path(out_dir).absolute()
+    parent = out.parent  # created when missing: its nearest existing ancestor must be writable
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={out_dir}: cannot write in {parent}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out={out_dir}: exists and is not a directory")
+    names = [p.name for p in out.iterdir()]
+    built = any(n == "manifest.json" or (n.startswith("manifest-") and n.endswith(".json"))
+                for n in names)
+    if names and not built and _is_single(config):
+        raise ValueError(f"--out={out_dir}: a non-empty directory that holds no built dataset "
+                         "(no manifest.json); the build replaces --out whole, so give a new "
+                         "or empty directory")
+
+
+def _open_output(out_dir: str, config: BuildConfig) -> str:
+    if not _is_single(config):
+        os.makedirs(out_dir, exist_ok=True)
+        return out_dir
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    atomic.clean(out_dir, _TEMP_TAG)
+    work = atomic.temp_sibling(out_dir, _TEMP_TAG)
+    work.mkdir()
+    return str(work)
+
+
+def _finish_output(work_dir: str, out_dir: str) -> None:
+    if work_dir != out_dir:
+        atomic.replace_dir(work_dir, out_dir)
+
+
+def _abandon_output(work_dir: str, out_dir: str) -> None:
+    if work_dir != out_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def merge(out_dir: str) -> dict[str, Any]:

@@ -76,6 +76,32 @@ class StageFailed(RuntimeError):
     pass
 
 
+# Every stage, in the order `Pipeline.all` runs them (some only with the toy data or a warm
+# start).
+STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
+          "train", "evaluate", "analyze", "report")
+
+
+def check_inputs(cfg) -> None:
+    """What a real run reads from outside the workdir, read before any stage runs (a
+    bad prompts file should not wait for the model import). Raises ValueError."""
+    if cfg.toy.enabled:
+        return
+    if not cfg.prompts:
+        raise ValueError("config.prompts: no prompts file given (configs/real.py:prompts=P)")
+    try:
+        rows = list(jsonl.objects(cfg.prompts))
+    except OSError as e:
+        raise ValueError(f"config.prompts={cfg.prompts}: cannot read: {e}") from None
+    except jsonl.JsonlError as e:
+        raise ValueError(f"config.prompts: {e}") from None
+    for where, r in rows:
+        if not isinstance(r.get("prompt"), str):
+            raise ValueError(f"config.prompts: {where}: no string 'prompt'")
+    if not rows:
+        raise ValueError(f"config.prompts={cfg.prompts}: no prompts")
+
+
 class Pipeline:
     """The stages of one run in `workdir`. `only`: run just these stages, their markers
     ignored (`--only`); `judging_tests`: see the module docstring."""
@@ -401,8 +427,12 @@ class Pipeline:
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)
 
+    def check_inputs(self) -> None:
+        check_inputs(self.cfg)
+
     def all(self):
         """Every stage in order (skipping those done earlier); the config beside them."""
+        self.check_inputs()
         (self.w / "pipeline_config.json").write_text(self.cfg.to_json(indent=2) + "\n")
         start = time.time()
         if self.cfg.toy.enabled:

@@ -280,8 +280,20 @@ class PairDataSource:
         base = os.path.dirname(os.fspath(manifest_path))
         if split not in manifest["splits"]:
             raise KeyError(f"{manifest_path}: no split {split!r}; has {sorted(manifest['splits'])}")
-        shards = [os.path.join(base, s["path"]) for s in manifest["splits"][split]["shards"]]
-        return cls(shards, max_len=manifest["max_len"])
+        listed = manifest["splits"][split]["shards"]
+        shards = [os.path.join(base, s["path"]) for s in listed]
+        source = cls(shards, max_len=manifest["max_len"])
+        # Shards from another build (an interrupted rerun, a copy mixed with another) beside
+        # this manifest: refuse rather than train on them.
+        from array_record.python import array_record_data_source
+
+        for entry, path in zip(listed, shards):
+            n = len(array_record_data_source.ArrayRecordDataSource([path]))
+            if n != entry["records"]:
+                raise RecordError(f"{manifest_path}: shard {entry['path']} holds {n} records, "
+                                  f"the manifest says {entry['records']}; the directory mixes "
+                                  "outputs of different builds: rebuild it")
+        return source
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import statistics
 
 from matplotlib import figure
 
-from fdpo import jsonl
+from fdpo import atomic, jsonl
 
 
 def method_of(run: str) -> str:
@@ -261,6 +261,7 @@ def write(workdir: pathlib.Path) -> pathlib.Path:
     data = collect(workdir)
     summary = summarise(data)
     images = plots(data, summary, out)
-    (out / "report.json").write_text(json.dumps({**data, "summary": summary}, indent=2) + "\n")
-    (out / "report.md").write_text(render(data, summary, images))
+    atomic.write_text(out / "report.json",
+                      json.dumps({**data, "summary": summary}, indent=2) + "\n")
+    atomic.write_text(out / "report.md", render(data, summary, images))
     return out / "report.md"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import analyze
@@ -40,9 +39,9 @@ from fdpo import continuation, extract
 from fdpo.policy import Policy
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("analyze.py"),
-                                         "Analysis settings (configs/analyze.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("analyze.py"),
+                              "Analysis settings (configs/analyze.py).",
+                              lock_config=True)
 SAMPLES = flags.DEFINE_string("samples", None, "JSONL of {'id', 'codes'} (optionally 'passed').",
                               required=True)
 VERDICTS = flags.DEFINE_string("verdicts", None, "JSONL of {'id', 'passed'}; default: 'passed' "
@@ -66,6 +65,11 @@ def main(argv):
     if c.continuation and (CHECKPOINT.value is None) == (HF_DIR.value is None):
         raise app.UsageError("--config.continuation needs exactly one of --checkpoint and "
                              "--hf_dir")
+    common.check_readable_file("--samples", SAMPLES.value)
+    if VERDICTS.value is not None:
+        common.check_readable_file("--verdicts", VERDICTS.value)
+    common.check_number("--config.lam", c.lam)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     options = analyze.Options(pair_rule=c.pair_rule, verdict=c.verdict, unit=c.unit,
                               ranker=c.ranker, lam=c.lam, exclude_reference=c.exclude_reference)
     try:
@@ -89,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

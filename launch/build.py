@@ -13,13 +13,13 @@ import json
 import logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import build, tokenized
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("build.py"),
-                                         "Build config (configs/build.py).", lock_config=True)
+CONFIG = common.define_config("config", configs.path("build.py"),
+                              "Build config (configs/build.py).", lock_config=True)
 INPUT = flags.DEFINE_string("input", None, "JSON Lines of problems or ready pairs.")
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "A transformers tokenizer directory "
                                  "(optional with --tokenized).")
@@ -41,11 +41,19 @@ def main(argv):
         print(json.dumps(build.merge(OUT.value)["counts"], indent=2))
         return
     if VOCAB_SIZE.value is not None and not TOKENIZED.value:
-        raise app.UsageError("--vocab_size applies only with --tokenized")
-    for flag in (INPUT,) if TOKENIZED.value else (INPUT, TOKENIZER):
-        if flag.value is None:
-            raise app.UsageError(f"--{flag.name} is required")
+        raise common.UsageError("--vocab_size applies only with --tokenized")
     config = build.BuildConfig(**CONFIG.value.to_dict())
+    # Every check before the tokenizer loads or --out is touched.
+    common.check_readable_file("--input", INPUT.value)
+    if TOKENIZER.value is not None or not TOKENIZED.value:  # optional with --tokenized
+        common.check_dir("--tokenizer", TOKENIZER.value)
+    if VOCAB_SIZE.value is not None:
+        common.check_number("--vocab_size", VOCAB_SIZE.value, lo=1, hi=2**31 - 1, integer=True)
+    try:
+        config.validate()
+        build.check_output(OUT.value, config)
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
     try:
         if TOKENIZED.value:
             manifest, timings = tokenized.build_tokenized(
@@ -55,11 +63,11 @@ def main(argv):
             manifest, timings = build.build(INPUT.value, TOKENIZER.value, OUT.value, config,
                                             progress=PROGRESS.value)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise common.UsageError(str(e)) from None
     print(json.dumps({"counts": manifest["counts"], "drop_reasons": manifest["drop_reasons"]},
                      indent=2))
     print("seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -10,16 +10,16 @@ import json
 import logging
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import concepts
+from launch import common
 
 log = logging.getLogger("launch.concepts")
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("concepts.py"),
-                                         "Concept filters (configs/concepts.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("concepts.py"),
+                              "Concept filters (configs/concepts.py).",
+                              lock_config=True)
 SOURCE = flags.DEFINE_multi_string("source", None, "Source directory (or .py file); repeat "
                                    "the flag or list several after it.")
 OUT = flags.DEFINE_string("out", None, "Output JSONL of concepts (OUT.report.json beside it).",
@@ -36,6 +36,8 @@ def main(argv):
     c = CONFIG.value
     if c.min_count < 1 or c.min_files < 1:
         raise app.UsageError("--config.min_count and --config.min_files must be >= 1")
+    common.check_output("--out", OUT.value)
+    common.check_output("--out", OUT.value + ".report.json")
     filters = concepts.Filters(c.min_count, c.min_files, c.drop_local)
     try:
         rows, report = concepts.scan(sources, filters, progress=PROGRESS.value,
@@ -54,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

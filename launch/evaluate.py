@@ -21,7 +21,6 @@ import logging as pylogging
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.evaluation import generation
@@ -32,9 +31,9 @@ from fdpo.policy import Policy
 from fdpo.sandbox.executor import ISOLATION_MODES
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("evaluate.py"),
-                                         "Evaluation settings (configs/evaluate.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("evaluate.py"),
+                              "Evaluation settings (configs/evaluate.py).",
+                              lock_config=True)
 BENCHMARK = flags.DEFINE_enum("benchmark", None, list(tk.BENCHMARKS), "Benchmark.",
                               required=True)
 SAMPLES = flags.DEFINE_string("samples", None, "EvalPlus samples JSONL to evaluate.")
@@ -63,6 +62,25 @@ def main(argv):
                            ("isolation", ISOLATION_MODES)):
         if c[field] not in allowed:
             raise app.UsageError(f"--config.{field}={c[field]!r}; expected one of {allowed}")
+    # Cheap checks before any generation or grading.
+    ks = c.k if isinstance(c.k, (tuple, list)) else (c.k,)
+    common.check(len(ks) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                     for k in ks),
+                 f"--config.k={c.k!r}: expected positive integers, e.g. --config.k='(1, 10)'")
+    num = common.check_number
+    num("--config.n", c.n, lo=1, integer=True)
+    num("--config.temperature", c.temperature, lo=0)
+    num("--config.top_p", c.top_p, lo=0, hi=1, lo_open=True)
+    num("--config.max_new_tokens", c.max_new_tokens, lo=1, integer=True)
+    num("--config.batch_size", c.batch_size, lo=1, integer=True)
+    num("--config.memory_mb", c.memory_mb, lo=1, integer=True)
+    if c.workers is not None:
+        num("--config.workers", c.workers, lo=1, integer=True)
+    for field in ("min_time_limit", "time_limit_factor", "split_budget", "lcb_timeout"):
+        num(f"--config.{field}", c[field], lo=0, lo_open=True)
+    # The benchmark file and --samples are read (and named in errors) by evaluate_dir
+    # before any generation or grading.
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
 
     def load_policy():
         common.quiet_tokenizers()
@@ -77,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

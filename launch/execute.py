@@ -15,14 +15,14 @@ ones still run, and the exit status is 1. The work is `fdpo.sandbox.files.execut
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.sandbox import executor, files
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("execute.py"),
-                                         "Limits and isolation (configs/execute.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("execute.py"),
+                              "Limits and isolation (configs/execute.py).",
+                              lock_config=True)
 INPUT = flags.DEFINE_string("input", None, "JSONL problems: id, codes, tests.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, "JSONL results; appended to and resumed from.",
                              required=True)
@@ -37,10 +37,11 @@ def main(argv):
     if c.isolation not in executor.ISOLATION_MODES:
         raise app.UsageError(f"--config.isolation={c.isolation!r}; expected one of "
                              f"{executor.ISOLATION_MODES}")
-    try:
-        open(INPUT.value, "rb").close()
-    except OSError as e:
-        raise app.UsageError(f"--input: cannot read {INPUT.value}: {e}")
+    common.check_readable_file("--input", INPUT.value)
+    common.check_number("--config.timeout", c.timeout)  # the range: executor.Limits
+    if c.workers is not None:
+        common.check_number("--config.workers", c.workers, lo=1, integer=True)
+    common.check_output("--output", OUTPUT.value, make_parents=True)
     try:
         limits = executor.Limits(
             timeout_s=c.timeout, memory_mb=c.memory_mb, max_procs=c.max_procs,
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

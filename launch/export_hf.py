@@ -9,7 +9,7 @@ it), generation_config.json and the tokenizer files (`fdpo.models.checkpoint.exp
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fdpo.models import checkpoint
 from launch import common
@@ -22,7 +22,17 @@ MAX_SHARD_SIZE_MB = flags.DEFINE_integer("max_shard_size_mb", 5 * 1024,
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise common.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.check(MAX_SHARD_SIZE_MB.value > 0,
+                 f"--max_shard_size_mb={MAX_SHARD_SIZE_MB.value}: must be positive")
+    common.check_dir("--checkpoint", CHECKPOINT.value)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
+    try:
+        checkpoint.check_export_out(OUT.value)
+    except ValueError as e:
+        raise common.UsageError(f"--out={e}") from None
+    common.check_mesh_shape()
     mesh = common.init_jax()
     out = checkpoint.export_hf(CHECKPOINT.value, OUT.value, mesh,
                                MAX_SHARD_SIZE_MB.value * 1024 * 1024)
@@ -31,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -9,7 +9,10 @@ and the tokenizer files (`fdpo.models.checkpoint.import_hf`).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+import os
+import pathlib
+
+from absl import flags, logging
 
 from fdpo.models import checkpoint
 from launch import common
@@ -21,7 +24,13 @@ PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "fl
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise common.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.check(os.path.isfile(pathlib.Path(HF_DIR.value) / "config.json"),
+                 f"--hf_dir={HF_DIR.value}: no config.json (not a Hugging Face model "
+                 "directory)")
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
+    common.check_mesh_shape()
     mesh = common.init_jax()
     out = checkpoint.import_hf(HF_DIR.value, OUT.value, mesh, param_dtype=PARAM_DTYPE.value)
     logging.info("wrote %s", out)
@@ -29,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -16,15 +16,14 @@ initialises them (normal, std 0.02; norms 1, biases 0): `fdpo.models.checkpoint.
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from fdpo.models import checkpoint
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("init_model.py"),
-                                         "Model settings (configs/init_model.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("init_model.py"),
+                              "Model settings (configs/init_model.py).",
+                              lock_config=True)
 OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer directory.")
 
@@ -32,12 +31,20 @@ TOKENIZER = flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer direc
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.init_jax()
     c = CONFIG.value
-    path = checkpoint.init_random(OUT.value, preset=c.preset, fields=c.fields.to_dict(),
-                                  tokenizer=TOKENIZER.value, seed=c.seed)
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
+    if TOKENIZER.value is not None:
+        common.check_dir("--tokenizer", TOKENIZER.value)
+    common.check_mesh_shape()
+    common.init_jax()
+    try:
+        path = checkpoint.init_random(OUT.value, preset=c.preset, fields=c.fields.to_dict(),
+                                      tokenizer=TOKENIZER.value, seed=c.seed)
+    except ValueError as e:  # a vocab_size below the tokenizer's, an unknown preset
+        raise common.UsageError(f"--config.fields.{e}" if str(e).startswith("vocab_size")
+                                else str(e)) from None
     print(f"initialised {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from data_tools import analyze
 from fdpo import pipeline
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/toy.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", None, "Pipeline config (configs/toy.py).",
+                              required=True,
+                              lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are ignored).")
 
@@ -28,6 +29,14 @@ ONLY = flags.DEFINE_list("only", [], "Run only these stages (their markers are i
 def main(argv):
     del argv
     workdir = pathlib.Path(WORKDIR.value).absolute()
+    unknown = [n for n in ONLY.value if n not in pipeline.STAGES]
+    common.check(not unknown, f"--only: unknown stage(s) {', '.join(unknown)}; the stages are "
+                 f"{', '.join(pipeline.STAGES)}")
+    common.check_output("--workdir", workdir, directory=True, make_parents=True)
+    try:
+        pipeline.check_inputs(CONFIG.value)  # before the workdir is touched
+    except ValueError as e:
+        raise common.UsageError(str(e)) from None
     try:
         pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
                           only=ONLY.value).all()
@@ -36,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

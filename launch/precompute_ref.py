@@ -24,14 +24,13 @@ from __future__ import annotations
 import pathlib
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from fdpo import reference, sharding
+from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "The training run's config file "
-                                         "(with :arg), as given to launch.train.",
-                                         lock_config=True)
+CONFIG = common.define_config("config", None, "The training run's config file (with :arg), "
+                              "as given to launch.train.", required=True, lock_config=True)
 OUT = flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Pairs per compiled call (rounded up to "
                                   "the data-parallel devices).", lower_bound=1)
@@ -45,23 +44,24 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 def main(argv):
     del argv
     c = CONFIG.value
-    if c is None:
-        raise app.UsageError("--config (the training config) is required")
     if not c.data.dir:
-        raise app.UsageError("--config: data.dir (config arg data=) is empty")
+        raise common.UsageError("--config: data.dir (config arg data=) is empty")
+    common.check_readable_file("--config.data.dir", pathlib.Path(c.data.dir) / "manifest.json")
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     if pathlib.Path(c.data.dir).resolve() == pathlib.Path(OUT.value).resolve():
-        raise app.UsageError("--out must differ from the config's data.dir (shards are "
-                             "rewritten)")
-    if c.model.compute_dtype not in COMPUTE_DTYPES:
-        raise app.UsageError(f"--config.model.compute_dtype={c.model.compute_dtype!r}; "
-                             f"expected one of {COMPUTE_DTYPES}")
-    if SHARD_INDEX.value >= NUM_SHARDS.value:
-        raise app.UsageError(f"--shard_index={SHARD_INDEX.value} must be below "
-                             f"--num_shards={NUM_SHARDS.value}")
+        raise common.UsageError("--out must differ from the config's data.dir (shards are "
+                                "rewritten)")
+    common.check_choice("--config.model.compute_dtype", c.model.compute_dtype, COMPUTE_DTYPES)
+    common.check_number("--config.train.logprob_chunk", c.train.logprob_chunk, lo=1,
+                        integer=True)
+    common.check(SHARD_INDEX.value < NUM_SHARDS.value,
+                 f"--shard_index={SHARD_INDEX.value} must be below "
+                 f"--num_shards={NUM_SHARDS.value}")
+    common.check_mesh_shape(c.mesh_shape)
     try:
         reference.source(c)
     except ValueError as e:
-        raise app.UsageError(f"--config: {e}") from e
+        raise common.UsageError(f"--config: {e}") from e
     mesh = sharding.make_mesh([int(s) for s in c.mesh_shape], jax.local_devices())
     reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value,
                          shard_index=SHARD_INDEX.value, num_shards=NUM_SHARDS.value)
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from fdpo import replicates
+from launch import common
 
 WORKDIRS = flags.DEFINE_list("workdirs", None, "Pipeline work directories (report/report.json "
                              "in each).", required=True)
@@ -24,6 +25,9 @@ FOCUS = flags.DEFINE_string("focus", "focused_dpo", "The method the others are c
 
 def main(argv):
     del argv
+    for w in WORKDIRS.value:
+        common.check_readable_file("--workdirs", pathlib.Path(w) / "report" / "report.json")
+    common.check_output("--out", OUT.value, directory=True, make_parents=True)
     try:
         text = replicates.write(WORKDIRS.value, pathlib.Path(OUT.value), FOCUS.value)
     except replicates.ReportError as e:
@@ -32,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from fdpo import report
+from launch import common
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory.", required=True)
 
 
 def main(argv):
     del argv
+    common.check_dir("--workdir", WORKDIR.value)
     print(f"wrote {report.write(pathlib.Path(WORKDIR.value))}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import pathlib
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from fdpo import extract, jsonl, selfgen
 from fdpo.policy import Policy
@@ -45,7 +44,7 @@ HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 INPUT = flags.DEFINE_string("input", None, "Prompts JSONL.", required=True)
 OUTPUT = flags.DEFINE_string("output", None, "Samples JSONL (appended to, resumed from).",
                              required=True)
-CONFIG = config_flags.DEFINE_config_file(
+CONFIG = common.define_config(
     "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "sample.py"),
     "Sampling config (configs/sample.py[:greedy]).", lock_config=True)
 
@@ -62,6 +61,17 @@ def main(argv):
         raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {selfgen.MODES}")
     if not pathlib.Path(INPUT.value).is_file():
         raise app.UsageError(f"--input={INPUT.value}: no such file")
+    num = common.check_number
+    for field in ("num_codes", "num_tests", "num_asserts", "top_k", "seed"):
+        num(f"--config.{field}", cfg_s[field], lo=0, integer=True)
+    for field in ("max_new_tokens", "batch_size", "length_bucket", "stop_check_steps"):
+        num(f"--config.{field}", cfg_s[field], lo=1, integer=True)
+    num("--config.temperature", cfg_s.temperature, lo=0)
+    num("--config.top_p", cfg_s.top_p, lo=0, hi=1, lo_open=True)
+    common.check_choice("--config.compute_dtype", cfg_s.compute_dtype,
+                        ("", "float32", "bfloat16"))
+    common.check_output("--output", OUTPUT.value, make_parents=True)
+    common.check_mesh_shape()
     if not sum(selfgen.samples_per_prompt(cfg_s).values()):
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
 
@@ -81,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

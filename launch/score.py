@@ -21,7 +21,6 @@ import pathlib
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from tqdm import tqdm
 
 import configs
@@ -29,9 +28,9 @@ from fdpo import jsonl
 from fdpo.policy import Policy
 from launch import common
 
-CONFIG = config_flags.DEFINE_config_file("config", configs.path("score.py"),
-                                         "Scoring settings (configs/score.py).",
-                                         lock_config=True)
+CONFIG = common.define_config("config", configs.path("score.py"),
+                              "Scoring settings (configs/score.py).",
+                              lock_config=True)
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.")
 INPUT = flags.DEFINE_string("input", None, "Input JSONL.", required=True)
@@ -82,6 +81,13 @@ def main(argv):
     in_path = pathlib.Path(INPUT.value)
     if not in_path.is_file():
         raise app.UsageError(f"--input={in_path}: no such file")
+    # The output is written after all the compute: check it can be, before.
+    try:
+        pathlib.Path(OUTPUT.value).absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise common.UsageError(f"--output={OUTPUT.value}: {e}") from None
+    common.check_output("--output", OUTPUT.value)
+    common.check_mesh_shape()
     common.quiet_tokenizers()
     policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
                          compute_dtype=c.compute_dtype, logprob_chunk=c.logprob_chunk)
@@ -106,7 +112,6 @@ def main(argv):
         results.append(rec)
 
     out_path = pathlib.Path(OUTPUT.value)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     with open(tmp, "w") as f:
         for rec in results:
@@ -118,6 +123,6 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        app.run(main)
+        common.run(main)
     except InputError as e:
         raise SystemExit(f"error: {e}")

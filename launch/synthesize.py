@@ -12,7 +12,6 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
 from data_tools import concepts as concepts_lib
@@ -22,7 +21,7 @@ from launch import common
 
 log = logging.getLogger("launch.synthesize")
 
-CONFIG = config_flags.DEFINE_config_file(
+CONFIG = common.define_config(
     "config", configs.path("synthesize.py"),
     "Synthesis config (templates, sampling, validation, dedupe).", lock_config=True)
 CONCEPTS = flags.DEFINE_string("concepts", None, "Concepts JSONL from launch.concepts.",
@@ -63,6 +62,23 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint and --hf_dir (or --generations)")
     if PER_CONCEPT.value is not None:
         config.per_concept = PER_CONCEPT.value
+    # The outputs are written only after generation: check them before it.
+    common.check_readable_file("--concepts", CONCEPTS.value)
+    for flag, path in (("--out", OUT.value), ("--out", OUT.value + ".rejected.jsonl"),
+                       ("--out", OUT.value + ".report.json"),
+                       ("--save_generations", SAVE_GENERATIONS.value)):
+        if path:
+            common.check_output(flag, path)
+    if GENERATIONS.value is not None:
+        common.check_readable_file("--generations", GENERATIONS.value)
+    common.check_number("--config.per_concept", config.per_concept, lo=1, integer=True)
+    common.check_number("--config.samples_per_request", config.samples_per_request, lo=1,
+                        integer=True)
+    common.check_number("--config.sampling.temperature", config.sampling.temperature, lo=0)
+    common.check_number("--config.sampling.top_p", config.sampling.top_p, lo=0, hi=1,
+                        lo_open=True)
+    common.check_number("--config.sampling.max_new_tokens", config.sampling.max_new_tokens,
+                        lo=1, integer=True)
     try:
         requests = synthesize.make_requests(concepts_lib.read_concepts(CONCEPTS.value), config)
     except (OSError, ValueError) as e:
@@ -108,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from fdpo import atomic
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig, field_overrides, preset as model_preset
@@ -154,30 +155,62 @@ def export_hf(checkpoint_dir, out_dir, mesh: Mesh,
               max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
     """Writes an HF directory: safetensors in the original dtype, config.json (the original
     one when the checkpoint kept it), generation config and tokenizer files."""
+    check_export_out(out_dir)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes}: must be positive")
     ckpt = pathlib.Path(checkpoint_dir)
     meta = read_metadata(ckpt)
     cfg, _, state = load_model(ckpt, mesh)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = pathlib.Path(out_dir)
     params = nnx.to_pure_dict(state)
     tensors = tqdm(convert.iter_hf_tensors(cfg, params), total=convert.num_hf_tensors(cfg),
                    desc="export", unit="tensor")
     if jax.process_index() == 0:
-        convert.write_safetensors(tensors, out, max_shard_bytes)
-        hf_config = meta.get("hf_config") or cfg.to_hf_config()
-        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        extras = ckpt / EXTRAS_DIR
-        if extras.is_dir():
-            copy_hf_extras(extras, out)
-        if not (out / "generation_config.json").exists():
-            gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
-                                     ("eos_token_id", cfg.eos_token_id),
-                                     ("pad_token_id", cfg.pad_token_id)) if v is not None}
-            (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        # Written beside the output and swapped in whole: an old export's shards and index
+        # never stay next to the new files (import_hf would prefer the stale index).
+        final.parent.mkdir(parents=True, exist_ok=True)
+        atomic.clean(final, _EXPORT_TAG)
+        out = atomic.temp_sibling(final, _EXPORT_TAG)
+        out.mkdir()
+        try:
+            _write_export(tensors, out, max_shard_bytes, meta, cfg, ckpt)
+            atomic.replace_dir(out, final)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     else:
         for _ in tensors:  # every process takes part in gathering sharded arrays
             pass
-    return out
+    return final
+
+
+_EXPORT_TAG = "exporting"
+
+
+def check_export_out(out_dir) -> None:
+    """An export replaces its output directory whole: refuse one that holds something
+    other than a Hugging Face model directory."""
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ValueError(f"{out}: a non-empty directory without config.json (not a Hugging "
+                         "Face export); the export replaces it whole, so give a new or empty "
+                         "directory")
+
+
+def _write_export(tensors, out, max_shard_bytes, meta, cfg, ckpt) -> None:
+    convert.write_safetensors(tensors, out, max_shard_bytes)
+    hf_config = meta.get("hf_config") or cfg.to_hf_config()
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    extras = ckpt / EXTRAS_DIR
+    if extras.is_dir():
+        copy_hf_extras(extras, out)
+    if not (out / "generation_config.json").exists():
+        gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
+                                 ("eos_token_id", cfg.eos_token_id),
+                                 ("pad_token_id", cfg.pad_token_id)) if v is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 TINY_QWEN2 = dict(architecture="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -196,6 +229,9 @@ def init_random(out, *, preset: str | None = None, fields: dict | None = None,
     if tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer)
+        if fields.get("vocab_size", len(tok)) < len(tok):
+            raise ValueError(f"vocab_size={fields['vocab_size']} is smaller than the "
+                             f"tokenizer's vocabulary ({len(tok)} tokens in {tokenizer})")
         fields.setdefault("vocab_size", len(tok))
         fields.setdefault("eos_token_id", tok.eos_token_id)
         fields.setdefault("pad_token_id", tok.pad_token_id)
