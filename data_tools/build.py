@@ -98,9 +98,11 @@ class BuildConfig:
             raise ValueError("config.chunk_size must be >= 1")
         if not (math.isfinite(self.damping) and 0.0 < self.damping <= 1.0):
             raise ValueError(f"config.damping={self.damping} must be in (0, 1]")
-        if self.max_iter < 1 or self.patience < 1:
-            raise ValueError(f"config.max_iter={self.max_iter} and config.patience="
-                             f"{self.patience} must be >= 1")
+        if self.max_iter < 1:
+            raise ValueError(f"config.max_iter={self.max_iter} must be >= 1")
+        if self.patience < 0:
+            raise ValueError(f"config.patience={self.patience} must be >= 0 (0: stop only "
+                             "at the fixed point or max_iter)")
         if not math.isfinite(self.lam):
             raise ValueError(f"config.lam={self.lam} must be a finite number")
         if self.preview_pairs < 0:
