@@ -16,7 +16,6 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_tools import analyze
 from fdpo import pipeline
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Pipeline config (configs/toy.py).",
@@ -29,8 +28,7 @@ def main(argv):
     del argv
     workdir = pathlib.Path(WORKDIR.value).absolute()
     try:
-        pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
-                          only=ONLY.value).all()
+        pipeline.Pipeline(CONFIG.value, workdir, only=ONLY.value).all()
     except pipeline.StageFailed as e:
         raise SystemExit(f"error: {e}")
 
