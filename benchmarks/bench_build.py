@@ -47,7 +47,11 @@ def synthetic_problem(i: int, rng: np.random.Generator, k_codes: int = 10, k_tes
         codes.append("\n".join(lines) + "\n")
         p = np.where(sound, (rng.random(k_tests) < 0.4) if mutated else True, rng.random(k_tests) < 0.5)
         rows.append(p.tolist())
-    return {"id": f"synthetic-{i}", "prompt": f"Write solve_{i}(xs) for problem {i}.", "codes": codes,
+    # A problem record after launch.execute (fdpo/problem.py): every sample finished by EOS.
+    return {"version": 1, "id": f"synthetic-{i}", "prompt": f"Write solve_{i}(xs) for problem {i}.",
+            "response_format": "code_block",
+            "samples": [{"response": f"```python\n{c}```", "response_ids": [], "program": c,
+                         "finish": "eos"} for c in codes],
             "tests": [f"assert solve_{i}([{t}]) == {t}" for t in range(k_tests)], "passed": rows}
 
 

@@ -25,5 +25,8 @@ def get_config(arg=None):
     c.num_shards = 1
     c.chunk_size = 2048  # problems ranked and tokenised together
     c.preview_pairs = 20
+    c.truncated = "drop"  # drop | reject_only: a sample cut by the token limit is never chosen
+    c.train_pairs = 0  # global selection by Diff after all shards; 0 keeps all [paper: 5000]
+    c.val_pairs = 0  # [paper: 1000]
     c.lock()
     return c

@@ -52,7 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="",  # the miniature's prompt split; a real run samples every line of `prompts`
         num_tests=10, code_prompt=""))
     c.execute = ml_collections.ConfigDict(dict(timeout=10.0, workers=0))  # 0: all cores
-    c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=1 / 6))
+    # The paper keeps 5,000 training and 1,000 validation pairs (top Diff over all
+    # problems); a truncated sample is never chosen, nor (drop) rejected.
+    c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=1 / 6,
+                                               truncated="drop", train_pairs=5000, val_pairs=1000))
 
     c.methods = ("focused_dpo", "dpo")
     c.seeds = (0,)

@@ -60,7 +60,7 @@ import numpy as np
 
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
-from fdpo import jsonl
+from fdpo import jsonl, problem
 
 log = logging.getLogger("data_tools.analyze")
 
@@ -426,9 +426,27 @@ def _passed_matrix(passed: Any, n_codes: int) -> np.ndarray:
     return np.array(passed, bool).reshape(n_codes, width.pop() if width else 0)
 
 
+def record_view(rec: dict) -> dict[str, Any]:
+    """What the analysis reads from a problem record (fdpo/problem.py) after launch.execute:
+    {"codes": the responses of the samples with a program (what the policy wrote, and what a
+    continuation extends), "passed": their verdict rows, "tests"}. Where the record names the
+    right tests (``tests_correct``, the miniature's oracle), only those columns are kept:
+    correctness is then judged by the truth."""
+    keep = problem.usable(rec)
+    tests, passed = rec["tests"], [rec["passed"][i] for i in keep]
+    right = rec.get("tests_correct")
+    if isinstance(right, list) and len(right) == len(tests):
+        tests = [t for t, ok in zip(tests, right) if ok]
+        passed = [[v for v, ok in zip(row, right) if ok] for row in passed]
+    return {"codes": [rec["samples"][i]["response"] for i in keep], "passed": passed,
+            "tests": tests, "judged_by_truth": isinstance(right, list)}
+
+
 def read_inputs(samples_path: str, verdicts_path: str | None) -> InputProblems:
     """Joins ``{"id", "codes"}`` lines with ``{"id", "passed"}`` lines by id (or reads ``passed``
-    from the sample lines themselves when no verdict file is given). Bad lines are counted."""
+    from the sample lines themselves when no verdict file is given). Bad lines are counted.
+    A problem record (``version``; :func:`record_view`) carries its own verdicts: it needs
+    no verdict file, and a record without ``passed`` is an error naming file:line."""
     dropped: collections.Counter = collections.Counter()
     drops: list[dict[str, Any]] = []
     verdict_rows: dict[str, tuple[int, Any]] = {}
@@ -438,8 +456,22 @@ def read_inputs(samples_path: str, verdicts_path: str | None) -> InputProblems:
     problems = []
     for i, obj in _read_jsonl(samples_path, drops, dropped):
         pid = str(obj["id"])
-        codes = obj.get("codes")
         where = {"file": samples_path, "line": i, "id": pid}
+        if problem.is_record(obj):
+            if "passed" not in obj:  # not run through launch.execute: a file of the wrong kind
+                raise problem.RecordError(f"{samples_path}:{i}: missing field 'passed' (run "
+                                          "launch.execute on the samples first)")
+            try:
+                problem.check(obj, f"{samples_path}:{i}", problem.EXECUTED)
+            except problem.RecordError as e:
+                dropped[MALFORMED] += 1
+                drops.append(dict(where, reason=MALFORMED, detail=str(e)))
+                continue
+            view = record_view(obj)
+            problems.append((pid, view["codes"], _passed_matrix(view["passed"], len(view["codes"]))
+                             .reshape(len(view["codes"]), len(view["tests"]))))
+            continue
+        codes = obj.get("codes")
         if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
             dropped[MALFORMED] += 1
             drops.append(dict(where, reason=MALFORMED, detail="'codes' must be a list of strings"))
@@ -530,6 +562,9 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
             raise ContinuationInputError(
                 f"{where}: id {pid!r} repeats line {found[pid][0]}; "
                 "--config.continuation needs unique ids")
+        if problem.is_record(rec):
+            found[pid] = (lineno, rec)  # checked by read_inputs
+            continue
         tests = rec.get("tests")
         if not isinstance(rec.get("prompt"), str) or not isinstance(tests, list) or \
                 not all(isinstance(t, str) for t in tests):
@@ -540,15 +575,25 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
     return found
 
 
-def continuation_jobs(samples_path: str, result: PhiResult, unit: str
+def continuation_jobs(samples_path: str, result: PhiResult, unit: str, ranker: str = "mutual"
                       ) -> tuple[list[dict], collections.Counter]:
     """The continuation experiment's input, JAX-free: ([{"id", "prompt", "tests", "starts":
     (prefix + chosen mid, prefix + rejected mid)}] of every used problem with tests, problems
     left out by reason). Raises ContinuationInputError (:func:`continuation_lines`). The
-    model side is :func:`fdpo.continuation.run`."""
+    model side is :func:`fdpo.continuation.run`. A problem record's continuations are judged
+    by its right tests where it names them, else by :func:`judging_tests` with ``ranker``
+    (the data stage's ground truth)."""
     found = continuation_lines(samples_path, [s.id for s in result.segments])
-    lines = {pid: rec for pid, (_, rec) in found.items()}
     lines_at = {pid: lineno for pid, (lineno, _) in found.items()}
+    lines = {}
+    for pid, (_, rec) in found.items():
+        if problem.is_record(rec):
+            view = record_view(rec)
+            tests = view["tests"] if view["judged_by_truth"] else judging_tests(
+                view["tests"], np.array(view["passed"], bool).reshape(
+                    len(view["codes"]), len(view["tests"])), ranker)
+            rec = {"prompt": rec["prompt"], "codes": view["codes"], "tests": tests}
+        lines[pid] = rec
     skipped: collections.Counter = collections.Counter()
     jobs = []
     for seg in result.segments:

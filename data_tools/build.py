@@ -4,10 +4,21 @@
 
 Input: JSON Lines, each line one of
 
-* a problem: ``{"id", "prompt", "codes": [str], "tests": [...], "passed": [[bool]]}`` with
-  ``passed[i][j]`` true when code i passes test j; codes are ranked (``config.ranker``), classified,
-  and the best (correct, incorrect) pairs selected (``config.lam``, ``config.pairs_per_problem``);
+* a problem record (:mod:`fdpo.problem`, docs/data.md) after ``launch.execute``:
+  ``{"version", "id", "prompt", "samples": [{response, program, finish, ...}], "tests",
+  "passed": [[bool]], ...}`` with ``passed[i][j]`` true when sample i's program passes test j.
+  The samples with a non-empty program are ranked (``config.ranker``) and classified; a
+  sample cut by the token limit (``finish == "length"``) is never chosen, and by default not
+  rejected either (``config.truncated``); the best (correct, incorrect) pairs are selected
+  (``config.lam``, ``config.pairs_per_problem``). The response trained on is the program
+  (``response_format`` ``code_block``) or the response itself (``completion``). A line in the
+  format before problem records (``codes`` and no ``version``), a record without
+  ``passed``, and a problem id that repeats are errors naming file:line;
 * a ready pair: ``{"prompt", "chosen", "rejected"}`` (optional ``"id"``), used as given.
+
+After every shard, the global selection keeps the ``config.train_pairs`` training and
+``config.val_pairs`` validation pairs of highest Diff (0: all; ties by problem id, then
+pair_id), the same whatever the number of shards (``select``).
 
 Tokenisation: when the tokenizer has a chat template, the prompt is the template applied to one
 user message with the generation prompt appended; otherwise the prompt is the plain text
@@ -24,7 +35,12 @@ Output in ``--out`` for shard i of n (``config.shard_index/num_shards``; host i 
   problem never lands in both splits;
 * ``manifest-0000i-of-0000n.json`` (and ``manifest.json`` when n = 1; ``--merge`` merges the
   shard manifests of a finished multi-host build into ``manifest.json``);
-* ``drops-0000i-of-0000n.jsonl``: every dropped input line with its line number and reason;
+* ``drops-0000i-of-0000n.jsonl``: every dropped input line with its line number and reason
+  (``too_long`` and ``empty_chosen_mid`` with their token counts and limits);
+* ``pairs-0000i-of-0000n.jsonl``: one line per record written (split, index in its shard,
+  pair_id, id, Diff), and ``problem_ids-0000i-of-0000n.json``: the selection's inputs;
+* ``{train,validation}-selected.array_record``: the kept pairs, in pair_id order, when the
+  global selection cuts a split (the manifest then names this file, not the shards);
 * ``preview-0000i-of-0000n.html``: the first pairs with prefix / mid / suffix marked.
 
 Every input line of the shard is either used (yields at least one record) or dropped with one
@@ -51,7 +67,7 @@ import numpy as np
 
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
-from fdpo import atomic, records
+from fdpo import atomic, problem, records
 from fdpo.tokenization import Encoder, load_tokenizer
 
 log = logging.getLogger("data_tools.build")
@@ -61,6 +77,10 @@ BLANK_LINE = "blank_line"
 MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"
 MALFORMED_UTF8 = "malformed_utf8"
+NO_PROGRAM = "no_program"  # no sample of the problem holds a program
+ONLY_TRUNCATED_CORRECT = "only_truncated_correct"  # every correct sample hit the token limit
+ONLY_TRUNCATED_INCORRECT = "only_truncated_incorrect"  # (config.truncated = "drop")
+TRUNCATED_POLICIES = ("drop", "reject_only")
 MAX_PAIRS_PER_PROBLEM = 1000  # pair_id = line_number * 1000 + k stays unique and traceable
 SPLITS = ("train", "validation")
 
@@ -80,6 +100,12 @@ class BuildConfig:
     num_shards: int = 1
     chunk_size: int = 2048
     preview_pairs: int = 20
+    # A sample cut by max_new_tokens is never chosen; "drop": not rejected either (its
+    # cut-off end would make the pair's difference the truncation), "reject_only": it may be.
+    truncated: str = "drop"
+    # Global selection by Diff after all shards; 0 keeps every pair of the split.
+    train_pairs: int = 0
+    val_pairs: int = 0
 
     def validate(self) -> None:
         if self.ranker not in rank_lib.RANKERS:
@@ -107,6 +133,11 @@ class BuildConfig:
             raise ValueError(f"config.lam={self.lam} must be a finite number")
         if self.preview_pairs < 0:
             raise ValueError(f"config.preview_pairs={self.preview_pairs} must be >= 0")
+        if self.truncated not in TRUNCATED_POLICIES:
+            raise ValueError(f"config.truncated={self.truncated!r}: choose one of {TRUNCATED_POLICIES}")
+        if self.train_pairs < 0 or self.val_pairs < 0:
+            raise ValueError(f"config.train_pairs={self.train_pairs}, config.val_pairs={self.val_pairs}: "
+                             "must be >= 0 (0 keeps all)")
 
     def shard_tag(self) -> str:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
@@ -121,6 +152,8 @@ class Item:
     prompt: str
     codes: list[str]  # for a ready pair: [chosen, rejected]
     passed: np.ndarray | None  # bool[codes, tests]; None for a ready pair
+    truncated: np.ndarray | None = None  # bool[codes]: finished by the token limit
+    samples: int = 0  # samples in the record, with an empty program or not
 
 
 class Drops:
@@ -130,16 +163,22 @@ class Drops:
         self.reasons: collections.Counter = collections.Counter()
         self.entries: list[dict[str, Any]] = []
 
-    def add(self, line: int, reason: str, detail: str = "", name: str | None = None) -> None:
+    def add(self, line: int, reason: str, detail: str = "", name: str | None = None,
+            numbers: dict[str, Any] | None = None) -> None:
         self.reasons[reason] += 1
-        self.entries.append({"line": line, "id": name, "reason": reason, "detail": detail})
+        self.entries.append({"line": line, "id": name, "reason": reason, "detail": detail,
+                             **(numbers or {})})
         if reason in (MALFORMED_JSON, MALFORMED_RECORD, MALFORMED_UTF8) and self.reasons[reason] <= 20:
             log.warning("line %d dropped (%s): %s", line, reason, detail)
 
 
 # ------------------------------------------------------------------------------- parsing
 
-def _parse_line(line_no: int, text: str, drops: Drops) -> Item | None:
+class FormatError(ValueError):
+    """An input line of the wrong format altogether (not one bad record): stops the build."""
+
+
+def _parse_line(line_no: int, text: str, drops: Drops, path: str = "input") -> Item | None:
     if not text.strip():
         drops.add(line_no, BLANK_LINE)
         return None
@@ -149,16 +188,42 @@ def _parse_line(line_no: int, text: str, drops: Drops) -> Item | None:
         drops.add(line_no, MALFORMED_JSON, f"line {line_no}: {e}")
         return None
     try:
-        return _to_item(line_no, obj)
+        return _to_item(line_no, obj, path)
+    except FormatError:
+        raise
     except ValueError as e:
         name = obj.get("id") if isinstance(obj, dict) else None
         drops.add(line_no, MALFORMED_RECORD, f"line {line_no}: {e}", None if name is None else str(name))
         return None
 
 
-def _to_item(line_no: int, obj: Any) -> Item:
+def _record_item(line_no: int, obj: dict, path: str) -> Item:
+    """A problem record -> the codes that are ranked: its samples with a program."""
+    for key in ("version", "passed"):
+        if key not in obj:  # a whole file of the wrong kind, not one bad line
+            raise FormatError(f"{path}:{line_no}: missing field {key!r}: "
+                              + ("launch.build reads problem records after launch.execute"
+                                 if key == "passed" else
+                                 "a problem line in the format before problem records ('codes', "
+                                 "no 'version'); sample and execute again (docs/data.md)"))
+    try:
+        problem.check(obj, f"line {line_no}", problem.EXECUTED)
+    except problem.RecordError as e:
+        raise ValueError(str(e).removeprefix(f"line {line_no}: ")) from None
+    keep = problem.usable(obj)
+    what = "response" if obj.get("response_format") == "completion" else "program"
+    samples = obj["samples"]
+    passed = np.array(obj["passed"], bool).reshape(len(samples), len(obj["tests"]))[keep]
+    return Item(line_no, obj["id"], obj["prompt"], [samples[i][what] for i in keep], passed,
+                np.array([samples[i]["finish"] == problem.TRUNCATED for i in keep], bool),
+                len(samples))
+
+
+def _to_item(line_no: int, obj: Any, path: str = "input") -> Item:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "version" in obj or "codes" in obj:
+        return _record_item(line_no, obj, path)
 
     def text(key):
         if key not in obj:
@@ -175,39 +240,19 @@ def _to_item(line_no: int, obj: Any) -> Item:
             raise ValueError(f"field 'id' must be a string or an integer, got {type(v).__name__}")
         return str(v)
 
-    if "codes" in obj:
-        name = ident()
-        if name is None:
-            raise ValueError("missing field 'id'")
-        prompt = text("prompt")
-        codes, tests, passed = obj["codes"], obj.get("tests"), obj.get("passed")
-        if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
-            raise ValueError("field 'codes' must be a non-empty list of strings")
-        if not isinstance(tests, list):
-            raise ValueError("field 'tests' must be a list")
-        if not isinstance(passed, list) or len(passed) != len(codes):
-            n = len(passed) if isinstance(passed, list) else type(passed).__name__
-            raise ValueError(f"field 'passed' must have one row per code ({len(codes)}), got {n}")
-        for i, row in enumerate(passed):
-            if not isinstance(row, list) or len(row) != len(tests):
-                raise ValueError(f"'passed' row {i} must have one verdict per test ({len(tests)})")
-            # bool, or 0/1 integers: anything else (null, strings) is an ambiguous verdict.
-            if not all(v is True or v is False or (type(v) is int and v in (0, 1)) for v in row):
-                raise ValueError(f"'passed' row {i} holds a value that is not a boolean or 0/1")
-        arr = np.array(passed, bool).reshape(len(codes), len(tests))
-        return Item(line_no, name, prompt, list(codes), arr)
     if "chosen" in obj or "rejected" in obj:
         prompt, chosen, rejected = text("prompt"), text("chosen"), text("rejected")
         name = ident()
         if name is None:  # same prompt -> same split, so no prompt leaks into validation
             name = "prompt-sha256:" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
         return Item(line_no, name, prompt, [chosen, rejected], None)
-    raise ValueError("neither a problem ('id', 'prompt', 'codes', 'tests', 'passed') "
-                     "nor a ready pair ('prompt', 'chosen', 'rejected')")
+    raise ValueError("neither a problem record ('version', 'id', 'prompt', 'samples', 'tests', "
+                     "'passed') nor a ready pair ('prompt', 'chosen', 'rejected')")
 
 
 def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
-                 counts: collections.Counter) -> Iterator[list[Item]]:
+                 counts: collections.Counter, seen: dict[str, int]) -> Iterator[list[Item]]:
+    """Chunks of this shard's parsed lines; `seen` gets {problem id: line} of its records."""
     from tqdm import tqdm
 
     chunk: list[Item] = []
@@ -225,7 +270,15 @@ def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
             except UnicodeDecodeError as e:
                 drops.add(line_no, MALFORMED_UTF8, f"line {line_no}: not valid UTF-8: {e}")
                 continue
-            item = _parse_line(line_no, text, drops)
+            item = _parse_line(line_no, text, drops, path)
+            if item is not None and item.passed is not None:
+                if item.name in seen:
+                    raise FormatError(f"{path}:{line_no}: duplicate problem id {item.name!r}, "
+                                      f"first at {path}:{seen[item.name]}")
+                seen[item.name] = line_no
+                counts["samples_in"] += item.samples
+                counts["samples_empty_program"] += item.samples - len(item.codes)
+                counts["samples_truncated"] += int(item.truncated.sum())
             if item is not None:
                 counts["problems_in" if item.passed is not None else "ready_pairs_in"] += 1
                 chunk.append(item)
@@ -273,13 +326,23 @@ def _ready_pair(chosen: np.ndarray, rejected: np.ndarray, enc: Encoder, config: 
     return seg_lib.Pair(0, 1, p, s, len(chosen), len(rejected), 0.0, common, config.lam * common)
 
 
+def _pair_numbers(pair: seg_lib.Pair, reason: str, prompt_len: int, L: int) -> dict[str, Any]:
+    """What a drop record of a filtered ready pair carries: its token counts and limits."""
+    numbers = {"chosen_tokens": pair.chosen_len, "rejected_tokens": pair.rejected_len,
+               "prefix_tokens": pair.prefix_len, "suffix_tokens": pair.suffix_len}
+    if reason == seg_lib.TOO_LONG:
+        numbers.update(max_len=L, prompt_tokens=prompt_len, room=L - prompt_len)
+    return numbers
+
+
 def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: Drops,
                    counts: collections.Counter, timings: collections.Counter) -> list[tuple]:
     """Ranks, tokenises and pairs one chunk; returns a list of
     (split, record, item, pair, chosen_ids, rejected_ids, prompt_ids)."""
     L = config.max_len
     t = time.perf_counter()
-    problems = [it for it in items if it.passed is not None]
+    # A record with no program has nothing to rank: it is dropped below.
+    problems = [it for it in items if it.passed is not None and it.codes]
     verdicts = ranks = None
     if problems:
         A, cm, tm = rank_lib.pad_batch([it.passed for it in problems])
@@ -289,6 +352,18 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
         res = rank_lib.rank(A, cm, tm, method=config.ranker, **kwargs)
         verdicts = rank_lib.classify(A, res, cm, tm)
         ranks = res.ranks
+        # Finish reasons: a truncated sample is never chosen, and under "drop" not rejected.
+        cut = np.zeros_like(cm)
+        for b, it in enumerate(problems):
+            cut[b, :len(it.codes)] = it.truncated
+        counts["truncated_not_chosen"] += int((verdicts.correct & cut).sum())
+        correct = verdicts.correct & ~cut
+        incorrect = verdicts.incorrect
+        if config.truncated == "drop":
+            counts["truncated_not_rejected"] += int((incorrect & cut).sum())
+            incorrect = incorrect & ~cut
+        unmasked = verdicts  # for the drop reason of a problem the masks empty
+        verdicts = dataclasses.replace(verdicts, correct=correct, incorrect=incorrect)
     timings["rank"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -319,15 +394,26 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
             reason = seg_lib.candidate_reason(pair, room)
             if reason is not None:
                 counts["candidate_pairs_filtered." + reason] += 1
-                drops.add(it.line, reason, name=it.name)
+                drops.add(it.line, reason, name=it.name, numbers=_pair_numbers(
+                    pair, reason, len(prompt), L))
                 continue
             selected = [(pair, chosen, rejected)]
+        elif not it.codes:
+            drops.add(it.line, NO_PROGRAM, name=it.name, numbers={"samples": it.samples})
+            continue
         else:
             b = prob_index[id(it)]
             c = len(it.codes)
             if id(it) not in need:
-                reason = seg_lib.NO_CORRECT if not verdicts.correct[b, :c].any() else seg_lib.NO_INCORRECT
-                drops.add(it.line, reason, name=it.name)
+                if not verdicts.correct[b, :c].any():
+                    reason = (ONLY_TRUNCATED_CORRECT if unmasked.correct[b, :c].any()
+                              else seg_lib.NO_CORRECT)
+                else:
+                    reason = (ONLY_TRUNCATED_INCORRECT if unmasked.incorrect[b, :c].any()
+                              else seg_lib.NO_INCORRECT)
+                drops.add(it.line, reason, name=it.name, numbers={
+                    "codes": c, "truncated": int(it.truncated.sum()),
+                    "correct": int(unmasked.correct[b, :c].sum())})
                 continue
             seqs = flat[pos:pos + c]
             pos += c
@@ -339,7 +425,14 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
             for reason, n in sel.filtered.items():
                 counts["candidate_pairs_filtered." + reason] += n
             if not sel.pairs:
-                drops.add(it.line, sel.drop_reason, name=it.name)
+                lens = np.array([len(x) for x in seqs])
+                ci = np.nonzero(verdicts.correct[b, :c])[0]
+                ri = np.nonzero(verdicts.incorrect[b, :c])[0]
+                drops.add(it.line, sel.drop_reason, name=it.name, numbers={
+                    "filtered": dict(sorted(sel.filtered.items())), "max_len": L,
+                    "prompt_tokens": len(prompt), "room": room,
+                    # the fewest response tokens any (correct, incorrect) pair needs
+                    "shortest_pair_tokens": int(np.maximum.outer(lens[ci], lens[ri]).min())})
                 continue
             selected = [(p, seqs[p.chosen], seqs[p.rejected]) for p in sel.pairs]
         counts["lines_used"] += 1
@@ -387,13 +480,18 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
     paths = {s: os.path.join(out_dir, f"{s}-{tag}.array_record") for s in SPLITS}
     writers = {s: records.RecordWriter(paths[s]) for s in SPLITS}
     preview = []
+    seen: dict[str, int] = {}
+    written = []  # the global selection's input: one entry per record, in write order
     try:
         t_read = time.perf_counter()
-        for chunk in _read_chunks(input_path, config, drops, progress, counts):
+        for chunk in _read_chunks(input_path, config, drops, progress, counts, seen):
             timings["parse"] += time.perf_counter() - t_read
             for split, rec, it, pair, chosen, rejected, prompt in _process_chunk(
                     chunk, enc, config, drops, counts, timings):
                 t = time.perf_counter()
+                written.append({"split": split, "index": writers[split].count,
+                                "pair_id": int(rec.pair_id), "id": it.name, "line": it.line,
+                                "diff": pair.diff})
                 writers[split].write(rec)
                 timings["write"] += time.perf_counter() - t
                 if len(preview) < config.preview_pairs:
@@ -415,6 +513,10 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         "problems_in": counts["problems_in"], "ready_pairs_in": counts["ready_pairs_in"],
         "records_out": {s: writers[s].count for s in SPLITS},
         "candidate_pairs_filtered": dict(sorted(filtered.items())),
+        # samples_in = with a program + samples_empty_program; truncated samples that the
+        # verdicts made correct (never chosen) or, under truncated=drop, incorrect.
+        "samples": {k: counts[k] for k in ("samples_in", "samples_empty_program", "samples_truncated",
+                                           "truncated_not_chosen", "truncated_not_rejected")},
     }
     drops_path = os.path.join(out_dir, f"drops-{tag}.jsonl")
     with open(drops_path, "w") as f:
@@ -431,9 +533,14 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
                                      config=cfg)
     manifest["input"] = os.path.abspath(input_path)
     manifest["drops_files"] = [os.path.basename(drops_path)]
+    with open(os.path.join(out_dir, f"pairs-{tag}.jsonl"), "w") as f:
+        f.writelines(json.dumps(w) + "\n" for w in written)
+    with open(os.path.join(out_dir, f"problem_ids-{tag}.json"), "w") as f:
+        json.dump({"input": os.path.abspath(input_path), "ids": sorted(seen.items())}, f)
+        f.write("\n")
     records.write_manifest(os.path.join(out_dir, f"manifest-{tag}.json"), manifest)
     if config.num_shards == 1:
-        records.write_manifest(os.path.join(out_dir, "manifest.json"), manifest)
+        manifest = select(out_dir, [manifest])
     _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
     return manifest
 
@@ -505,9 +612,67 @@ def merge(out_dir: str) -> dict[str, Any]:
     found = sorted(m["config"]["shard_index"] for m in manifests)
     if found != list(range(n)):
         raise ValueError(f"--out={out_dir}: expected shard manifests 0..{n - 1}, found {found}")
+    return select(out_dir, manifests)
+
+
+def _check_unique_ids(out_dir: str, tags: list[str]) -> None:
+    """Problem ids that repeat across shards (each shard checks its own lines)."""
+    first: dict[str, tuple[str, int]] = {}
+    for tag in tags:
+        with open(os.path.join(out_dir, f"problem_ids-{tag}.json")) as f:
+            data = json.load(f)
+        for name, line in data["ids"]:
+            if name in first:
+                (path, a), b = first[name], line
+                raise FormatError(f"{path}:{min(a, b)}: problem id {name!r} repeats at "
+                                  f"{data['input']}:{max(a, b)}")
+            first[name] = (data["input"], line)
+
+
+def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The global selection over every shard's records, written as ``manifest.json``.
+
+    Keeps per split the ``train_pairs`` / ``val_pairs`` records of highest Diff (0: all), ties
+    broken by problem id, then pair_id: a total order on values that do not depend on the
+    sharding (pair_id is the input line's), so any number of shards keeps the same pairs. A
+    split that is cut is rewritten, in pair_id order, to ``SPLIT-selected.array_record``.
+    """
+    config = manifests[0]["config"]
+    tags = [BuildConfig(**{**config, "shard_index": m["config"]["shard_index"]}).shard_tag()
+            for m in manifests]
+    _check_unique_ids(out_dir, tags)
     merged = records.merge_manifests(manifests)
     merged["input"] = manifests[0].get("input")
     merged["drops_files"] = sum((m.get("drops_files", []) for m in manifests), [])
+    entries = {s: [] for s in SPLITS}
+    for tag in tags:
+        with open(os.path.join(out_dir, f"pairs-{tag}.jsonl")) as f:
+            for line in f:
+                e = json.loads(line)
+                entries[e["split"]].append((tag, e))
+    limits = {"train": config["train_pairs"], "validation": config["val_pairs"]}
+    selection = {}
+    for split in SPLITS:
+        ranked = sorted(entries[split], key=lambda te: (-te[1]["diff"], te[1]["id"], te[1]["pair_id"]))
+        limit = limits[split]
+        kept = ranked[:limit] if limit else ranked
+        selection[split] = {"candidates": len(ranked), "kept": len(kept), "limit": limit,
+                            "cut": len(ranked) - len(kept),
+                            "min_diff_kept": kept[-1][1]["diff"] if kept else None}
+        if len(kept) == len(ranked):
+            continue  # nothing cut: the shards are the split
+        path = os.path.join(out_dir, f"{split}-selected.array_record")
+        sources = {}
+        with records.RecordWriter(path) as w:
+            for tag, e in sorted(kept, key=lambda te: te[1]["pair_id"]):
+                if tag not in sources:
+                    sources[tag] = records.PairDataSource(
+                        os.path.join(out_dir, f"{split}-{tag}.array_record"))
+                w.write(sources[tag].record(e["index"]))
+        merged["splits"][split] = {"records": len(kept), "shards": [
+            {"path": os.path.basename(path), "records": len(kept)}]}
+    merged["counts"]["records_out"] = {s: merged["splits"][s]["records"] for s in SPLITS}
+    merged["counts"]["selection"] = selection
     records.write_manifest(os.path.join(out_dir, "manifest.json"), merged)
     return merged
 

@@ -1,7 +1,7 @@
 """The whole Focused-DPO pipeline, stage by stage, each stage one of fdpo's own programs.
 
     python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
-    Pipeline(cfg, workdir, judging_tests=analyze.judging_tests).all()   # the same, in Python
+    Pipeline(cfg, workdir).all()   # the same, in Python
 
 Stages, in order (each skipped when its `stages/NAME.json` marker exists, so a rerun
 resumes after an interruption; programs that resume themselves — sampling, execution,
@@ -13,7 +13,7 @@ training — pick up where they stopped):
     warm_start  supervised warm start with the `sft` preset             (warm start only)
     sample      k codes per prompt from the warm-started policy (launch.sample)
     execute     every code against every test in the sandbox (launch.execute)
-    pairs       ranking, error-point pairs, ArrayRecord shards (launch.build)
+    pairs       ranking, error-point pairs, global top-N, ArrayRecord shards (launch.build)
     reference   per-segment reference log-prob sums (launch.precompute_ref)
     train       every method x seed from the same start (launch.train)
     evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
@@ -24,9 +24,12 @@ Every stage runs as a subprocess with its log in `logs/NAME.log`, exactly the co
 user would type for a real run; nothing is special-cased for the miniature beyond the
 config's values. The config is `configs/toy.py`'s or `configs/real.py`'s (same fields).
 
-The one piece of the data stage run in this process, choosing the tests that judge
-continuations in a real run (the tests its ranking trusts), is given as `judging_tests`
-(`data_tools.analyze.judging_tests`): the library does not import the data stage.
+Sampling, execution, pairs and analysis pass one file along, the problem record
+(fdpo/problem.py, docs/data.md): `samples.jsonl` from launch.sample, `executed.jsonl` (the
+same records with their verdicts) from launch.execute, read as it is by launch.build and
+launch.analyze. The pipeline writes only the sampler's input, `sample_prompts.jsonl` (the
+prompts of the run; for the miniature with its oracle tests and which of them are right,
+fields the sampler passes through).
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import ml_collections
 
-from fdpo import extract, jsonl
+from fdpo import jsonl
 
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,22 +58,6 @@ METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).
 COMPUTE_DTYPE = "float32"
-
-# (tests, passed[code][test], ranker) -> the tests that judge continuations of one problem.
-JudgingTests = Callable[[Sequence[str], Any, str], list[str]]
-
-
-def responses_behind_codes(sample: dict, completion: bool) -> list[str] | None:
-    """The code responses of a `launch.sample` line that became its `codes` (the executor's
-    verdict rows), in order: the sampler drops responses whose program is empty. None when
-    they do not line up (e.g. samples written by another version of the extractor)."""
-    raw = sample["raw"]
-    if completion:
-        kept = [t for t in raw["code_responses"] if (raw["problem"] + t).strip()]
-    else:
-        kept = [t for t in raw["code_responses"] if extract.extract_program(t).strip()]
-    return kept if len(kept) == len(sample["codes"]) else None
-
 
 class StageFailed(RuntimeError):
     pass
@@ -104,12 +91,11 @@ def check_inputs(cfg) -> None:
 
 class Pipeline:
     """The stages of one run in `workdir`. `only`: run just these stages, their markers
-    ignored (`--only`); `judging_tests`: see the module docstring."""
+    ignored (`--only`)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                 judging_tests: JudgingTests, only: Sequence[str] = ()):
+                 only: Sequence[str] = ()):
         self.cfg, self.w = cfg, workdir
-        self.judging_tests = judging_tests
         self.only = tuple(only)
         (workdir / "stages").mkdir(parents=True, exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
@@ -239,6 +225,13 @@ class Pipeline:
             rows = jsonl.records(self.cfg.prompts)
         if s.max_prompts:
             rows = rows[:s.max_prompts]
+        if self.cfg.tests_source == "oracle":
+            # The miniature's tests come from the oracle (with corrupted expectations) and
+            # ride along in the record; a real run uses the tests the policy writes here
+            # (METHOD.md section 2).
+            oracle = {r["id"]: r for r in jsonl.records(self.toy_dir / "tests.jsonl")}
+            rows = [{**r, "tests": oracle[r["id"]]["tests"],
+                     "tests_correct": oracle[r["id"]]["tests_correct"]} for r in rows]
         prompts = self.w / "sample_prompts.jsonl"
         prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
         mode = "code" if self.cfg.tests_source == "oracle" else "both"
@@ -253,42 +246,22 @@ class Pipeline:
                  f"--config.response_format={s.response_format}", *self.jax_flags())
 
     def execute(self):
-        # The miniature's tests come from the oracle (with corrupted expectations); a real
-        # run uses the tests the policy wrote in the sample stage (METHOD.md section 2).
-        oracle = {}
-        if self.cfg.tests_source == "oracle":
-            oracle = {r["id"]: r["tests"] for r in jsonl.records(self.toy_dir / "tests.jsonl")}
-        with open(self.w / "execute_input.jsonl", "w") as out:
-            for r in jsonl.records(self.w / "samples.jsonl"):
-                tests = oracle[r["id"]] if oracle else r["tests"]
-                out.write(json.dumps({"id": r["id"], "codes": r["codes"], "tests": tests}) + "\n")
         e = self.cfg.execute
-        self.run("execute", "launch.execute", "--input", self.w / "execute_input.jsonl",
-                 "--output", self.w / "verdicts.jsonl", f"--config.timeout={e.timeout}",
+        self.run("execute", "launch.execute", "--input", self.w / "samples.jsonl",
+                 "--output", self.w / "executed.jsonl", f"--config.timeout={e.timeout}",
                  *([f"--config.workers={e.workers}"] if e.workers else []))  # 0: all cores
 
     def pairs(self):
-        verdicts = {r["id"]: r for r in jsonl.records(self.w / "verdicts.jsonl")}
-        tests = {r["id"]: r for r in jsonl.records(self.w / "execute_input.jsonl")}
-        with open(self.w / "build_input.jsonl", "w") as out:
-            for r in jsonl.records(self.w / "samples.jsonl"):
-                v = verdicts[r["id"]]
-                # Completion style: the response is the body the policy wrote after the
-                # prompt. Instruct style: the extracted program, after the code prompt.
-                completion = self.cfg.sample.response_format == "completion"
-                out.write(json.dumps({
-                    "id": r["id"], "prompt": r["raw"]["problem"] if completion else r["prompt"],
-                    "codes": r["raw"]["code_responses"] if completion else r["codes"],
-                    "tests": tests[r["id"]]["tests"], "passed": v["passed"]}) + "\n")
         out_dir = self.w / "pairs"
         if out_dir.exists():
             shutil.rmtree(out_dir)
         b = self.cfg.build
-        self.run("pairs", "launch.build", "--input", self.w / "build_input.jsonl",
+        self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
                  "--tokenizer", self.tokenizer, "--out", out_dir,
                  f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
                  f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
-                 "--noprogress")
+                 f"--config.truncated={b.truncated}", f"--config.train_pairs={b.train_pairs}",
+                 f"--config.val_pairs={b.val_pairs}", "--noprogress")
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed
         # verdicts, gives none).
@@ -302,7 +275,7 @@ class Pipeline:
                 f"stage pairs: {built} training pairs from {counts['lines_in']} prompts, fewer "
                 f"than one batch ({self.cfg.train.batch_size}); dropped lines by reason "
                 f"{dict(drops)}, filtered candidate pairs {counts['candidate_pairs_filtered']} "
-                f"(details: {out_dir}/drops-*.jsonl, {self.w / 'samples.jsonl'})")
+                f"(details: {out_dir}/drops-*.jsonl, {self.w / 'executed.jsonl'})")
 
     def reference(self):
         out = self.w / "pairs_ref"
@@ -363,66 +336,23 @@ class Pipeline:
                          *self.jax_flags())
 
     def analyze(self):
-        completion = self.cfg.sample.response_format == "completion"
         b = self.cfg.build
-        oracle = self.toy_dir / "tests.jsonl"
-        verdicts = {r["id"]: r["passed"] for r in jsonl.records(self.w / "verdicts.jsonl")}
-        if self.cfg.toy.enabled and oracle.exists():
-            # The miniature knows which tests are right: they judge continuations.
-            judged = {r["id"]: [t for t, ok in zip(r["tests"], r["tests_correct"]) if ok]
-                      for r in jsonl.records(oracle)}
-        else:
-            # A real run has no ground truth. Continuations are judged by the tests the data
-            # stage trusts: those passed by the top-ranked code, with the build's ranker
-            # (analyze.judging_tests says why), so that a continuation "passes" exactly when
-            # the data stage would call it correct.
-            tests = {r["id"]: r["tests"] for r in jsonl.records(self.w / "execute_input.jsonl")}
-            judged = {pid: self.judging_tests(tests[pid], passed, b.ranker)
-                      for pid, passed in verdicts.items() if pid in tests}
-        skipped = []
-        with open(self.w / "analyze_input.jsonl", "w") as out:
-            for where, r in jsonl.objects(self.w / "samples.jsonl"):
-                # Segments of the responses (what the policy wrote, and what a continuation
-                # extends), one per verdict row.
-                responses = responses_behind_codes(r, completion)
-                if responses is None:
-                    file, _, line = where.rpartition(":")
-                    skipped.append({"file": file, "line": int(line), "id": r["id"],
-                                    "reason": "responses_do_not_match_codes"})
-                    continue
-                # The text the policy was given: the problem itself (completion) or the code
-                # message, which the continuation wraps in the chat template as sampling did.
-                out.write(json.dumps({"id": r["id"], "codes": responses,
-                                      "prompt": r["raw"]["problem"] if completion else r["prompt"],
-                                      "tests": judged.get(r["id"], [])}) + "\n")
-        with open(self.w / "analyze_input_skipped.jsonl", "w") as out:
-            out.writelines(json.dumps(x) + "\n" for x in skipped)
-        if skipped:
-            print(f"[pipeline] analyze: {len(skipped)} sample lines skipped, see "
-                  f"{self.w / 'analyze_input_skipped.jsonl'}")
         continuation = []
-        if self.cfg.analysis.continuation and judged:
+        if self.cfg.analysis.continuation:
             continuation = ["--checkpoint", self.start_model, "--config.continuation=True",
                             f"--config.num_continuations={self.cfg.analysis.num_continuations}",
                             f"--config.max_new_tokens={self.cfg.sample.max_new_tokens}",
                             f"--config.response_format={self.cfg.sample.response_format}",
                             f"--config.timeout={self.cfg.execute.timeout}"]
-        if self.cfg.toy.enabled and oracle.exists():
-            # Correctness = passing all the right tests.
-            good = {r["id"]: r["tests_correct"] for r in jsonl.records(oracle)}
-            with open(self.w / "analyze_verdicts.jsonl", "w") as out:
-                for pid, passed in verdicts.items():
-                    keep = good[pid]
-                    out.write(json.dumps({"id": pid, "passed": [
-                        [p for p, k in zip(row, keep) if k] for row in passed]}) + "\n")
-            verdict_args = ["--verdicts", self.w / "analyze_verdicts.jsonl",
-                            "--config.verdict=all_tests"]
-        else:  # a real run: correctness as the data stage decides it (ranked ground truth)
-            verdict_args = ["--verdicts", self.w / "verdicts.jsonl", "--config.verdict=ranked"]
-        # The build's ranker and lambda: the reference pair is the one the builder would pick.
-        self.run("analyze", "launch.analyze", "--samples", self.w / "analyze_input.jsonl",
-                 *verdict_args, f"--config.ranker={b.ranker}", f"--config.lam={b.lam}",
-                 "--out", self.w / "analysis", *continuation)
+        # The miniature's records name their right tests (tests_correct): correctness is
+        # passing all of them, and they judge continuations. A real run has no ground truth:
+        # correctness as the data stage decides it (ranked), and continuations judged by the
+        # tests its top-ranked code passes (data_tools.analyze.judging_tests), with the
+        # build's ranker and lambda, so the reference pair is the one the builder would pick.
+        verdict = "all_tests" if self.cfg.tests_source == "oracle" else "ranked"
+        self.run("analyze", "launch.analyze", "--samples", self.w / "executed.jsonl",
+                 f"--config.verdict={verdict}", f"--config.ranker={b.ranker}",
+                 f"--config.lam={b.lam}", "--out", self.w / "analysis", *continuation)
 
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)

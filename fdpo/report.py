@@ -16,7 +16,7 @@ import statistics
 
 from matplotlib import figure
 
-from fdpo import atomic, jsonl
+from fdpo import atomic, jsonl, problem
 
 
 def method_of(run: str) -> str:
@@ -42,16 +42,15 @@ def collect(w: pathlib.Path) -> dict:
     manifest = w / "pairs" / "manifest.json"
     if manifest.exists():
         data["counts"]["pairs_manifest"] = json.loads(manifest.read_text()).get("counts")
-    if (w / "verdicts.jsonl").exists():
+    if (w / "executed.jsonl").exists():
         codes = correct = problems = mixed = 0
-        tests_ok = {}
-        if (w / "data" / "tests.jsonl").exists():
-            tests_ok = {r["id"]: r["tests_correct"]
-                        for r in jsonl.records(w / "data" / "tests.jsonl")}
-        for r in jsonl.records(w / "verdicts.jsonl"):
-            good = tests_ok.get(r["id"])
+        for r in jsonl.records(w / "executed.jsonl"):  # problem records (fdpo/problem.py)
+            # Truly correct: passes every right test where the record names them (the
+            # miniature's oracle), else every test. Samples without a program are not codes.
+            good = r.get("tests_correct")
+            rows = [r["passed"][i] for i in problem.usable(r)]
             truly = [all(p for p, ok in zip(row, good) if ok) if good else all(row)
-                     for row in r["passed"]]
+                     for row in rows]
             problems += 1
             codes += len(truly)
             correct += sum(truly)

@@ -17,7 +17,7 @@ from typing import Callable
 from absl import logging
 from tqdm import tqdm
 
-from fdpo import extract, jsonl
+from fdpo import extract, jsonl, problem
 from fdpo.policy import Policy
 
 MODES = ("code", "tests", "both")
@@ -27,8 +27,8 @@ class InputError(ValueError):
     pass
 
 
-def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
-    """[(id, prompt)] in input order; raises InputError listing every bad line."""
+def read_prompts(path: pathlib.Path) -> list[tuple[str, str, dict]]:
+    """[(id, prompt, line)] in input order; raises InputError listing every bad line."""
     items, errors, seen = [], [], {}
     for where, rec in jsonl.objects(path, errors):
         pid = rec.get("id")
@@ -43,7 +43,7 @@ def read_prompts(path: pathlib.Path) -> list[tuple[str, str]]:
             errors.append(f"{where}: id {pid!r} repeats line {seen[pid]}")
             continue
         seen[pid] = where.rpartition(":")[2]
-        items.append((pid, rec["prompt"]))
+        items.append((pid, rec["prompt"], rec))
     if errors:
         raise InputError("\n".join(map(str, errors)))
     return items
@@ -70,7 +70,7 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     items = read_prompts(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     finished = {str(pid) for pid in jsonl.resume(out_path, key="id")}
-    pending = [(pid, p) for pid, p in items if pid not in finished]
+    pending = [item for item in items if item[0] not in finished]
     summary = {"prompts": len(items), "done": len(items) - len(pending), "sampled": 0}
     logging.info("%s: %d prompts, %d already in %s", in_path, len(items),
                  len(items) - len(pending), out_path)
@@ -95,36 +95,51 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
             tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
         for start in range(0, len(pending), prompts_per_call):
             group = pending[start:start + prompts_per_call]
-            messages = {pid: {"code": config.code_prompt.format(prompt=prompt),
-                              "test": config.test_prompt.format(prompt=prompt,
-                                                                num_asserts=config.num_asserts)}
-                        for pid, prompt in group}
-            rows = [(pid, kind, i) for pid, _ in group for kind in ("code", "test")
+            # A template is rendered only when its kind is sampled: code-only mode needs no
+            # test prompt at all.
+            messages = {pid: {kind: _message(kind, prompt, config)
+                              for kind in ("code", "test") if num[kind]}
+                        for pid, prompt, _ in group}
+            rows = [(pid, kind, i) for pid, _, _ in group for kind in ("code", "test")
                     for i in range(num[kind])]
             completions = policy.generate(
                 [messages[pid][kind] for pid, kind, _ in rows], seed=config.seed,
                 row_seeds=[row_seed(*r) for r in rows], batch_size=batch,
                 pad_rows_to=pad_rows_to, **params)
             by_row = {r: c for r, (c,) in zip(rows, completions)}
-            for pid, prompt in group:
-                out.write(_record(pid, prompt, messages[pid], num, by_row, config))
+            for pid, prompt, line in group:
+                out.write(_record(pid, prompt, line, messages[pid], num, by_row, config))
             bar.update(len(group))
     print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
           f"{out_path}")
     return {**summary, "sampled": len(pending)}
 
 
-def _record(pid, prompt, messages, num, by_row, config) -> dict:
+def _message(kind: str, prompt: str, config) -> str:
+    if kind == "code":
+        return config.code_prompt.format(prompt=prompt)
+    return config.test_prompt.format(prompt=prompt, num_asserts=config.num_asserts)
+
+
+def _record(pid, prompt, line, messages, num, by_row, config) -> dict:
+    """The problem record (fdpo.problem) of one prompt: the input line's other fields
+    passed through, the sampled code responses with their token ids, programs and finish
+    reasons, and the tests (the model's when it wrote tests, else the input line's)."""
     code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
     test_c = [by_row[(pid, "test", i)] for i in range(num["test"])]
-    programs = [extract.program_from_response(c.text, prompt, config.response_format)
-                for c in code_c]
-    tests = list(dict.fromkeys(
-        a for c in test_c for a in extract.extract_assertions(c.text)))
-    return {"id": pid, "prompt": messages["code"],
-            "codes": [p for p in programs if p.strip()], "tests": tests,
-            "raw": {"problem": prompt, "test_prompt": messages["test"],
-                    "code_responses": [c.text for c in code_c],
-                    "code_finish": [c.finish_reason for c in code_c],
-                    "test_responses": [c.text for c in test_c],
-                    "test_finish": [c.finish_reason for c in test_c]}}
+    rec = {k: v for k, v in line.items() if k not in ("id", "prompt")}
+    rec.update({"version": problem.VERSION, "id": pid, "problem": prompt,
+                "prompt": messages.get("code", ""),
+                "response_format": config.response_format,
+                "samples": [{"response": c.text, "response_ids": [int(t) for t in c.tokens],
+                             "program": extract.program_from_response(
+                                 c.text, prompt, config.response_format),
+                             "finish": c.finish_reason} for c in code_c]})
+    if num["test"]:
+        rec["tests"] = list(dict.fromkeys(
+            a for c in test_c for a in extract.extract_assertions(c.text)))
+        rec["test_prompt"] = messages["test"]
+        rec["test_samples"] = [{"response": c.text, "finish": c.finish_reason} for c in test_c]
+    else:
+        rec.setdefault("tests", [])
+    return rec

@@ -3,7 +3,10 @@ r"""The Phi table of METHOD.md section 1 from sampled codes and their verdicts.
     python -m launch.analyze --samples SAMPLES.jsonl --verdicts VERDICTS.jsonl --out DIR \
         [--config.pair_rule=first --config.unit=line ...]
 
-``SAMPLES.jsonl``: ``{"id", "codes": [str, ...]}`` per problem (other fields ignored).
+``SAMPLES.jsonl``: problem records after ``launch.execute`` (fdpo/problem.py, docs/data.md:
+the responses of the samples with a program, their verdict rows, and the right tests only
+where the record names them in ``tests_correct``; no ``--verdicts``), or
+``{"id", "codes": [str, ...]}`` per problem (other fields ignored).
 ``VERDICTS.jsonl``: ``{"id", "passed": [[bool]]}`` from the executor, ``passed[i][j]`` when
 code i passes test j; joined to the samples by id. Without ``--verdicts`` the sample lines
 must carry ``passed`` themselves (the ``launch.build`` input format). Writes ``phi.md``,
@@ -35,7 +38,7 @@ from absl import app, flags
 import configs
 from data_tools import analyze
 from data_tools import rank as rank_lib
-from fdpo import continuation, extract
+from fdpo import continuation, extract, problem
 from fdpo.policy import Policy
 from launch import common
 
@@ -76,11 +79,12 @@ def main(argv):
         result = analyze.analyze_files(SAMPLES.value, VERDICTS.value, OUT.value, options)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e.filename}: no such file")
-    except analyze.DuplicateIdError as e:
+    except (analyze.DuplicateIdError, problem.RecordError) as e:
         raise SystemExit(f"error: {e}")
     if c.continuation:
         try:
-            jobs, skipped = analyze.continuation_jobs(SAMPLES.value, result, options.unit)
+            jobs, skipped = analyze.continuation_jobs(SAMPLES.value, result, options.unit,
+                                                      options.ranker)
         except analyze.ContinuationInputError as e:
             raise SystemExit(f"error: {e}")
 

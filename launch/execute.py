@@ -3,9 +3,11 @@ r"""Run every code of every problem against every test, in sandboxes.
     python -m launch.execute --input IN.jsonl --output OUT.jsonl --config.timeout=5 \
         [--config.workers=N --config.memory_mb=1024 --config.isolation=full|no_cgroup|none]
 
-Input lines: {"id": str, "codes": [str], "tests": [str], ...}. Output lines, appended as
-problems finish (not in input order): {"id", "passed": [[bool]] (code x test), "status",
-"detail", "time_s", "wall_s"}. The limits and the isolation are configs/execute.py's; see
+Input lines: problem records from `launch.sample` (fdpo/problem.py, docs/data.md), whose
+samples' programs are run, or the executor's own {"id": str, "codes": [str], "tests": [str]}.
+Output lines, appended as problems finish (not in input order): the input record with
+{"passed": [[bool]] (sample x test, one row per sample), "status", "detail", "time_s",
+"wall_s"} added (for the executor's own format: just "id" and these). The limits and the isolation are configs/execute.py's; see
 fdpo/sandbox/executor.py (and docs/sandbox.md) for the isolation model and the statuses.
 
 Resuming: ids already in OUTPUT are skipped; a truncated last line (an interrupted write)
@@ -23,7 +25,8 @@ from launch import common
 CONFIG = common.define_config("config", configs.path("execute.py"),
                               "Limits and isolation (configs/execute.py).",
                               lock_config=True)
-INPUT = flags.DEFINE_string("input", None, "JSONL problems: id, codes, tests.", required=True)
+INPUT = flags.DEFINE_string("input", None, "JSONL problem records (or id, codes, tests).",
+                            required=True)
 OUTPUT = flags.DEFINE_string("output", None, "JSONL results; appended to and resumed from.",
                              required=True)
 

@@ -15,7 +15,6 @@ import pathlib
 
 from absl import flags
 
-from data_tools import analyze
 from fdpo import pipeline
 from launch import common
 
@@ -38,8 +37,7 @@ def main(argv):
     except ValueError as e:
         raise common.UsageError(str(e)) from None
     try:
-        pipeline.Pipeline(CONFIG.value, workdir, judging_tests=analyze.judging_tests,
-                          only=ONLY.value).all()
+        pipeline.Pipeline(CONFIG.value, workdir, only=ONLY.value).all()
     except pipeline.StageFailed as e:
         raise SystemExit(f"error: {e}")
 

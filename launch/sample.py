@@ -7,19 +7,21 @@ Input lines: `{"id": str or int, "prompt": str, ...}`. Malformed lines (bad JSON
 missing or non-string prompt, a missing or repeated id) are all reported with their line
 numbers and nothing runs.
 
-Output lines, one per prompt, in the executor's input format (`launch.execute`) and
-readable by `launch.build` once verdicts are added:
+Output lines, one per prompt: problem records (fdpo/problem.py, docs/data.md), which
+`launch.execute` extends with verdicts and `launch.build` / `launch.analyze` read:
 
-    {"id", "prompt", "codes": [program, ...], "tests": [assertion, ...],
-     "raw": {"problem", "test_prompt", "code_responses", "code_finish", "test_responses",
-             "test_finish"}}
+    {"version": 1, "id", "problem", "prompt", "response_format",
+     "samples": [{"response", "response_ids", "program", "finish"}, ...],
+     "tests": [assertion, ...], "test_prompt", "test_samples": [{"response", "finish"}],
+     ...the input line's other fields, passed through}
 
 `prompt` is the user message the codes were sampled from (the code template applied to
 the input prompt), so DPO later conditions on exactly what the policy saw; the input
-prompt is kept as `raw.problem`. `codes` holds the non-empty programs of the code
-responses (`--config.response_format`: the fenced block of each, or input prompt +
-response), `tests` every distinct assertion extracted from the test responses
-(`fdpo.extract`); the responses themselves are in `raw`. The model, its tokenizer, prompt
+prompt is kept as `problem`. Every code sample is kept: its text, its token ids (the
+stopping EOS excluded), its program (`--config.response_format`: the fenced block, or input
+prompt + response; "" when there is none) and its finish reason (`eos`, `stop`, `length`).
+`tests` holds every distinct assertion extracted from the test responses (`fdpo.extract`);
+in code-only mode no test prompt is rendered and `tests` is the input line's, or []. The model, its tokenizer, prompt
 format and EOS set come from `fdpo.policy.Policy`; the work is `fdpo.selfgen.sample_file`.
 
 Resuming: ids already in OUTPUT are skipped (`fdpo.jsonl.resume`: a cut-off last line is

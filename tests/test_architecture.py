@@ -23,7 +23,7 @@ from tests.conftest import REPO
 PACKAGES = ("fdpo", "data_tools", "launch", "configs", "benchmarks", "tests")
 JAX_LIBS = ("jax", "jaxlib", "flax", "optax", "orbax", "grain")
 # fdpo modules the data stage may use: they import no JAX (checked below, in a subprocess).
-JAX_FREE_FDPO = ("fdpo.atomic", "fdpo.records", "fdpo.jsonl", "fdpo.sandbox",
+JAX_FREE_FDPO = ("fdpo.atomic", "fdpo.records", "fdpo.problem", "fdpo.jsonl", "fdpo.sandbox",
                  "fdpo.sandbox.executor",
                  "fdpo.extract", "fdpo.tokenization")
 STDLIB = sys.stdlib_module_names

@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from fdpo import jsonl
+from fdpo import jsonl, problem
 from fdpo.sandbox import executor
 
 
@@ -25,10 +25,18 @@ class ResumeError(RuntimeError):
 
 def read_problems(path):
     """Returns (problems, errors): valid problem dicts in input order, and one message
-    per malformed line, each naming path:line."""
+    per malformed line, each naming path:line. A problem record (fdpo.problem) becomes the
+    executor's problem {"id", "codes": its samples' programs, "tests"} with the record kept
+    under "record", so the output can extend it; a line in the executor's own format
+    ({"id", "codes", "tests"}) is run as it is."""
     problems, errors, seen = [], [], {}
     for where, obj in jsonl.objects(path, errors):
         try:
+            if problem.is_record(obj) or (isinstance(obj, dict) and "raw" in obj):
+                # ("raw": a samples line of the format before problem records.)
+                problem.check(obj, where, problem.SAMPLED)
+                obj = {"id": obj["id"], "codes": problem.programs(obj),
+                       "tests": obj["tests"], "record": obj}
             executor.validate_problem(obj, where)
         except ValueError as e:
             errors.append(e)
@@ -93,10 +101,13 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
     counts = collections.Counter()
     n_cells = 0
     start = time.monotonic()
+    records = {p["id"]: p["record"] for p in todo if "record" in p}
     with ex, jsonl.Appender(out_path) as out:
         bar = tqdm(total=len(todo), unit="problem", dynamic_ncols=True, disable=not progress)
         for pid, res in ex.map(todo):
-            out.write({"id": pid, **res.to_json()})
+            # A problem record comes back whole, extended by the verdicts: the next stage
+            # (launch.build, launch.analyze) reads this file alone.
+            out.write({**records.get(pid, {}), "id": pid, **res.to_json()})
             for row in res.status:
                 counts.update(row)
                 n_cells += len(row)

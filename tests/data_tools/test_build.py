@@ -33,9 +33,18 @@ def tokenizers(tok_dirs):
     return {k: AutoTokenizer.from_pretrained(v) for k, v in tok_dirs.items()}
 
 
-def _problem(pid, codes, passed, prompt="Sum a list of numbers."):
-    return json.dumps({"id": pid, "prompt": prompt, "codes": codes,
-                       "tests": [f"t{j}" for j in range(len(passed[0]))], "passed": passed})
+def _record(pid, codes, passed, prompt="Sum a list of numbers.", finish=None, tests=None, **extra):
+    """A problem record after launch.execute (fdpo/problem.py) whose samples are `codes`."""
+    finish = finish or ["eos"] * len(codes)
+    return {"version": 1, "id": pid, "prompt": prompt, "response_format": "code_block",
+            "samples": [{"response": f"```python\n{c}```", "response_ids": [], "program": c,
+                         "finish": f} for c, f in zip(codes, finish)],
+            "tests": tests if tests is not None else [f"t{j}" for j in range(len(passed[0]))],
+            "passed": passed, **extra}
+
+
+def _problem(pid, codes, passed, prompt="Sum a list of numbers.", **kw):
+    return json.dumps(_record(pid, codes, passed, prompt, **kw))
 
 
 # Line number -> (content, expected drop reason or None when the line yields a record).
@@ -45,10 +54,10 @@ MIXED = [
     (_problem("none-correct", [SUM, MAX], [[0, 0], [0, 0]]), "no_correct_code"),
     ('{"id": "broken", "prompt": ', "malformed_json"),
     ("", "blank_line"),
-    (json.dumps({"id": "x", "codes": [SUM], "tests": [], "passed": [[]]}), "malformed_record"),  # no prompt
-    (json.dumps({"id": "y", "prompt": "p", "codes": [SUM, MAX], "tests": ["a"], "passed": [[True], [True, False]]}),
+    (json.dumps({k: v for k, v in _record("x", [SUM], [[]], tests=[]).items() if k != "prompt"}),
      "malformed_record"),
-    (json.dumps({"id": "z", "prompt": "p", "codes": [SUM], "tests": ["a"], "passed": [["yes"]]}), "malformed_record"),
+    (_problem("y", [SUM, MAX], [[True], [True, False]], tests=["a"]), "malformed_record"),
+    (_problem("z", [SUM], [["yes"]], tests=["a"]), "malformed_record"),
     (json.dumps({"prompt": "Sum.", "chosen": SUM, "rejected": MAX}), None),
     (json.dumps({"prompt": "Sum.", "chosen": SUM, "rejected": SUM}), "identical_programs"),
     (json.dumps({"prompt": "Sum.", "chosen": "x = 1\n", "rejected": "x = 1\ny = 2\n"}), "empty_chosen_mid"),
@@ -165,8 +174,7 @@ def _synthetic_lines(n, seed=0):
         k = int(rng.integers(2, 6))
         codes = [f"def f{i}(xs):\n    y = {i}\n    {bodies[rng.integers(0, 5)]}\n    return y\n" for _ in range(k)]
         passed = (rng.random((k, 4)) < 0.6).tolist()
-        lines.append(json.dumps({"id": f"s{i}", "prompt": f"Problem {i}.", "codes": codes,
-                                 "tests": ["t"] * 4, "passed": passed}))
+        lines.append(_problem(f"s{i}", codes, passed, f"Problem {i}.", tests=["t"] * 4))
     return lines
 
 
@@ -280,3 +288,116 @@ def test_build_config_defaults_agree_with_the_library():
     """configs/build.py spells the defaults out (configs import only ml_collections); they
     must be BuildConfig's."""
     assert build_config.get_config().to_dict() == dataclasses.asdict(build.BuildConfig())
+
+
+# ------------------------------------------------------------ problem records, selection
+
+SUM2 = "def f(xs):\n    total = sum(xs)\n    return total\n"
+
+
+def _responses(rec, tok):
+    """(chosen, rejected) response texts of a pair record."""
+    return tuple(tok.decode(ids[segs >= Segment.PREFIX].tolist(), skip_special_tokens=True)
+                 for ids, segs in ((rec.chosen_ids, rec.chosen_segments),
+                                   (rec.rejected_ids, rec.rejected_segments)))
+
+
+@pytest.mark.parametrize("policy", ["drop", "reject_only"])
+def test_truncated_samples_are_never_chosen(tmp_path, tok_dirs, tokenizers, policy):
+    # Code 0 passes everything and ranks first, but hit the token limit; so did code 2.
+    lines = [
+        _problem("p", [SUM, SUM2, MAX, OTHER, "", "   "],
+                 [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]],
+                 finish=["length", "eos", "length", "eos", "eos", "length"]),
+        _problem("cut-correct", [SUM, MAX], [[1, 1], [0, 0]], finish=["length", "eos"]),
+        _problem("no-program", ["", ""], [[0], [0]], finish=["length", "eos"]),
+    ]
+    out = str(tmp_path / "out")
+    m, _ = build.build(_write(tmp_path / "in.jsonl", lines), tok_dirs["chat"], out,
+                       build.BuildConfig(max_len=128, val_fraction=0.0, pairs_per_problem=4,
+                                         truncated=policy))
+    pairs = {_responses(r, tokenizers["chat"]) for r in _read_all(out)}
+    assert all(chosen == SUM2 for chosen, _ in pairs)  # never SUM, the truncated one
+    want = {(SUM2, OTHER)} if policy == "drop" else {(SUM2, OTHER), (SUM2, MAX)}
+    assert pairs == want
+    assert m["drop_reasons"] == {"only_truncated_correct": 1, "no_program": 1}
+    assert m["counts"]["samples"] == {
+        "samples_in": 10, "samples_empty_program": 4, "samples_truncated": 3,
+        "truncated_not_chosen": 2, "truncated_not_rejected": 1 if policy == "drop" else 0}
+    c = m["counts"]
+    assert c["lines_in"] == c["lines_used"] + sum(m["drop_reasons"].values()) == 3
+
+
+def test_old_format_missing_passed_and_duplicate_ids_are_errors(tmp_path, tok_dirs):
+    old = json.dumps({"id": "a", "prompt": "p", "codes": [SUM], "tests": ["t"], "passed": [[1]]})
+    inp = _write(tmp_path / "old.jsonl", [old])
+    with pytest.raises(build.FormatError, match=f"{inp}:1: missing field 'version'"):
+        build.build(inp, tok_dirs["plain"], str(tmp_path / "o"))
+    unrun = {k: v for k, v in _record("a", [SUM, MAX], [[1], [0]]).items() if k != "passed"}
+    inp = _write(tmp_path / "unrun.jsonl", [json.dumps(unrun)])
+    with pytest.raises(build.FormatError, match=f"{inp}:1: missing field 'passed'"):
+        build.build(inp, tok_dirs["plain"], str(tmp_path / "o"))
+    p1 = _problem("p1", [SUM, MAX], [[1], [0]])
+    inp = _write(tmp_path / "dup.jsonl", [p1, _problem("p2", [SUM, MAX], [[1], [0]]), p1])
+    with pytest.raises(build.FormatError, match=f"{inp}:3: duplicate problem id 'p1', first at {inp}:1"):
+        build.build(inp, tok_dirs["plain"], str(tmp_path / "o"))
+    # Lines 1 and 2 in different shards: the merge finds them.
+    inp = _write(tmp_path / "dup2.jsonl", [p1, p1])
+    out = str(tmp_path / "shards")
+    for i in range(2):
+        build.build(inp, tok_dirs["plain"], out, build.BuildConfig(shard_index=i, num_shards=2))
+    with pytest.raises(build.FormatError, match=f"{inp}:1: problem id 'p1' repeats at {inp}:2"):
+        build.merge(out)
+
+
+def test_drop_records_carry_token_counts_and_limits(tmp_path, tok_dirs, tokenizers):
+    tok = tokenizers["chat"]
+    long_sum, long_max = SUM + "# pad\n" * 40, MAX + "# pad\n" * 40
+    lines = [_problem("long", [long_sum, long_max], [[1], [0]]), MIXED[10][0], MIXED[11][0]]
+    out = str(tmp_path / "o")
+    build.build(_write(tmp_path / "in.jsonl", lines), tok_dirs["chat"], out,
+                build.BuildConfig(max_len=128, val_fraction=0.0))
+    with open(os.path.join(out, "drops-00000-of-00001.jsonl")) as f:
+        drops = {d["line"]: d for d in map(json.loads, f)}
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    prompt = len(tok(tok.apply_chat_template([{"role": "user", "content": "Sum a list of numbers."}],
+                                             tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"])
+    assert drops[1]["reason"] == "too_long"
+    assert drops[1]["max_len"] == 128 and drops[1]["prompt_tokens"] == prompt
+    assert drops[1]["room"] == 128 - prompt
+    assert drops[1]["shortest_pair_tokens"] == max(n(long_sum), n(long_max)) > 128 - prompt
+    assert drops[2]["reason"] == "empty_chosen_mid"
+    assert drops[2]["chosen_tokens"] == n("x = 1\n") == drops[2]["prefix_tokens"] + drops[2]["suffix_tokens"]
+    assert drops[3]["reason"] == "too_long" and drops[3]["room"] < max(drops[3]["chosen_tokens"],
+                                                                       drops[3]["rejected_tokens"])
+
+
+def test_global_top_n_is_independent_of_the_number_of_shards(tmp_path, tok_dirs):
+    inp = _write(tmp_path / "in.jsonl", _synthetic_lines(60, seed=3))
+    cfg = dict(max_len=96, val_fraction=0.3, pairs_per_problem=2, train_pairs=7, val_pairs=3)
+    single, _ = build.build(inp, tok_dirs["plain"], str(tmp_path / "n1"), build.BuildConfig(**cfg))
+    results = {1: single}
+    for n in (2, 5):
+        out = str(tmp_path / f"n{n}")
+        for i in range(n):
+            build.build(inp, tok_dirs["plain"], out, build.BuildConfig(**cfg, shard_index=i, num_shards=n))
+        results[n] = build.merge(out)
+    for n, m in results.items():
+        assert m["counts"] == single["counts"] and m["splits"] == single["splits"]
+        assert m["counts"]["records_out"] == {"train": 7, "validation": 3}
+        for split in build.SPLITS:
+            with open(tmp_path / f"n{n}" / f"{split}-selected.array_record", "rb") as f, \
+                    open(tmp_path / "n1" / f"{split}-selected.array_record", "rb") as g:
+                assert f.read() == g.read()
+    # The kept pairs are the highest Diff of the candidates, ties by id then pair_id.
+    with open(tmp_path / "n1" / "pairs-00000-of-00001.jsonl") as f:
+        cands = [json.loads(x) for x in f]
+    for split, n in (("train", 7), ("validation", 3)):
+        mine = [c for c in cands if c["split"] == split]
+        best = sorted(mine, key=lambda c: (-c["diff"], c["id"], c["pair_id"]))[:n]
+        kept = {int(r.pair_id) for r in _read_all(str(tmp_path / "n1"), split)}
+        assert kept == {c["pair_id"] for c in best}
+        assert min(c["diff"] for c in best) >= max(c["diff"] for c in mine if c["pair_id"] not in kept)
+        sel = single["counts"]["selection"][split]
+        assert sel["candidates"] == len(mine) == sel["kept"] + sel["cut"] and sel["kept"] == n

@@ -178,33 +178,28 @@ def test_judging_tests_shape_mismatch():
         A.judging_tests(["a", "b", "c"], [[1, 0]])
 
 
-# A real (instruct-style) run's workdir, as launch.sample and launch.execute leave it.
-# Code responses are fenced; "I cannot." extracts to no program, so the sampler left it out
-# of `codes` and the executor's rows. Test 2 is wrong: only the x + 2 code passes it.
-REAL_SAMPLE = {
-    "id": "p", "prompt": "Write f, which adds one.\n",
-    "codes": ["def f(x):\n    return x + 1\n", "def f(x):\n    return x + 2\n",
-              "def f(x):\n    return x + 1\n"],
+# A real (instruct-style) run's executed problem record, as launch.sample and launch.execute
+# leave it. Code responses are fenced; "I cannot." extracts to no program, so it is no code
+# (its row fails everything). Test 2 is wrong: only the x + 2 code passes it.
+_RESPONSES = ["```python\ndef f(x):\n    return x + 1\n```", "I cannot.",
+              "```python\ndef f(x):\n    return x + 2\n```",
+              "```python\ndef f(x):\n    return x + 1\n```"]
+REAL_RECORD = {
+    "version": 1, "id": "p", "problem": "f adds one", "prompt": "Write f, which adds one.\n",
+    "response_format": "code_block",
+    "samples": [{"response": r, "response_ids": [], "finish": "eos",
+                 "program": r.split("```python\n")[1].split("```")[0] if "```" in r else ""}
+                for r in _RESPONSES],
     "tests": ["assert f(1) == 2", "assert f(0) == 1", "assert f(1) == 3"],
-    "raw": {"problem": "f adds one", "code_responses": [
-        "```python\ndef f(x):\n    return x + 1\n```", "I cannot.",
-        "```python\ndef f(x):\n    return x + 2\n```",
-        "```python\ndef f(x):\n    return x + 1\n```"]}}
-REAL_PASSED = [[True, True, False], [False, False, True], [True, True, False]]
-# Responses and codes that do not line up (3 responses with programs, 2 codes): skipped.
-MISMATCHED = dict(REAL_SAMPLE, id="q", codes=REAL_SAMPLE["codes"][:2])
+    "passed": [[True, True, False], [False, False, False], [False, False, True],
+               [True, True, False]]}
 
 
 def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
     w = tmp_path / "run"
     w.mkdir()
-    _write(w / "samples.jsonl", [REAL_SAMPLE, MISMATCHED])
-    _write(w / "execute_input.jsonl", [{k: r[k] for k in ("id", "codes", "tests")}
-                                       for r in (REAL_SAMPLE, MISMATCHED)])
-    _write(w / "verdicts.jsonl", [{"id": "p", "passed": REAL_PASSED},
-                                  {"id": "q", "passed": REAL_PASSED[:2]}])
-    p = pipeline.Pipeline(real.get_config("hf_dir=/nowhere,prompts=/nowhere.jsonl"), w,
-                          judging_tests=A.judging_tests)
+    _write(w / "executed.jsonl", [REAL_RECORD])
+    p = pipeline.Pipeline(real.get_config("hf_dir=/nowhere,prompts=/nowhere.jsonl"), w)
     calls = []
     p.run = lambda stage, module, *args: calls.append([stage, module, *map(str, args)])
     p.analyze()
@@ -215,18 +210,20 @@ def test_real_run_analyze_stage_judges_by_ranked_tests(tmp_path, eos_model):
                   if a.startswith("--config."))
     paths = [a for a in args if not a.startswith("--config.")]
     flags = dict(zip(paths[::2], paths[1::2]))
+    # The executed records themselves, no glue file: no --verdicts, no input written here.
+    assert flags["--samples"] == str(w / "executed.jsonl") and "--verdicts" not in flags
+    assert sorted(x.name for x in w.iterdir() if x.is_file()) == ["executed.jsonl"]
     assert config["continuation"] == "True" and config["verdict"] == "ranked"
-    assert flags["--verdicts"] == str(w / "verdicts.jsonl")
     assert config["ranker"] == "mutual" and config["response_format"] == "code_block"
     assert flags["--checkpoint"] == str(w / "init") and config["timeout"] == "10.0"
-    (line,) = [json.loads(x) for x in (w / "analyze_input.jsonl").read_text().splitlines()]
-    # The responses behind the verdict rows, the message the policy saw, the trusted tests.
-    assert line["codes"] == [t for t in REAL_SAMPLE["raw"]["code_responses"] if t != "I cannot."]
-    assert line["prompt"] == REAL_SAMPLE["prompt"]
-    assert line["tests"] == ["assert f(1) == 2", "assert f(0) == 1"]
-    skipped = [json.loads(x) for x in (w / "analyze_input_skipped.jsonl").read_text().splitlines()]
-    assert [(s["line"], s["id"], s["reason"]) for s in skipped] == [
-        (2, "q", "responses_do_not_match_codes")]
+    # What the analysis reads: the responses with a program, the message the policy saw,
+    # and, for continuations, the tests the ranking trusts.
+    result = A.phi_tables(A.read_inputs(str(w / "executed.jsonl"), None).problems,
+                          A.Options(verdict="ranked"))
+    (job,), _ = A.continuation_jobs(str(w / "executed.jsonl"), result, "char")
+    assert job["prompt"] == REAL_RECORD["prompt"]
+    assert job["tests"] == ["assert f(1) == 2", "assert f(0) == 1"]
+    assert A.record_view(REAL_RECORD)["codes"] == [t for t in _RESPONSES if t != "I cannot."]
 
     # The stage's own command, with the EOS-only model for the policy: prefix + chosen mid is
     # "```python\ndef f(x):\n    return x + 1", whose extracted program passes both trusted

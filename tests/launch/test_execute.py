@@ -154,3 +154,28 @@ def test_library_is_safe_in_a_process_with_jax_threads():
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_problem_records_come_back_extended_by_their_verdicts(tmp_path):
+    """A launch.sample record: its samples' programs run (an empty one fails every test),
+    and the output is the whole record with `passed` added, one row per sample."""
+    record = {"version": 1, "id": "r", "problem": "p", "prompt": "Write f.",
+              "response_format": "code_block", "note": {"kept": True},
+              "samples": [{"response": "```python\ndef f(x): return x + 1\n```",
+                           "response_ids": [1, 2], "program": "def f(x): return x + 1\n",
+                           "finish": "eos"},
+                          {"response": "No.", "response_ids": [3], "program": "",
+                           "finish": "length"}],
+              "tests": ["assert f(1) == 2"]}
+    old = {"id": "o", "prompt": "p", "codes": ["x = 1"], "tests": [], "raw": {}}
+    unsampled = {k: v for k, v in record.items() if k != "samples"} | {"id": "s"}
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [json.dumps(record), json.dumps(old), json.dumps(unsampled)])
+    r = _run(["--input", str(inp), "--output", str(out), "--config.timeout=2",
+              "--config.workers=1"])
+    assert r.returncode == 1  # the malformed lines are reported; the good one still ran
+    assert f"{inp}:2: missing field 'version'" in r.stderr
+    assert f"{inp}:3: missing field 'samples'" in r.stderr
+    (res,) = _read(out).values()
+    assert {k: res[k] for k in record} == record
+    assert res["passed"] == [[True], [False]]

@@ -20,7 +20,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import real, toy
-from data_tools import analyze
 from fdpo import pipeline
 
 from tests.conftest import REPO
@@ -64,22 +63,29 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     # Sampling: one line per prompt, num_codes programs each, each program = prompt + body.
     samples = lines(w / "samples.jsonl")
     assert [s["id"] for s in samples] == [p["id"] for p in dpo]
-    for s in samples:
-        assert len(s["codes"]) == len(s["raw"]["code_responses"]) == cfg["sample"]["num_codes"]
-        assert all(c == s["raw"]["problem"] + r
-                   for c, r in zip(s["codes"], s["raw"]["code_responses"]))
-    # Execution: a verdict matrix of codes x tests per problem.
-    verdicts = {v["id"]: v for v in lines(w / "verdicts.jsonl")}
     tests = {t["id"]: t for t in lines(w / "data" / "tests.jsonl")}
-    assert set(verdicts) == {s["id"] for s in samples}
-    for pid, v in verdicts.items():
+    for s in samples:
+        assert len(s["samples"]) == cfg["sample"]["num_codes"]
+        assert all(x["program"] == s["problem"] + x["response"] for x in s["samples"])
+        # The oracle's tests rode along from the sampler's input (code-only sampling).
+        assert s["tests"] == tests[s["id"]]["tests"]
+    # Execution: the same records, extended by a verdict matrix of samples x tests.
+    executed = {v["id"]: v for v in lines(w / "executed.jsonl")}
+    assert set(executed) == {s["id"] for s in samples}
+    for s in samples:
+        v = executed[s["id"]]
+        assert {k: v[k] for k in s} == s  # every field passed through
         assert len(v["passed"]) == cfg["sample"]["num_codes"]
-        assert all(len(row) == len(tests[pid]["tests"]) for row in v["passed"])
+        assert all(len(row) == len(tests[s["id"]]["tests"]) for row in v["passed"])
+    # No glue between the stages: the only JSONL files the pipeline itself writes.
+    assert sorted(x.name for x in w.glob("*.jsonl")) == [
+        "executed.jsonl", "sample_prompts.jsonl", "samples.jsonl"]
     # Pairs: every input line used or dropped; records exist and carry reference sums.
     manifest = json.loads((w / "pairs" / "manifest.json").read_text())
     c = manifest["counts"]
     assert c["lines_in"] == len(samples) == c["lines_used"] + c["lines_dropped"]
     assert sum(c["records_out"].values()) == c["lines_used"] > 0
+    assert c["selection"]["train"]["cut"] == c["selection"]["validation"]["cut"] == 0
     ref_manifest = json.loads((w / "pairs_ref" / "manifest.json").read_text())
     assert sum(ref_manifest["counts"]["records_out"].values()) == c["lines_used"]
     # Training: every method x seed finished with the configured steps and a final model.
@@ -164,7 +170,7 @@ def test_toy_and_real_configs_have_the_same_fields(tmp_path):
 def stage_calls(cfg, w: pathlib.Path) -> list[tuple[str, str, list[str]]]:
     """(stage, program, arguments) of every program the stages in STAGES run, recorded
     instead of run; the files a stage reads are written by hand."""
-    p = pipeline.Pipeline(cfg, w, judging_tests=analyze.judging_tests)
+    p = pipeline.Pipeline(cfg, w)
     calls = []
 
     def run(stage, module, *args):
@@ -177,8 +183,6 @@ def stage_calls(cfg, w: pathlib.Path) -> list[tuple[str, str, list[str]]]:
                 "records_out": {"train": cfg.train.batch_size}}}))
 
     p.run = run
-    sample = {"id": "t0", "prompt": "p", "codes": ["c"], "tests": ["t"],
-              "raw": {"problem": "p", "code_responses": ["c"]}}
     for name in STAGES:
         if name == "data" and not cfg.toy.enabled or \
                 name in ("sft_data", "warm_start") and not cfg.warm_start.enabled:
@@ -188,10 +192,7 @@ def stage_calls(cfg, w: pathlib.Path) -> list[tuple[str, str, list[str]]]:
             prompts.parent.mkdir(parents=True, exist_ok=True)
             prompts.write_text(json.dumps({"id": "t0", "prompt": "p", "split": cfg.sample.split})
                                + "\n")
-        if name == "execute":  # what the sample stage and the executor would leave
-            for f, rec in (("samples", sample), ("verdicts", {"id": "t0", "passed": [[True]]})):
-                (w / f"{f}.jsonl").write_text(json.dumps(rec) + "\n")
-            if cfg.toy.enabled:  # the miniature's oracle tests
+            if cfg.toy.enabled:  # the miniature's oracle tests, read into the sampler's input
                 (p.toy_dir / "tests.jsonl").write_text(json.dumps(
                     {"id": "t0", "tests": ["t"], "tests_correct": [True]}) + "\n")
         getattr(p, name)()
@@ -266,8 +267,7 @@ def test_real_run_starts_from_the_checkpoint_and_prompts_given_at_one_learning_r
 def test_only_runs_the_stages_named_and_ignores_their_markers(tmp_path):
     ran = []
     for only in ((), ("b",)):
-        p = pipeline.Pipeline(toy.get_config(), tmp_path, judging_tests=analyze.judging_tests,
-                              only=only)
+        p = pipeline.Pipeline(toy.get_config(), tmp_path, only=only)
         for name in ("a", "b", "c"):
             p.stage(name, lambda name=name: ran.append(name))
     # First every stage, leaving markers; then only b, although its marker exists.

@@ -7,6 +7,9 @@ import os
 
 import pytest
 
+from transformers import AutoTokenizer
+
+from fdpo import problem
 from fdpo.extract import extract_assertions, extract_program
 from fdpo.testing import make_hf_model
 from fdpo.testing import build_tiny_tokenizer
@@ -38,7 +41,7 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_samples_in_executor_format_and_resume(hf_dir, tmp_path):
+def test_samples_are_problem_records_and_resume(hf_dir, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
     write_jsonl(inp, PROMPTS)
     proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *SMALL)
@@ -46,22 +49,27 @@ def test_samples_in_executor_format_and_resume(hf_dir, tmp_path):
     lines = out.read_text().splitlines()
     records = [json.loads(l) for l in lines]
     assert [r["id"] for r in records] == ["p0", "7", "p2"]
+    tok = AutoTokenizer.from_pretrained(hf_dir)
     for rec, src in zip(records, PROMPTS):
-        # The executor's input: id str, codes and tests lists of str.
-        assert isinstance(rec["id"], str)
-        assert all(isinstance(c, str) and c.strip() for c in rec["codes"])
-        assert all(isinstance(t, str) for t in rec["tests"])
-        raw = rec["raw"]
-        assert raw["problem"] == src["prompt"]
+        # The problem record (fdpo/problem.py): checked as the next stages check it.
+        problem.check(rec, "samples", problem.SAMPLED)
+        assert isinstance(rec["id"], str) and rec["version"] == problem.VERSION
+        assert rec["problem"] == src["prompt"]
+        assert rec.get("extra") == src.get("extra")  # other input fields pass through
         assert rec["prompt"].startswith(src["prompt"]) and "```python" in rec["prompt"]
-        assert len(raw["code_responses"]) == len(raw["code_finish"]) == 2
-        assert len(raw["test_responses"]) == len(raw["test_finish"]) == 2
-        assert set(raw["code_finish"] + raw["test_finish"]) <= {"eos", "length", "stop"}
-        assert rec["codes"] == [p for p in map(extract_program, raw["code_responses"]) if p]
+        assert len(rec["samples"]) == len(rec["test_samples"]) == 2
+        finishes = [s["finish"] for s in rec["samples"] + rec["test_samples"]]
+        assert set(finishes) <= {"eos", "length", "stop"}
+        for s in rec["samples"]:
+            # The token ids are the response the policy wrote (no EOS: `finish` says why
+            # it stopped); a length-finished one has exactly max_new_tokens of them.
+            assert tok.decode(s["response_ids"]) == s["response"]
+            assert s["finish"] != "length" or len(s["response_ids"]) == 12
+            assert s["program"] == extract_program(s["response"])
         assert rec["tests"] == list(dict.fromkeys(
-            a for r in raw["test_responses"] for a in extract_assertions(r)))
+            a for r in rec["test_samples"] for a in extract_assertions(r["response"])))
     # T = 1 on a random model: the two samples of a prompt differ.
-    assert any(len(set(r["raw"]["code_responses"])) > 1 for r in records)
+    assert any(len({s["response"] for s in r["samples"]}) > 1 for r in records)
 
     # Resume after a crash: the last line lost, the second one cut mid-write.
     out.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])
@@ -96,11 +104,13 @@ def test_greedy_variant_is_deterministic(hf_dir, tmp_path):
     for name, seed in (("a", 0), ("b", 5)):
         run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(tmp_path / name),
             "--config=configs/sample.py:greedy", "--config.max_new_tokens=10",
-            f"--config.seed={seed}")
+            f"--config.seed={seed}",
+            # Code-only: the test template is never rendered, so it need not even format.
+            "--config.test_prompt={no_such_field}")
         outs.append([json.loads(l) for l in (tmp_path / name).read_text().splitlines()])
     assert outs[0] == outs[1]  # greedy ignores the seed
     for rec in outs[0]:
-        assert len(rec["raw"]["code_responses"]) == 1 and rec["tests"] == []
+        assert len(rec["samples"]) == 1 and rec["tests"] == [] and "test_samples" not in rec
 
 
 def test_malformed_lines_are_reported_with_line_numbers(hf_dir, tmp_path):
