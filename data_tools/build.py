@@ -518,6 +518,21 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         "samples": {k: counts[k] for k in ("samples_in", "samples_empty_program", "samples_truncated",
                                            "truncated_not_chosen", "truncated_not_rejected")},
     }
+    manifest = write_shard_outputs(
+        out_dir, config, writers=writers, paths=paths, drops=drops, counts=out_counts,
+        tokenizer=enc.identity(tokenizer_path), input_path=input_path, written=written,
+        seen=seen)
+    _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
+    return manifest
+
+
+def write_shard_outputs(out_dir: str, config: BuildConfig, *, writers, paths, drops: Drops,
+                        counts: dict[str, Any], tokenizer: dict[str, Any], input_path: str,
+                        written: list[dict[str, Any]], seen: dict[str, int]) -> dict[str, Any]:
+    """A shard's files after its records (`drops-`, `pairs-`, `problem_ids-`, `manifest-`)
+    and, for a single shard, the global selection and `manifest.json`; returns the manifest.
+    Shared by the text builder and `data_tools.tokenized`."""
+    tag = config.shard_tag()
     drops_path = os.path.join(out_dir, f"drops-{tag}.jsonl")
     with open(drops_path, "w") as f:
         for e in sorted(drops.entries, key=lambda e: e["line"]):  # parse and pipeline drops interleave
@@ -528,9 +543,8 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
     cfg = dataclasses.asdict(config)
     for k in ("chunk_size", "preview_pairs"):  # do not change the data, so not part of its identity
         cfg.pop(k)
-    manifest = records.make_manifest(max_len=config.max_len, tokenizer=enc.identity(tokenizer_path),
-                                     counts=out_counts, drop_reasons=dict(drops.reasons), splits=splits,
-                                     config=cfg)
+    manifest = records.make_manifest(max_len=config.max_len, tokenizer=tokenizer, counts=counts,
+                                     drop_reasons=dict(drops.reasons), splits=splits, config=cfg)
     manifest["input"] = os.path.abspath(input_path)
     manifest["drops_files"] = [os.path.basename(drops_path)]
     with open(os.path.join(out_dir, f"pairs-{tag}.jsonl"), "w") as f:
@@ -541,7 +555,6 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
     records.write_manifest(os.path.join(out_dir, f"manifest-{tag}.json"), manifest)
     if config.num_shards == 1:
         manifest = select(out_dir, [manifest])
-    _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
     return manifest
 
 

@@ -278,13 +278,28 @@ def build_tokenized(input_path: str, out_dir: str, config: build.BuildConfig = b
     if not 0 <= pad < vocab_size:
         raise ValueError(f"the tokenizer's pad id {pad} is outside [0, --vocab_size={vocab_size})")
 
-    os.makedirs(out_dir, exist_ok=True)
+    build.check_output(out_dir, config)
+    work_dir = build._open_output(out_dir, config)
+    try:
+        manifest = _build_into(work_dir, input_path, tokenizer_path, config, enc, pad,
+                               vocab_size, progress, timings)
+    except BaseException:  # also KeyboardInterrupt: leave no temporary behind
+        build._abandon_output(work_dir, out_dir)
+        raise
+    build._finish_output(work_dir, out_dir)
+    timings["total"] = time.perf_counter() - t0
+    return manifest, dict(timings)
+
+
+def _build_into(out_dir, input_path, tokenizer_path, config, enc, pad, vocab_size, progress,
+                timings):
     tag = config.shard_tag()
     drops = build.Drops()
     counts: collections.Counter = collections.Counter()
     paths = {s: os.path.join(out_dir, f"{s}-{tag}.array_record") for s in build.SPLITS}
     writers = {s: records.RecordWriter(paths[s]) for s in build.SPLITS}
     preview = []
+    written = []  # the global selection's input (build.select), one entry per record
     try:
         from tqdm import tqdm
 
@@ -309,6 +324,9 @@ def build_tokenized(input_path: str, out_dir: str, config: build.BuildConfig = b
                     continue
                 split, rec, pair = made
                 t = time.perf_counter()
+                written.append({"split": split, "index": writers[split].count,
+                                "pair_id": int(rec.pair_id), "id": tp.name, "line": tp.line,
+                                "diff": pair.diff})
                 writers[split].write(rec)
                 timings["write"] += time.perf_counter() - t
                 if len(preview) < config.preview_pairs:
@@ -330,30 +348,16 @@ def build_tokenized(input_path: str, out_dir: str, config: build.BuildConfig = b
         "records_out": {s: writers[s].count for s in build.SPLITS},
         "candidate_pairs_filtered": dict(sorted(filtered.items())),
     }
-    drops_path = os.path.join(out_dir, f"drops-{tag}.jsonl")
-    with open(drops_path, "w") as f:
-        for e in sorted(drops.entries, key=lambda e: e["line"]):
-            f.write(json.dumps(e) + "\n")
-    splits = {s: {"records": writers[s].count,
-                  "shards": [{"path": os.path.basename(paths[s]), "records": writers[s].count}]}
-              for s in build.SPLITS}
-    cfg = dataclasses.asdict(config)
-    for k in ("chunk_size", "preview_pairs"):  # do not change the data, so not part of its identity
-        cfg.pop(k)
     identity = {"pre_tokenized": True, "vocab_size": int(vocab_size), "pad_token_id_in_records": pad,
                 "eos_appended": False,
                 "tokenizer": enc.identity(tokenizer_path) if enc is not None else None}
-    manifest = records.make_manifest(max_len=config.max_len, tokenizer=identity, counts=out_counts,
-                                     drop_reasons=dict(drops.reasons), splits=splits, config=cfg)
-    manifest["input"] = os.path.abspath(input_path)
-    manifest["drops_files"] = [os.path.basename(drops_path)]
-    records.write_manifest(os.path.join(out_dir, f"manifest-{tag}.json"), manifest)
-    if config.num_shards == 1:
-        records.write_manifest(os.path.join(out_dir, "manifest.json"), manifest)
+    # Ready pairs may share an id (several pairs of one prompt): no problem ids to check.
+    manifest = build.write_shard_outputs(
+        out_dir, config, writers=writers, paths=paths, drops=drops, counts=out_counts,
+        tokenizer=identity, input_path=input_path, written=written, seen={})
     build._write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview,
                          enc if enc is not None else _IdsAsText(), manifest)
-    timings["total"] = time.perf_counter() - t0
-    return manifest, dict(timings)
+    return manifest
 
 
 if __name__ == "__main__":

@@ -244,6 +244,32 @@ def test_sharded_build_merges_to_the_single_one(tmp_path):
         assert a == b
 
 
+def test_rebuild_replaces_the_dataset_whole_and_selects_globally(tmp_path, monkeypatch):
+    """The text builder's output contract: --out is replaced atomically (a build that fails
+    after writing records leaves the old dataset), and train_pairs cuts the split to its top
+    pairs."""
+    out = str(tmp_path / "out")
+    first, _ = tokenized.build_tokenized(_write(tmp_path / "a.jsonl", [c for c, _ in MIXED]),
+                                         out, build.BuildConfig(max_len=MAX_LEN, val_fraction=0),
+                                         vocab_size=V)
+    assert first["counts"]["records_out"]["train"] == 3
+    with monkeypatch.context() as m:
+        def fail(*args, **kwargs):
+            raise KeyboardInterrupt  # as Ctrl-C after the records were written
+        m.setattr(build, "write_shard_outputs", fail)
+        with pytest.raises(KeyboardInterrupt):
+            tokenized.build_tokenized(_write(tmp_path / "b.jsonl", [GOOD]), out,
+                                      build.BuildConfig(max_len=MAX_LEN), vocab_size=V)
+    assert len(_records(out)) == 3  # untouched
+    second, _ = tokenized.build_tokenized(str(tmp_path / "a.jsonl"), out,
+                                          build.BuildConfig(max_len=MAX_LEN, val_fraction=0,
+                                                            train_pairs=1), vocab_size=V)
+    sel = second["counts"]["selection"]["train"]
+    assert (sel["candidates"], sel["kept"], sel["cut"]) == (3, 1, 2)
+    assert len(_records(out)) == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out.")]  # no temporaries
+
+
 def test_errors_name_the_flag(tmp_path, tiny_tokenizer_dirs):  # noqa: F811
     inp = _write(tmp_path / "in.jsonl", [GOOD])
     with pytest.raises(ValueError, match="needs --vocab_size"):
