@@ -6,7 +6,8 @@ r"""Fills `ref_logps` of pair records with a reference model's per-segment log-p
 
 Reads every shard listed in DIR/manifest.json, scores chosen and rejected with the train
 step's own log-prob function (`fdpo.scoring.make_score_fn`: float32 log-softmax, chunked),
-and writes the same records, with `ref_logps[side, (prefix, mid, suffix)]` set, to shards
+and writes the same records, with `ref_logps[side, (prefix, mid, suffix, lead, trail)]` set,
+to shards
 of the same names in DIR2, plus a manifest that records which reference made them. Train
 on DIR2 with `--config.loss.reference=precomputed`: the step then runs no reference
 forward. Use the compute dtype the frozen reference would have had (float32 by default).
