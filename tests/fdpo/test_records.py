@@ -62,7 +62,7 @@ def test_unicode_name_and_stable_id():
 def test_validation_errors():
     rec = _record()
     rec.chosen_segments = rec.chosen_segments.copy()
-    rec.chosen_segments[0] = 5
+    rec.chosen_segments[0] = 7  # past Segment.TRAIL
     with pytest.raises(records.RecordError, match="outside Segment"):
         records.encode(rec)
     rec = _record()
