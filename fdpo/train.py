@@ -281,7 +281,10 @@ class Trainer:
         if self.shared_length:
             local = pack_shared_prompt(local, self.shared_length)
         if "ref_logps" in examples:
-            local["ref_logps"] = np.asarray(examples["ref_logps"], np.float32)
+            ref = np.asarray(examples["ref_logps"], np.float32)
+            # [.., 2, 3] from before LEAD/TRAIL: such pairs have none of those tokens, so 0.
+            local["ref_logps"] = np.pad(ref, ((0, 0), (0, 0),
+                                              (0, loss_lib.NUM_SEGMENTS - ref.shape[-1])))
         elif self.loss_cfg.needs_reference and self.reference == "precomputed":
             raise ValueError("reference='precomputed' but the data has no ref_logps: run "
                              "`python -m launch.precompute_ref` on it, or use reference="

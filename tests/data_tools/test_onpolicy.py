@@ -1,0 +1,146 @@
+"""On-policy pairs: the policy's own response tokens, the error point inside the code span,
+LEAD/TRAIL for prose and fences, EOS only where the sample stopped by EOS."""
+import json
+
+import numpy as np
+import pytest
+
+from data_tools import build
+from fdpo import records
+from fdpo.records import Segment
+from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401  (fixture)
+
+SUM = "def total(xs):\n    out = 0\n    for x in xs:\n        out += x\n    return out"
+BAD = "def total(xs):\n    out = 1\n    for x in xs:\n        out += x\n    return out"
+# Realistic instruct responses: different prose on every sample, a fenced block in the middle.
+GOOD_1 = f"Here is a solution that adds the numbers one by one.\n\n```python\n{SUM}\n```\n\nIt runs in O(n)."
+GOOD_2 = f"Sure! The function below loops over the list.\n```python\n{SUM}\n```\nThat's it."
+WRONG = f"We start from the neutral element:\n\n```python\n{BAD}\n```\n\nThis handles empty lists too."
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tiny_tokenizer_dirs):  # noqa: F811
+    return tiny_tokenizer_dirs["chat"]
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _problem(pid, samples, passed):
+    return {"id": pid, "prompt": "Sum a list.", "samples": samples,
+            "tests": [f"t{j}" for j in range(len(passed[0]))], "passed": passed}
+
+
+def _build(tmp_path, lines, **cfg):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    manifest, _ = build.build(str(inp), "", str(out), build.BuildConfig(max_len=256, val_fraction=0.0, **cfg),
+                              tokenizer=_tok_cache["tok"])
+    src = records.PairDataSource.from_manifest(str(out / "manifest.json"), "train")
+    return manifest, [src.record(i) for i in range(len(src))], out
+
+
+_tok_cache = {}
+
+
+@pytest.fixture(autouse=True)
+def _tok(tok):
+    _tok_cache["tok"] = tok
+
+
+def _response(rec, side):
+    seg = np.asarray(getattr(rec, f"{side}_segments"))
+    ids = np.asarray(getattr(rec, f"{side}_ids"))
+    keep = seg >= Segment.PREFIX
+    return ids[keep], seg[keep]
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_mid_inside_code_span_and_prose_segments(tmp_path, tok, finish):
+    samples = [{"response": GOOD_1, "finish": "stop"}, {"response": WRONG, "finish": finish}]
+    _, recs, _ = _build(tmp_path, [_problem("p", samples, [[1, 1], [0, 1]])])
+    (rec,) = recs
+    eos = tok.eos_token_id
+    for side, text, fin in (("chosen", GOOD_1, "stop"), ("rejected", WRONG, finish)):
+        ids, seg = _response(rec, side)
+        # The policy's own tokens: the raw response, prose and fences included ...
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        want = body + ([eos] if fin == "stop" else [])  # ... EOS only where it stopped by EOS
+        assert ids.tolist() == want
+        # Segments in order LEAD, PREFIX, MID, SUFFIX, TRAIL; the code tokens decode to the
+        # fenced code and the prose to what surrounds it.
+        order = [Segment.LEAD, Segment.PREFIX, Segment.MID, Segment.SUFFIX, Segment.TRAIL]
+        runs = [int(v) for k, v in enumerate(seg) if k == 0 or seg[k - 1] != v]
+        assert runs == [int(v) for v in order if v in set(seg.tolist())]
+        code = ids[(seg >= Segment.PREFIX) & (seg <= Segment.SUFFIX)]
+        lead, trail = ids[seg == Segment.LEAD], ids[seg == Segment.TRAIL]
+        fenced = SUM if side == "chosen" else BAD
+        assert fenced in tok.decode(code.tolist())
+        assert "```" in tok.decode(lead.tolist()) and "```" not in tok.decode(code.tolist())
+        assert "```" in tok.decode(trail.tolist())
+        assert (eos in trail.tolist()) == (fin == "stop")
+    # The mid is the code-level difference: prefix/suffix are the common prefix/suffix of
+    # the two code token sequences, computed here independently.
+    codes = []
+    for side in ("chosen", "rejected"):
+        ids, seg = _response(rec, side)
+        codes.append(ids[(seg >= Segment.PREFIX) & (seg <= Segment.SUFFIX)].tolist())
+    p = next(k for k in range(min(map(len, codes))) if codes[0][k] != codes[1][k])
+    s = next(k for k in range(min(map(len, codes)) - p) if codes[0][-1 - k] != codes[1][-1 - k])
+    for side, code in zip(("chosen", "rejected"), codes):
+        ids, seg = _response(rec, side)
+        assert (seg == Segment.PREFIX).sum() == p and (seg == Segment.SUFFIX).sum() == s
+        mid = ids[seg == Segment.MID]
+        assert mid.tolist() == code[p:len(code) - s]
+    assert "0" in tok.decode(_response(rec, "chosen")[0][_response(rec, "chosen")[1] == Segment.MID].tolist())
+    assert "1" in tok.decode(_response(rec, "rejected")[0][_response(rec, "rejected")[1] == Segment.MID].tolist())
+
+
+def test_response_ids_are_used_and_finish_unknown_gets_no_eos(tmp_path, tok):
+    ids_good = tok(GOOD_2, add_special_tokens=False)["input_ids"]
+    samples = [{"response": GOOD_2, "response_ids": ids_good + [tok.eos_token_id], "finish": "stop"},
+               {"response": WRONG}]  # no finish: EOS never assumed
+    _, (rec,), _ = _build(tmp_path, [_problem("p", samples, [[1], [0]])])
+    assert _response(rec, "chosen")[0].tolist() == ids_good + [tok.eos_token_id]
+    assert _response(rec, "rejected")[0].tolist() == tok(WRONG, add_special_tokens=False)["input_ids"]
+
+
+def test_program_option_is_off_policy_without_eos(tmp_path, tok):
+    samples = [{"response": GOOD_1, "program": SUM + "\n", "finish": "stop"},
+               {"response": WRONG, "program": BAD + "\n", "finish": "stop"}]
+    line = _problem("p", samples, [[1], [0]])
+    for append in (False, True):
+        _, (rec,), _ = _build(tmp_path / str(append), [line], response="program", append_eos=append)
+        ids, seg = _response(rec, "chosen")
+        want = tok(SUM + "\n", add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if append else [])
+        assert ids.tolist() == want
+        assert not np.isin(seg, [Segment.LEAD, Segment.TRAIL]).any()
+
+
+def test_completion_samples_equal_the_codes_form(tmp_path, tok):
+    """Completion-format data (no fences): the samples form with finish=stop gives exactly
+    the bytes of the `codes` form (what the toy pipeline builds)."""
+    bodies = ["    return sum(xs)\n", "    return max(xs)\n", "    s = 0\n    for x in xs: s += x\n    return s\n"]
+    passed = [[1, 1], [1, 0], [1, 1]]
+    codes = {"id": "c", "prompt": "def f(xs):\n", "codes": bodies, "tests": ["a", "b"], "passed": passed}
+    samples = dict(codes, samples=[{"response": b, "finish": "stop"} for b in bodies])
+    del samples["codes"]
+    _, _, out_a = _build(tmp_path / "a", [codes])
+    _, _, out_b = _build(tmp_path / "b", [samples])
+    a = (out_a / "train-00000-of-00001.array_record").read_bytes()
+    assert a == (out_b / "train-00000-of-00001.array_record").read_bytes()
+    (rec,) = [records.PairDataSource.from_manifest(str(out_a / "manifest.json"), "train").record(0)]
+    assert not np.isin(rec.chosen_segments, [Segment.LEAD, Segment.TRAIL]).any()
+
+
+def test_preview_marks_lead_and_trail(tmp_path):
+    samples = [{"response": GOOD_1, "finish": "stop"}, {"response": WRONG, "finish": "stop"}]
+    manifest, _, out = _build(tmp_path, [_problem("p", samples, [[1], [0]])])
+    page = (out / "preview-00000-of-00001.html").read_text()
+    assert '<span class="lead">Here is a solution' in page and '<span class="trail">' in page
+    assert manifest["counts"]["code_spans"] == {"fenced": 2}
