@@ -25,5 +25,10 @@ def get_config(arg=None):
     c.num_shards = 1
     c.chunk_size = 2048  # problems ranked and tokenised together
     c.preview_pairs = 20
+    # Problems given as samples: "response" trains on the policy's own response tokens (EOS
+    # only where it stopped by EOS; on-policy); "program" on the extracted program (off-policy),
+    # with an EOS only when append_eos (docs/data.md).
+    c.response = "response"
+    c.append_eos = False
     c.lock()
     return c

@@ -52,7 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="",  # the miniature's prompt split; a real run samples every line of `prompts`
         num_tests=10, code_prompt=""))
     c.execute = ml_collections.ConfigDict(dict(timeout=10.0, workers=0))  # 0: all cores
-    c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=1 / 6))
+    # response: "response" (the policy's own tokens; on-policy) or "program" (the extracted
+    # program, off-policy; EOS only with append_eos). docs/data.md.
+    c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=1 / 6,
+                                             response="response", append_eos=False))
 
     c.methods = ("focused_dpo", "dpo")
     c.seeds = (0,)

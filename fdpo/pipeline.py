@@ -262,6 +262,7 @@ class Pipeline:
                  "--tokenizer", self.tokenizer, "--out", out_dir,
                  f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
                  f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
+                 f"--config.response={b.response}", f"--config.append_eos={b.append_eos}",
                  "--noprogress")
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed

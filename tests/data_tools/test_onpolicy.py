@@ -144,3 +144,31 @@ def test_preview_marks_lead_and_trail(tmp_path):
     page = (out / "preview-00000-of-00001.html").read_text()
     assert '<span class="lead">Here is a solution' in page and '<span class="trail">' in page
     assert manifest["counts"]["code_spans"] == {"fenced": 2}
+
+
+def test_one_train_step_on_instruct_records_starts_at_ln2(tmp_path, tok):
+    """Records with LEAD/TRAIL go through the trainer's step; at policy == reference every
+    log-ratio is 0, so the sigmoid loss is ln 2 whatever the weights."""
+    import jax
+    import optax
+
+    from fdpo import loss as loss_lib, sharding, train
+    from fdpo.models.config import ModelConfig
+    from fdpo.testing import random_params
+
+    samples = [{"response": GOOD_1, "finish": "stop"}, {"response": WRONG, "finish": "stop"},
+               {"response": GOOD_2, "finish": "stop"}]
+    lines = [_problem(f"p{i}", samples, [[1], [0], [1]]) for i in range(2)]
+    _, recs, _ = _build(tmp_path, lines, pairs_per_problem=2)
+    assert len(recs) == 4 and all((r.chosen_segments == Segment.LEAD).any() for r in recs)
+    cfg = ModelConfig(architecture="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-6,
+                      rope_theta=1e4, qkv_bias=True)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    loss_cfg = loss_lib.preset("focused_dpo", beta=0.1)
+    trainer = train.Trainer(cfg, loss_cfg, optax.sgd(0.1), mesh, chunk=64)
+    params = jax.device_put(random_params(cfg, 0), trainer.param_shardings)
+    batch = trainer.make_batch({k: np.stack([r.to_dict()[k] for r in recs]) for k in train.BATCH_KEYS[:4]})
+    state, metrics = trainer.train_step(trainer.init_state(params), batch, params)
+    assert float(metrics["loss"]) == pytest.approx(np.log(2.0), abs=1e-6)
+    assert float(metrics["finite"]) == 1.0 and float(metrics["grad_norm"]) > 0
