@@ -331,9 +331,12 @@ def test_loss_weights_from_the_command_line():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 
-    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in loss_cfg()
-    assert "weights=((0.0, 1.0, 0.0), (0.5, 1.0, 0.0))" in loss_cfg(
+    # Three columns extend with lead = prefix, trail = suffix (docs/training.md).
+    assert "weights=((1.0, 2.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0, 0.0))" in loss_cfg()
+    assert "weights=((0.0, 1.0, 0.0, 0.0, 0.0), (0.5, 1.0, 0.0, 0.5, 0.0))" in loss_cfg(
         "--config.loss.weights=((0,1,0),(0.5,1,0))")
+    assert "weights=((1.0, 2.0, 1.0, 0.0, 0.5), (1.0, 1.0, 0.0, 0.0, 0.0))" in loss_cfg(
+        "--config.loss.weights=((1,2,1,0,0.5),(1,1,0,0,0))")
 
 
 def test_chunked_logprob_memory_does_not_hold_the_logits():
