@@ -101,7 +101,7 @@ def bench_step(args) -> dict:
         "rejected_ids": rng.integers(0, cfg.vocab_size, (pairs, length)).astype(np.int32),
         "chosen_segments": np.tile(seg, (pairs, 1)),
         "rejected_segments": np.tile(seg, (pairs, 1)),
-        "ref_logps": np.zeros((pairs, 2, 3), np.float32),
+        "ref_logps": np.zeros((pairs, 2, 5), np.float32),
     }
     batch = trainer.make_batch(examples, 1)
     t = time.perf_counter()

@@ -28,5 +28,10 @@ def get_config(arg=None):
     c.truncated = "drop"  # drop | reject_only: a sample cut by the token limit is never chosen
     c.train_pairs = 0  # global selection by Diff after all shards; 0 keeps all [paper: 5000]
     c.val_pairs = 0  # [paper: 1000]
+    # Problems given as samples: "response" trains on the policy's own response tokens (EOS
+    # only where it stopped by EOS; on-policy); "program" on the extracted program (off-policy),
+    # with an EOS only when append_eos (docs/data.md).
+    c.response = "response"
+    c.append_eos = False
     c.lock()
     return c

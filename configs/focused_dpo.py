@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.preset = arg.preset
     c.loss.w_focused = 2.0  # chosen-mid weight of focused_dpo
     # ((cp, cm, cs), (rp, rm, rs)) replaces the table: rows chosen, rejected; columns prefix,
-    # mid, suffix. From the command line: --config.loss.weights='((1,2,1),(1,1,0))'.
+    # mid, suffix. From the command line: --config.loss.weights='((1,2,1),(1,1,0))'. Five
+    # columns add lead and trail (tokens before / after an instruct response's code span);
+    # with three they follow prefix and suffix.
     c.loss.weights = config_dict.placeholder(tuple)
     c.loss.loss_type = config_dict.placeholder(str)  # sigmoid | ipo | hinge | none
     c.loss.beta = 0.1

@@ -53,9 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_tests=10, code_prompt=""))
     c.execute = ml_collections.ConfigDict(dict(timeout=10.0, workers=0))  # 0: all cores
     # The paper keeps 5,000 training and 1,000 validation pairs (top Diff over all
-    # problems); a truncated sample is never chosen, nor (drop) rejected.
+    # problems); a truncated sample is never chosen, nor (drop) rejected. response:
+    # "response" (the policy's own tokens; on-policy) or "program" (the extracted program,
+    # off-policy; EOS only with append_eos). docs/data.md.
     c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=1 / 6,
-                                               truncated="drop", train_pairs=5000, val_pairs=1000))
+                                             truncated="drop", train_pairs=5000, val_pairs=1000,
+                                             response="response", append_eos=False))
 
     c.methods = ("focused_dpo", "dpo")
     c.seeds = (0,)

@@ -61,9 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         split="dpo",  # seen combinations that were not in the warm start
         num_tests=0, code_prompt="{prompt}"))
     c.execute = ml_collections.ConfigDict(dict(timeout=2.0, workers=2))
-    # Every pair is kept (0: no global top-N); truncated samples neither chosen nor rejected.
+    # Every pair is kept (0: no global top-N); truncated samples neither chosen nor rejected;
+    # pairs on the policy's own response tokens.
     c.build = ml_collections.ConfigDict(dict(ranker="mutual", lam=1.0, val_fraction=0.1,
-                                               truncated="drop", train_pairs=0, val_pairs=0))
+                                             truncated="drop", train_pairs=0, val_pairs=0,
+                                             response="response", append_eos=False))
 
     # Preference training: every method from the same warm start, for each seed.
     c.methods = METHODS

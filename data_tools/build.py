@@ -5,15 +5,20 @@
 Input: JSON Lines, each line one of
 
 * a problem record (:mod:`fdpo.problem`, docs/data.md) after ``launch.execute``:
-  ``{"version", "id", "prompt", "samples": [{response, program, finish, ...}], "tests",
-  "passed": [[bool]], ...}`` with ``passed[i][j]`` true when sample i's program passes test j.
-  The samples with a non-empty program are ranked (``config.ranker``) and classified; a
-  sample cut by the token limit (``finish == "length"``) is never chosen, and by default not
-  rejected either (``config.truncated``); the best (correct, incorrect) pairs are selected
-  (``config.lam``, ``config.pairs_per_problem``). The response trained on is the program
-  (``response_format`` ``code_block``) or the response itself (``completion``). A line in the
-  format before problem records (``codes`` and no ``version``), a record without
-  ``passed``, and a problem id that repeats are errors naming file:line;
+  ``{"version", "id", "prompt", "samples": [{response, response_ids, program, finish}],
+  "tests", "passed": [[bool]], ...}`` with ``passed[i][j]`` true when sample i's program
+  passes test j. The samples with a non-empty program are ranked (``config.ranker``) and
+  classified; a sample cut by the token limit (``finish == "length"``) is never chosen, and by
+  default not rejected either (``config.truncated``); the best (correct, incorrect) pairs are
+  selected (``config.lam``, ``config.pairs_per_problem``). A pair side is, by default
+  (``config.response="response"``, on-policy), the policy's own response tokens
+  (``response_ids``, else the response tokenised), prose and fences included, with the EOS
+  only where ``finish == "eos"``; the error point is found inside the code span (the fenced
+  block the extractor chose, ``fdpo.extract.program_span``) and the tokens around it are
+  LEAD / TRAIL. ``config.response="program"``: the extracted program (off-policy; EOS only
+  with ``config.append_eos``). A line in the format before problem records (``codes`` and no
+  ``version``), a record without ``passed``, and a problem id that repeats are errors naming
+  file:line;
 * a ready pair: ``{"prompt", "chosen", "rejected"}`` (optional ``"id"``), used as given.
 
 After every shard, the global selection keeps the ``config.train_pairs`` training and
@@ -23,9 +28,18 @@ pair_id), the same whatever the number of shards (``select``).
 Tokenisation: when the tokenizer has a chat template, the prompt is the template applied to one
 user message with the generation prompt appended; otherwise the prompt is the plain text
 tokenised with the tokenizer's own special tokens (e.g. BOS), and the response follows it
-directly (plain concatenation). Each response is tokenised on its own, without special tokens,
-and the EOS token is appended (the policy learns to stop; for ChatML tokenizers EOS is
-``<|im_end|>``). Segments are computed on these response token ids.
+directly (plain concatenation).
+
+Responses (docs/data.md). Problem records, ``config.response="response"`` (default,
+on-policy): a side is the policy's own response tokens (``response_ids`` when recorded, else
+the response tokenised without special tokens), prose and fences included, plus the EOS token
+only where ``finish == "eos"`` (the policy ended it; never assumed). The error point is localised inside the code
+span (``fdpo.extract.program_span``: the fenced block the extractor chose): prefix / mid /
+suffix over its tokens; tokens before it are LEAD, after it (closing fence, prose, EOS) TRAIL.
+A response without a fence is all code. ``config.response="program"``: the extracted program,
+EOS only with ``config.append_eos`` (off-policy: the policy never wrote it so). Ready
+pairs: each text is a finished response, all code, EOS appended (for ChatML tokenizers EOS is
+``<|im_end|>``).
 
 Output in ``--out`` for shard i of n (``config.shard_index/num_shards``; host i reads input lines
 ``i, i+n, ...``, 0-based, so hosts write disjoint shards):
@@ -67,7 +81,7 @@ import numpy as np
 
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
-from fdpo import atomic, problem, records
+from fdpo import atomic, extract, problem, records
 from fdpo.tokenization import Encoder, load_tokenizer
 
 log = logging.getLogger("data_tools.build")
@@ -83,6 +97,12 @@ ONLY_TRUNCATED_INCORRECT = "only_truncated_incorrect"  # (config.truncated = "dr
 TRUNCATED_POLICIES = ("drop", "reject_only")
 MAX_PAIRS_PER_PROBLEM = 1000  # pair_id = line_number * 1000 + k stays unique and traceable
 SPLITS = ("train", "validation")
+RESPONSES = ("response", "program")
+# A sample's finish reason (fdpo.sampling): "eos" when the policy ended it with an EOS token
+# (not among its recorded ids), "stop" at a stop string (its ids run through the token that
+# completed the stop string, its text ends before it), "length" at max_new_tokens.
+ENDED_BY_EOS = "eos"
+ENDED_BY_STOP_STRING = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +126,11 @@ class BuildConfig:
     # Global selection by Diff after all shards; 0 keeps every pair of the split.
     train_pairs: int = 0
     val_pairs: int = 0
+    # What a sample's pair side is made of: "response" (on-policy: the policy's own response
+    # tokens, EOS only where it stopped by EOS) or "program" (the extracted program:
+    # off-policy, EOS only with append_eos).
+    response: str = "response"
+    append_eos: bool = False  # response="program" only
 
     def validate(self) -> None:
         if self.ranker not in rank_lib.RANKERS:
@@ -120,6 +145,8 @@ class BuildConfig:
             raise ValueError(f"config.val_fraction={self.val_fraction} must be in [0, 1]")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"config.shard_index={self.shard_index} must be in [0, config.num_shards={self.num_shards})")
+        if self.response not in RESPONSES:
+            raise ValueError(f"config.response={self.response!r}: choose one of {RESPONSES}")
         if self.chunk_size < 1:
             raise ValueError("config.chunk_size must be >= 1")
         if not (math.isfinite(self.damping) and 0.0 < self.damping <= 1.0):
@@ -154,6 +181,11 @@ class Item:
     passed: np.ndarray | None  # bool[codes, tests]; None for a ready pair
     truncated: np.ndarray | None = None  # bool[codes]: finished by the token limit
     samples: int = 0  # samples in the record, with an empty program or not
+    # Per ranked code (problem records; None for a ready pair): the policy's raw response,
+    # its token ids when recorded, and its finish reason ("eos" / "stop" / "length").
+    responses: list[str] | None = None
+    response_ids: list[list[int] | None] | None = None
+    finish: list[str] | None = None
 
 
 class Drops:
@@ -216,7 +248,9 @@ def _record_item(line_no: int, obj: dict, path: str) -> Item:
     passed = np.array(obj["passed"], bool).reshape(len(samples), len(obj["tests"]))[keep]
     return Item(line_no, obj["id"], obj["prompt"], [samples[i][what] for i in keep], passed,
                 np.array([samples[i]["finish"] == problem.TRUNCATED for i in keep], bool),
-                len(samples))
+                len(samples), responses=[samples[i]["response"] for i in keep],
+                response_ids=[samples[i].get("response_ids") for i in keep],
+                finish=[samples[i]["finish"] for i in keep])
 
 
 def _to_item(line_no: int, obj: Any, path: str = "input") -> Item:
@@ -291,6 +325,55 @@ def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
 
 # ---------------------------------------------------------------------------- tokenising
 
+def _token_range(tok, ids: list[int], text: str, span: tuple[int, int]) -> tuple[int, int] | None:
+    """Tokens [a, b) of `ids` (which decode to `text`) covering characters `span`: a token
+    that straddles a boundary counts as code. None when the ids do not decode to the text."""
+    def chars(k):
+        return len(tok.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+    if chars(len(ids)) != len(text):
+        return None
+    start, end = span
+    lo, hi = 0, len(ids)
+    while lo < hi:  # most tokens whose text ends at or before `start`
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if chars(mid) <= start else (lo, mid - 1)
+    a, hi = lo, len(ids)
+    while lo < hi:  # fewest tokens whose text reaches `end`
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if chars(mid) >= end else (mid + 1, hi)
+    return a, lo
+
+
+def _sample_tokens(it: Item, enc: Encoder, config: BuildConfig, counts: collections.Counter
+                   ) -> list[tuple[np.ndarray, int, int]]:
+    """(token ids of each sample's pair side, code span start, end in tokens) for a problem
+    given as samples (module docstring: on-policy responses, or programs)."""
+    eos = [] if enc.eos is None else [enc.eos]
+    if config.response == "program":
+        ids = enc.tok(it.codes, add_special_tokens=False)["input_ids"]
+        tail = eos if config.append_eos else []
+        return [(np.asarray(list(x) + tail, np.int64), 0, len(x) + len(tail)) for x in ids]
+    # A stop string's tokens are in the ids but not in the text: tokenise the text instead.
+    todo = [k for k, r in enumerate(it.response_ids)
+            if r is None or it.finish[k] == ENDED_BY_STOP_STRING]
+    made = enc.tok([it.responses[k] for k in todo], add_special_tokens=False)["input_ids"] if todo else []
+    given = dict(zip(todo, made))
+    out = []
+    for k, text in enumerate(it.responses):
+        ids = list(given[k] if k in given else it.response_ids[k])
+        if ids and ids[-1] == enc.eos:
+            ids = ids[:-1]  # recorded with its stop token: the EOS is added below by `finish`
+        tail = eos if it.finish[k] == ENDED_BY_EOS else []  # only where the data says so
+        span = extract.program_span(text)
+        rng = None if span is None else _token_range(enc.tok, ids, text, span)
+        counts["code_spans." + ("whole_response" if span is None else
+                                "unmapped" if rng is None else "fenced")] += 1
+        a, b = rng if rng is not None else (0, len(ids) + len(tail))  # all code: EOS is its end
+        out.append((np.asarray(ids + tail, np.int64), a, b))
+    return out
+
+
 # ---------------------------------------------------------------------------------- build
 
 def split_of(name: str, val_fraction: float) -> str:
@@ -300,7 +383,11 @@ def split_of(name: str, val_fraction: float) -> str:
 
 
 def _make_record(item: Item, pair_index: int, prompt: np.ndarray, chosen: np.ndarray,
-                 rejected: np.ndarray, pair: seg_lib.Pair, L: int, pad: int) -> records.PairRecord:
+                 rejected: np.ndarray, pair: seg_lib.Pair, L: int, pad: int,
+                 outside: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+                 ) -> records.PairRecord:
+    """`outside`: (lead, trail) token counts of chosen and rejected around their code spans
+    (zero for completions and programs: all code)."""
     def side(resp):
         ids = np.full(L, pad, np.int32)
         ids[:len(prompt)] = prompt
@@ -309,8 +396,10 @@ def _make_record(item: Item, pair_index: int, prompt: np.ndarray, chosen: np.nda
 
     return records.PairRecord(
         chosen_ids=side(chosen), rejected_ids=side(rejected),
-        chosen_segments=seg_lib.segment_ids(len(prompt), len(chosen), pair.prefix_len, pair.suffix_len, L),
-        rejected_segments=seg_lib.segment_ids(len(prompt), len(rejected), pair.prefix_len, pair.suffix_len, L),
+        chosen_segments=seg_lib.segment_ids(len(prompt), len(chosen), pair.prefix_len, pair.suffix_len, L,
+                                            *outside[0]),
+        rejected_segments=seg_lib.segment_ids(len(prompt), len(rejected), pair.prefix_len, pair.suffix_len, L,
+                                              *outside[1]),
         pair_id=item.line * MAX_PAIRS_PER_PROBLEM + pair_index,
         problem_id=records.stable_problem_id(item.name), problem_name=item.name)
 
@@ -376,8 +465,10 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
             need[id(it)] = b
     texts = []
     for it in items:
-        if it.passed is None or id(it) in need:
+        if (it.passed is None or id(it) in need) and it.responses is None:
             texts.extend(it.codes)
+    sampled = {id(it): _sample_tokens(it, enc, config, counts) for it in items
+               if id(it) in need and it.responses is not None}
     flat = enc.responses(texts)
     timings["tokenize"] += time.perf_counter() - t
 
@@ -397,7 +488,7 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                 drops.add(it.line, reason, name=it.name, numbers=_pair_numbers(
                     pair, reason, len(prompt), L))
                 continue
-            selected = [(pair, chosen, rejected)]
+            selected = [(pair, chosen, rejected, ((0, 0), (0, 0)))]
         elif not it.codes:
             drops.add(it.line, NO_PROGRAM, name=it.name, numbers={"samples": it.samples})
             continue
@@ -415,17 +506,24 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                     "codes": c, "truncated": int(it.truncated.sum()),
                     "correct": int(unmasked.correct[b, :c].sum())})
                 continue
-            seqs = flat[pos:pos + c]
-            pos += c
+            if id(it) in sampled:
+                full = [x[0] for x in sampled[id(it)]]
+                spans = [(a, b) for _, a, b in sampled[id(it)]]
+            else:
+                full = flat[pos:pos + c]
+                pos += c
+                spans = [(0, len(x)) for x in full]
+            seqs = [x[a:b] for x, (a, b) in zip(full, spans)]  # the code spans
             flags = [enc.newline_flags(s) for s in seqs] if config.granularity == "line" else None
             sel = seg_lib.select_pairs(seqs, ranks[b, :c], verdicts.correct[b, :c], verdicts.incorrect[b, :c],
                                        lam=config.lam, max_pairs=config.pairs_per_problem,
                                        max_response_len=room, newline_flags=flags,
-                                       snap_lines=config.granularity == "line")
+                                       snap_lines=config.granularity == "line",
+                                       response_lens=[len(x) for x in full])
             for reason, n in sel.filtered.items():
                 counts["candidate_pairs_filtered." + reason] += n
             if not sel.pairs:
-                lens = np.array([len(x) for x in seqs])
+                lens = np.array([len(x) for x in full])  # too_long is judged on whole sides
                 ci = np.nonzero(verdicts.correct[b, :c])[0]
                 ri = np.nonzero(verdicts.incorrect[b, :c])[0]
                 drops.add(it.line, sel.drop_reason, name=it.name, numbers={
@@ -434,11 +532,13 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                     # the fewest response tokens any (correct, incorrect) pair needs
                     "shortest_pair_tokens": int(np.maximum.outer(lens[ci], lens[ri]).min())})
                 continue
-            selected = [(p, seqs[p.chosen], seqs[p.rejected]) for p in sel.pairs]
+            outside = lambda k: (spans[k][0], len(full[k]) - spans[k][1])  # noqa: E731
+            selected = [(p, full[p.chosen], full[p.rejected], (outside(p.chosen), outside(p.rejected)))
+                        for p in sel.pairs]
         counts["lines_used"] += 1
         split = split_of(it.name, config.val_fraction)
-        for k, (pair, chosen, rejected) in enumerate(selected):
-            rec = _make_record(it, k, prompt, chosen, rejected, pair, L, enc.pad)
+        for k, (pair, chosen, rejected, outside) in enumerate(selected):
+            rec = _make_record(it, k, prompt, chosen, rejected, pair, L, enc.pad, outside)
             out.append((split, rec, it, pair, chosen, rejected, prompt))
     assert pos == len(flat), "tokenised responses were not all consumed"
     timings["pairs"] += time.perf_counter() - t
@@ -517,6 +617,9 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         # verdicts made correct (never chosen) or, under truncated=drop, incorrect.
         "samples": {k: counts[k] for k in ("samples_in", "samples_empty_program", "samples_truncated",
                                            "truncated_not_chosen", "truncated_not_rejected")},
+        # Samples of problems with pairs to make: code span from a fenced block, the whole
+        # response (no fence), or the whole response because the span could not be mapped to tokens.
+        "code_spans": {k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("code_spans.")},
     }
     manifest = write_shard_outputs(
         out_dir, config, writers=writers, paths=paths, drops=drops, counts=out_counts,
@@ -694,31 +797,41 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
 
 _CSS = """body{font-family:sans-serif;margin:2em} pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
 .prefix{color:#555}.mid-c{background:#c8f7c5}.mid-r{background:#f7c5c5}.suffix{color:#225}
+.lead,.trail{color:#888;font-style:italic;background:#fff6d5}
 td{vertical-align:top;width:50%}"""
 
 
 def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -> None:
     dec = enc.tok.decode
 
-    def side(resp, pair, mid_class):
-        p, s = pair.prefix_len, pair.suffix_len
-        parts = [("prefix", resp[:p]), (mid_class, resp[p:len(resp) - s]), ("suffix", resp[len(resp) - s:])]
-        return "".join(f'<span class="{c}">{html.escape(dec(x.tolist()))}</span>' for c, x in parts)
+    def side(resp, segments, mid_class):
+        # The record's own segment ids, so the preview shows what training weights.
+        seg = np.asarray(segments)[np.asarray(segments) >= records.Segment.PREFIX]
+        names = {records.Segment.LEAD: "lead", records.Segment.PREFIX: "prefix", records.Segment.MID: mid_class,
+                 records.Segment.SUFFIX: "suffix", records.Segment.TRAIL: "trail"}
+        parts = [(names[records.Segment(v)], resp[seg == v]) for v in (
+            records.Segment.LEAD, records.Segment.PREFIX, records.Segment.MID, records.Segment.SUFFIX,
+            records.Segment.TRAIL)]
+        return "".join(f'<span class="{c}">{html.escape(dec(x.tolist()))}</span>' for c, x in parts if len(x))
 
     rows = [f"<html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>",
             "<h1>fdpo pair preview</h1>",
-            f"<p>grey: common prefix; green: chosen mid; red: rejected mid; blue: common suffix. "
+            f"<p>grey: common prefix; green: chosen mid; red: rejected mid; blue: common suffix; "
+            f"yellow italics: outside the code span (lead / trail: prose, fences, EOS after fenced code). "
             f"Counts: <code>{html.escape(json.dumps(manifest['counts']))}</code></p>"]
     for split, rec, it, pair, chosen, rejected, prompt in preview:
         rows.append(f"<h2>line {it.line} &middot; {html.escape(it.name)} &middot; {split} &middot; "
                     f"pair_id {rec.pair_id}</h2>")
+        n_out = lambda seg: [int((seg == v).sum()) for v in (records.Segment.LEAD, records.Segment.TRAIL)]  # noqa: E731
+        rows.append(f"<p>lead/trail tokens: chosen {n_out(rec.chosen_segments)}, rejected "
+                    f"{n_out(rec.rejected_segments)}</p>")
         rows.append(f"<p>chosen code {pair.chosen}, rejected code {pair.rejected}; prefix {pair.prefix_len}, "
                     f"mids {pair.chosen_mid_len}/{pair.rejected_mid_len}, suffix {pair.suffix_len} tokens; "
                     f"rank diff {pair.rank_diff:.3f}, common {pair.common_frac:.3f}, Diff {pair.diff:.3f}</p>")
         rows.append(f"<pre>{html.escape(dec(prompt.tolist()))}</pre>")
         rows.append(f"<table><tr><th>chosen</th><th>rejected</th></tr><tr>"
-                    f"<td><pre>{side(chosen, pair, 'mid-c')}</pre></td>"
-                    f"<td><pre>{side(rejected, pair, 'mid-r')}</pre></td></tr></table>")
+                    f"<td><pre>{side(chosen, rec.chosen_segments, 'mid-c')}</pre></td>"
+                    f"<td><pre>{side(rejected, rec.rejected_segments, 'mid-r')}</pre></td></tr></table>")
     rows.append("</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(rows))

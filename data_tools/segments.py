@@ -23,6 +23,12 @@ Pair selection [paper + open]: among (correct, incorrect) code pairs of one prob
 * ``common_frac = (prefix_len + suffix_len) / max(len_chosen, len_rejected)`` in [0, 1];
 * ``lam = 1.0`` by default. Ties in Diff go to the lower (chosen, rejected) sample indices.
 
+Instruct responses: ``seqs`` are then the tokens of each response's *code span* (the block
+the extractor chose; prose and fences around it differ freely between samples, so a common
+suffix over whole responses would shrink to nothing). The tokens before and after the span
+get their own segments, LEAD and TRAIL (:func:`segment_ids`), and ``too_long`` is judged on
+the whole responses (``response_lens``).
+
 Candidate pairs are filtered, each with a counted reason: ``identical_programs`` (same token
 sequence: nothing to prefer), ``empty_chosen_mid`` (the chosen side would have no focused
 tokens), ``too_long`` (prompt + the longer response does not fit in the record length). A
@@ -159,13 +165,14 @@ class Selection:
 def select_pairs(seqs: Sequence[np.ndarray], ranks: Sequence[int], correct: Sequence[bool],
                  incorrect: Sequence[bool], *, lam: float = DEFAULT_LAMBDA, max_pairs: int = 1,
                  max_response_len: int | None = None, newline_flags: Sequence[np.ndarray] | None = None,
-                 snap_lines: bool = False) -> Selection:
+                 snap_lines: bool = False, response_lens: Sequence[int] | None = None) -> Selection:
     """Picks up to ``max_pairs`` (correct, incorrect) pairs of one problem by highest Diff.
 
     ``seqs[i]`` are the token ids of code i's response, ``ranks[i]`` its 0-based rank among the
     problem's k real codes, ``correct``/``incorrect`` its verdict. ``max_response_len`` is the
     room left after the prompt in a record; ``newline_flags[i]`` (one bool per token) is needed
-    for ``snap_lines``.
+    for ``snap_lines``. ``response_lens[i]``: the whole response's length when ``seqs`` are code
+    spans (default ``len(seqs[i])``), for the ``too_long`` filter.
     """
     correct = np.asarray(correct, bool)
     incorrect = np.asarray(incorrect, bool)
@@ -180,6 +187,7 @@ def select_pairs(seqs: Sequence[np.ndarray], ranks: Sequence[int], correct: Sequ
     ranks = np.asarray(ranks, np.int64)
     P, S = pairwise_prefix_suffix([seqs[i] for i in ci], [seqs[j] for j in ri])
     lens = np.array([len(x) for x in seqs])
+    full = lens if response_lens is None else np.asarray(response_lens, np.int64)
     bounds = [line_boundaries(f) for f in newline_flags] if snap_lines else None
     candidates = []
     for a, i in enumerate(ci):
@@ -197,7 +205,10 @@ def select_pairs(seqs: Sequence[np.ndarray], ranks: Sequence[int], correct: Sequ
     kept: list[Pair] = []
     first_reason = None
     for c in candidates:
-        reason = candidate_reason(c, max_response_len)
+        room = max_response_len
+        if room is not None:  # only what the whole responses exceed counts
+            room += max(c.chosen_len, c.rejected_len) - max(full[c.chosen], full[c.rejected])
+        reason = candidate_reason(c, room)
         if reason is not None:
             filtered[reason] = filtered.get(reason, 0) + 1
             first_reason = first_reason or reason
@@ -218,20 +229,30 @@ def candidate_reason(c: Pair, max_response_len: int | None) -> str | None:
     return None
 
 
-def segment_ids(prompt_len: int, response_len: int, prefix_len: int, suffix_len: int, max_len: int) -> np.ndarray:
-    """int8[max_len]: PROMPT, PREFIX, MID, SUFFIX, then PAD, for one side of a pair."""
-    mid = response_len - prefix_len - suffix_len
-    if min(prompt_len, prefix_len, suffix_len, mid) < 0:
-        raise ValueError(f"inconsistent segment lengths: response {response_len}, prefix {prefix_len}, suffix {suffix_len}")
+def segment_ids(prompt_len: int, response_len: int, prefix_len: int, suffix_len: int, max_len: int,
+                lead_len: int = 0, trail_len: int = 0) -> np.ndarray:
+    """int8[max_len]: PROMPT, LEAD, PREFIX, MID, SUFFIX, TRAIL, then PAD, for one side of a pair.
+
+    ``response_len`` counts every response token; ``lead_len`` / ``trail_len`` tokens before /
+    after the code span (0 for completions, whose response is all code).
+    """
+    mid = response_len - lead_len - trail_len - prefix_len - suffix_len
+    if min(prompt_len, prefix_len, suffix_len, mid, lead_len, trail_len) < 0:
+        raise ValueError(f"inconsistent segment lengths: response {response_len}, lead {lead_len}, "
+                         f"prefix {prefix_len}, suffix {suffix_len}, trail {trail_len}")
     total = prompt_len + response_len
     if total > max_len:
         raise ValueError(f"prompt {prompt_len} + response {response_len} tokens exceed max_len {max_len}")
     out = np.zeros(max_len, np.int8)
     out[:prompt_len] = Segment.PROMPT
     o = prompt_len
+    out[o:o + lead_len] = Segment.LEAD
+    o += lead_len
     out[o:o + prefix_len] = Segment.PREFIX
     o += prefix_len
     out[o:o + mid] = Segment.MID
     o += mid
     out[o:o + suffix_len] = Segment.SUFFIX
+    o += suffix_len
+    out[o:o + trail_len] = Segment.TRAIL
     return out

@@ -255,3 +255,16 @@ def extract_assertions(response: str) -> list[str]:
     for source in sources:
         found.extend(_assertions_in(source))
     return list(dict.fromkeys(a.strip() for a in found if a and a.strip()))
+
+
+def program_span(response: str) -> tuple[int, int] | None:
+    """Character span `[start, end)` of the code `extract_program` takes from a fenced block
+    of `response` (the data builder localises error points inside it), or None when the
+    response has no fenced block or the program is not found verbatim in it (then the whole
+    response counts as code). Built on `extract_program` alone, so it follows whatever
+    block that chooses; the first verbatim occurrence is taken."""
+    if not fenced_blocks(response):
+        return None
+    core = extract_program(response).strip("\n")
+    start = response.find(core) if core else -1
+    return None if start < 0 else (start, start + len(core))

@@ -1,9 +1,12 @@
 """The Focused-DPO loss family, as small pure functions (METHOD.md section 3).
 
-Shapes: `B` pairs; side axis `2` = (chosen, rejected); segment axis `3` = (prefix, mid,
-suffix), the row/column order of `fdpo.records.PairRecord.ref_logps`. All sums are float32.
+Shapes: `B` pairs; side axis `2` = (chosen, rejected); segment axis `5` = (prefix, mid,
+suffix, lead, trail), the row/column order of `fdpo.records.PairRecord.ref_logps`. All sums
+are float32. `lead` and `trail` are the tokens before and after the code span of an instruct
+response (prose, fences, the EOS after fenced code; docs/data.md); completion-format records
+have none, so their weights change nothing there.
 
-    S_pi, S_ref            [B, 2, 3]  per-segment sums of per-token log-probs
+    S_pi, S_ref            [B, 2, 5]  per-segment sums of per-token log-probs
     h   = sum_seg W[c] (S_pi[c] - S_ref[c]) - sum_seg W[r] (S_pi[r] - S_ref[r])   [B]
     sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
     ipo:     (h - 1 / (2 beta))^2
@@ -29,7 +32,8 @@ from fdpo.records import RESPONSE_SEGMENTS
 
 Array = jax.Array
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "none")
-SEGMENT_NAMES = ("prefix", "mid", "suffix")
+SEGMENT_NAMES = ("prefix", "mid", "suffix", "lead", "trail")
+NUM_SEGMENTS = len(SEGMENT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +41,20 @@ class LossConfig:
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid only: conservative DPO
-    # W[side][segment]: rows (chosen, rejected), columns (prefix, mid, suffix).
-    weights: tuple[tuple[float, float, float], tuple[float, float, float]] = (
-        (1.0, 2.0, 1.0), (1.0, 1.0, 0.0))
+    # W[side][segment]: rows (chosen, rejected), columns (prefix, mid, suffix, lead, trail).
+    # Three columns are accepted and extended by `full_weights` (lead as prefix, trail as
+    # suffix).
+    weights: tuple[tuple[float, ...], tuple[float, ...]] = (
+        (1.0, 2.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0, 0.0))
     nll_weight: float = 0.0  # RPO: + nll_weight * mean NLL per chosen response token
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if np.shape(self.weights) != (2, 3):
-            raise ValueError(f"weights must be 2 x 3 (side x segment), got {self.weights}")
+        if np.shape(self.weights) not in ((2, 3), (2, NUM_SEGMENTS)):
+            raise ValueError(f"weights must be 2 x 5 (side x segment) or 2 x 3, got "
+                             f"{self.weights}")
+        object.__setattr__(self, "weights", full_weights(self.weights))
         if self.loss_type != "none" and not self.beta > 0:
             raise ValueError(f"beta={self.beta} must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -59,8 +67,17 @@ class LossConfig:
         return self.loss_type != "none"
 
 
+def full_weights(weights) -> tuple[tuple[float, ...], ...]:
+    """A 2 x 3 table (prefix, mid, suffix) extended to 2 x 5: each side's lead (tokens before
+    the code span) weighted as its prefix, its trail (after the code span) as its suffix, so
+    a table means on instruct responses what it means on completions, where the code starts
+    the response and ends it. A 2 x 5 table is returned as it is."""
+    rows = tuple(tuple(float(w) for w in row) for row in weights)
+    return tuple(r + (r[0], r[2]) if len(r) == 3 else r for r in rows)
+
+
 def weight_table(preset: str, w_focused: float = 2.0) -> tuple[tuple[float, ...], ...]:
-    """The paper's weight tables (METHOD.md section 3) by name."""
+    """The paper's weight tables (METHOD.md section 3) by name, 2 x 5 (`full_weights`)."""
     tables = {
         "focused_dpo": ((1.0, w_focused, 1.0), (1.0, 1.0, 0.0)),
         "dpo": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
@@ -70,7 +87,7 @@ def weight_table(preset: str, w_focused: float = 2.0) -> tuple[tuple[float, ...]
     }
     if preset not in tables:
         raise KeyError(f"unknown loss preset {preset!r}; known: {sorted(tables)}")
-    return tables[preset]
+    return full_weights(tables[preset])
 
 
 PRESETS = ("focused_dpo", "dpo", "step_dpo_like", "target_dpo_like", "sft")
@@ -88,7 +105,8 @@ def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig
 def from_config(c: Mapping[str, Any]) -> LossConfig:
     """The LossConfig of a run config's `loss` section (configs/focused_dpo.py): the preset's
     table and loss type, with `weights`, `loss_type` and `nll_weight` replacing the preset's
-    where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))`."""
+    where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))` (lead and
+    trail then follow prefix and suffix) or `((cp, cm, cs, cl, ct), (rp, rm, rs, rl, rt))`."""
     overrides: dict[str, Any] = dict(beta=c["beta"], label_smoothing=c["label_smoothing"])
     for key in ("loss_type", "nll_weight"):
         if c[key] is not None:
@@ -99,15 +117,15 @@ def from_config(c: Mapping[str, Any]) -> LossConfig:
 
 
 def _weight_rows(weights) -> tuple[tuple[float, ...], ...]:
-    expected = ("expected ((cp, cm, cs), (rp, rm, rs)): rows chosen, rejected; columns "
-                "prefix, mid, suffix")
+    expected = ("expected ((cp, cm, cs), (rp, rm, rs)) or ((cp, cm, cs, cl, ct), (rp, rm, rs, "
+                "rl, rt)): rows chosen, rejected; columns prefix, mid, suffix[, lead, trail]")
     try:
         rows = tuple(tuple(float(w) for w in row) for row in weights)
     except (TypeError, ValueError) as e:
         raise ValueError(f"loss weights {weights!r}: {expected}") from e
-    if len(rows) != 2 or any(len(r) != 3 for r in rows):
+    if len(rows) != 2 or len({len(r) for r in rows}) != 1 or len(rows[0]) not in (3, 5):
         raise ValueError(f"loss weights {weights!r}: {expected}")
-    return rows
+    return full_weights(rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,15 +134,16 @@ def _weight_rows(weights) -> tuple[tuple[float, ...], ...]:
 
 
 def response_segment_sums(lp: Array, segments: Array) -> Array:
-    """lp [N, T] per-token log-probs, segments [N, T] (`Segment` ids) -> [N, 3] sums.
+    """lp [N, T] per-token log-probs, segments [N, T] (`Segment` ids) -> [N, 5] sums.
 
-    Only PREFIX, MID and SUFFIX tokens count; PROMPT and PAD are multiplied by exactly 0.
+    Only the response segments count (PREFIX, MID, SUFFIX, LEAD, TRAIL); PROMPT and PAD are
+    multiplied by exactly 0.
     """
     return logprobs.segment_sums(lp, segments, RESPONSE_SEGMENTS)
 
 
 def weighted_log_ratios(policy: Array, reference: Array, weights) -> Array:
-    """W * (S_pi - S_ref): [B, 2, 3], float32."""
+    """W * (S_pi - S_ref): [B, 2, 5], float32."""
     w = jnp.asarray(weights, jnp.float32)
     return w * (policy.astype(jnp.float32) - reference.astype(jnp.float32))
 
@@ -143,7 +162,7 @@ def preference_loss(h: Array, cfg: LossConfig) -> Array:
 
 
 def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[str, Array]:
-    """Everything per pair: the loss and the reward metrics, each [B] (segments [B, 3]).
+    """Everything per pair: the loss and the reward metrics, each [B] (segments [B, 5]).
 
     `reference` may be None when the config needs none (`sft`); rewards are then zero.
     """
@@ -151,8 +170,8 @@ def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[
         if cfg.needs_reference:
             raise ValueError(f"loss_type={cfg.loss_type!r} needs reference log-probs")
         reference = policy
-    ratios = weighted_log_ratios(policy, reference, cfg.weights)  # [B, 2, 3]
-    seg_margins = ratios[:, 0] - ratios[:, 1]  # [B, 3]
+    ratios = weighted_log_ratios(policy, reference, cfg.weights)  # [B, 2, 5]
+    seg_margins = ratios[:, 0] - ratios[:, 1]  # [B, 5]
     h = seg_margins.sum(-1)
     beta = cfg.beta if cfg.needs_reference else 0.0
     rewards = beta * ratios.sum(-1)  # [B, 2]

@@ -261,7 +261,8 @@ class Pipeline:
                  f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
                  f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
                  f"--config.truncated={b.truncated}", f"--config.train_pairs={b.train_pairs}",
-                 f"--config.val_pairs={b.val_pairs}", "--noprogress")
+                 f"--config.val_pairs={b.val_pairs}", f"--config.response={b.response}",
+                 f"--config.append_eos={b.append_eos}", "--noprogress")
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed
         # verdicts, gives none).

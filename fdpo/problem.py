@@ -66,6 +66,11 @@ def check(obj: Any, where: str, needs: tuple[str, ...] = SAMPLED) -> None:
             if not isinstance(s.get(key), str):
                 raise RecordError(f"{where}: 'samples[{i}].{key}' must be a string"
                                   f"{' (missing)' if key not in s else ''} (id {pid!r})")
+        ids = s.get("response_ids")
+        if ids is not None and not (isinstance(ids, list) and
+                                    all(type(v) is int and v >= 0 for v in ids)):
+            raise RecordError(f"{where}: 'samples[{i}].response_ids' must be a list of "
+                              f"non-negative token ids (id {pid!r})")
     tests = obj["tests"]
     if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
         raise RecordError(f"{where}: 'tests' must be a list of strings (id {pid!r})")

@@ -11,7 +11,7 @@ followed by the arrays, decoded with ``np.frombuffer`` views. Layout of version 
     offset  size   field
     0       4      magic b"FDPR"
     4       2      schema version (uint16)
-    6       2      flags (uint16; bit 0: ref_logps present)
+    6       2      flags (uint16; bit 0: ref_logps present; bit 1: ref_logps has 5 columns)
     8       4      L (uint32)
     12      4      problem name length in bytes, N (uint32)
     16      8      pair_id (int64)
@@ -21,7 +21,8 @@ followed by the arrays, decoded with ``np.frombuffer`` views. Layout of version 
     ..      4L     rejected_ids  int32[L]
     ..      L      chosen_segments   int8[L]
     ..      L      rejected_segments int8[L]
-    ..      24     ref_logps float32[2, 3]  (only when flag bit 0 is set)
+    ..      24/40  ref_logps float32[2, 3] or [2, 5]  (only when flag bit 0 is set; 5 columns
+                   when bit 1 is set)
     ..      N      problem name, UTF-8
 
 This module is numpy-only (no jax) so the data tools stay light.
@@ -42,6 +43,9 @@ SCHEMA_VERSION = 1
 MAGIC = b"FDPR"
 _HEADER = struct.Struct("<4sHHIIqq8x")  # 40 bytes, see the module docstring
 _FLAG_REF_LOGPS = 1
+# Records from before the LEAD/TRAIL segments hold float32[2, 3]; they have no LEAD/TRAIL
+# tokens, so their missing columns are exactly 0 and `to_dict` pads them.
+_FLAG_REF_5 = 2
 # Records are read back one at a time by index, so each ArrayRecord chunk holds one record
 # (group_size:1): random access then decodes exactly one record, as grain recommends.
 ARRAY_RECORD_OPTIONS = "group_size:1"
@@ -55,6 +59,11 @@ class Segment(enum.IntEnum):
     PREFIX = 2  # common prefix of the two responses
     MID = 3  # the differing middle: the error-prone point
     SUFFIX = 4  # common suffix of the two responses
+    # Outside the code span of an instruct response (docs/data.md): prose and fences. Prose
+    # differs freely between samples, so the error point is localised within the code span
+    # only; completion-format responses are all code and have neither.
+    LEAD = 5  # before the code span: leading prose, the opening fence
+    TRAIL = 6  # after the code span: the closing fence, trailing prose, the EOS
 
 
 def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
@@ -68,7 +77,8 @@ def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarra
 
 # Row/column order of ``ref_logps[side, segment]``.
 SIDES = ("chosen", "rejected")
-RESPONSE_SEGMENTS = (Segment.PREFIX, Segment.MID, Segment.SUFFIX)
+RESPONSE_SEGMENTS = (Segment.PREFIX, Segment.MID, Segment.SUFFIX, Segment.LEAD, Segment.TRAIL)
+REF_SHAPES = ((2, 3), (2, len(RESPONSE_SEGMENTS)))  # stored ref_logps: old, current
 
 
 class RecordError(ValueError):
@@ -92,7 +102,9 @@ class PairRecord:
     pair_id: int
     problem_id: int
     problem_name: str = ""
-    ref_logps: np.ndarray | None = None  # float32[2, 3]: (chosen, rejected) x (prefix, mid, suffix)
+    # float32[2, 5]: (chosen, rejected) x RESPONSE_SEGMENTS (prefix, mid, suffix, lead, trail);
+    # [2, 3] in records written before LEAD/TRAIL existed.
+    ref_logps: np.ndarray | None = None
 
     @property
     def max_len(self) -> int:
@@ -109,16 +121,16 @@ class PairRecord:
                 raise RecordError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
         for name in ("chosen_segments", "rejected_segments"):
             arr = np.asarray(getattr(self, name))
-            if arr.size and (arr.min() < 0 or arr.max() > int(Segment.SUFFIX)):
-                raise RecordError(f"{name} holds values outside Segment 0..4")
+            if arr.size and (arr.min() < 0 or arr.max() > max(Segment)):
+                raise RecordError(f"{name} holds values outside Segment 0..{int(max(Segment))}")
         for name in ("chosen_ids", "rejected_ids"):
             arr = np.asarray(getattr(self, name))
             if arr.size and arr.min() < 0:
                 raise RecordError(f"{name} holds negative token ids")
         if self.ref_logps is not None:
             ref = np.asarray(self.ref_logps)
-            if ref.shape != (2, 3) or ref.dtype != np.float32:
-                raise RecordError(f"ref_logps must be float32[2, 3], got {ref.dtype}{list(ref.shape)}")
+            if ref.shape not in REF_SHAPES or ref.dtype != np.float32:
+                raise RecordError(f"ref_logps must be float32[2, 5] (or [2, 3]), got {ref.dtype}{list(ref.shape)}")
         if not 0 <= int(self.problem_id) < 2**63 or not -(2**63) <= int(self.pair_id) < 2**63:
             raise RecordError("pair_id / problem_id must fit in int64 (problem_id non-negative)")
 
@@ -133,7 +145,8 @@ class PairRecord:
             "problem_id": np.asarray(self.problem_id, np.int64),
         }
         if self.ref_logps is not None:
-            out["ref_logps"] = np.asarray(self.ref_logps, np.float32)
+            ref = np.asarray(self.ref_logps, np.float32)
+            out["ref_logps"] = np.pad(ref, ((0, 0), (0, len(RESPONSE_SEGMENTS) - ref.shape[1])))
         return out
 
 
@@ -143,7 +156,9 @@ def encode(record: PairRecord, validate: bool = True) -> bytes:
         record.validate()
     L = record.max_len
     name = record.problem_name.encode("utf-8")
-    flags = _FLAG_REF_LOGPS if record.ref_logps is not None else 0
+    flags = 0
+    if record.ref_logps is not None:
+        flags = _FLAG_REF_LOGPS | (_FLAG_REF_5 if np.shape(record.ref_logps)[1] == 5 else 0)
     parts = [
         _HEADER.pack(MAGIC, SCHEMA_VERSION, flags, L, len(name), int(record.pair_id),
                      int(record.problem_id)),
@@ -159,7 +174,8 @@ def encode(record: PairRecord, validate: bool = True) -> bytes:
 
 
 def _expected_size(L: int, flags: int, name_len: int) -> int:
-    return _HEADER.size + 10 * L + (24 if flags & _FLAG_REF_LOGPS else 0) + name_len
+    ref = (40 if flags & _FLAG_REF_5 else 24) if flags & _FLAG_REF_LOGPS else 0
+    return _HEADER.size + 10 * L + ref + name_len
 
 
 def decode(data: bytes, expected_len: int | None = None) -> PairRecord:
@@ -182,7 +198,8 @@ def decode(data: bytes, expected_len: int | None = None) -> PairRecord:
     rejected_seg = np.frombuffer(data, "i1", L, off); off += L
     ref = None
     if flags & _FLAG_REF_LOGPS:
-        ref = np.frombuffer(data, "<f4", 6, off).reshape(2, 3); off += 24
+        cols = 5 if flags & _FLAG_REF_5 else 3
+        ref = np.frombuffer(data, "<f4", 2 * cols, off).reshape(2, cols); off += 8 * cols
     name = bytes(data[off:off + name_len]).decode("utf-8")
     return PairRecord(chosen_ids.astype(np.int32, copy=False), rejected_ids.astype(np.int32, copy=False),
                       chosen_seg, rejected_seg, pair_id, problem_id, name, ref)
@@ -237,7 +254,7 @@ class PairDataSource:
 
     ``source[i]`` is a dict of numpy arrays: ``chosen_ids``, ``rejected_ids`` (int32[L]),
     ``chosen_segments``, ``rejected_segments`` (int8[L]), ``pair_id``, ``problem_id`` (int64
-    scalars) and, when present, ``ref_logps`` (float32[2, 3]). Picklable (for grain's worker
+    scalars) and, when present, ``ref_logps`` (float32[2, 5]). Picklable (for grain's worker
     processes): the underlying array_record source reopens its readers lazily.
     """
 

@@ -36,7 +36,7 @@ MAX_SEGMENT_LABELS = 16  # Scorer: segment labels 0..15 are summed separately
 def sequence_segment_logps(graphdef, params, ids: Array, labels: Array, chunk: int = 256,
                            values: Sequence[int] = rec.RESPONSE_SEGMENTS) -> Array:
     """ids, labels [N, L] -> [N, len(values)]: the log-prob sums of the tokens labelled
-    values[k] (default the response segments: prefix, mid, suffix).
+    values[k] (default the response segments: prefix, mid, suffix, lead, trail).
 
     Log-softmax in float32, chunked over the sequence (no [N, L, vocab] logits tensor).
     Call under `sharding.use_mesh` to constrain activations.
@@ -155,6 +155,7 @@ def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int 
     out_manifest = dict(manifest)
     out_manifest["reference"] = {
         **(provenance or {}), "source_dataset": str(data_dir.absolute()),
-        "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix)"}
+        "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix, lead, "
+                  "trail)"}
     rec.write_manifest(out_dir / "manifest.json", out_manifest)
     return out_manifest

@@ -76,10 +76,12 @@ def build_tiny_tokenizer(path: str | os.PathLike, chat_template: bool = False,
 
 # ------------------------------------------------------------------------------- pairs
 def random_pairs(n: int, length: int, vocab: int, seed: int = 0,
-                 lengths: tuple[tuple[int, int], ...] = ((2, 6), (0, 5), (1, 5), (0, 5), (0, 5))
-                 ) -> list[PairRecord]:
+                 lengths: tuple[tuple[int, int], ...] = ((2, 6), (0, 5), (1, 5), (0, 5), (0, 5)),
+                 prose: tuple[int, int] | None = None) -> list[PairRecord]:
     """`lengths`: inclusive (lo, hi) token counts of prompt, prefix, chosen mid, rejected
-    mid, suffix."""
+    mid, suffix. `prose`: inclusive (lo, hi) token counts of LEAD and TRAIL (prose around an
+    instruct response's code), drawn for each side on its own; None: no prose (and the same
+    draws as before prose existed)."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(n):
@@ -87,9 +89,13 @@ def random_pairs(n: int, length: int, vocab: int, seed: int = 0,
         prompt, prefix, suffix = (rng.integers(1, vocab, k) for k in (p, pre, suf))
         sides = {}
         for side, m in (("chosen", mc), ("rejected", mr)):
-            ids = np.concatenate([prompt, prefix, rng.integers(1, vocab, m), suffix])
-            seg = [Segment.PROMPT] * p + [Segment.PREFIX] * pre + [Segment.MID] * m + \
-                [Segment.SUFFIX] * suf
+            lead = trail = np.zeros(0, np.int64)
+            if prose is not None:
+                lead, trail = (rng.integers(1, vocab, int(rng.integers(prose[0], prose[1] + 1)))
+                               for _ in range(2))
+            ids = np.concatenate([prompt, lead, prefix, rng.integers(1, vocab, m), suffix, trail])
+            seg = [Segment.PROMPT] * p + [Segment.LEAD] * len(lead) + [Segment.PREFIX] * pre + \
+                [Segment.MID] * m + [Segment.SUFFIX] * suf + [Segment.TRAIL] * len(trail)
             if len(ids) > length:
                 raise ValueError(f"pair of {len(ids)} tokens does not fit length {length}")
             sides[side] = (np.pad(ids, (0, length - len(ids))).astype(np.int32),

@@ -4,7 +4,7 @@ Layout of a step's batch (global shapes; `M` micro-batches of `b` pairs, length 
 
     chosen_ids, rejected_ids             int32 [M, b, L]
     chosen_segments, rejected_segments   int8  [M, b, L]   (`fdpo.records.Segment` ids)
-    ref_logps                            float32 [M, b, 2, 3]  (zeros unless precomputed)
+    ref_logps                            float32 [M, b, 2, 5]  (zeros unless precomputed)
     pair_mask                            float32 [M, b]    (0 for padding pairs in eval)
 
 sharded `P(None, <batch axes>)`: every micro-batch is spread over all data-parallel
@@ -125,13 +125,13 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int):
 
 
 def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 256) -> Array:
-    """One forward over chosen and rejected -> [b, 2, 3] (side x segment)."""
+    """One forward over chosen and rejected -> [b, 2, 5] (side x segment)."""
     b, length = micro["chosen_ids"].shape
     ids = jnp.stack([micro["chosen_ids"], micro["rejected_ids"]], 1).reshape(2 * b, length)
     seg = jnp.stack([micro["chosen_segments"], micro["rejected_segments"]], 1)
     sums = scoring.sequence_segment_logps(graphdef, params, ids, seg.reshape(2 * b, length),
                                           chunk)
-    return sums.reshape(b, 2, 3)
+    return sums.reshape(b, 2, -1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
 
 def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
                               chunk: int = 256) -> Array:
-    """One forward over shared-prompt rows -> [b, 2, 3] (side x segment), as
+    """One forward over shared-prompt rows -> [b, 2, 5] (side x segment), as
     `pair_segment_logps` computes it from separate sequences."""
     model = nnx.merge(graphdef, params)
     ids = shd.constrain(micro["ids"], ("batch", "length"))
@@ -281,13 +281,16 @@ class Trainer:
         if self.shared_length:
             local = pack_shared_prompt(local, self.shared_length)
         if "ref_logps" in examples:
-            local["ref_logps"] = np.asarray(examples["ref_logps"], np.float32)
+            ref = np.asarray(examples["ref_logps"], np.float32)
+            # [.., 2, 3] from before LEAD/TRAIL: such pairs have none of those tokens, so 0.
+            local["ref_logps"] = np.pad(ref, ((0, 0), (0, 0),
+                                              (0, loss_lib.NUM_SEGMENTS - ref.shape[-1])))
         elif self.loss_cfg.needs_reference and self.reference == "precomputed":
             raise ValueError("reference='precomputed' but the data has no ref_logps: run "
                              "`python -m launch.precompute_ref` on it, or use reference="
                              "'frozen'")
         else:
-            local["ref_logps"] = np.zeros((b, 2, 3), np.float32)
+            local["ref_logps"] = np.zeros((b, 2, loss_lib.NUM_SEGMENTS), np.float32)
         local["pair_mask"] = (np.ones((b,), np.float32) if pair_mask is None
                               else np.asarray(pair_mask, np.float32))
         out = {}

@@ -10,8 +10,8 @@ is its `reference.checkpoint` / `reference.hf_dir`, or the initial policy when n
 set; it runs with the config's `model` settings (compute dtype) and `train.logprob_chunk`,
 on the config's mesh. Every shard of `data.dir` is scored with the train step's own log-prob
 function (`fdpo.scoring.make_score_fn`) and written, with `ref_logps[side, (prefix, mid,
-suffix)]` set, to DATA_REF, whose manifest records the provenance (reference identity and
-path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF` and
+suffix, lead, trail)]` set, to DATA_REF, whose manifest records the provenance (reference
+identity and path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF` and
 `--config.loss.reference=precomputed`: `launch.train` refuses data whose provenance differs
 from its own reference, dtype or chunk. The work is `fdpo.reference.precompute`.
 

@@ -34,10 +34,12 @@ def tokenizers(tok_dirs):
 
 
 def _record(pid, codes, passed, prompt="Sum a list of numbers.", finish=None, tests=None, **extra):
-    """A problem record after launch.execute (fdpo/problem.py) whose samples are `codes`."""
+    """A problem record after launch.execute (fdpo/problem.py) whose samples are `codes`:
+    each response is its program alone (no prose, no fence), so the on-policy side is the
+    program's tokens and the EOS (prose and fences: tests/data_tools/test_onpolicy.py)."""
     finish = finish or ["eos"] * len(codes)
     return {"version": 1, "id": pid, "prompt": prompt, "response_format": "code_block",
-            "samples": [{"response": f"```python\n{c}```", "response_ids": [], "program": c,
+            "samples": [{"response": c, "program": c,
                          "finish": f} for c, f in zip(codes, finish)],
             "tests": tests if tests is not None else [f"t{j}" for j in range(len(passed[0]))],
             "passed": passed, **extra}

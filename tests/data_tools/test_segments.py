@@ -85,6 +85,13 @@ def test_segment_ids_layout():
         sg.segment_ids(3, 10, 2, 1, 12)
     with pytest.raises(ValueError, match="inconsistent"):
         sg.segment_ids(3, 4, 3, 2, 12)
+    # Instruct responses: lead and trail around the code span.
+    seg = sg.segment_ids(prompt_len=2, response_len=9, prefix_len=2, suffix_len=1, max_len=12,
+                         lead_len=2, trail_len=3)
+    L, T = int(Segment.LEAD), int(Segment.TRAIL)
+    assert seg.tolist() == [P] * 2 + [L] * 2 + [X] * 2 + [M] + [S] + [T] * 3 + [O]
+    with pytest.raises(ValueError, match="inconsistent"):
+        sg.segment_ids(2, 5, 2, 1, 12, lead_len=2, trail_len=1)
 
 
 def _arr(*xs):
@@ -132,6 +139,13 @@ def test_select_pairs_filters_and_reasons():
     # Too long: the longer response must fit the room after the prompt.
     sel = sg.select_pairs(seqs, [0, 1], [True, False], [False, True], max_response_len=3)
     assert sel.pairs == [] and sel.drop_reason == sg.TOO_LONG and sel.filtered == {sg.TOO_LONG: 1}
+    # Code spans of longer responses (prose around them): the whole responses must fit.
+    sel = sg.select_pairs(seqs, [0, 1], [True, False], [False, True], max_response_len=5,
+                          response_lens=[6, 4])
+    assert sel.drop_reason == sg.TOO_LONG
+    sel = sg.select_pairs(seqs, [0, 1], [True, False], [False, True], max_response_len=6,
+                          response_lens=[6, 4])
+    assert len(sel.pairs) == 1 and sel.pairs[0].chosen_len == 4  # segments over the code
 
 
 def test_select_pairs_snap_lines_changes_common_length():

@@ -59,15 +59,27 @@ def pairs():
 
 
 @pytest.fixture(scope="module")
+def prose_pairs():
+    """With LEAD/TRAIL tokens (prose around the code) differing between the two sides, as
+    instruct responses have."""
+    return stack(random_pairs(8, LENGTH, vocab=211, seed=3, prose=(1, 3)))
+
+
+@pytest.fixture(scope="module")
 def torch_sums(models, pairs):
-    """[B, 2, 3] per-segment sums and [B, 2] response totals / token counts, from torch."""
+    return _torch_sums(models, pairs)
+
+
+def _torch_sums(models, pairs):
+    """[B, 2, 5] per-segment sums and [B, 2] response totals / token counts, from torch."""
     out = {}
     for name in ("policy", "reference"):
-        seg_sums = np.zeros((len(pairs["chosen_ids"]), 2, 3))
+        seg_sums = np.zeros((len(pairs["chosen_ids"]), 2, 5))
         for s, side in enumerate(("chosen", "rejected")):
             lp = torch_token_logprobs(models[name][0], pairs[f"{side}_ids"])
             seg = pairs[f"{side}_segments"]
-            for k, label in enumerate((Segment.PREFIX, Segment.MID, Segment.SUFFIX)):
+            for k, label in enumerate((Segment.PREFIX, Segment.MID, Segment.SUFFIX,
+                                       Segment.LEAD, Segment.TRAIL)):
                 seg_sums[:, s, k] = np.where(seg == label, lp, 0.0).sum(-1)
             out[f"{name}_{side}_total"] = np.where(seg >= Segment.PREFIX, lp, 0.0).sum(-1)
         out[name] = seg_sums
@@ -78,7 +90,9 @@ def torch_sums(models, pairs):
 def expected_loss(t, weights, beta, kind="sigmoid", eps=0.0, nll_weight=0.0):
     """METHOD.md section 3, written out on the torch sums."""
     W = np.asarray(weights, np.float64)
-    d = t["policy"] - t["reference"]  # [B, 2, 3]
+    if W.shape[1] == 3:  # the documented default: lead weighted as prefix, trail as suffix
+        W = np.concatenate([W, W[:, [0]], W[:, [2]]], axis=1)
+    d = t["policy"] - t["reference"]  # [B, 2, 5]
     h = (W[0] * d[:, 0]).sum(-1) - (W[1] * d[:, 1]).sum(-1)
     if kind == "sigmoid":
         per_pair = -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
@@ -112,6 +126,9 @@ CASES = {
                     dict(weights=((1, 2, 1), (1, 1, 0)), beta=0.5, kind="ipo")),
     "focused_hinge": (loss_lib.preset("focused_dpo", beta=0.5, loss_type="hinge"),
                       dict(weights=((1, 2, 1), (1, 1, 0)), beta=0.5, kind="hinge")),
+    "own_prose_weights": (loss_lib.LossConfig(beta=0.5, weights=((1, 2, 1, 0, 0.5),
+                                                                 (1, 1, 0, 0.25, 0))),
+                          dict(weights=((1, 2, 1, 0, 0.5), (1, 1, 0, 0.25, 0)), beta=0.5)),
 }
 
 
@@ -134,8 +151,12 @@ def fdpo_eval(models, pairs, loss_cfg, micro_batches=2, reference="frozen", data
 
 @pytest.fixture(scope="module")
 def fdpo_sums(models, pairs):
-    """Per-segment sums [B, 2, 3] of policy and reference from fdpo's forward (the train
-    step's own log-prob function, compiled once)."""
+    return _fdpo_sums(models, pairs)
+
+
+def _fdpo_sums(models, pairs):
+    """Per-segment sums [B, 2, 5] of policy and reference from fdpo's forward (the train
+    step's own log-prob function)."""
     score = scoring.make_score_fn(models["cfg"], ONE_DEVICE, chunk=8)
     b = len(pairs["chosen_ids"])
     ids = np.concatenate([pairs["chosen_ids"], pairs["rejected_ids"]])
@@ -169,6 +190,22 @@ def test_loss_matches_torch_reference(name, fdpo_sums, pairs, torch_sums):
         assert abs(margins).mean() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["focused_dpo", "dpo", "own_prose_weights", "sft"])
+def test_prose_segments_match_torch_reference(name, models, prose_pairs):
+    """LEAD/TRAIL tokens are summed into their own columns, weighted by the table (three
+    columns: lead as prefix, trail as suffix), through the trainer's step code."""
+    t = _torch_sums(models, prose_pairs)
+    got_sums = _fdpo_sums(models, prose_pairs)
+    for name_ in ("policy", "reference"):
+        np.testing.assert_allclose(got_sums[name_], t[name_], atol=1e-4, rtol=1e-5)
+    assert np.all(np.abs(t["policy"][:, :, 3:]) > 0)  # every side has lead and trail tokens
+    loss_cfg, formula = CASES[name]
+    want, margins = expected_loss(t, **formula)
+    got = fdpo_eval(models, prose_pairs, loss_cfg)
+    assert got["loss"] == pytest.approx(want, abs=LOSS_ATOL, rel=LOSS_RTOL)
+    assert got["rewards/margins"] == pytest.approx(margins.mean(), abs=LOSS_ATOL, rel=LOSS_RTOL)
+
+
 @pytest.mark.parametrize("name", ["focused_dpo_rpo", "sft"])
 def test_trainer_loss_matches_torch_reference(name, models, pairs, torch_sums):
     """The same through the trainer's jitted step code (micro-batches, masks, metrics)."""
@@ -192,7 +229,7 @@ def test_all_weights_one_is_standard_dpo(fdpo_sums, torch_sums):
     np.testing.assert_allclose(terms["dpo_loss"], want, atol=LOSS_ATOL, rtol=LOSS_RTOL)
     # And as pure functions on arbitrary sums, to float32 rounding.
     rng = np.random.default_rng(1)
-    pol, ref = (jnp.asarray(rng.normal(size=(16, 2, 3)) * 10, jnp.float32) for _ in range(2))
+    pol, ref = (jnp.asarray(rng.normal(size=(16, 2, 5)) * 10, jnp.float32) for _ in range(2))
     terms = loss_lib.pair_terms(pol, ref, loss_lib.preset("dpo", beta=beta))
     tot = lambda x: np.asarray(x, np.float64).sum(-1)
     std = -log_sigmoid(beta * ((tot(pol[:, 0]) - tot(ref[:, 0])) -
@@ -236,11 +273,11 @@ def test_no_gradient_from_prompt_and_padding(models, pairs, preset):
     seg = np.stack([pairs["chosen_segments"], pairs["rejected_segments"]], 1).reshape(
         2 * b, length)
     hidden = model(ids, return_hidden=True)
-    ref = jnp.asarray(np.random.default_rng(0).normal(size=(b, 2, 3)), jnp.float32)
+    ref = jnp.asarray(np.random.default_rng(0).normal(size=(b, 2, 5)), jnp.float32)
 
     def loss_of_hidden(h):
         lp = logprobs.token_logprobs_from_hidden(h, model.unembedding(), ids, chunk=8)
-        pol = loss_lib.response_segment_sums(lp, jnp.asarray(seg)).reshape(b, 2, 3)
+        pol = loss_lib.response_segment_sums(lp, jnp.asarray(seg)).reshape(b, 2, 5)
         terms = loss_lib.pair_terms(pol, ref, loss_cfg)
         n_chosen = float((pairs["chosen_segments"] >= Segment.PREFIX).sum())
         return loss_lib.total_loss(terms, jnp.ones(b), float(b), n_chosen, loss_cfg)
@@ -255,7 +292,7 @@ def test_no_gradient_from_prompt_and_padding(models, pairs, preset):
     # e.g. focused_dpo's rejected suffix (weight 0) gets exactly no gradient either.
     W = np.asarray(loss_cfg.weights)
     side = np.arange(2 * b)[:, None] % 2  # rows alternate chosen, rejected
-    weight = np.where(silent, 0.0, W[side, np.clip(next_seg - Segment.PREFIX, 0, 2)])
+    weight = np.where(silent, 0.0, W[side, np.clip(next_seg - Segment.PREFIX, 0, 4)])
     if loss_cfg.loss_type == "none":
         weight = weight * 0
     trained = (weight != 0) | ((side == 0) & ~silent & (loss_cfg.nll_weight > 0))
@@ -269,8 +306,8 @@ def test_chunked_segment_sums_match_naive_with_weighted_gradients():
     hidden = jnp.asarray(rng.normal(size=(3, 29, 16)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(97, 16)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 97, size=(3, 29)))
-    seg = jnp.asarray(rng.integers(0, 5, size=(3, 29)), jnp.int8)
-    coef = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+    seg = jnp.asarray(rng.integers(0, 7, size=(3, 29)), jnp.int8)
+    coef = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
 
     def naive(h, w):
         lp = logprobs.token_logprobs(jnp.einsum("btd,vd->btv", h, w), ids)
@@ -305,7 +342,7 @@ def test_config_errors_are_named():
         loss_lib.LossConfig(loss_type="kto")
     with pytest.raises(KeyError, match="unknown loss preset"):
         loss_lib.preset("focused")
-    with pytest.raises(ValueError, match="2 x 3"):
+    with pytest.raises(ValueError, match="2 x 5"):
         loss_lib.LossConfig(weights=((1, 1), (1, 1)))
     with pytest.raises(ValueError, match="reference"):
-        loss_lib.pair_terms(jnp.zeros((1, 2, 3)), None, loss_lib.preset("dpo"))
+        loss_lib.pair_terms(jnp.zeros((1, 2, 5)), None, loss_lib.preset("dpo"))

@@ -9,7 +9,7 @@ from fdpo.records import PairRecord, Segment
 from tests.conftest import REPO
 
 
-def _record(L=16, pair_id=7, name="prob/1", ref=True, seed=0):
+def _record(L=16, pair_id=7, name="prob/1", ref=5, seed=0):
     rng = np.random.default_rng(seed)
     cseg = np.zeros(L, np.int8)
     cseg[:3] = Segment.PROMPT
@@ -24,14 +24,14 @@ def _record(L=16, pair_id=7, name="prob/1", ref=True, seed=0):
         rejected_ids=rng.integers(0, 150_000, L).astype(np.int32),
         chosen_segments=cseg, rejected_segments=rseg, pair_id=pair_id,
         problem_id=records.stable_problem_id(name), problem_name=name,
-        ref_logps=rng.normal(size=(2, 3)).astype(np.float32) if ref else None)
+        ref_logps=rng.normal(size=(2, ref)).astype(np.float32) if ref else None)
 
 
-@pytest.mark.parametrize("ref", [True, False])
+@pytest.mark.parametrize("ref", [5, 3, 0])  # 3: records from before LEAD/TRAIL existed
 def test_roundtrip_bytes(ref):
     rec = _record(ref=ref)
     data = records.encode(rec)
-    assert len(data) == 40 + 10 * 16 + (24 if ref else 0) + len("prob/1")
+    assert len(data) == 40 + 10 * 16 + 8 * ref + len("prob/1")
     back = records.decode(data)
     for key in ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments"):
         got = getattr(back, key)
@@ -40,6 +40,12 @@ def test_roundtrip_bytes(ref):
     assert back.pair_id == 7 and back.problem_id == rec.problem_id and back.problem_name == "prob/1"
     if ref:
         np.testing.assert_array_equal(back.ref_logps, rec.ref_logps)  # bit-exact float32
+        # The trainer always sees 5 columns; an old record has no LEAD/TRAIL tokens, so its
+        # missing sums are 0.
+        padded = back.to_dict()["ref_logps"]
+        np.testing.assert_array_equal(padded[:, :ref], rec.ref_logps)
+        np.testing.assert_array_equal(padded[:, ref:], 0.0)
+        assert padded.shape == (2, 5)
     else:
         assert back.ref_logps is None and "ref_logps" not in back.to_dict()
 
@@ -56,7 +62,7 @@ def test_unicode_name_and_stable_id():
 def test_validation_errors():
     rec = _record()
     rec.chosen_segments = rec.chosen_segments.copy()
-    rec.chosen_segments[0] = 5
+    rec.chosen_segments[0] = 7  # past Segment.TRAIL
     with pytest.raises(records.RecordError, match="outside Segment"):
         records.encode(rec)
     rec = _record()
@@ -108,7 +114,7 @@ def test_array_record_and_grain_source(tmp_path):
     ids = np.concatenate([b["pair_id"] for b in batches])
     assert sorted(ids.tolist()) == [0, 1, 2, 3, 4]
     assert batches[0]["chosen_ids"].shape == (2, 16) and batches[0]["chosen_ids"].dtype == np.int32
-    assert batches[0]["ref_logps"].shape == (2, 2, 3)
+    assert batches[0]["ref_logps"].shape == (2, 2, 5)
 
     # And through the DataLoader (the trainer's path), which needs a picklable, repr-able source.
     loader = grain.DataLoader(

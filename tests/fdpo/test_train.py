@@ -289,15 +289,18 @@ def test_config_args_presets_and_overrides():
     c = focused_dpo.get_config("model=/ckpt,data=/d,preset=dpo,runlocal")
     assert (c.init_checkpoint, c.data.dir, c.loss.preset) == ("/ckpt", "/d", "dpo")
     assert c.train.num_steps == 20  # runlocal
-    assert loss_lib.from_config(c.loss).weights == ((1, 1, 1), (1, 1, 1))
+    assert loss_lib.from_config(c.loss).weights == ((1,) * 5, (1,) * 5)
     c = focused_dpo.get_config("")
     assert loss_lib.from_config(c.loss) == loss_lib.preset("focused_dpo", beta=0.1)
     c.loss.w_focused = 5.0
-    assert loss_lib.from_config(c.loss).weights[0] == (1.0, 5.0, 1.0)
+    assert loss_lib.from_config(c.loss).weights[0] == (1.0, 5.0, 1.0, 1.0, 1.0)
     c.loss.weights = ((0, 1, 0), (0, 1, 0))
     c.loss.nll_weight = 0.5
     got = loss_lib.from_config(c.loss)
-    assert got.weights == ((0, 1, 0), (0, 1, 0)) and got.nll_weight == 0.5
+    # Three columns: lead follows prefix, trail follows suffix.
+    assert got.weights == ((0, 1, 0, 0, 0), (0, 1, 0, 0, 0)) and got.nll_weight == 0.5
+    c.loss.weights = ((1, 2, 1, 0.5, 0), (1, 1, 0, 0.5, 0))
+    assert loss_lib.from_config(c.loss).weights == ((1, 2, 1, 0.5, 0), (1, 1, 0, 0.5, 0))
     c.loss.preset = "sft"
     c.loss.weights = None
     c.loss.nll_weight = None
@@ -328,9 +331,12 @@ def test_loss_weights_from_the_command_line():
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout.strip()
 
-    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in loss_cfg()
-    assert "weights=((0.0, 1.0, 0.0), (0.5, 1.0, 0.0))" in loss_cfg(
+    # Three columns extend with lead = prefix, trail = suffix (docs/training.md).
+    assert "weights=((1.0, 2.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0, 0.0))" in loss_cfg()
+    assert "weights=((0.0, 1.0, 0.0, 0.0, 0.0), (0.5, 1.0, 0.0, 0.5, 0.0))" in loss_cfg(
         "--config.loss.weights=((0,1,0),(0.5,1,0))")
+    assert "weights=((1.0, 2.0, 1.0, 0.0, 0.5), (1.0, 1.0, 0.0, 0.0, 0.0))" in loss_cfg(
+        "--config.loss.weights=((1,2,1,0,0.5),(1,1,0,0,0))")
 
 
 def test_chunked_logprob_memory_does_not_hold_the_logits():
