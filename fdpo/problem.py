@@ -71,6 +71,9 @@ def check(obj: Any, where: str, needs: tuple[str, ...] = SAMPLED) -> None:
                                     all(type(v) is int and v >= 0 for v in ids)):
             raise RecordError(f"{where}: 'samples[{i}].response_ids' must be a list of "
                               f"non-negative token ids (id {pid!r})")
+        if ids == [] and s["response"]:  # the builder would train on an empty response
+            raise RecordError(f"{where}: 'samples[{i}].response_ids' is empty but its response "
+                              f"is not; leave response_ids out to tokenise the text (id {pid!r})")
     tests = obj["tests"]
     if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
         raise RecordError(f"{where}: 'tests' must be a list of strings (id {pid!r})")

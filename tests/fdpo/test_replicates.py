@@ -58,4 +58,7 @@ def test_cli_writes_files_and_names_a_missing_report(tmp_path):
                            f"--workdirs={dirs[0]},{tmp_path / 'nope'}", f"--out={out}"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
-    assert f"{tmp_path / 'nope' / 'report' / 'report.json'}: no report" in proc.stderr
+    # one line naming the missing report (launch/common.py's usage error), not a traceback
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'nope' / 'report' / 'report.json'}: cannot read" in proc.stderr
+    assert "Traceback" not in proc.stderr

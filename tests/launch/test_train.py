@@ -173,7 +173,9 @@ def test_run_writes_logs_final_model_and_hf_export(setup, uninterrupted):
     assert sorted(os.listdir(uninterrupted / "checkpoints")) == ["20", "22", "24"]  # keep 3
     config = json.loads((uninterrupted / "config.json").read_text())
     assert config["loss"]["weights"] == [[1, 2, 1], [1, 1, 0]]
-    assert "weights=((1.0, 2.0, 1.0), (1.0, 1.0, 0.0))" in \
+    # the 2 x 3 table extended to (prefix, mid, suffix, lead, trail): lead as prefix, trail
+    # as suffix (fdpo/loss.py)
+    assert "weights=((1.0, 2.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0, 0.0))" in \
         checkpoint.read_metadata(uninterrupted / "final")["loss"]
     # The final model: loadable by load_model, exported HF weights load in transformers.
     from transformers import AutoModelForCausalLM
