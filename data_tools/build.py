@@ -936,7 +936,7 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
         rows.append(f"<p>chosen code {pair.chosen}, rejected code {pair.rejected}; prefix {pair.prefix_len}, "
                     f"mids {pair.chosen_mid_len}/{pair.rejected_mid_len}, suffix {pair.suffix_len} tokens; "
                     f"rank diff {pair.rank_diff:.3f}, common {pair.common_frac:.3f}, Diff {pair.diff:.3f}</p>")
-        if it.ranking is not None:  # a problem record (ready pairs have no verdicts)
+        if getattr(it, "ranking", None) is not None:  # a problem record (pairs have no verdicts)
             rows.append(_verdict_html(it, pair, manifest["config"]["lam"]))
         rows.append(f"<pre>{html.escape(dec(prompt.tolist()))}</pre>")
         rows.append(f"<table><tr><th>chosen</th><th>rejected</th></tr><tr>"
