@@ -197,11 +197,8 @@ class Item:
     finish: list[str] | None = None
     # The problem record's: the prompt's token ids as the sampler fed them (None: not recorded).
     prompt_ids: list[int] | None = None
-    # The whole record's verdicts, for the preview: every sample's pass row, finish reason and
-    # whether it has a program; `kept[k]` is the sample index of ranked code k.
+    # For the preview: `kept[k]` is the record's sample index of ranked code k; the tests.
     kept: list[int] | None = None
-    passed_all: np.ndarray | None = None
-    finish_all: list[str] | None = None
     tests: list[str] | None = None
     # Set by the ranking, for the preview (per ranked code): {"scores", "ranks", "correct",
     # "ground_truth" (bool per test: passed by the top code), "top" (ranked code index)}.
@@ -273,15 +270,13 @@ def _record_item(line_no: int, obj: dict, path: str, prompt_format: str | None =
     keep = problem.usable(obj)
     what = "response" if obj.get("response_format") == "completion" else "program"
     samples = obj["samples"]
-    passed_all = np.array(obj["passed"], bool).reshape(len(samples), len(obj["tests"]))
-    return Item(line_no, obj["id"], obj["prompt"], [samples[i][what] for i in keep],
-                passed_all[keep],
+    passed = np.array(obj["passed"], bool).reshape(len(samples), len(obj["tests"]))[keep]
+    return Item(line_no, obj["id"], obj["prompt"], [samples[i][what] for i in keep], passed,
                 np.array([samples[i]["finish"] == problem.TRUNCATED for i in keep], bool),
                 len(samples), responses=[samples[i]["response"] for i in keep],
                 response_ids=[samples[i].get("response_ids") for i in keep],
                 finish=[samples[i]["finish"] for i in keep], prompt_ids=obj.get("prompt_ids"),
-                kept=keep, passed_all=passed_all, finish_all=[s["finish"] for s in samples],
-                tests=list(obj["tests"]))
+                kept=keep, tests=list(obj["tests"]))
 
 
 def _to_item(line_no: int, obj: Any, path: str = "input", prompt_format: str | None = None) -> Item:

@@ -85,12 +85,13 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
 
     policy = load_policy()
     logging.info("prompt format %s; EOS ids %s", policy.prompt_format, policy.eos_ids)
-    for pid, (line, rec) in existing.items():  # one file, one prompt format
-        if isinstance(rec, dict) and rec.get("prompt_format", policy.prompt_format) != \
-                policy.prompt_format:
-            raise jsonl.JsonlError(f"{out_path}:{line}: sampled with prompt_format="
-                             f"{rec['prompt_format']!r}, this run uses {policy.prompt_format!r}; "
-                             "resume with the same --config.prompt_format or a new --output")
+    for line, rec in existing.values():  # one file, one prompt format
+        fmt = rec.get("prompt_format") if isinstance(rec, dict) else None
+        if fmt is not None and fmt != policy.prompt_format:
+            raise jsonl.JsonlError(
+                f"{out_path}:{line}: sampled with prompt_format={fmt!r}, this run uses "
+                f"{policy.prompt_format!r}; resume with the same --config.prompt_format or "
+                "write a new --output")
     params = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, stop=tuple(config.stop))
     batch = max(config.batch_size, policy.sampler.batch_multiple)

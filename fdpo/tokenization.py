@@ -42,9 +42,9 @@ MAGICODER_SYSTEM = ("You are an exceptionally intelligent coding assistant that 
 # DeepSeek-Coder-Instruct (deepseek-ai/DeepSeek-Coder README.md, "Chat Model Inference", the
 # template for use without apply_chat_template; finetune/finetune_deepseekcoder.py,
 # build_instruction_prompt, which also strips the instruction): system line,
-# "### Instruction:", the instruction, "### Response:" and a newline, one per line. The
-# tokenizer's own chat template differs slightly (it spells "Deepseek", drops the final
-# full stop and ends at "### Response:"): with that template, use "chat_template".
+# "### Instruction:", the instruction, "### Response:" and a newline, one per line. The chat
+# template shipped in the model's tokenizer_config.json words the system line slightly
+# differently; a tokenizer that has it is better served by "chat_template".
 DEEPSEEK_SYSTEM = ("You are an AI programming assistant, utilizing the DeepSeek Coder model, "
                    "developed by DeepSeek Company, and you only answer questions related to "
                    "computer science. For politically sensitive questions, security and "
