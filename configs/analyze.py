@@ -31,6 +31,9 @@ def get_config(arg=None):
     # The program: prompt + text (completion) or the code block of the text (code_block);
     # fdpo.extract.RESPONSE_FORMATS.
     c.response_format = "completion"
+    # fdpo.tokenization.PROMPT_FORMATS; "": the one the samples were recorded with (else the
+    # tokenizer's default); a different one is an error naming the record.
+    c.prompt_format = ""
     c.timeout = 5.0  # seconds per (program, test) in the sandbox
     c.lock()
     return c

@@ -33,5 +33,9 @@ def get_config(arg=None):
     # with an EOS only when append_eos (docs/data.md).
     c.response = "response"
     c.append_eos = False
+    # fdpo.tokenization.PROMPT_FORMATS; "": the one the problem records were sampled with
+    # (else the tokenizer's default). A record sampled with another format, or whose
+    # prompt_ids differ from the prompt rendered here, is an error naming file:line.
+    c.prompt_format = ""
     c.lock()
     return c

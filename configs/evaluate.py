@@ -28,6 +28,9 @@ def get_config(arg=None):
     # model's continuation appended to it (base models, the miniature). The prompt is
     # rendered in the policy's prompt format (chat template when the tokenizer has one).
     c.response_format = "code_block"
+    # fdpo.tokenization.PROMPT_FORMATS; "": the tokenizer's default (chat_template when it
+    # has one, else plain). Give the run's sampling format for a model without a template.
+    c.prompt_format = ""
     # Generated programs go through fdpo.extract.sanitize (EvalPlus's post-processing: keep
     # the entry point, what it uses and the imports; drop prints, asserts, __main__ blocks),
     # as EvalPlus's codegen does by default before its evaluate. Samples files are evaluated

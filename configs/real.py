@@ -22,7 +22,7 @@ from configs.common import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, hf_dir="", prompts="")
+    arg = parse_arg(arg, hf_dir="", prompts="", prompt_format="")
     c = ml_collections.ConfigDict()
     c.name = "real"
 
@@ -39,12 +39,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh_shape = (1, -1, 1)  # FSDP over every device; e.g. (1, -1, 4) adds tensor parallel
     c.distributed = False  # multi-host: jax.distributed.initialize() in every program
     c.max_len = 2048  # record length L for pairs
+    # How sample, build, evaluate and analyze render a prompt (fdpo.tokenization.PROMPT_FORMATS):
+    # "" = the tokenizer's chat template when it has one, else plain text; "magicoder" or
+    # "deepseek_instruct" for those models' own layouts (e.g. :prompt_format=magicoder for
+    # MagiCoder-S-DS-6.7B, whose tokenizer has no chat template).
+    c.prompt_format = arg.prompt_format
 
     # No warm start: its SFT pairs come from the miniature's data.
     c.warm_start = ml_collections.ConfigDict(dict(
         enabled=False, steps=0, batch_size=0, lr=0.0, warmup_steps=0))
 
-    # Self-generation (launch.sample) with the chat template; code_prompt "" is
+    # Self-generation (launch.sample) in prompt_format; code_prompt "" is
     # launch.sample's own code message.
     c.sample = ml_collections.ConfigDict(dict(
         num_codes=10, temperature=1.5, top_p=1.0, max_new_tokens=768, batch_size=256,

@@ -9,10 +9,10 @@ noise at 1.5, use ~0.8-1.0 there. The `greedy` variant is the pass@1 evaluation 
 one greedy code per prompt, no tests.
 
 Templates are Python format strings with `{prompt}` (the input line's prompt) and, for
-tests, `{num_asserts}`. The rendered message is sent in the policy's prompt format:
-one user turn through the tokenizer's chat template when it has one ("chat_template"),
-else as plain text with the tokenizer's special tokens, e.g. BOS ("plain"): the same rule
-as the data builder (`fdpo.tokenization`).
+tests, `{num_asserts}`. The rendered message is sent in `prompt_format` (below;
+`fdpo.tokenization`): by default one user turn through the tokenizer's chat template when
+it has one, else plain text with the tokenizer's special tokens, e.g. BOS; the data
+builder, the evaluation and the analysis render it the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "code_block": the program in the response's fenced block; "completion": the input
     # prompt + the response (a base model completing a function, the miniature).
     c.response_format = "code_block"
+    # How the message becomes the model's prompt (fdpo.tokenization.PROMPT_FORMATS):
+    # "" = the tokenizer's default ("chat_template" when it has one, else "plain"), or
+    # "chat_template", "plain", "magicoder", "deepseek_instruct". Recorded in each problem
+    # record with the prompt's token ids; launch.build and launch.analyze use the recorded one.
+    c.prompt_format = ""
     c.test_prompt = TEST_PROMPT
 
     c.temperature = 1.5  # [paper]; 0 is greedy. Small models: ~0.8

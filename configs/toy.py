@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor) for every JAX program
     c.distributed = False  # multi-host: jax.distributed.initialize() in every program
     c.max_len = 96  # record length L for pairs and SFT data (toy programs: <= 75 tokens)
+    c.prompt_format = ""  # the tokenizer's default: plain (the miniature's has no template)
 
     c.warm_start = ml_collections.ConfigDict(dict(
         enabled=True, steps=300, batch_size=16, lr=3e-3, warmup_steps=30))

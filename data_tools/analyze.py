@@ -575,6 +575,28 @@ def continuation_lines(samples_path: str, ids) -> dict[str, tuple[int, dict]]:
     return found
 
 
+def continuation_prompt_format(jobs: list[dict], requested: str = "") -> str:
+    """The prompt format the continuations must be rendered in: the one the jobs' samples
+    were recorded with (``prompt_format`` of their problem records), which ``requested``
+    (configs/analyze.py's ``prompt_format``), when given, must equal; "" when neither says
+    (the tokenizer's default). Raises ContinuationInputError naming the record that
+    disagrees, so a continuation never conditions on a prompt its samples did not see."""
+    first: dict[str, str] = {}
+    for job in jobs:
+        fmt = job.get("prompt_format")
+        if fmt is not None:
+            first.setdefault(fmt, job.get("where", f"problem {job['id']!r}"))
+    if len(first) > 1:
+        (a, wa), (b, wb) = list(first.items())[:2]
+        raise ContinuationInputError(f"{wb}: sampled with prompt_format={b!r}, but {wa} with "
+                                     f"{a!r}; one run, one prompt format")
+    if requested and first and requested not in first:
+        [(fmt, where)] = first.items()
+        raise ContinuationInputError(f"{where}: sampled with prompt_format={fmt!r}, but "
+                                     f"--config.prompt_format={requested!r}")
+    return requested or next(iter(first), "")
+
+
 def continuation_jobs(samples_path: str, result: PhiResult, unit: str, ranker: str = "mutual"
                       ) -> tuple[list[dict], collections.Counter]:
     """The continuation experiment's input, JAX-free: ([{"id", "prompt", "tests", "starts":
@@ -592,7 +614,8 @@ def continuation_jobs(samples_path: str, result: PhiResult, unit: str, ranker: s
             tests = view["tests"] if view["judged_by_truth"] else judging_tests(
                 view["tests"], np.array(view["passed"], bool).reshape(
                     len(view["codes"]), len(view["tests"])), ranker)
-            rec = {"prompt": rec["prompt"], "codes": view["codes"], "tests": tests}
+            rec = {"prompt": rec["prompt"], "codes": view["codes"], "tests": tests,
+                   "prompt_format": rec.get("prompt_format")}
         lines[pid] = rec
     skipped: collections.Counter = collections.Counter()
     jobs = []
@@ -600,7 +623,9 @@ def continuation_jobs(samples_path: str, result: PhiResult, unit: str, ranker: s
         rec = lines[seg.id]
         if rec["tests"]:
             jobs.append({"id": seg.id, "prompt": rec["prompt"], "tests": rec["tests"],
-                         "starts": continuation_prefixes(rec["codes"], seg, unit)})
+                         "starts": continuation_prefixes(rec["codes"], seg, unit),
+                         "prompt_format": rec.get("prompt_format"),
+                         "where": f"{samples_path}:{lines_at[seg.id]}"})
         else:
             # No test would pass every continuation (all([]) is True): not evidence.
             skipped["no_tests"] += 1

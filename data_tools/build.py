@@ -25,10 +25,13 @@ After every shard, the global selection keeps the ``config.train_pairs`` trainin
 ``config.val_pairs`` validation pairs of highest Diff (0: all; ties by problem id, then
 pair_id), the same whatever the number of shards (``select``).
 
-Tokenisation: when the tokenizer has a chat template, the prompt is the template applied to one
-user message with the generation prompt appended; otherwise the prompt is the plain text
-tokenised with the tokenizer's own special tokens (e.g. BOS), and the response follows it
-directly (plain concatenation).
+Tokenisation: the prompt is rendered in ``config.prompt_format`` (:mod:`fdpo.tokenization`:
+``chat_template``, ``plain``, ``magicoder``, ``deepseek_instruct``); "" (default) takes the
+``prompt_format`` the problem records were sampled with, else the tokenizer's default (its chat
+template when it has one, else the plain text with its special tokens, e.g. BOS). A record
+sampled with another format, or whose ``prompt_ids`` (the ids the sampler fed the policy)
+differ from the prompt rendered here, stops the build with an error naming file:line. The
+response follows the prompt directly (plain concatenation).
 
 Responses (docs/data.md). Problem records, ``config.response="response"`` (default,
 on-policy): a side is the policy's own response tokens (``response_ids`` when recorded, else
@@ -82,7 +85,7 @@ import numpy as np
 from data_tools import rank as rank_lib
 from data_tools import segments as seg_lib
 from fdpo import atomic, extract, problem, records
-from fdpo.tokenization import Encoder, load_tokenizer
+from fdpo.tokenization import PROMPT_FORMATS, Encoder, load_tokenizer
 
 log = logging.getLogger("data_tools.build")
 
@@ -131,6 +134,9 @@ class BuildConfig:
     # off-policy, EOS only with append_eos).
     response: str = "response"
     append_eos: bool = False  # response="program" only
+    # fdpo.tokenization.PROMPT_FORMATS; "": the format the problem records were sampled with
+    # (their "prompt_format"), else the tokenizer's default.
+    prompt_format: str = ""
 
     def validate(self) -> None:
         if self.ranker not in rank_lib.RANKERS:
@@ -160,6 +166,9 @@ class BuildConfig:
             raise ValueError(f"config.lam={self.lam} must be a finite number")
         if self.preview_pairs < 0:
             raise ValueError(f"config.preview_pairs={self.preview_pairs} must be >= 0")
+        if self.prompt_format and self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"config.prompt_format={self.prompt_format!r}: choose one of "
+                             f"{PROMPT_FORMATS} or '' (the records' own)")
         if self.truncated not in TRUNCATED_POLICIES:
             raise ValueError(f"config.truncated={self.truncated!r}: choose one of {TRUNCATED_POLICIES}")
         if self.train_pairs < 0 or self.val_pairs < 0:
@@ -186,6 +195,14 @@ class Item:
     responses: list[str] | None = None
     response_ids: list[list[int] | None] | None = None
     finish: list[str] | None = None
+    # The problem record's: the prompt's token ids as the sampler fed them (None: not recorded).
+    prompt_ids: list[int] | None = None
+    # For the preview: `kept[k]` is the record's sample index of ranked code k; the tests.
+    kept: list[int] | None = None
+    tests: list[str] | None = None
+    # Set by the ranking, for the preview (per ranked code): {"scores", "ranks", "correct",
+    # "ground_truth" (bool per test: passed by the top code), "top" (ranked code index)}.
+    ranking: dict[str, Any] | None = None
 
 
 class Drops:
@@ -210,7 +227,8 @@ class FormatError(ValueError):
     """An input line of the wrong format altogether (not one bad record): stops the build."""
 
 
-def _parse_line(line_no: int, text: str, drops: Drops, path: str = "input") -> Item | None:
+def _parse_line(line_no: int, text: str, drops: Drops, path: str = "input",
+                prompt_format: str | None = None) -> Item | None:
     if not text.strip():
         drops.add(line_no, BLANK_LINE)
         return None
@@ -220,7 +238,7 @@ def _parse_line(line_no: int, text: str, drops: Drops, path: str = "input") -> I
         drops.add(line_no, MALFORMED_JSON, f"line {line_no}: {e}")
         return None
     try:
-        return _to_item(line_no, obj, path)
+        return _to_item(line_no, obj, path, prompt_format)
     except FormatError:
         raise
     except ValueError as e:
@@ -229,8 +247,9 @@ def _parse_line(line_no: int, text: str, drops: Drops, path: str = "input") -> I
         return None
 
 
-def _record_item(line_no: int, obj: dict, path: str) -> Item:
-    """A problem record -> the codes that are ranked: its samples with a program."""
+def _record_item(line_no: int, obj: dict, path: str, prompt_format: str | None = None) -> Item:
+    """A problem record -> the codes that are ranked: its samples with a program.
+    `prompt_format`: the build's; a record sampled with another is an error (file:line)."""
     for key in ("version", "passed"):
         if key not in obj:  # a whole file of the wrong kind, not one bad line
             raise FormatError(f"{path}:{line_no}: missing field {key!r}: "
@@ -242,6 +261,12 @@ def _record_item(line_no: int, obj: dict, path: str) -> Item:
         problem.check(obj, f"line {line_no}", problem.EXECUTED)
     except problem.RecordError as e:
         raise ValueError(str(e).removeprefix(f"line {line_no}: ")) from None
+    recorded = obj.get("prompt_format")
+    if prompt_format is not None and recorded is not None and recorded != prompt_format:
+        raise FormatError(f"{path}:{line_no}: sampled with prompt_format={recorded!r}, but this "
+                          f"build renders prompts as {prompt_format!r}; give "
+                          f"--config.prompt_format={recorded} (or leave it empty to use the "
+                          "records' own), or sample again")
     keep = problem.usable(obj)
     what = "response" if obj.get("response_format") == "completion" else "program"
     samples = obj["samples"]
@@ -250,14 +275,15 @@ def _record_item(line_no: int, obj: dict, path: str) -> Item:
                 np.array([samples[i]["finish"] == problem.TRUNCATED for i in keep], bool),
                 len(samples), responses=[samples[i]["response"] for i in keep],
                 response_ids=[samples[i].get("response_ids") for i in keep],
-                finish=[samples[i]["finish"] for i in keep])
+                finish=[samples[i]["finish"] for i in keep], prompt_ids=obj.get("prompt_ids"),
+                kept=keep, tests=list(obj["tests"]))
 
 
-def _to_item(line_no: int, obj: Any, path: str = "input") -> Item:
+def _to_item(line_no: int, obj: Any, path: str = "input", prompt_format: str | None = None) -> Item:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "version" in obj or "codes" in obj:
-        return _record_item(line_no, obj, path)
+        return _record_item(line_no, obj, path, prompt_format)
 
     def text(key):
         if key not in obj:
@@ -285,7 +311,8 @@ def _to_item(line_no: int, obj: Any, path: str = "input") -> Item:
 
 
 def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
-                 counts: collections.Counter, seen: dict[str, int]) -> Iterator[list[Item]]:
+                 counts: collections.Counter, seen: dict[str, int],
+                 prompt_format: str | None = None) -> Iterator[list[Item]]:
     """Chunks of this shard's parsed lines; `seen` gets {problem id: line} of its records."""
     from tqdm import tqdm
 
@@ -304,7 +331,7 @@ def _read_chunks(path: str, config: BuildConfig, drops: Drops, progress: bool,
             except UnicodeDecodeError as e:
                 drops.add(line_no, MALFORMED_UTF8, f"line {line_no}: not valid UTF-8: {e}")
                 continue
-            item = _parse_line(line_no, text, drops, path)
+            item = _parse_line(line_no, text, drops, path, prompt_format)
             if item is not None and item.passed is not None:
                 if item.name in seen:
                     raise FormatError(f"{path}:{line_no}: duplicate problem id {item.name!r}, "
@@ -425,8 +452,10 @@ def _pair_numbers(pair: seg_lib.Pair, reason: str, prompt_len: int, L: int) -> d
 
 
 def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: Drops,
-                   counts: collections.Counter, timings: collections.Counter) -> list[tuple]:
-    """Ranks, tokenises and pairs one chunk; returns a list of
+                   counts: collections.Counter, timings: collections.Counter,
+                   path: str = "input") -> list[tuple]:
+    """Ranks, tokenises and pairs one chunk (a recorded prompt that renders to other ids is
+    an error naming `path`:line); returns a list of
     (split, record, item, pair, chosen_ids, rejected_ids, prompt_ids)."""
     L = config.max_len
     t = time.perf_counter()
@@ -452,11 +481,26 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
             counts["truncated_not_rejected"] += int((incorrect & cut).sum())
             incorrect = incorrect & ~cut
         unmasked = verdicts  # for the drop reason of a problem the masks empty
+        for b, it in enumerate(problems):
+            c, n_tests = len(it.codes), it.passed.shape[1]
+            it.ranking = {"scores": res.code_scores[b, :c], "ranks": ranks[b, :c],
+                          "correct": verdicts.correct[b, :c],
+                          "ground_truth": verdicts.ground_truth[b, :n_tests],
+                          "top": int(verdicts.top_code[b])}
         verdicts = dataclasses.replace(verdicts, correct=correct, incorrect=incorrect)
     timings["rank"] += time.perf_counter() - t
 
     t = time.perf_counter()
     prompt_ids = enc.prompts([it.prompt for it in items])
+    for it, ids in zip(items, prompt_ids):
+        if it.prompt_ids is not None and ids.tolist() != it.prompt_ids:
+            k = next((i for i, (a, b) in enumerate(zip(ids.tolist(), it.prompt_ids)) if a != b),
+                     min(len(ids), len(it.prompt_ids)))
+            raise FormatError(
+                f"{path}:{it.line}: the prompt renders here (prompt_format "
+                f"{enc.prompt_format!r}) to {len(ids)} tokens that differ at token {k} from the "
+                f"{len(it.prompt_ids)} the sampler fed the policy ('prompt_ids'): build with the "
+                "sampler's tokenizer and prompt format")
     # Only problems with both a correct and an incorrect code need their codes tokenised.
     need = {}
     for b, it in enumerate(problems):
@@ -545,6 +589,21 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
     return out
 
 
+def recorded_prompt_format(path: str, max_lines: int = 100) -> str:
+    """The ``prompt_format`` of the first problem record among the first `max_lines` lines of
+    `path` ("" when none says): what ``config.prompt_format=""`` builds with. Every other
+    record is checked against it as it is read."""
+    with open(path, "rb") as f:
+        for _, raw in zip(range(max_lines), f):
+            try:
+                obj = json.loads(raw)
+            except ValueError:  # bad JSON or UTF-8: counted as a drop when read
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("prompt_format"), str):
+                return obj["prompt_format"]
+    return ""
+
+
 def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfig = BuildConfig(),
           progress: bool = False, tokenizer=None) -> tuple[dict[str, Any], dict[str, float]]:
     """Runs the whole builder for one shard; returns (manifest, seconds per stage)."""
@@ -559,7 +618,12 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
             tokenizer = load_tokenizer(tokenizer_path)
         except Exception as e:  # transformers raises many types; name the flag in the error
             raise ValueError(f"--tokenizer={tokenizer_path}: cannot load a tokenizer: {e}") from e
-    enc = Encoder(tokenizer)
+    fmt = config.prompt_format or recorded_prompt_format(input_path)
+    try:
+        enc = Encoder(tokenizer, fmt or None)
+    except ValueError as e:
+        where = "config.prompt_format" if config.prompt_format else f"{input_path} (recorded)"
+        raise ValueError(f"{where}: {e} (--tokenizer={tokenizer_path})") from None
     timings["load_tokenizer"] += time.perf_counter() - t0
     work_dir = _open_output(out_dir, config)
     try:
@@ -584,10 +648,11 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
     written = []  # the global selection's input: one entry per record, in write order
     try:
         t_read = time.perf_counter()
-        for chunk in _read_chunks(input_path, config, drops, progress, counts, seen):
+        for chunk in _read_chunks(input_path, config, drops, progress, counts, seen,
+                                  enc.prompt_format):
             timings["parse"] += time.perf_counter() - t_read
             for split, rec, it, pair, chosen, rejected, prompt in _process_chunk(
-                    chunk, enc, config, drops, counts, timings):
+                    chunk, enc, config, drops, counts, timings, input_path):
                 t = time.perf_counter()
                 written.append({"split": split, "index": writers[split].count,
                                 "pair_id": int(rec.pair_id), "id": it.name, "line": it.line,
@@ -798,7 +863,43 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
 _CSS = """body{font-family:sans-serif;margin:2em} pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
 .prefix{color:#555}.mid-c{background:#c8f7c5}.mid-r{background:#f7c5c5}.suffix{color:#225}
 .lead,.trail{color:#888;font-style:italic;background:#fff6d5}
-td{vertical-align:top;width:50%}"""
+td{vertical-align:top;width:50%}
+table.verdicts td,table.verdicts th{width:auto;padding:0 .4em;text-align:center}
+.pass{color:#070}.fail{color:#b00}"""
+PASS, FAIL = "\u2713", "\u2717"  # the cells of a pass row
+
+
+def _verdict_html(it: Item, pair: seg_lib.Pair, lam: float) -> str:
+    """A problem record's pair, as the ranking saw it: the ground-truth tests, the chosen and
+    rejected samples' pass rows against every test, their scores, ranks and verdicts, and
+    the pair's Diff with its terms."""
+    r = it.ranking
+    k = len(it.codes)
+    tests = it.tests or []
+    head = "".join(f'<th title="{html.escape(t)}">t{j}</th>' for j, t in enumerate(tests))
+    gt = "".join(f"<td>{'&#9679;' if g else '&#9675;'}</td>" for g in r["ground_truth"])
+    rows = [f'<table class="verdicts"><tr><th>side</th><th>sample</th>{head}<th>passed</th>'
+            "<th>score</th><th>rank (0 = best)</th><th>verdict</th><th>finish</th></tr>",
+            f'<tr class="ground-truth"><td>ground truth</td><td>{it.kept[r["top"]]} (top)</td>'
+            f'{gt}<td>{int(r["ground_truth"].sum())}/{len(tests)}</td>'
+            "<td></td><td></td><td></td><td></td></tr>"]
+    for side, c in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        row = it.passed[c]
+        cells = "".join(f'<td class="{"pass" if v else "fail"}">{PASS if v else FAIL}</td>'
+                        for v in row)
+        verdict = "correct" if r["correct"][c] else "incorrect"
+        rows.append(f'<tr class="{side}"><td>{side}</td><td>{it.kept[c]}</td>{cells}'
+                    f"<td>{int(row.sum())}/{len(tests)}</td><td>{r['scores'][c]:.6g}</td>"
+                    f"<td>{int(r['ranks'][c])} of {k}</td><td>{verdict}</td>"
+                    f"<td>{html.escape(it.finish[c])}</td></tr>")
+    rows.append("</table>")
+    ranks = r["ranks"]
+    longest = max(pair.chosen_len, pair.rejected_len)
+    rows.append(f'<p class="diff">Diff = rank diff ({int(ranks[pair.rejected])} - '
+                f"{int(ranks[pair.chosen])}) / ({k} - 1) = {pair.rank_diff:.4f} + lam {lam:g} "
+                f"&times; common fraction ({pair.prefix_len} + {pair.suffix_len}) / {longest} = "
+                f"{pair.common_frac:.4f} &rarr; {pair.diff:.4f}</p>")
+    return "\n".join(rows)
 
 
 def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -> None:
@@ -818,6 +919,8 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
             "<h1>fdpo pair preview</h1>",
             f"<p>grey: common prefix; green: chosen mid; red: rejected mid; blue: common suffix; "
             f"yellow italics: outside the code span (lead / trail: prose, fences, EOS after fenced code). "
+            f"Pass rows: {PASS} passes, {FAIL} fails each test t0, t1, ... (hover for its text); "
+            f"&#9679; marks the ground truth (the tests the top-ranked code passes). "
             f"Counts: <code>{html.escape(json.dumps(manifest['counts']))}</code></p>"]
     for split, rec, it, pair, chosen, rejected, prompt in preview:
         rows.append(f"<h2>line {it.line} &middot; {html.escape(it.name)} &middot; {split} &middot; "
@@ -828,6 +931,8 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
         rows.append(f"<p>chosen code {pair.chosen}, rejected code {pair.rejected}; prefix {pair.prefix_len}, "
                     f"mids {pair.chosen_mid_len}/{pair.rejected_mid_len}, suffix {pair.suffix_len} tokens; "
                     f"rank diff {pair.rank_diff:.3f}, common {pair.common_frac:.3f}, Diff {pair.diff:.3f}</p>")
+        if getattr(it, "ranking", None) is not None:  # a problem record (pairs have no verdicts)
+            rows.append(_verdict_html(it, pair, manifest["config"]["lam"]))
         rows.append(f"<pre>{html.escape(dec(prompt.tolist()))}</pre>")
         rows.append(f"<table><tr><th>chosen</th><th>rejected</th></tr><tr>"
                     f"<td><pre>{side(chosen, rec.chosen_segments, 'mid-c')}</pre></td>"

@@ -47,6 +47,7 @@ from typing import Sequence
 import ml_collections
 
 from fdpo import jsonl
+from fdpo.tokenization import PROMPT_FORMATS
 
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -72,6 +73,9 @@ STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs"
 def check_inputs(cfg) -> None:
     """What a real run reads from outside the workdir, read before any stage runs (a
     bad prompts file should not wait for the model import). Raises ValueError."""
+    if cfg.prompt_format and cfg.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"config.prompt_format={cfg.prompt_format!r}: expected one of "
+                         f"{PROMPT_FORMATS} or '' (the tokenizer's default)")
     if cfg.toy.enabled:
         return
     if not cfg.prompts:
@@ -243,7 +247,15 @@ class Pipeline:
                  f"--config.max_new_tokens={s.max_new_tokens}",
                  f"--config.batch_size={s.batch_size}", f"--config.seed={s.seed}",
                  *([f"--config.code_prompt={s.code_prompt}"] if s.code_prompt else []),
-                 f"--config.response_format={s.response_format}", *self.jax_flags())
+                 f"--config.response_format={s.response_format}", *self.prompt_format(),
+                 *self.jax_flags())
+
+    def prompt_format(self) -> list[str]:
+        """The run's one prompt format for every program that renders prompts (sample,
+        build, evaluate, analyze); none given: each takes the tokenizer's default, and build
+        and analyze the one the samples recorded."""
+        fmt = self.cfg.prompt_format
+        return [f"--config.prompt_format={fmt}"] if fmt else []
 
     def execute(self):
         e = self.cfg.execute
@@ -262,7 +274,7 @@ class Pipeline:
                  f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
                  f"--config.truncated={b.truncated}", f"--config.train_pairs={b.train_pairs}",
                  f"--config.val_pairs={b.val_pairs}", f"--config.response={b.response}",
-                 f"--config.append_eos={b.append_eos}", "--noprogress")
+                 f"--config.append_eos={b.append_eos}", *self.prompt_format(), "--noprogress")
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed
         # verdicts, gives none).
@@ -334,7 +346,7 @@ class Pipeline:
                          f"--config.max_new_tokens={e.max_new_tokens}",
                          *([f"--config.workers={e.workers}"] if e.workers else []),
                          "--config.k=(1,)", f"--config.min_time_limit={e.min_time_limit}",
-                         *self.jax_flags())
+                         *self.prompt_format(), *self.jax_flags())
 
     def analyze(self):
         b = self.cfg.build
@@ -344,7 +356,8 @@ class Pipeline:
                             f"--config.num_continuations={self.cfg.analysis.num_continuations}",
                             f"--config.max_new_tokens={self.cfg.sample.max_new_tokens}",
                             f"--config.response_format={self.cfg.sample.response_format}",
-                            f"--config.timeout={self.cfg.execute.timeout}"]
+                            f"--config.timeout={self.cfg.execute.timeout}",
+                            *self.prompt_format()]
         # The miniature's records name their right tests (tests_correct): correctness is
         # passing all of them, and they judge continuations. A real run has no ground truth:
         # correctness as the data stage decides it (ranked), and continuations judged by the

@@ -8,8 +8,8 @@
 Beside the parameters (cfg, graphdef, state, placed on the mesh by the sharding rules) it
 holds the tokenizer, read from the tokenizer files alone (`fdpo.tokenization.load_tokenizer`:
 an fdpo checkpoint and the Hugging Face directory it came from give the same ids), the
-prompt format ("chat_template" or "plain", `fdpo.tokenization.Encoder`) and the EOS set
-(`fdpo.sampling.eos_ids`). Every program that samples or scores goes through it, so a prompt
+prompt format (`fdpo.tokenization.PROMPT_FORMATS`: chat_template, plain, magicoder, ...)
+and the EOS set (`fdpo.sampling.eos_ids`). Every program that samples or scores goes through it, so a prompt
 becomes the same tokens, and a response ends at the same tokens, in all of them and in the
 data builder. Generation is `fdpo.sampling.Sampler`, scoring `fdpo.scoring.Scorer`.
 

@@ -1,7 +1,7 @@
 """The problem record: one JSON line per problem, from sampling to pairs (docs/data.md).
 
-    launch.sample  -> {"version", "id", "prompt", "samples": [{response, response_ids,
-                       program, finish}], "tests", ...}
+    launch.sample  -> {"version", "id", "prompt", "prompt_format", "prompt_ids",
+                       "samples": [{response, response_ids, program, finish}], "tests", ...}
     launch.execute -> ... + "passed" (one row per sample, one column per test), "status", ...
     launch.build   -> reads it (ranks, verdicts and pairs go to the pair records)
     launch.analyze -> reads it
@@ -56,6 +56,13 @@ def check(obj: Any, where: str, needs: tuple[str, ...] = SAMPLED) -> None:
         raise RecordError(f"{where}: 'id' must be a non-empty string, got {pid!r}")
     if not isinstance(obj["prompt"], str):
         raise RecordError(f"{where}: 'prompt' must be a string (id {pid!r})")
+    # Optional (hand-made records lack them): how the sampler rendered the prompt.
+    if "prompt_format" in obj and not isinstance(obj["prompt_format"], str):
+        raise RecordError(f"{where}: 'prompt_format' must be a string (id {pid!r})")
+    if "prompt_ids" in obj and not (isinstance(obj["prompt_ids"], list) and all(
+            type(v) is int and v >= 0 for v in obj["prompt_ids"])):
+        raise RecordError(f"{where}: 'prompt_ids' must be a list of non-negative token ids "
+                          f"(id {pid!r})")
     samples = obj["samples"]
     if not isinstance(samples, list):
         raise RecordError(f"{where}: 'samples' must be a list (id {pid!r})")

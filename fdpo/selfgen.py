@@ -69,7 +69,8 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
     items = read_prompts(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    finished = {str(pid) for pid in jsonl.resume(out_path, key="id")}
+    existing = jsonl.resume(out_path, key="id")
+    finished = {str(pid) for pid in existing}
     pending = [item for item in items if item[0] not in finished]
     summary = {"prompts": len(items), "done": len(items) - len(pending), "sampled": 0}
     logging.info("%s: %d prompts, %d already in %s", in_path, len(items),
@@ -84,6 +85,13 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
 
     policy = load_policy()
     logging.info("prompt format %s; EOS ids %s", policy.prompt_format, policy.eos_ids)
+    for line, rec in existing.values():  # one file, one prompt format
+        fmt = rec.get("prompt_format") if isinstance(rec, dict) else None
+        if fmt is not None and fmt != policy.prompt_format:
+            raise jsonl.JsonlError(
+                f"{out_path}:{line}: sampled with prompt_format={fmt!r}, this run uses "
+                f"{policy.prompt_format!r}; resume with the same --config.prompt_format or "
+                "write a new --output")
     params = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, stop=tuple(config.stop))
     batch = max(config.batch_size, policy.sampler.batch_multiple)
@@ -102,13 +110,19 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
                         for pid, prompt, _ in group}
             rows = [(pid, kind, i) for pid, _, _ in group for kind in ("code", "test")
                     for i in range(num[kind])]
+            # Rendered here, once, so the record holds the very ids the policy was fed.
+            coded = [pid for pid in messages if "code" in messages[pid]]
+            prompt_ids = dict(zip(coded, policy.encode_prompts(
+                [messages[pid]["code"] for pid in coded]) if coded else []))
             completions = policy.generate(
-                [messages[pid][kind] for pid, kind, _ in rows], seed=config.seed,
+                [prompt_ids[pid] if kind == "code" else messages[pid][kind]
+                 for pid, kind, _ in rows], seed=config.seed,
                 row_seeds=[row_seed(*r) for r in rows], batch_size=batch,
                 pad_rows_to=pad_rows_to, **params)
             by_row = {r: c for r, (c,) in zip(rows, completions)}
             for pid, prompt, line in group:
-                out.write(_record(pid, prompt, line, messages[pid], num, by_row, config))
+                out.write(_record(pid, prompt, line, messages[pid], num, by_row, config,
+                                  policy.prompt_format, prompt_ids.get(pid)))
             bar.update(len(group))
     print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
           f"{out_path}")
@@ -121,20 +135,24 @@ def _message(kind: str, prompt: str, config) -> str:
     return config.test_prompt.format(prompt=prompt, num_asserts=config.num_asserts)
 
 
-def _record(pid, prompt, line, messages, num, by_row, config) -> dict:
+def _record(pid, prompt, line, messages, num, by_row, config, prompt_format,
+            prompt_ids) -> dict:
     """The problem record (fdpo.problem) of one prompt: the input line's other fields
-    passed through, the sampled code responses with their token ids, programs and finish
-    reasons, and the tests (the model's when it wrote tests, else the input line's)."""
+    passed through, the prompt format and the code prompt's token ids, the sampled code
+    responses with their token ids, programs and finish reasons, and the tests (the
+    model's when it wrote tests, else the input line's)."""
     code_c = [by_row[(pid, "code", i)] for i in range(num["code"])]
     test_c = [by_row[(pid, "test", i)] for i in range(num["test"])]
     rec = {k: v for k, v in line.items() if k not in ("id", "prompt")}
     rec.update({"version": problem.VERSION, "id": pid, "problem": prompt,
-                "prompt": messages.get("code", ""),
+                "prompt": messages.get("code", ""), "prompt_format": prompt_format,
                 "response_format": config.response_format,
                 "samples": [{"response": c.text, "response_ids": [int(t) for t in c.tokens],
                              "program": extract.program_from_response(
                                  c.text, prompt, config.response_format),
                              "finish": c.finish_reason} for c in code_c]})
+    if prompt_ids is not None:
+        rec["prompt_ids"] = [int(t) for t in prompt_ids]
     if num["test"]:
         rec["tests"] = list(dict.fromkeys(
             a for c in test_c for a in extract.extract_assertions(c.text)))

@@ -25,7 +25,8 @@ It needs ``"prompt"`` (the text the samples were generated from) and
 model is loaded); a used problem without tests is left out and counted. A program is prompt +
 text (``--config.response_format=completion``) or the code block extracted from the text
 (``code_block``); the prompt is rendered in the policy's prompt format, as sampling did
-(:class:`fdpo.policy.Policy`). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
+(:class:`fdpo.policy.Policy`): the ``prompt_format`` recorded in the problem records
+(``--config.prompt_format``, when given, must agree). Writes ``continuation.json`` and ``continuation.md``. Which tests to give: the
 right ones where they are known; in a real run, the tests the data stage takes as ground
 truth (:func:`data_tools.analyze.judging_tests`; the pipeline's analyze stage does this).
 """
@@ -40,6 +41,7 @@ from data_tools import analyze
 from data_tools import rank as rank_lib
 from fdpo import continuation, extract, problem
 from fdpo.policy import Policy
+from fdpo.tokenization import PROMPT_FORMATS
 from launch import common
 
 CONFIG = common.define_config("config", configs.path("analyze.py"),
@@ -56,7 +58,8 @@ HF_DIR = flags.DEFINE_string("hf_dir", None, "Or: the policy as a Hugging Face d
 # The settings of configs/analyze.py that name one of a set, and the set.
 CHOICES = {"pair_rule": analyze.PAIR_RULES, "verdict": analyze.VERDICTS, "unit": analyze.UNITS,
            "ranker": tuple(sorted(rank_lib.RANKERS)),
-           "response_format": extract.RESPONSE_FORMATS}
+           "response_format": extract.RESPONSE_FORMATS,
+           "prompt_format": ("", *PROMPT_FORMATS)}
 
 
 def main(argv):
@@ -85,13 +88,14 @@ def main(argv):
         try:
             jobs, skipped = analyze.continuation_jobs(SAMPLES.value, result, options.unit,
                                                       options.ranker)
+            prompt_format = analyze.continuation_prompt_format(jobs, c.prompt_format)
         except analyze.ContinuationInputError as e:
             raise SystemExit(f"error: {e}")
 
         def load_policy():
             common.quiet_tokenizers()
             return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value,
-                               hf_dir=HF_DIR.value)
+                               hf_dir=HF_DIR.value, prompt_format=prompt_format or None)
 
         print(json.dumps(continuation.run(jobs, skipped, load_policy, c, OUT.value)))
 

@@ -29,6 +29,7 @@ from fdpo.evaluation import tasks as tk
 from fdpo.extract import RESPONSE_FORMATS
 from fdpo.policy import Policy
 from fdpo.sandbox.executor import ISOLATION_MODES
+from fdpo.tokenization import PROMPT_FORMATS
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
 CONFIG = common.define_config("config", configs.path("evaluate.py"),
@@ -59,6 +60,7 @@ def main(argv):
         raise app.UsageError("give only one of --checkpoint and --hf_dir")
     c = CONFIG.value
     for field, allowed in (("response_format", RESPONSE_FORMATS),
+                           ("prompt_format", ("", *PROMPT_FORMATS)),
                            ("isolation", ISOLATION_MODES)):
         if c[field] not in allowed:
             raise app.UsageError(f"--config.{field}={c[field]!r}; expected one of {allowed}")
@@ -84,7 +86,8 @@ def main(argv):
 
     def load_policy():
         common.quiet_tokenizers()
-        return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
+        return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
+                           prompt_format=c.prompt_format or None)
 
     try:
         generation.evaluate_dir(BENCHMARK.value, OUT.value, c, samples_path=SAMPLES.value,

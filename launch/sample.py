@@ -10,14 +10,17 @@ numbers and nothing runs.
 Output lines, one per prompt: problem records (fdpo/problem.py, docs/data.md), which
 `launch.execute` extends with verdicts and `launch.build` / `launch.analyze` read:
 
-    {"version": 1, "id", "problem", "prompt", "response_format",
+    {"version": 1, "id", "problem", "prompt", "prompt_format", "prompt_ids",
+     "response_format",
      "samples": [{"response", "response_ids", "program", "finish"}, ...],
      "tests": [assertion, ...], "test_prompt", "test_samples": [{"response", "finish"}],
      ...the input line's other fields, passed through}
 
 `prompt` is the user message the codes were sampled from (the code template applied to
 the input prompt), so DPO later conditions on exactly what the policy saw; the input
-prompt is kept as `problem`. Every code sample is kept: its text, its token ids (the
+prompt is kept as `problem`. `prompt_format` (--config.prompt_format, resolved: e.g.
+"chat_template") and `prompt_ids` (the code prompt's token ids as the policy was fed them)
+let launch.build check that it renders the same prompt. Every code sample is kept: its text, its token ids (the
 stopping EOS excluded), its program (`--config.response_format`: the fenced block, or input
 prompt + response; "" when there is none) and its finish reason (`eos`, `stop`, `length`).
 `tests` holds every distinct assertion extracted from the test responses (`fdpo.extract`);
@@ -39,6 +42,7 @@ from absl import app, flags
 
 from fdpo import extract, jsonl, selfgen
 from fdpo.policy import Policy
+from fdpo.tokenization import PROMPT_FORMATS
 from launch import common
 
 CHECKPOINT = flags.DEFINE_string("checkpoint", None, "fdpo checkpoint directory.")
@@ -59,6 +63,7 @@ def main(argv):
     if cfg_s.response_format not in extract.RESPONSE_FORMATS:
         raise app.UsageError(f"--config.response_format={cfg_s.response_format!r}; expected "
                              f"one of {extract.RESPONSE_FORMATS}")
+    common.check_choice("--config.prompt_format", cfg_s.prompt_format, ("", *PROMPT_FORMATS))
     if cfg_s.mode not in selfgen.MODES:
         raise app.UsageError(f"--config.mode={cfg_s.mode!r}; expected one of {selfgen.MODES}")
     if not pathlib.Path(INPUT.value).is_file():
@@ -81,6 +86,7 @@ def main(argv):
         common.quiet_tokenizers()
         return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
                            compute_dtype=cfg_s.compute_dtype,
+                           prompt_format=cfg_s.prompt_format or None,
                            length_bucket=cfg_s.length_bucket,
                            stop_check_steps=cfg_s.stop_check_steps)
 

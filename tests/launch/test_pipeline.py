@@ -283,3 +283,23 @@ def test_a_misspelt_override_stops_the_program_before_any_stage(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "stepz" in proc.stderr
     assert not w.exists()
+
+
+@pytest.mark.parametrize("fmt", ["", "magicoder"])
+def test_one_prompt_format_reaches_every_program_that_renders_prompts(fmt, tmp_path,
+                                                                       monkeypatch):
+    cfg = real.get_config(f"hf_dir={tmp_path / 'hf'},prompts={tmp_path / 'prompts.jsonl'},"
+                          f"prompt_format={fmt}")
+    assert cfg.prompt_format == fmt
+    calls = stage_calls(cfg, tmp_path / "run")
+    monkeypatch.chdir(REPO)
+    seen = {}
+    for stage, module, args in calls:
+        if module in ("launch.sample", "launch.build", "launch.evaluate", "launch.analyze"):
+            seen.setdefault(module, set()).add(program_config(module, args).prompt_format)
+    # "": each program's own default (the tokenizer's; build and analyze: the recorded one).
+    assert seen == {m: {fmt} for m in ("launch.sample", "launch.build", "launch.evaluate",
+                                       "launch.analyze")}
+    cfg.prompt_format = "alpaca"
+    with pytest.raises(ValueError, match="config.prompt_format='alpaca'"):
+        pipeline.check_inputs(cfg)

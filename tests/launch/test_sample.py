@@ -125,3 +125,30 @@ def test_malformed_lines_are_reported_with_line_numbers(hf_dir, tmp_path):
                      f"{inp}:7: 'id' must be"):
         assert expected in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_prompt_format_is_recorded_and_one_file_keeps_one(hf_dir, tmp_path):
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    write_jsonl(inp, PROMPTS[:1])
+    one = ["--config.mode=code", "--config.num_codes=1", "--config.max_new_tokens=4",
+           "--config.batch_size=8", "--config.length_bucket=32"]
+    run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *one,
+        "--config.prompt_format=magicoder")
+    (rec,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert rec["prompt_format"] == "magicoder"
+    # Magicoder's layout (its README), tokenised with the tokenizer's special tokens.
+    text = ("You are an exceptionally intelligent coding assistant that consistently delivers "
+            f"accurate and reliable responses to user instructions.\n\n@@ Instruction\n"
+            f"{rec['prompt']}\n\n@@ Response\n")
+    assert rec["prompt_ids"] == AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    # Resuming the file in another format would mix two prompt formats in one run.
+    write_jsonl(inp, PROMPTS[:2])
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *one,
+               "--config.prompt_format=plain", check=False)
+    assert proc.returncode != 0
+    assert f"{out}:1: sampled with prompt_format='magicoder', this run uses 'plain'" in proc.stderr
+    assert len(out.read_text().splitlines()) == 1
+    proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *one,
+               "--config.prompt_format=alpaca", check=False)
+    assert proc.returncode != 0 and "--config.prompt_format='alpaca'" in proc.stderr
