@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app, flags
@@ -107,11 +108,16 @@ def run(main) -> None:
     with one line and exit status 130."""
     def checked_main(argv):
         try:
-            return main(argv)
+            result = main(argv)
         except (app.UsageError, flags.ValidationError) as e:
             usage_exit(e)
         except KeyboardInterrupt:
             pass
+        else:
+            # The work is done and its outputs are complete; the interpreter's shutdown can
+            # take a second (torch, JAX), and a Ctrl-C then would only print a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return result
         # Outside the handler the traceback's frames are freed, so their progress bars
         # close (and print) before the message, which stays the last line.
         interrupted_exit()

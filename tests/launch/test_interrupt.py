@@ -77,9 +77,9 @@ def world(tmp_path_factory):
                           extras_from=str(tok))
     (w / "prompts.jsonl").write_text("".join(
         json.dumps({"id": f"p{i}", "prompt": f"Write f{i}(x), which adds {i} to x."}) + "\n"
-        for i in range(8)))
+        for i in range(12)))
     (w / "pairs_old.jsonl").write_text(_pairs(12, seed=0))
-    (w / "pairs_new.jsonl").write_text(_pairs(300, seed=1))
+    (w / "pairs_new.jsonl").write_text(_pairs(1000, seed=1))
     write_dataset(w / "data", {"train": random_pairs(24, 32, 400, seed=0),
                                "validation": random_pairs(4, 32, 400, seed=1)})
     (w / "problems.jsonl").write_text("".join(json.dumps({
@@ -87,7 +87,7 @@ def world(tmp_path_factory):
         "codes": [f"import time\ntime.sleep(0.03)\ndef f(x):\n    return x + {k}\n"
                   for k in range(3)],
         "tests": [f"assert f({j}) == {j + i % 3}" for j in range(3)]}) + "\n"
-        for i in range(16)))
+        for i in range(24)))
     return w
 
 
@@ -178,7 +178,7 @@ def test_build(world, env, tmp_path):
         # The build is at work once its temporary sibling exists.
         landed = interrupt(
             cmd, env, sig, lambda pid: (out.parent / f".{out.name}.building-{pid}").exists(),
-            rng.uniform(0, 0.15), tmp_path / "log")
+            rng.uniform(0, 0.1), tmp_path / "log")
         sent.append((sig, landed))
         assert tree_hash(out) in (old, new), f"{sig.name}: a mixed dataset"
         if sig == signal.SIGINT:
@@ -205,7 +205,7 @@ def test_export_hf(world, env, tmp_path):
         shutil.copytree(tmp_path / "ref_old", out)
         landed = interrupt(
             cmd, env, sig, lambda pid: (out.parent / f".{out.name}.exporting-{pid}").exists(),
-            rng.uniform(0, 0.1), tmp_path / "log")
+            rng.uniform(0, 0.03), tmp_path / "log")
         sent.append((sig, landed))
         assert tree_hash(out) in (old, new), f"{sig.name}: a mixed export"
         if sig == signal.SIGINT:
@@ -229,7 +229,7 @@ def test_sample(world, env, tmp_path):
 
     run(cmd(tmp_path / "ref.jsonl"), env, tmp_path / "log")
     ref = (tmp_path / "ref.jsonl").read_bytes()
-    assert ref.count(b"\n") == 8
+    assert ref.count(b"\n") == 12
     out = tmp_path / "samples.jsonl"
     out.write_bytes(ref[:ref.index(b"\n") + 1])  # an earlier run's first record
     sent = []
@@ -263,7 +263,7 @@ def test_execute(world, env, tmp_path):
     files.execute_file(world / "problems.jsonl", tmp_path / "ref.jsonl",
                        executor.Limits(timeout_s=5.0), progress=False)
     ref = verdicts(tmp_path / "ref.jsonl")
-    assert len(ref) == 16 and {s for r in ref.values() for row in r["status"] for s in row} \
+    assert len(ref) == 24 and {s for r in ref.values() for row in r["status"] for s in row} \
         == {"pass", "fail"}
     out = tmp_path / "verdicts.jsonl"
     first = (tmp_path / "ref.jsonl").read_text().splitlines(keepends=True)[:3]
@@ -274,7 +274,7 @@ def test_execute(world, env, tmp_path):
     for sig, rng in chain("execute", 4):
         start, k = lines(out), rng.randint(1, 2)
         landed = interrupt(cmd, env, sig, lambda pid: lines(out) >= start + k,
-                           rng.uniform(0, 0.2), tmp_path / "log")
+                           rng.uniform(0, 0.1), tmp_path / "log")
         sent.append((sig, landed))
         got = verdicts(out)
         assert {i: ref[i] for i in got} == got, f"{sig.name}: verdicts unlike the reference's"
