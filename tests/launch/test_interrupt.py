@@ -8,16 +8,19 @@ written more records), then one rerun to the end. After every interruption:
 
 - `build`, `export_hf` (outputs replaced whole): the output is byte for byte the old one
   or the new one, never mixed.
-- `sample`, `execute`, `train` (outputs resumed): every complete record is the one an
-  uninterrupted run writes (sample: the output is a byte prefix of it; execute: each line
-  holds the uninterrupted run's verdicts for its id, once; train: the rerun's logs).
+- `sample`, `execute`, `train` (outputs resumed, from an earlier run's partial output):
+  every complete record is the one an uninterrupted run writes (sample: the output is a
+  byte prefix of it; execute: each line holds the uninterrupted run's verdicts for its id,
+  once; train: each step is logged once).
 - SIGINT: exit status 130, no traceback, no temporary left (train: the current step is
   saved first, `SIGINT: saved step N`). SIGKILL may leave temporaries; the next run
   removes them.
 
 The rerun then completes to the bytes of an uninterrupted run (execute: the same verdicts
 per id, since its lines come in finishing order and hold wall-clock times; train: the
-final parameters bitwise and each step's loss logged once), and leaves no temporary.
+final parameters bitwise and each step's loss logged once), and leaves no temporary. The
+uninterrupted runs are the library's (build, export, execute: what the program calls) or
+the program's (sample, train: one device, like the interrupted runs).
 """
 from __future__ import annotations
 
@@ -93,8 +96,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(world):
-    """One device (what the library references use) and one compilation cache, so only the
-    first run of each program compiles."""
+    """One device, and one compilation cache for every run, so only the first run of each
+    program compiles."""
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", TOKENIZERS_PARALLELISM="false",
                 JAX_COMPILATION_CACHE_DIR=str(world / "jaxcache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
