@@ -93,11 +93,11 @@ def _parse_flags(argv):
 
 def interrupted_exit() -> None:
     """Ctrl-C: one line and exit status 130 (128 + SIGINT, what a shell reports), no
-    traceback. The library has already removed its temporaries while the
-    KeyboardInterrupt unwound: outputs are whole (the old or the new one), and resumable
-    ones keep every finished record."""
-    sys.stderr.write(f"\n{_program()}: interrupted; outputs are left whole: rerun the same "
-                     "command to resume or redo the work\n")
+    traceback. The library removes its temporaries while the KeyboardInterrupt unwinds:
+    outputs are the old or the new one whole, and resumable ones keep every finished
+    record (tests/launch/test_interrupt.py)."""
+    sys.stderr.write(f"\n{_program()}: interrupted; rerun the same command to resume or "
+                     "redo the work\n")
     sys.stderr.flush()
     sys.exit(EXIT_INTERRUPTED)
 
