@@ -629,10 +629,10 @@ def build(input_path: str, tokenizer_path: str, out_dir: str, config: BuildConfi
     try:
         manifest = _build_into(work_dir, input_path, tokenizer_path, enc, config, progress,
                                timings)
-    except BaseException:  # also KeyboardInterrupt: leave no temporary behind
+        _finish_output(work_dir, out_dir)
+    except BaseException:  # also KeyboardInterrupt, in the swap too: leave no temporary
         _abandon_output(work_dir, out_dir)
         raise
-    _finish_output(work_dir, out_dir)
     timings["total"] = time.perf_counter() - t0
     return manifest, dict(timings)
 
@@ -779,6 +779,7 @@ def _finish_output(work_dir: str, out_dir: str) -> None:
 
 
 def _abandon_output(work_dir: str, out_dir: str) -> None:
+    """After the swap the temporary holds the old dataset: removing it is right either way."""
     if work_dir != out_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
 

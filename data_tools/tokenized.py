@@ -283,10 +283,10 @@ def build_tokenized(input_path: str, out_dir: str, config: build.BuildConfig = b
     try:
         manifest = _build_into(work_dir, input_path, tokenizer_path, config, enc, pad,
                                vocab_size, progress, timings)
-    except BaseException:  # also KeyboardInterrupt: leave no temporary behind
+        build._finish_output(work_dir, out_dir)
+    except BaseException:  # also KeyboardInterrupt, in the swap too: leave no temporary
         build._abandon_output(work_dir, out_dir)
         raise
-    build._finish_output(work_dir, out_dir)
     timings["total"] = time.perf_counter() - t0
     return manifest, dict(timings)
 

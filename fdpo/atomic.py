@@ -49,7 +49,9 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 
 def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Puts the complete directory `tmp` at `dest`, replacing what was there whole."""
+    """Puts the complete directory `tmp` at `dest`, replacing what was there whole. When an
+    exception (Ctrl-C included) stops it, `dest` is the old or the new output, and `tmp`
+    whatever the caller must remove (the new output, or after the exchange the old one)."""
     tmp, dest = pathlib.Path(tmp).absolute(), pathlib.Path(dest).absolute()
     if not dest.exists():
         os.rename(tmp, dest)
@@ -59,7 +61,12 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
         return
     parked = temp_sibling(dest, "old")
     os.rename(dest, parked)
-    os.rename(tmp, dest)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:  # also KeyboardInterrupt: the old output goes back in place
+        if not dest.exists():
+            os.rename(parked, dest)
+        raise
     shutil.rmtree(parked) if parked.is_dir() else parked.unlink()
 
 

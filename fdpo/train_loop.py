@@ -23,10 +23,13 @@ Contracts (docs/training.md):
   is computed at the parameters before its update).
 - `final/` and `hf/` are written to a temporary sibling and renamed into place; a `final/`
   without its metadata file (left by an older version) is rebuilt from the last checkpoint.
+- SIGTERM or a first Ctrl-C during the loop: the current step is saved, then `Terminated`;
+  a second Ctrl-C interrupts at once (`_StopSignals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,7 +47,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from fdpo import data, reference, train
+from fdpo import atomic, data, reference, train
 from fdpo import loss as loss_lib
 from fdpo.metric_writer import MetricWriter
 from fdpo.models import checkpoint, convert
@@ -56,11 +59,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Terminated(Exception):
-    """SIGTERM: the state after `step` was saved; rerun to continue."""
+    """SIGTERM or Ctrl-C (`signal`: "SIGTERM" or "SIGINT"): the state after `step` was
+    saved; rerun to continue."""
 
-    def __init__(self, step: int, directory):
-        super().__init__(f"SIGTERM: saved step {step} to {directory}; exiting")
-        self.step = step
+    def __init__(self, step: int, directory, signal_name: str = "SIGTERM"):
+        super().__init__(f"{signal_name}: saved step {step} to {directory}; exiting")
+        self.step, self.signal = step, signal_name
 
 
 def check_config(config) -> None:
@@ -121,23 +125,39 @@ def reference_params(config, trainer: train.Trainer, policy: Policy):
                              needs_reference=trainer.loss_cfg.needs_reference)
 
 
-class _Sigterm:
-    """Remembers a SIGTERM until the loop reaches a step boundary."""
+class _StopSignals:
+    """Remembers a SIGTERM or a first Ctrl-C (SIGINT) until the loop reaches a step
+    boundary, where the step is saved and the run stops. A KeyboardInterrupt raised in the
+    middle of an asynchronous orbax save leaves its threads unable to finish, and the
+    process hangs at exit; so the first Ctrl-C only asks for a stop, and a second one
+    interrupts at once (Python's KeyboardInterrupt). `restore_sigint` puts Python's Ctrl-C
+    back once the loop is over."""
 
     def __init__(self, install: bool):
-        self.received = False
+        self.received: str | None = None  # the first signal's name
+        self._sigint = None
         if install and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
+            self._sigint = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.received = True
+        del frame
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.restore_sigint()  # a second Ctrl-C: KeyboardInterrupt at once
+            logging.warning("Ctrl-C: the run stops after saving the current step (press "
+                            "Ctrl-C again to stop at once, without saving)")
+
+    def restore_sigint(self) -> None:
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
     def any_process(self) -> bool:
         """Collective with several processes: call it at the same steps on all of them."""
         if jax.process_count() == 1:
-            return self.received
-        flags_ = multihost_utils.process_allgather(np.asarray(self.received))
+            return self.received is not None
+        flags_ = multihost_utils.process_allgather(np.asarray(self.received is not None))
         return bool(np.any(flags_))
 
 
@@ -151,8 +171,8 @@ class TrainRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         if self.is_main:
-            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2)
-                                                      + "\n")
+            atomic.write_text(self.workdir / "config.json",
+                              config.to_json_best_effort(indent=2) + "\n")
         self.rules = sharding_rules(config)
         self.policy = load_policy(config, mesh, self.rules)
         self.loss_cfg = loss_lib.from_config(config.loss)
@@ -166,7 +186,7 @@ class TrainRun:
                 enable_async_checkpointing=config.checkpoint.use_async))
         self.state, self.step = self._restore_or_init()
         self.policy.params = None  # the train state holds (donated) copies now
-        self.sigterm = _Sigterm(handle_sigterm)
+        self.stop_signals = _StopSignals(handle_sigterm)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -252,6 +272,7 @@ class TrainRun:
         try:
             return self._train(writer)
         finally:
+            self.stop_signals.restore_sigint()
             if own_writer:
                 writer.close()
 
@@ -282,7 +303,7 @@ class TrainRun:
             log, evaluate, save = (every(c.log.every_steps), every(c.log.eval_every_steps),
                                    every(c.checkpoint.every_steps))
             stop_check = one_process or log or evaluate or save  # collective when multi-host
-            stop = stop_check and self.sigterm.any_process()
+            stop = stop_check and self.stop_signals.any_process()
             if self.step == first_step or log or evaluate or save or stop:
                 self._check_finite(*pending)
                 pending = None
@@ -305,7 +326,8 @@ class TrainRun:
                 if stop:
                     self.manager.wait_until_finished()
                     writer.flush()
-                    raise Terminated(self.step, self.manager.directory)
+                    raise Terminated(self.step, self.manager.directory,
+                                     self.stop_signals.received or "SIGTERM")
                 if evaluate or save:  # their time is not step time
                     counts, mark, mark_step = [], time.perf_counter(), self.step
         self.manager.wait_until_finished()
@@ -371,6 +393,17 @@ class TrainRun:
                 shutil.rmtree(p, ignore_errors=True)
         self._sync("fdpo_remove")
 
+    @contextlib.contextmanager
+    def _removed_on_error(self, tmp: pathlib.Path):
+        """A temporary that an error or Ctrl-C stops half-way is removed (a kill -9 leaves
+        it to the next run, which removes it before writing)."""
+        try:
+            yield
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     def write_final(self) -> pathlib.Path:
         """`final/` (an fdpo model checkpoint) from the current state, and `hf/` with
         `export_hf`; each written beside its place and renamed into it."""
@@ -389,12 +422,13 @@ class TrainRun:
             self._remove(tmp)
             params = nnx.State(nnx.split(convert.abstract_model(self.trainer.model_cfg))[1])
             nnx.replace_by_pure_dict(params, self.state["params"])
-            checkpoint.save_model(
-                tmp, self.trainer.model_cfg, params, hf_config=self.policy.hf_config,
-                extras_from=self.policy.extras_dir,
-                metadata={"trained_from": self.policy.source, "steps": self.step,
-                          "loss": repr(self.loss_cfg)})
-            self._replace_dir(tmp, final)
+            with self._removed_on_error(tmp):
+                checkpoint.save_model(
+                    tmp, self.trainer.model_cfg, params, hf_config=self.policy.hf_config,
+                    extras_from=self.policy.extras_dir,
+                    metadata={"trained_from": self.policy.source, "steps": self.step,
+                              "loss": repr(self.loss_cfg)})
+                self._replace_dir(tmp, final)
             logging.info("wrote %s", final)
         if self.config.export_hf:
             if hf.exists() and not (hf / "config.json").exists():
@@ -404,15 +438,17 @@ class TrainRun:
             if not hf.exists():
                 tmp = self.workdir / ".hf.tmp"
                 self._remove(tmp)
-                checkpoint.export_hf(final, tmp, self.mesh, 5 * 1024**3)
-                self._replace_dir(tmp, hf)
+                with self._removed_on_error(tmp):
+                    checkpoint.export_hf(final, tmp, self.mesh, 5 * 1024**3)
+                    self._replace_dir(tmp, hf)
         return final
 
 
 def run(config, workdir, mesh, *, handle_sigterm: bool = True) -> dict:
     """Trains to the end (or resumes there) and writes the final model; returns the last
     logged train and validation scalars. Raises `NonFiniteLoss`, or `Terminated` after
-    saving when SIGTERM arrived (with `handle_sigterm`)."""
+    saving when SIGTERM or a first Ctrl-C arrived during the loop (with `handle_sigterm`;
+    a second Ctrl-C raises KeyboardInterrupt at once)."""
     r = TrainRun(config, workdir, mesh, handle_sigterm=handle_sigterm)
     last = r.train()
     r.write_final()

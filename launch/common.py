@@ -4,19 +4,22 @@ the flags of the programs that use JAX (the mesh and multi-host set-up).
 
 A user error (a bad flag or config value, an unreadable input, an output that cannot be
 written) ends the program with exit status 2 and one line on stderr,
-``launch.x: error: <what is wrong> (see --help)``; a bug still ends in a traceback."""
+``launch.x: error: <what is wrong> (see --help)``; a bug still ends in a traceback.
+Ctrl-C (SIGINT) ends it with exit status 130 and one line (`interrupted_exit`)."""
 
 from __future__ import annotations
 
 import math
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class UsageError(app.UsageError):
@@ -88,14 +91,36 @@ def _parse_flags(argv):
     return rest
 
 
+def interrupted_exit() -> None:
+    """Ctrl-C: one line and exit status 130 (128 + SIGINT, what a shell reports), no
+    traceback. The library removes its temporaries while the KeyboardInterrupt unwinds:
+    outputs are the old or the new one whole, and resumable ones keep every finished
+    record (tests/launch/test_interrupt.py)."""
+    sys.stderr.write(f"\n{_program()}: interrupted; rerun the same command to resume or "
+                     "redo the work\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def run(main) -> None:
     """`app.run(main)` with user errors (`UsageError`, absl's UsageError and flag
-    validation errors) reported in one line with exit status 2."""
+    validation errors) reported in one line with exit status 2, and Ctrl-C (SIGINT)
+    with one line and exit status 130."""
     def checked_main(argv):
         try:
-            return main(argv)
+            result = main(argv)
         except (app.UsageError, flags.ValidationError) as e:
             usage_exit(e)
+        except KeyboardInterrupt:
+            pass
+        else:
+            # The work is done and its outputs are complete; the interpreter's shutdown can
+            # take a second (torch, JAX), and a Ctrl-C then would only print a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return result
+        # Outside the handler the traceback's frames are freed, so their progress bars
+        # close (and print) before the message, which stays the last line.
+        interrupted_exit()
 
     app.run(checked_main, flags_parser=_parse_flags)
 

@@ -10,7 +10,9 @@ model checkpoint: `fdpo.models.checkpoint.load_model`, `launch.export_hf`) and, 
 after `kill -9`: the parameters come out bitwise equal to an uninterrupted run on CPU, and
 each step is logged once.
 
-SIGTERM saves a checkpoint after the current step and exits with status 143. A loss or
+SIGTERM saves a checkpoint after the current step and exits with status 143; Ctrl-C
+(SIGINT) does the same and exits with status 130, and a second Ctrl-C stops at once
+(the rerun resumes from the last checkpoint). A loss or
 gradient norm that is not finite stops the run (status 1) with a message naming the step;
 that step's update is not applied and nothing after the last good checkpoint is saved.
 """
@@ -123,7 +125,7 @@ def main(argv):
     except train_loop.Terminated as e:
         logging.warning("%s", e)
         print(e, flush=True)
-        sys.exit(EXIT_SIGTERM)
+        sys.exit(common.EXIT_INTERRUPTED if e.signal == "SIGINT" else EXIT_SIGTERM)
     summary = {k: last["train"].get(k) for k in ("loss", "rewards/accuracies")}
     print(f"done: {WORKDIR.value} {json.dumps(summary)}", flush=True)
 

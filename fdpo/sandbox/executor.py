@@ -476,7 +476,7 @@ class Executor:
             sandboxes[k] = None
         if cgroups is not None:
             cgroups.close()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: queued problems never start
 
     def __enter__(self):
         return self

@@ -1,18 +1,10 @@
 """Every program refuses bad input before work: exit status 2, one line on stderr naming the
 flag, field or file:line (no traceback), and nothing under the outputs changed or left
-behind (issue 15). And `launch.build` killed at random points over a good dataset leaves the
-old dataset or the new one, whole."""
+behind (issue 15). Programs interrupted over a good output: tests/launch/test_interrupt.py."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import pathlib
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -20,7 +12,8 @@ from data_tools import build
 from fdpo.models import checkpoint
 from fdpo.testing import build_tiny_tokenizer
 
-from tests.conftest import REPO, run_program
+from tests.conftest import run_program
+from tests.helpers.files import tree_hash
 
 SUM = "def f(xs):\n    return sum(xs)\n"
 MAX = "def f(xs):\n    return max(xs)\n"
@@ -35,19 +28,6 @@ def _pairs(n: int, seed: int) -> str:
                                  "chosen": SUM.replace("sum", f"sum({a}) + sum"),
                                  "rejected": MAX.replace("max", f"max({b}) + max")}))
     return "\n".join(lines) + "\n"
-
-
-def tree_hash(root: pathlib.Path) -> dict[str, str]:
-    """{relative path: sha256} of every file (and directory) under root."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -150,50 +130,6 @@ def test_bad_input_is_one_line_and_changes_nothing(world, name, args, names):
     assert lines[-1].startswith(f"{program}: error: ") and lines[-1].endswith("(see --help)")
     assert names in lines[-1], lines[-1]
     assert tree_hash(world) == before  # nothing changed, no temporary left behind
-
-
-def _build_cmd(inp, tok, out):
-    return [sys.executable, "-m", "launch.build", f"--input={inp}", f"--tokenizer={tok}",
-            f"--out={out}", "--config.max_len=96", "--noprogress"]
-
-
-@pytest.mark.slow
-def test_killed_build_leaves_old_or_new_dataset_whole(world, tmp_path):
-    """SIGKILL at a random point of a build over an existing dataset: afterwards --out is the
-    old dataset or the new one (byte for byte), no temporary is left once the next build ran,
-    and that rerun writes the bytes of an uninterrupted build."""
-    (tmp_path / "new.jsonl").write_text(_pairs(300, seed=1))
-    old_in = world / "pairs.jsonl"
-    ref_old, ref_new = tmp_path / "ref_old", tmp_path / "ref_new"
-    subprocess.run(_build_cmd(old_in, world / "tok", ref_old), cwd=REPO, check=True,
-                   capture_output=True)
-    start = time.perf_counter()
-    subprocess.run(_build_cmd(tmp_path / "new.jsonl", world / "tok", ref_new), cwd=REPO,
-                   check=True, capture_output=True)
-    full = time.perf_counter() - start
-    old, new = tree_hash(ref_old), tree_hash(ref_new)
-    assert old != new
-    out = tmp_path / "out"
-    killed = 0
-    for seed in range(3):
-        subprocess.run(_build_cmd(old_in, world / "tok", out), cwd=REPO, check=True,
-                       capture_output=True)
-        assert tree_hash(out) == old
-        delay = random.Random(seed).uniform(0.3, 1.1) * full
-        proc = subprocess.Popen(_build_cmd(tmp_path / "new.jsonl", world / "tok", out),
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed += 1
-        assert tree_hash(out) in (old, new), f"seed {seed}: a mixed dataset after the kill"
-        subprocess.run(_build_cmd(tmp_path / "new.jsonl", world / "tok", out), cwd=REPO,
-                       check=True, capture_output=True)
-        assert tree_hash(out) == new
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    assert killed >= 1, "no build was interrupted: the delays are too long"
 
 
 def test_reader_refuses_shards_that_do_not_match_the_manifest(world, tmp_path):
