@@ -67,13 +67,16 @@ def samples_per_prompt(config) -> dict[str, int]:
 def config_fingerprint(config) -> dict:
     """The sampling settings that change what a record holds, readable (templates as
     digests). Batch size, length bucket and stop-check interval are left out: a row's
-    sample does not depend on them (fdpo/sampling.py, up to float rounding)."""
+    sample does not depend on them (fdpo/sampling.py, up to float rounding); so are the
+    seed, top-k and top-p of greedy sampling."""
     num = samples_per_prompt(config)
     out = {"temperature": float(config.temperature), "top_p": float(config.top_p),
            "top_k": int(config.top_k), "max_new_tokens": int(config.max_new_tokens),
            "stop": list(config.stop), "seed": int(config.seed),
            "compute_dtype": config.compute_dtype, "num_codes": num["code"],
            "num_tests": num["test"]}
+    if out["temperature"] == 0:  # greedy: no draw, so neither the seed nor top-k/p matter
+        del out["top_p"], out["top_k"], out["seed"]
     if num["code"]:
         out.update(code_prompt=fingerprint.digest(config.code_prompt),
                    response_format=config.response_format)
