@@ -275,7 +275,7 @@ class Pipeline:
         changed = self.changed(name)
         if changed:
             # Its outputs came from other inputs: nothing of them may be resumed or skipped.
-            print(f"[pipeline] {name}: rerun, {'; '.join(changed)} changed since it ran")
+            print(f"[pipeline] {name}: rerun, {', '.join(changed)} changed since it ran")
             for rel in STALE_OUTPUTS.get(name, ()):
                 if (self.w / rel).exists():
                     shutil.rmtree(self.w / rel)
