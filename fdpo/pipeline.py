@@ -249,7 +249,7 @@ class Pipeline:
         if m is None or m.get("fingerprint") == self.fingerprint(name):
             return []
         if "fingerprint" not in m:
-            return ["no fingerprint (a marker of an older fdpo)"]
+            return ["no fingerprint"]
         what = fingerprint.changes(m.get("inputs", {}), self.inputs(name))
         if what == ["no fingerprint"]:  # a stage with no inputs of its own
             what = []
@@ -275,7 +275,10 @@ class Pipeline:
         changed = self.changed(name)
         if changed:
             # Its outputs came from other inputs: nothing of them may be resumed or skipped.
-            print(f"[pipeline] {name}: rerun, {', '.join(changed)} changed since it ran")
+            why = ("its marker has no fingerprint (an older fdpo wrote it)"
+                   if changed == ["no fingerprint"] else
+                   f"changed since it ran: {', '.join(changed)}")
+            print(f"[pipeline] {name}: rerun, {why}")
             for rel in STALE_OUTPUTS.get(name, ()):
                 if (self.w / rel).exists():
                     shutil.rmtree(self.w / rel)

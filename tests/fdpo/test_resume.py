@@ -317,14 +317,14 @@ def test_pipeline_reruns_the_stage_a_change_affects_and_every_stage_after_it(
     assert printed.count("done earlier, skipped") == len(first.ran) - len(expected)
     assert (w / "train" / "dpo-s0" / "final").exists() == ("train" not in expected)
     if what == "hf_dir":
-        assert "[pipeline] init: rerun, init.hf_dir, init.hf_files changed since it ran" in printed
-        assert "[pipeline] sample: rerun, upstream init changed since it ran" in printed
+        assert "[pipeline] init: rerun, changed since it ran: init.hf_dir, init.hf_files" in printed
+        assert "[pipeline] sample: rerun, changed since it ran: upstream init" in printed
         assert json.loads((w / "stages" / "init.json").read_text())["inputs"][
             "init.hf_dir"] == str(tmp_path / "hf2")
     if what == "one prompt":
-        assert "[pipeline] sample: rerun, prompts_file changed since it ran" in printed
+        assert "[pipeline] sample: rerun, changed since it ran: prompts_file" in printed
     if what == "temperature":
-        assert "[pipeline] sample: rerun, sample.temperature changed since it ran" in printed
+        assert "[pipeline] sample: rerun, changed since it ran: sample.temperature" in printed
 
 
 def test_pipeline_config_never_claims_a_model_the_stages_did_not_use(tmp_path):
@@ -383,3 +383,20 @@ def test_every_config_field_is_an_input_of_a_stage_or_named_untracked(cfg):
     missing = [f for f in fields(cfg)
                if not any(f == c or f.startswith(c + ".") for c in claimed)]
     assert missing == []
+
+
+def test_markers_without_fingerprints_rerun_their_stages(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    w = tmp_path / "run"
+    fake_pipeline(real_config(tmp_path), w).all()
+    (w / "train" / "dpo-s0" / "final").mkdir(parents=True)
+    for marker in (w / "stages").iterdir():  # a workdir of an fdpo before fingerprints
+        marker.write_text(json.dumps({"seconds": 1.0, "finished": "x"}))
+    capsys.readouterr()
+    p = fake_pipeline(real_config(tmp_path), w)
+    p.all()
+    assert p.ran == p.enabled()
+    assert "[pipeline] train: rerun, its marker has no fingerprint (an older fdpo wrote it)" \
+        in capsys.readouterr().out
+    assert not (w / "train").exists()  # what it would have skipped by is gone

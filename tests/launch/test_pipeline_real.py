@@ -67,7 +67,7 @@ def hand_written_records(n):
                  f"assert add{i}(5, 1) == {6 + k}"]
         rows.append({"version": 1, "id": f"p{i}", "problem": problem,
                      "prompt": problem + "\n\nSolve it.", "response_format": "code_block",
-                     "samples": [{"response": t, "response_ids": [], "finish": f,
+                     "samples": [{"response": t, "finish": f,
                                   "program": extract.program_from_response(t, problem, "code_block")}
                                  for t, f in responses],
                      "tests": tests, "note": "passed through"})
