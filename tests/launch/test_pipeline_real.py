@@ -45,7 +45,9 @@ def hand_written_records(n):
     """What a capable instruct policy would have written at T = 1.5, as launch.sample records
     it: prose around fenced programs, an unclosed fence, two samples cut by the token limit
     (a correct one that would rank first, and a wrong one), and a response with no program.
-    The programs are the data stage's extractor's, as the sampler writes them."""
+    The programs are the data stage's extractor's, as the sampler writes them. No
+    `response_ids`: the builder then tokenises the texts (recorded empty ids would make every
+    response the same empty sequence)."""
     rows = []
     for i in range(n):
         k = i % 3 + 1
