@@ -3,9 +3,9 @@
     python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
     Pipeline(cfg, workdir).all()   # the same, in Python
 
-Stages, in order (each skipped when its `stages/NAME.json` marker exists, so a rerun
-resumes after an interruption; programs that resume themselves — sampling, execution,
-training — pick up where they stopped):
+Stages, in order (each skipped when its `stages/NAME.json` marker says it finished with
+the same fingerprint, see below; a rerun resumes after an interruption, and programs that
+resume themselves — sampling, execution, training — pick up where they stopped):
 
     data        the miniature's tokenizer, prompts, tests, SFT pairs (toy only)
     init        the initial policy (random tiny model, or an HF import)
@@ -19,6 +19,15 @@ training — pick up where they stopped):
     evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
     analyze     the Phi table of the samples (launch.analyze)
     report      report.md, plots and report.json (launch.report)
+
+A stage's fingerprint is a digest of what it reads: its own config fields (`STAGE_INPUTS`),
+the outside files it reads (the prompts file's bytes, the HF directory's file names, sizes
+and times) and the fingerprints of the stages it reads from (`Pipeline.upstream`). A marker
+holds the fingerprint and those inputs, readable; when they differ from the current ones the
+stage reruns, saying what changed, after removing outputs it would otherwise resume from or
+skip (`STALE_OUTPUTS`); every stage after it then differs too. `pipeline_config.json` is
+written only when every stage matches the config (and removed while they do not), so it
+never claims a model or data the stages did not use.
 
 Every stage runs as a subprocess with its log in `logs/NAME.log`, exactly the command a
 user would type for a real run; nothing is special-cased for the miniature beyond the
@@ -46,7 +55,7 @@ from typing import Sequence
 
 import ml_collections
 
-from fdpo import jsonl
+from fdpo import atomic, fingerprint, jsonl
 from fdpo.tokenization import PROMPT_FORMATS
 
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
@@ -68,6 +77,57 @@ class StageFailed(RuntimeError):
 # start).
 STAGES = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs", "reference",
           "train", "evaluate", "analyze", "report")
+
+# The config fields each stage's result depends on (dotted; a sub-config counts whole),
+# besides the outside files it reads (`Pipeline.inputs`) and the stages it reads from.
+# Fields that change only how fast a result comes or how it is laid out on the devices
+# (UNTRACKED_FIELDS) are in no stage: changing them reruns nothing.
+STAGE_INPUTS = {
+    "data": ("toy",),
+    "init": ("init",),
+    "sft_data": ("max_len",),
+    "warm_start": ("warm_start", "train.beta"),
+    "sample": ("sample", "tests_source", "prompt_format"),
+    "execute": ("execute.timeout",),
+    "pairs": ("build", "max_len", "train.batch_size", "prompt_format"),
+    "reference": (),
+    "train": ("train", "methods", "seeds", "w_focused_ablation", "method_train"),
+    "evaluate": ("evaluate", "sample.response_format", "prompt_format"),
+    "analyze": ("analysis", "build.ranker", "build.lam", "tests_source", "prompt_format",
+                "sample.max_new_tokens", "sample.response_format", "execute.timeout"),
+    "report": (),
+}
+UNTRACKED_FIELDS = ("name", "mesh_shape", "distributed", "sample.batch_size",
+                    "execute.workers", "evaluate.workers",
+                    # These decide which stages run (`Pipeline.enabled`), or are read
+                    # through the file they name (`Pipeline.inputs`: the prompts' bytes).
+                    "toy.enabled", "warm_start.enabled", "prompts")
+# Outputs a stage would resume from or skip work by (train runs with a final model,
+# evaluation results): removed before the stage reruns for changed inputs. The other stages
+# replace their output whole, or resume by content (samples.jsonl, executed.jsonl).
+STALE_OUTPUTS = {"warm_start": ("warm_start",), "train": ("train",), "evaluate": ("eval",),
+                 "analyze": ("analysis",), "report": ("report",)}
+
+
+def _field(cfg, dotted: str):
+    value = cfg
+    for key in dotted.split("."):
+        value = value[key]
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def _json(value):
+    """A config value as JSON reads it back (tuples as lists), for comparing with a marker."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def dir_stamp(path) -> str:
+    """Digest of a directory's file names, sizes and modification times (its files are
+    model weights: too big to read on every run)."""
+    path = pathlib.Path(path)
+    rows = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(path.rglob("*")) if f.is_file()]
+    return fingerprint.digest(rows)
 
 
 def check_inputs(cfg) -> None:
@@ -104,6 +164,7 @@ class Pipeline:
         (workdir / "stages").mkdir(parents=True, exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
         self.timings: dict[str, float] = {}
+        self._fingerprints: dict[str, str] = {}
 
     # ------------------------------------------------------------------ plumbing
     def run(self, stage: str, module: str, *args: str) -> None:
@@ -120,21 +181,120 @@ class Pipeline:
             raise StageFailed(f"stage {stage}: `{' '.join(cmd[2:])}` exited with "
                               f"{proc.returncode}; last lines of {log}:\n{tail}")
 
+    # ------------------------------------------------------------------ fingerprints
+    def enabled(self) -> list[str]:
+        """The stages this config runs, in order."""
+        c = self.cfg
+        return [n for n in STAGES if not (n == "data" and not c.toy.enabled or
+                                          n in ("sft_data", "warm_start")
+                                          and not c.warm_start.enabled)]
+
+    def upstream(self, name: str) -> list[str]:
+        """The stages whose outputs `name` reads (directly)."""
+        toy = ["data"] if self.cfg.toy.enabled else []
+        start = ["warm_start" if self.cfg.warm_start.enabled else "init"]
+        tokenizer = toy or ["init"]
+        reads = {"init": toy, "sft_data": toy + ["init"], "warm_start": ["init", "sft_data"],
+                 "sample": toy + start, "execute": ["sample"],
+                 "pairs": ["execute"] + tokenizer, "reference": ["pairs"] + start,
+                 "train": ["reference"] + start, "evaluate": ["train"] + start + toy,
+                 "analyze": ["execute"] + start,
+                 "report": [n for n in self.enabled() if n != "report"]}
+        on = self.enabled()
+        return [n for n in dict.fromkeys(reads.get(name, [])) if n in on]
+
+    def inputs(self, name: str) -> dict:
+        """What `name` reads besides other stages: its config fields (STAGE_INPUTS) and the
+        outside files (digests), as a readable JSON object."""
+        c = self.cfg
+        if name == "init" and c.init.hf_dir:  # the model's fields and seed are not used
+            hf = pathlib.Path(c.init.hf_dir).absolute()
+            return {"init.hf_dir": str(hf), "init.hf_files": dir_stamp(hf) if hf.is_dir()
+                    else "missing"}
+        out = {f: _json(_field(c, f)) for f in STAGE_INPUTS.get(name, ())}
+        for field in UNTRACKED_FIELDS:  # within a sub-config a stage reads whole
+            group, _, key = field.rpartition(".")
+            if group in out:
+                out[group].pop(key, None)
+        if name == "sample" and not c.toy.enabled:
+            out["prompts_file"] = fingerprint.file_digest(c.prompts)
+        if name == "evaluate" and not c.toy.enabled:  # the miniature's come from `data`
+            out["benchmark_files"] = {d: fingerprint.file_digest(d)
+                                      for _, _, d in self.benchmarks()
+                                      if d and pathlib.Path(d).is_file()}
+        return out
+
+    def fingerprint(self, name: str) -> str:
+        """Digest of `name`'s inputs and of the fingerprints of the stages it reads."""
+        if name not in self._fingerprints:
+            self._fingerprints[name] = fingerprint.digest(
+                {"inputs": self.inputs(name),
+                 "upstream": {n: self.fingerprint(n) for n in self.upstream(name)}})
+        return self._fingerprints[name]
+
+    def marker(self, name: str) -> dict | None:
+        path = self.w / "stages" / f"{name}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # none, or cut off by a kill: the stage runs again
+            return None
+
+    def current(self, name: str) -> bool:
+        """Whether `name` finished with the inputs the config gives it now."""
+        m = self.marker(name)
+        return bool(m) and m.get("state") == "done" and m.get("fingerprint") == \
+            self.fingerprint(name)
+
+    def changed(self, name: str) -> list[str]:
+        """What differs between `name`'s marker and its inputs now: field names, outside
+        files, and "upstream X" for a stage it reads whose fingerprint changed ([] when
+        there is no marker, or it matches)."""
+        m = self.marker(name)
+        if m is None or m.get("fingerprint") == self.fingerprint(name):
+            return []
+        if "fingerprint" not in m:
+            return ["no fingerprint"]
+        what = fingerprint.changes(m.get("inputs", {}), self.inputs(name))
+        if what == ["no fingerprint"]:  # a stage with no inputs of its own
+            what = []
+        ups = {n: self.fingerprint(n) for n in self.upstream(name)}
+        what += [f"upstream {n}" for n in fingerprint.changes(m.get("upstream", {}), ups)
+                 if n != "no fingerprint"]
+        return what or ["its fingerprint"]
+
+    def _write_marker(self, name: str, **fields) -> None:
+        record = {"fingerprint": self.fingerprint(name), "inputs": self.inputs(name),
+                  "upstream": {n: self.fingerprint(n) for n in self.upstream(name)}, **fields}
+        atomic.write_text(self.w / "stages" / f"{name}.json", json.dumps(record, indent=1) + "\n")
+
     def stage(self, name: str, fn) -> None:
-        marker = self.w / "stages" / f"{name}.json"
-        if marker.exists() and (not self.only or name not in self.only):
+        marker = self.marker(name)
+        if self.current(name) and (not self.only or name not in self.only):
             print(f"[pipeline] {name}: done earlier, skipped")
-            self.timings[name] = json.loads(marker.read_text())["seconds"]
+            self.timings[name] = marker["seconds"]
             return
         if self.only and name not in self.only:
             print(f"[pipeline] {name}: not run (--only={','.join(self.only)})")
             return
+        changed = self.changed(name)
+        if changed:
+            # Its outputs came from other inputs: nothing of them may be resumed or skipped.
+            why = ("its marker has no fingerprint (an older fdpo wrote it)"
+                   if changed == ["no fingerprint"] else
+                   f"changed since it ran: {', '.join(changed)}")
+            print(f"[pipeline] {name}: rerun, {why}")
+            for rel in STALE_OUTPUTS.get(name, ()):
+                if (self.w / rel).exists():
+                    shutil.rmtree(self.w / rel)
+        elif marker is not None and marker.get("state") == "started":
+            print(f"[pipeline] {name}: resuming (interrupted earlier)")
         print(f"[pipeline] {name} ...", flush=True)
+        self._write_marker(name, state="started", started=time.ctime())
         start = time.time()
         fn()
         seconds = time.time() - start
         self.timings[name] = seconds
-        marker.write_text(json.dumps({"seconds": seconds, "finished": time.ctime()}) + "\n")
+        self._write_marker(name, state="done", seconds=seconds, finished=time.ctime())
         print(f"[pipeline] {name}: {seconds:.0f} s", flush=True)
 
     # ------------------------------------------------------------------ paths
@@ -375,18 +535,26 @@ class Pipeline:
         check_inputs(self.cfg)
 
     def all(self):
-        """Every stage in order (skipping those done earlier); the config beside them."""
+        """Every stage in order (skipping those done earlier with the same fingerprint); the
+        config beside them once every stage matches it."""
         self.check_inputs()
-        (self.w / "pipeline_config.json").write_text(self.cfg.to_json(indent=2) + "\n")
+        config_file = self.w / "pipeline_config.json"
+        config_text = self.cfg.to_json(indent=2) + "\n"
+        stale = [n for n in self.enabled() if not self.current(n)]
+        if stale and config_file.exists() and config_file.read_text() != config_text:
+            # Until those stages ran with this config, neither config describes the workdir.
+            config_file.unlink()
+            print(f"[pipeline] {config_file.name} removed until {', '.join(stale)} match "
+                  "the new config")
         start = time.time()
-        if self.cfg.toy.enabled:
-            self.stage("data", self.data)
-        self.stage("init", self.init)
-        if self.cfg.warm_start.enabled:
-            self.stage("sft_data", self.sft_data)
-            self.stage("warm_start", self.warm_start)
-        for name in ("sample", "execute", "pairs", "reference", "train", "evaluate", "analyze"):
+        for name in self.enabled()[:-1]:
             self.stage(name, getattr(self, name))
+        behind = [n for n in self.enabled()[:-1] if not self.current(n)]
+        if behind:  # only with --only
+            print(f"[pipeline] report: not run, and {config_file.name} not written: "
+                  f"{', '.join(behind)} did not run with this config")
+            return
+        atomic.write_text(config_file, config_text)
         (self.w / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
         self.stage("report", self.report)
         print(f"[pipeline] finished in {time.time() - start:.0f} s; report: "

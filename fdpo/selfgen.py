@@ -15,12 +15,16 @@ import pathlib
 from typing import Callable
 
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
-from fdpo import extract, jsonl, problem
+from fdpo import extract, fingerprint, jsonl, problem, reference
+from fdpo.models.checkpoint import HF_EXTRA_FILES
 from fdpo.policy import Policy
 
 MODES = ("code", "tests", "both")
+# The record field holding what produced the record (`record_fingerprint`).
+FINGERPRINT_FIELD = "sample_fingerprint"
 
 
 class InputError(ValueError):
@@ -60,38 +64,86 @@ def samples_per_prompt(config) -> dict[str, int]:
             "test": config.num_tests if config.mode in ("tests", "both") else 0}
 
 
+def config_fingerprint(config) -> dict:
+    """The sampling settings that change what a record holds, readable (templates as
+    digests). Batch size, length bucket and stop-check interval are left out: a row's
+    sample does not depend on them (fdpo/sampling.py, up to float rounding); so are the
+    seed, top-k and top-p of greedy sampling."""
+    num = samples_per_prompt(config)
+    out = {"temperature": float(config.temperature), "top_p": float(config.top_p),
+           "top_k": int(config.top_k), "max_new_tokens": int(config.max_new_tokens),
+           "stop": list(config.stop), "seed": int(config.seed),
+           "compute_dtype": config.compute_dtype, "num_codes": num["code"],
+           "num_tests": num["test"]}
+    if out["temperature"] == 0:  # greedy: no draw, so neither the seed nor top-k/p matter
+        del out["top_p"], out["top_k"], out["seed"]
+    if num["code"]:
+        out.update(code_prompt=fingerprint.digest(config.code_prompt),
+                   response_format=config.response_format)
+    if num["test"]:
+        out.update(test_prompt=fingerprint.digest(config.test_prompt),
+                   num_asserts=int(config.num_asserts))
+    return out
+
+
+def model_fingerprint(policy: Policy) -> dict:
+    """The policy's identity: a digest of its parameter arrays (the same weights loaded
+    from a checkpoint or the HF directory it came from agree), of its tokenizer files, its
+    prompt format and EOS set. Its path is not part of it: a moved model is the same."""
+    tok_dir = pathlib.Path(policy.tokenizer_dir) if policy.tokenizer_dir else None
+    files = {name: fingerprint.file_digest(tok_dir / name)
+             for name in sorted(HF_EXTRA_FILES)
+             if tok_dir is not None and (tok_dir / name).is_file()}
+    params = reference.identity(nnx.to_pure_dict(policy.state))[:fingerprint.DIGEST_CHARS]
+    return {"params": params, "tokenizer": fingerprint.digest(files),
+            "prompt_format": policy.prompt_format, "eos_ids": list(policy.eos_ids)}
+
+
+def record_fingerprint(prompt: str, line: dict, model: dict, settings: dict) -> dict:
+    """What a sampled record is computed from: its input line's prompt and other fields
+    (passed through into the record), the model and the sampling settings."""
+    return {"prompt": fingerprint.digest(prompt),
+            "fields": fingerprint.digest({k: v for k, v in line.items() if k != "prompt"}),
+            "model": model, "config": settings}
+
+
 def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) -> dict:
-    """Samples every prompt of `in_path` not yet in `out_path` and appends one line per
-    prompt to it. `config`: configs/sample.py's fields; `load_policy` is called only when
-    there is something to sample. Raises InputError (every malformed input line) and
-    jsonl.JsonlError (a malformed output line before the last). Returns {"prompts",
-    "done" (already in the output), "sampled"}."""
+    """Samples every prompt of `in_path` whose record is not yet in `out_path`, or was
+    sampled from another prompt line, model or sampling config (its `sample_fingerprint`
+    differs: see `record_fingerprint`), and appends one line per prompt to it. Records of
+    ids no longer in the input, and the stale ones, are removed first (the output is
+    rewritten without them). `config`: configs/sample.py's fields; `load_policy` is
+    called when there are prompts (the model's identity is part of the fingerprint).
+    Raises InputError (every malformed input line) and jsonl.JsonlError (a malformed
+    output line before the last). Returns {"prompts", "done" (kept), "redone", "new",
+    "dropped", "sampled"}."""
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
     items = read_prompts(in_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    existing = jsonl.resume(out_path, key="id")
-    finished = {str(pid) for pid in existing}
-    pending = [item for item in items if item[0] not in finished]
-    summary = {"prompts": len(items), "done": len(items) - len(pending), "sampled": 0}
-    logging.info("%s: %d prompts, %d already in %s", in_path, len(items),
-                 len(items) - len(pending), out_path)
+    existing = {str(pid): row for pid, row in jsonl.resume(out_path, key="id").items()}
+    num = samples_per_prompt(config)
+    rows_per_prompt = num["code"] + num["test"]
+    if items and rows_per_prompt == 0:
+        raise ValueError("nothing to sample: num_codes and num_tests are both 0 here")
+    policy = load_policy() if items else None
+    model = model_fingerprint(policy) if items else None
+    settings = config_fingerprint(config)
+    expected = {pid: record_fingerprint(prompt, line, model, settings)
+                for pid, prompt, line in items}
+    plan = fingerprint.plan(existing, expected, FINGERPRINT_FIELD)
+    fingerprint.drop_stale(out_path, existing, plan)
+    todo = plan.todo()
+    pending = [item for item in items if item[0] in todo]
+    summary = {"prompts": len(items), "done": len(plan.keep), "redone": len(plan.redo),
+               "new": len(plan.new), "dropped": len(plan.dropped), "sampled": 0}
+    print(plan.summary(out_path))
+    for pid, what in plan.redo.items():
+        logging.info("%s: id %r redone: %s", out_path, pid, fingerprint.describe(what))
     if not pending:
         print(f"nothing to do: all {len(items)} prompts are in {out_path}")
         return summary
-    num = samples_per_prompt(config)
-    rows_per_prompt = num["code"] + num["test"]
-    if rows_per_prompt == 0:
-        raise ValueError("nothing to sample: num_codes and num_tests are both 0 here")
 
-    policy = load_policy()
     logging.info("prompt format %s; EOS ids %s", policy.prompt_format, policy.eos_ids)
-    for line, rec in existing.values():  # one file, one prompt format
-        fmt = rec.get("prompt_format") if isinstance(rec, dict) else None
-        if fmt is not None and fmt != policy.prompt_format:
-            raise jsonl.JsonlError(
-                f"{out_path}:{line}: sampled with prompt_format={fmt!r}, this run uses "
-                f"{policy.prompt_format!r}; resume with the same --config.prompt_format or "
-                "write a new --output")
     params = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, stop=tuple(config.stop))
     batch = max(config.batch_size, policy.sampler.batch_multiple)
@@ -121,11 +173,11 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
                 pad_rows_to=pad_rows_to, **params)
             by_row = {r: c for r, (c,) in zip(rows, completions)}
             for pid, prompt, line in group:
-                out.write(_record(pid, prompt, line, messages[pid], num, by_row, config,
-                                  policy.prompt_format, prompt_ids.get(pid)))
+                out.write({**_record(pid, prompt, line, messages[pid], num, by_row, config,
+                                     policy.prompt_format, prompt_ids.get(pid)),
+                           FINGERPRINT_FIELD: expected[pid]})
             bar.update(len(group))
-    print(f"sampled {len(pending)} prompts ({len(items) - len(pending)} were done) -> "
-          f"{out_path}")
+    print(f"sampled {len(pending)} prompts ({len(plan.keep)} were done) -> {out_path}")
     return {**summary, "sampled": len(pending)}
 
 

@@ -10,8 +10,11 @@ Output lines, appended as problems finish (not in input order): the input record
 "wall_s"} added (for the executor's own format: just "id" and these). The limits and the isolation are configs/execute.py's; see
 fdpo/sandbox/executor.py (and docs/sandbox.md) for the isolation model and the statuses.
 
-Resuming: ids already in OUTPUT are skipped; a truncated last line (an interrupted write)
-is cut off and redone. Malformed input lines are all reported with file:line, the valid
+Resuming, by content: each result holds an `execute_fingerprint` (digests of the codes,
+the tests and the rest of the record, and the limits); results whose fingerprint matches
+are kept, the others (and those of ids no longer in INPUT) are removed and run again, and
+the program says how many of each. A truncated last line (an interrupted write) is cut off
+and redone. Malformed input lines are all reported with file:line, the valid
 ones still run, and the exit status is 1. The work is `fdpo.sandbox.files.execute_file`.
 """
 import sys

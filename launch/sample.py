@@ -27,9 +27,13 @@ prompt + response; "" when there is none) and its finish reason (`eos`, `stop`, 
 in code-only mode no test prompt is rendered and `tests` is the input line's, or []. The model, its tokenizer, prompt
 format and EOS set come from `fdpo.policy.Policy`; the work is `fdpo.selfgen.sample_file`.
 
-Resuming: ids already in OUTPUT are skipped (`fdpo.jsonl.resume`: a cut-off last line is
-dropped and redone, any other malformed line is refused, naming it, and nothing runs);
-lines are appended as prompts finish. Each sample's random stream is fixed by
+Resuming, by content: each record holds a `sample_fingerprint` (digests of the prompt,
+the other input fields, the model's weights and tokenizer, and the sampling settings;
+docs/sampling.md). Records of OUTPUT whose fingerprint matches are kept; the others, and
+those of ids no longer in INPUT, are removed and sampled again; the program prints how
+many were kept, redone (and what changed), new and dropped. `fdpo.jsonl.resume` reads
+OUTPUT: a cut-off last line is dropped and redone, any other malformed line is refused,
+naming it, and nothing runs. Lines are appended as prompts finish. Each sample's random stream is fixed by
 (--config.seed, id, code/test, sample index), so a resumed run writes what an
 uninterrupted one would have.
 """

@@ -9,18 +9,22 @@ The formats are described in launch/execute.py and docs/sandbox.md.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import time
 
 from tqdm import tqdm
 
-from fdpo import jsonl, problem
+from fdpo import fingerprint, jsonl, problem
 from fdpo.sandbox import executor
 
 
+# The result field holding what produced the result (`problem_fingerprint`).
+FINGERPRINT_FIELD = "execute_fingerprint"
+
+
 class ResumeError(RuntimeError):
-    """The existing output cannot be resumed from (a malformed line, or a result computed
-    for other codes or tests than the input now has)."""
+    """The existing output cannot be resumed from (a malformed line)."""
 
 
 def read_problems(path):
@@ -50,11 +54,10 @@ def read_problems(path):
     return problems, [str(e) for e in errors]
 
 
-def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
-    """{id: (line number, codes, tests)} of the results already in the output (tests is
-    None when there are no codes), read by `jsonl.resume`: a last line cut off by an
-    interrupted write is truncated and redone; any other bad line is a ResumeError."""
-    done = {}
+def done_outputs(path) -> dict[str, tuple[int, dict]]:
+    """{id: (line number, result)} of the results already in the output, read by
+    `jsonl.resume`: a last line cut off by an interrupted write is truncated and redone; any
+    other bad line, or a line whose 'passed' is not a list of lists, is a ResumeError."""
     try:
         outputs = jsonl.resume(path, key="id")
     except jsonl.JsonlError as e:
@@ -64,37 +67,44 @@ def done_outputs(path) -> dict[str, tuple[int, int, int | None]]:
         if not isinstance(passed, list) or not all(isinstance(row, list) for row in passed):
             raise ResumeError(f"{path}:{line}: malformed line in the existing output ('passed' "
                               "is not a list of lists); fix or remove it before resuming")
-        done[pid] = (line, len(passed), len(passed[0]) if passed else None)
-    return done
+    return outputs
+
+
+def problem_fingerprint(p: dict, limits: executor.Limits, isolation: str) -> dict:
+    """What a result is computed from: the codes, the tests, the rest of the input line
+    (passed through into the output) and the limits and isolation they ran under. The
+    worker count and scratch directory are left out: they do not change a verdict."""
+    line = p.get("record", p)
+    return {"codes": fingerprint.digest(p["codes"]), "tests": fingerprint.digest(p["tests"]),
+            "record": fingerprint.digest({k: v for k, v in line.items()
+                                          if k not in ("codes", "tests")}),
+            "limits": {**dataclasses.asdict(limits), "isolation": isolation}}
 
 
 def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | None = None,
                  isolation: str = "full", scratch_dir: str | None = None,
                  progress: bool = True) -> dict:
-    """Runs every valid problem of `in_path` not yet in `out_path`, appending one result
-    line per problem as it finishes; malformed input lines are reported on stderr and
-    skipped. Prints a summary by status. Raises OSError (unreadable input), ResumeError,
+    """Runs every valid problem of `in_path` whose result is not yet in `out_path`, or was
+    computed from other codes, tests, record fields or limits (its `execute_fingerprint`
+    differs: `problem_fingerprint`), appending one result line per problem as it finishes;
+    stale results and those of ids no longer in the input are removed first (the output
+    is rewritten without them). Malformed input lines are reported on stderr and skipped.
+    Prints a summary by status. Raises OSError (unreadable input), ResumeError,
     executor.IsolationUnavailable and ValueError (bad `workers`). Returns {"problems",
-    "malformed", "done", "run", "cells", "counts" (cells by status), "seconds"}."""
+    "malformed", "done" (kept), "redone", "new", "dropped", "run", "cells", "counts"
+    (cells by status), "seconds"}."""
     problems, errors = read_problems(in_path)
     for msg in errors:
         print(f"malformed input: {msg}", file=sys.stderr)
-    done = done_outputs(out_path)
-    for p in problems:
-        # A result is reused only for the problem it was computed for: a changed input
-        # (other codes or tests under the same id) would otherwise keep stale verdicts.
-        if p["id"] in done:
-            line, codes, tests = done[p["id"]]
-            if codes != len(p["codes"]) or (codes and tests != len(p["tests"])):
-                raise ResumeError(
-                    f"{out_path}:{line}: the result for id {p['id']!r} has {codes} codes x "
-                    f"{tests} tests, but {in_path} now has {len(p['codes'])} x "
-                    f"{len(p['tests'])}: the input changed since; remove the output (or that "
-                    f"line) to run it again")
-    todo = [p for p in problems if p["id"] not in done]
+    existing = done_outputs(out_path)
+    expected = {p["id"]: problem_fingerprint(p, limits, isolation) for p in problems}
+    plan = fingerprint.plan(existing, expected, FINGERPRINT_FIELD)
+    fingerprint.drop_stale(out_path, existing, plan)
+    todo_ids = plan.todo()
+    todo = [p for p in problems if p["id"] in todo_ids]
     print(f"{len(problems)} problems in {in_path} ({len(errors)} malformed lines), "
-          f"{len(problems) - len(todo)} already in {out_path}, {len(todo)} to run",
-          file=sys.stderr)
+          f"{len(plan.keep)} already in {out_path}, {len(todo)} to run", file=sys.stderr)
+    print(plan.summary(out_path), file=sys.stderr)
     ex = executor.Executor(limits, workers=workers, isolation=isolation,
                            scratch_dir=scratch_dir)
 
@@ -107,7 +117,8 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
         for pid, res in ex.map(todo):
             # A problem record comes back whole, extended by the verdicts: the next stage
             # (launch.build, launch.analyze) reads this file alone.
-            out.write({**records.get(pid, {}), "id": pid, **res.to_json()})
+            out.write({**records.get(pid, {}), "id": pid, **res.to_json(),
+                       FINGERPRINT_FIELD: expected[pid]})
             for row in res.status:
                 counts.update(row)
                 n_cells += len(row)
@@ -124,5 +135,6 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
         print(f"{len(errors)} malformed input lines were skipped (listed on stderr)",
               file=sys.stderr)
     return {"problems": len(problems), "malformed": len(errors),
-            "done": len(problems) - len(todo), "run": len(todo), "cells": n_cells,
+            "done": len(plan.keep), "redone": len(plan.redo), "new": len(plan.new),
+            "dropped": len(plan.dropped), "run": len(todo), "cells": n_cells,
             "counts": dict(counts), "seconds": secs}

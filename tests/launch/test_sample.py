@@ -128,7 +128,7 @@ def test_malformed_lines_are_reported_with_line_numbers(hf_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_prompt_format_is_recorded_and_one_file_keeps_one(hf_dir, tmp_path):
+def test_prompt_format_is_recorded_and_a_change_redoes_the_file(hf_dir, tmp_path):
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
     write_jsonl(inp, PROMPTS[:1])
     one = ["--config.mode=code", "--config.num_codes=1", "--config.max_new_tokens=4",
@@ -142,13 +142,15 @@ def test_prompt_format_is_recorded_and_one_file_keeps_one(hf_dir, tmp_path):
             f"accurate and reliable responses to user instructions.\n\n@@ Instruction\n"
             f"{rec['prompt']}\n\n@@ Response\n")
     assert rec["prompt_ids"] == AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
-    # Resuming the file in another format would mix two prompt formats in one run.
+    # Resuming the file in another format redoes its record (the format is part of the
+    # sample fingerprint): one file never mixes two prompt formats.
     write_jsonl(inp, PROMPTS[:2])
     proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *one,
-               "--config.prompt_format=plain", check=False)
-    assert proc.returncode != 0
-    assert f"{out}:1: sampled with prompt_format='magicoder', this run uses 'plain'" in proc.stderr
-    assert len(out.read_text().splitlines()) == 1
+               "--config.prompt_format=plain")
+    assert f"{out}: 0 records kept, 1 redone" in proc.stdout and ", 1 new" in proc.stdout
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == sorted(str(p["id"]) for p in PROMPTS[:2])
+    assert {r["prompt_format"] for r in recs} == {"plain"}
     proc = run("--hf_dir", str(hf_dir), "--input", str(inp), "--output", str(out), *one,
                "--config.prompt_format=alpaca", check=False)
     assert proc.returncode != 0 and "--config.prompt_format='alpaca'" in proc.stderr
