@@ -27,7 +27,7 @@ from fdpo.evaluation import generation
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.extract import RESPONSE_FORMATS
-from fdpo.policy import Policy
+from fdpo.policy import Policy, PromptTooLong
 from fdpo.sandbox.executor import ISOLATION_MODES
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
 
@@ -82,9 +82,11 @@ def main(argv):
     # before any generation or grading.
     common.check_output("--out", OUT.value, directory=True, make_parents=True)
 
+    # The model's tokenizer against its embedding table, before the benchmark is read.
+    files = common.model_files(CHECKPOINT.value, HF_DIR.value) if model else None
+
     def load_policy():
-        common.quiet_tokenizers()
-        return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
+        return Policy.load(common.init_jax(), files=files)
 
     try:
         generation.evaluate_dir(BENCHMARK.value, OUT.value, c, samples_path=SAMPLES.value,
@@ -92,6 +94,8 @@ def main(argv):
                                 data_dir=DATA_DIR.value)
     except (tk.DataError, rn.SampleError) as e:
         raise app.UsageError(str(e)) from e
+    except PromptTooLong as e:
+        raise common.many_errors(e.lines) from None
 
 
 if __name__ == "__main__":
