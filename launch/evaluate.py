@@ -14,6 +14,10 @@ Outputs in --out: results.json (pass@k, status counts, settings, dataset hash, p
 verdicts), tasks.md and tasks.csv (one row per task). See fdpo/evaluation/ and
 docs/evaluation.md for oracles and time limits. The work is
 `fdpo.evaluation.generation.evaluate_dir`.
+
+Refused with exit status 2 and one line, before any generation: a malformed samples or
+benchmark line (FILE:LINE), a model whose tokenizer has more tokens than its embedding rows,
+and task prompts longer than the sampler has room for (each named by task id).
 """
 from __future__ import annotations
 
