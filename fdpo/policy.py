@@ -15,6 +15,12 @@ data builder. Generation is `fdpo.sampling.Sampler`, scoring `fdpo.scoring.Score
 
 A checkpoint without tokenizer files loads too (tokenizer None): it scores and generates
 from token ids; what needs text raises.
+
+Inputs are checked against the model before its weights are read: `ModelFiles.read` (which
+`Policy.load` calls first) refuses a tokenizer with more tokens than the model has embedding
+rows (`VocabError`: ids past the table give NaN log-probs, not an error), `ModelFiles.check_ids`
+token ids outside the table, and `Policy.check_prompt_lengths` prompts longer than the sampler
+has room for (`PromptTooLong`, before anything is generated).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fdpo import sampling, sharding
-from fdpo.models.checkpoint import load_checkpoint_or_hf
+from fdpo.models.checkpoint import load_checkpoint_or_hf, read_config
 from fdpo.models.config import ModelConfig
 from fdpo.sampling import Completion, Sampler, SamplingParams
 from fdpo.scoring import MAX_SEGMENT_LABELS, Scorer, ScoreResult
@@ -36,6 +42,65 @@ from fdpo.tokenization import Encoder, load_tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 # Default row seed of sample j of prompt i: i * ROW_SEED_STRIDE + j.
 ROW_SEED_STRIDE = 100_003
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Text -> token ids as it is: no template, no special tokens, no EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class VocabError(ValueError):
+    """A tokenizer or token ids that do not fit the model's embedding table."""
+
+
+class PromptTooLong(ValueError):
+    """Prompts longer than the sampler has room for; `.lines`: one message per prompt."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """A model's config and tokenizer, read without its weights: enough to check inputs
+    against the model (vocabulary, positions) before the expensive load. `tokenizer` is None
+    when the directory holds no tokenizer files."""
+
+    checkpoint: str | None
+    hf_dir: str | None
+    cfg: ModelConfig
+    tokenizer: object
+    tokenizer_dir: pathlib.Path
+
+    @property
+    def source(self) -> str:
+        return str(self.checkpoint or self.hf_dir)
+
+    @classmethod
+    def read(cls, *, checkpoint: str | None = None, hf_dir: str | None = None) -> ModelFiles:
+        """From exactly one of an fdpo checkpoint and a Hugging Face directory; raises
+        VocabError when the tokenizer has more tokens than the model has embedding rows."""
+        cfg, tok_dir = read_config(checkpoint=checkpoint, hf_dir=hf_dir)
+        has_tokenizer = any((pathlib.Path(tok_dir) / f).is_file() for f in TOKENIZER_FILES)
+        tokenizer = load_tokenizer(tok_dir) if has_tokenizer else None
+        files = cls(checkpoint, hf_dir, cfg, tokenizer, pathlib.Path(tok_dir))
+        if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+            raise VocabError(
+                f"{tok_dir}: the tokenizer has {len(tokenizer)} tokens but the model has "
+                f"{cfg.vocab_size} embedding rows (vocab_size of {files.source}); use the "
+                "tokenizer the model was trained with")
+        return files
+
+    def check_ids(self, ids: Sequence[int], where: str) -> None:
+        """Raises VocabError, naming `where`, the position and the vocabulary, when a token
+        id lies outside [0, vocab_size)."""
+        vocab = self.cfg.vocab_size
+        arr = np.asarray(ids, np.int64)
+        bad = np.nonzero((arr < 0) | (arr >= vocab))[0]
+        if len(bad):
+            raise VocabError(f"{where}: token id {arr[bad[0]]} at position {bad[0]} is outside "
+                             f"the model's vocabulary [0, {vocab}) ({self.source})")
 
 
 class Policy:
@@ -59,19 +124,24 @@ class Policy:
 
     @classmethod
     def load(cls, mesh: Mesh, *, checkpoint: str | None = None, hf_dir: str | None = None,
-             compute_dtype: str | None = None, rules=sharding.DEFAULT_RULES,
-             prompt_format: str | None = None, **options) -> Policy:
-        """From exactly one of an fdpo checkpoint and a Hugging Face directory.
+             files: ModelFiles | None = None, compute_dtype: str | None = None,
+             rules=sharding.DEFAULT_RULES, prompt_format: str | None = None,
+             **options) -> Policy:
+        """From exactly one of an fdpo checkpoint and a Hugging Face directory, or the
+        `files` already read (and checked) from one. The tokenizer is checked against the
+        model (`ModelFiles.read`, VocabError) before the weights are read.
         `compute_dtype` (None or "": the checkpoint's); `prompt_format` (None: the
         tokenizer's, see `fdpo.tokenization`); `options`: length_bucket, stop_check_steps,
         logprob_chunk."""
+        if files is None:
+            files = ModelFiles.read(checkpoint=checkpoint, hf_dir=hf_dir)
+        elif checkpoint is not None or hf_dir is not None:
+            raise TypeError("give files= or checkpoint=/hf_dir=, not both")
         overrides = {"compute_dtype": compute_dtype} if compute_dtype else {}
         cfg, graphdef, state, tok_dir = load_checkpoint_or_hf(
-            mesh, checkpoint=checkpoint, hf_dir=hf_dir, rules=rules, **overrides)
-        has_tokenizer = any((pathlib.Path(tok_dir) / f).is_file() for f in TOKENIZER_FILES)
-        tokenizer = load_tokenizer(tok_dir) if has_tokenizer else None
-        return cls(cfg, graphdef, state, mesh, tokenizer, tokenizer_dir=tok_dir, rules=rules,
-                   prompt_format=prompt_format, **options)
+            mesh, checkpoint=files.checkpoint, hf_dir=files.hf_dir, rules=rules, **overrides)
+        return cls(cfg, graphdef, state, mesh, files.tokenizer, tokenizer_dir=tok_dir,
+                   rules=rules, prompt_format=prompt_format, **options)
 
     # ------------------------------------------------------------------------------ text
     @property
@@ -91,7 +161,7 @@ class Policy:
     def encode_text(self, text: str) -> list[int]:
         """Text -> token ids as it is: no template, no special tokens, no EOS."""
         self._need_tokenizer()
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tokenizer, text)
 
     def decode(self, ids: Sequence[int]) -> str:
         self._need_tokenizer()
@@ -135,6 +205,27 @@ class Policy:
                                           row_seeds=row_seeds[start:start + batch],
                                           pad_rows_to=pad_rows_to)
         return [done[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
+
+    def prompt_room(self, max_new_tokens: int) -> int:
+        """The most prompt tokens `generate` takes with `max_new_tokens` (<= 0: none)."""
+        return self.sampler.prompt_room(max_new_tokens)
+
+    def check_prompt_lengths(self, prompts: Sequence[str] | Sequence[Sequence[int]],
+                             max_new_tokens: int, names: Sequence[str]) -> None:
+        """Raises PromptTooLong, one line per prompt named by `names[i]`, when a prompt
+        (rendered in the prompt format, as `generate` renders it) is longer than
+        `prompt_room(max_new_tokens)`: `generate` would stop at its batch."""
+        room, positions = self.prompt_room(max_new_tokens), self.cfg.max_position_embeddings
+        if room <= 0:
+            raise PromptTooLong([f"max_new_tokens={max_new_tokens} leaves no room for a "
+                                 f"prompt in the model's {positions} positions "
+                                 f"(max_position_embeddings)"])
+        lines = [f"{name}: the prompt is {len(ids)} tokens, more than the {room} the sampler "
+                 f"has room for (max_position_embeddings {positions} less max_new_tokens "
+                 f"{max_new_tokens}, in steps of length_bucket {self.sampler.length_bucket})"
+                 for name, ids in zip(names, self._prompt_ids(prompts)) if len(ids) > room]
+        if lines:
+            raise PromptTooLong(lines)
 
     def _prompt_ids(self, prompts) -> list[list[int]]:
         texts = list(dict.fromkeys(p for p in prompts if isinstance(p, str)))

@@ -61,6 +61,21 @@ def source(config) -> tuple[str | None, str | None, bool]:
     return init_ckpt, init_hf, True
 
 
+def check_vocab(config) -> None:
+    """Raises ValueError, naming both sizes, when `config.data.dir` was built with a
+    tokenizer of more tokens than the reference has embedding rows (ids past the table give
+    NaN log-probs, not an error). Reads the reference's config only, not its weights."""
+    ckpt, hf_dir, _ = source(config)
+    model_cfg, _ = checkpoint.read_config(checkpoint=ckpt, hf_dir=hf_dir)
+    manifest_path = pathlib.Path(config.data.dir) / "manifest.json"
+    data_vocab = (rec.read_manifest(manifest_path).get("tokenizer") or {}).get("vocab_size")
+    if data_vocab is not None and data_vocab > model_cfg.vocab_size:
+        raise ValueError(f"{manifest_path}: the data was built with a tokenizer of {data_vocab} "
+                         f"tokens (tokenizer.vocab_size), more than the reference's "
+                         f"{model_cfg.vocab_size} embedding rows (vocab_size of "
+                         f"{ckpt or hf_dir})")
+
+
 def load(config, mesh, ckpt: str | None = None, hf_dir: str | None = None):
     """(ModelConfig, pure-dict params) of a model loaded as `config.model` says the run's
     models run. Default: the run's reference (`source`)."""

@@ -247,6 +247,13 @@ def _decode(state, carry: DecodeState, limit, *, graphdef, mesh, rules, params: 
 # ----------------------------------------------------------------------------------------
 
 
+def prompt_room(max_positions: int, max_new_tokens: int, length_bucket: int) -> int:
+    """The longest prompt `Sampler.generate` takes (<= 0: none): a batch's prompts are padded
+    to a multiple of `length_bucket`, and that plus `max_new_tokens` must fit in the model's
+    `max_positions` (the check in `generate`)."""
+    return (max_positions - max_new_tokens) // length_bucket * length_bucket
+
+
 class Sampler:
     """Generates completions for batches of token-id prompts.
 
@@ -287,6 +294,10 @@ class Sampler:
                                rules=self.rules, params=params, eos_ids=eos_ids,
                                pad_id=self.pad_id, window=window)
         return jax.jit(fn, donate_argnums=1)
+
+    def prompt_room(self, max_new_tokens: int) -> int:
+        """The longest prompt `generate` takes with `max_new_tokens` (<= 0: none)."""
+        return prompt_room(self.cfg.max_position_embeddings, max_new_tokens, self.length_bucket)
 
     @staticmethod
     def cache_window(prompt_len: int, step: int, slots: int) -> int:

@@ -110,6 +110,37 @@ class Scorer:
                            sums[:, :MAX_SEGMENT_LABELS], counts.astype(np.int64))
 
 
+class NonFiniteReference(ValueError):
+    """Reference log-probs that are NaN or infinite (a broken reference model, or ids past
+    its embedding table): never written into a dataset."""
+
+
+def _reference_shard(score_pairs, path, out_path, max_len: int, batch: int, bar) -> None:
+    """One shard of pair records -> `out_path` with ref_logps set; NonFiniteReference naming
+    the first record whose sums are not finite."""
+    source = rec.PairDataSource(path, max_len=max_len)
+    with rec.RecordWriter(out_path) as writer:
+        for start in range(0, len(source), batch):
+            records = [source.record(i) for i in range(start, min(start + batch, len(source)))]
+            n = len(records)
+            rows = records + [records[0]] * (batch - n)  # pad to the compiled shape
+            pairs = {k: np.stack([getattr(r, k) for r in rows]) for k in
+                     ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")}
+            sums = np.asarray(score_pairs(pairs), np.float32)[:n]
+            finite = np.isfinite(sums).reshape(n, -1).all(axis=1)
+            if not finite.all():
+                i = int(np.argmin(finite))
+                r = records[i]
+                raise NonFiniteReference(
+                    f"{path}: record {start + i} (pair_id {r.pair_id}, problem "
+                    f"{r.problem_name or r.problem_id!r}): reference log-prob sums "
+                    f"{sums[i].tolist()} are not finite ({int((~finite).sum())} of this "
+                    f"batch's {n} records)")
+            for r, ref in zip(records, sums):
+                writer.write(dataclasses.replace(r, ref_logps=ref))
+            bar.update(n)
+
+
 def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int = 1,
                          provenance: dict | None = None, batch_size: int = 16,
                          shard_index: int = 0, num_shards: int = 1) -> dict:
@@ -119,39 +150,41 @@ def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int 
     `batch_multiple` (the last one padded). This invocation scores the shard files
     `shard_index`, `shard_index + num_shards`, ...; every invocation writes the same
     manifest, whose `reference` entry is `provenance` (the reference's identity, path,
-    compute dtype and chunk) plus the layout. Returns that manifest."""
+    compute dtype and chunk) plus the layout. Returns that manifest. Raises
+    NonFiniteReference, naming the record, when a sum is NaN or infinite; then the shards
+    this call wrote are removed (and `out_dir` when this call made it and it is empty)."""
     data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
     if data_dir.resolve() == out_dir.resolve():
         raise ValueError("the output directory must differ from the data directory (shards "
                          "are rewritten)")
     manifest = rec.read_manifest(data_dir / "manifest.json")
-    out_dir.mkdir(parents=True, exist_ok=True)
     batch = -(-batch_size // batch_multiple) * batch_multiple
 
     shards = [(split, s["path"]) for split, info in manifest["splits"].items()
               for s in info["shards"]]
     mine = shards[shard_index::num_shards]
     total = sum(len(rec.PairDataSource(data_dir / p)) for _, p in mine)
-    with tqdm(total=total, desc="reference", unit="pair") as bar:
-        for _, path in mine:
-            source = rec.PairDataSource(data_dir / path, max_len=manifest["max_len"])
-            tmp = out_dir / (path + ".tmp")
-            with rec.RecordWriter(tmp) as writer:
-                for start in range(0, len(source), batch):
-                    records = [source.record(i)
-                               for i in range(start, min(start + batch, len(source)))]
-                    n = len(records)
-                    rows = records + [records[0]] * (batch - n)  # pad to the compiled shape
-                    pairs = {k: np.stack([getattr(r, k) for r in rows]) for k in
-                             ("chosen_ids", "rejected_ids", "chosen_segments",
-                              "rejected_segments")}
-                    sums = np.asarray(score_pairs(pairs), np.float32)
-                    for i, r in enumerate(records):
-                        ref = sums[i]
-                        writer.write(dataclasses.replace(r, ref_logps=ref))
-                    bar.update(n)
-            os.replace(tmp, out_dir / path)
-            log.info("%s: %d records -> %s", path, len(source), out_dir / path)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []  # shard files this call wrote: removed again when it fails
+    try:
+        with tqdm(total=total, desc="reference", unit="pair") as bar:
+            for _, path in mine:
+                tmp = out_dir / (path + ".tmp")
+                written.append(tmp)
+                _reference_shard(score_pairs, data_dir / path, tmp, manifest["max_len"],
+                                 batch, bar)
+                os.replace(tmp, out_dir / path)
+                written[-1] = out_dir / path
+                log.info("%s: -> %s", path, out_dir / path)
+    except BaseException:
+        # No half-made dataset under the output (it has no manifest yet): what this call
+        # wrote goes, and the directory too when this call made it and nothing else is there.
+        for p in written:
+            p.unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     out_manifest = dict(manifest)
     out_manifest["reference"] = {
         **(provenance or {}), "source_dataset": str(data_dir.absolute()),

@@ -31,8 +31,10 @@ class InputError(ValueError):
     pass
 
 
-def read_prompts(path: pathlib.Path) -> list[tuple[str, str, dict]]:
-    """[(id, prompt, line)] in input order; raises InputError listing every bad line."""
+def read_prompts(path: pathlib.Path, locations: dict | None = None
+                 ) -> list[tuple[str, str, dict]]:
+    """[(id, prompt, line)] in input order; raises InputError listing every bad line.
+    `locations`, when given, is filled with {id: "path:line"}."""
     items, errors, seen = [], [], {}
     for where, rec in jsonl.objects(path, errors):
         pid = rec.get("id")
@@ -47,6 +49,8 @@ def read_prompts(path: pathlib.Path) -> list[tuple[str, str, dict]]:
             errors.append(f"{where}: id {pid!r} repeats line {seen[pid]}")
             continue
         seen[pid] = where.rpartition(":")[2]
+        if locations is not None:
+            locations[pid] = where
         items.append((pid, rec["prompt"], rec))
     if errors:
         raise InputError("\n".join(map(str, errors)))
@@ -114,11 +118,13 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     ids no longer in the input, and the stale ones, are removed first (the output is
     rewritten without them). `config`: configs/sample.py's fields; `load_policy` is
     called when there are prompts (the model's identity is part of the fingerprint).
-    Raises InputError (every malformed input line) and jsonl.JsonlError (a malformed
-    output line before the last). Returns {"prompts", "done" (kept), "redone", "new",
-    "dropped", "sampled"}."""
+    Raises InputError (every malformed input line), jsonl.JsonlError (a malformed output
+    line before the last) and policy.PromptTooLong (every prompt longer than the sampler
+    has room for, found before anything is sampled or written). Returns {"prompts", "done"
+    (kept), "redone", "new", "dropped", "sampled"}."""
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
-    items = read_prompts(in_path)
+    locations: dict[str, str] = {}
+    items = read_prompts(in_path, locations)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     existing = {str(pid): row for pid, row in jsonl.resume(out_path, key="id").items()}
     num = samples_per_prompt(config)
@@ -144,6 +150,13 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
         return summary
 
     logging.info("prompt format %s; EOS ids %s", policy.prompt_format, policy.eos_ids)
+    # Every prompt is measured before the first is sampled: one over-long prompt would
+    # otherwise stop the run at its batch, and every rerun at the same place.
+    checked = [(pid, kind, _message(kind, prompt, config)) for pid, prompt, _ in pending
+               for kind in ("code", "test") if num[kind]]
+    policy.check_prompt_lengths([m for _, _, m in checked], config.max_new_tokens,
+                                [f"{locations[pid]}: id {pid!r}, {kind} prompt"
+                                 for pid, kind, _ in checked])
     params = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, stop=tuple(config.stop))
     batch = max(config.batch_size, policy.sampler.batch_multiple)

@@ -92,10 +92,10 @@ def main(argv):
         except analyze.ContinuationInputError as e:
             raise SystemExit(f"error: {e}")
 
-        def load_policy():
-            common.quiet_tokenizers()
-            return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value,
-                               hf_dir=HF_DIR.value, prompt_format=prompt_format or None)
+        def load_policy():  # the tokenizer against the embedding rows: a one-line error
+            return Policy.load(common.init_jax(),
+                               files=common.model_files(CHECKPOINT.value, HF_DIR.value),
+                               prompt_format=prompt_format or None)
 
         print(json.dumps(continuation.run(jobs, skipped, load_policy, c, OUT.value)))
 

@@ -132,6 +132,16 @@ def check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def many_errors(lines) -> UsageError:
+    """The UsageError for several input errors (bad lines of a file, say): every one but the
+    first goes to stderr on its own line, the first (with the count) is the error's one line."""
+    lines = [str(ln) for ln in lines]
+    for line in lines[1:]:
+        sys.stderr.write(f"  {line}\n")
+    more = f" (and {len(lines) - 1} more, listed above)" if len(lines) > 1 else ""
+    return UsageError(lines[0] + more)
+
+
 def check_number(name: str, value, *, lo=None, hi=None, lo_open=False, integer=False) -> None:
     """`value` of flag or config field `name` is a finite number (an int with `integer`) in
     [lo, hi] (or (lo, hi] with `lo_open`)."""
@@ -234,6 +244,22 @@ def init_jax(mesh_shape=None):
                             num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
     except ValueError as e:
         raise UsageError(f"--mesh_shape: {e}") from e
+
+
+def model_files(checkpoint: str | None, hf_dir: str | None):
+    """`fdpo.policy.ModelFiles` of --checkpoint or --hf_dir (config and tokenizer, no
+    weights), with its checks (a tokenizer larger than the embedding table, a missing or
+    unreadable model) as usage errors. Pass it to `Policy.load(files=...)`."""
+    from fdpo.policy import ModelFiles, VocabError  # imports jax
+
+    quiet_tokenizers()
+    try:
+        return ModelFiles.read(checkpoint=checkpoint, hf_dir=hf_dir)
+    except VocabError as e:
+        raise UsageError(str(e)) from None
+    except (OSError, ValueError) as e:
+        flag = f"--checkpoint={checkpoint}" if checkpoint else f"--hf_dir={hf_dir}"
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def quiet_tokenizers():

@@ -14,6 +14,10 @@ Outputs in --out: results.json (pass@k, status counts, settings, dataset hash, p
 verdicts), tasks.md and tasks.csv (one row per task). See fdpo/evaluation/ and
 docs/evaluation.md for oracles and time limits. The work is
 `fdpo.evaluation.generation.evaluate_dir`.
+
+Refused with exit status 2 and one line, before any generation: a malformed samples or
+benchmark line (FILE:LINE), a model whose tokenizer has more tokens than its embedding rows,
+and task prompts longer than the sampler has room for (each named by task id).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from fdpo.evaluation import generation
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.extract import RESPONSE_FORMATS
-from fdpo.policy import Policy
+from fdpo.policy import Policy, PromptTooLong
 from fdpo.sandbox.executor import ISOLATION_MODES
 from fdpo.tokenization import PROMPT_FORMATS
 from launch import common  # --mesh_shape, --distributed (used with --checkpoint)
@@ -84,9 +88,11 @@ def main(argv):
     # before any generation or grading.
     common.check_output("--out", OUT.value, directory=True, make_parents=True)
 
+    # The model's tokenizer against its embedding table, before the benchmark is read.
+    files = common.model_files(CHECKPOINT.value, HF_DIR.value) if model else None
+
     def load_policy():
-        common.quiet_tokenizers()
-        return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
+        return Policy.load(common.init_jax(), files=files,
                            prompt_format=c.prompt_format or None)
 
     try:
@@ -95,6 +101,8 @@ def main(argv):
                                 data_dir=DATA_DIR.value)
     except (tk.DataError, rn.SampleError) as e:
         raise app.UsageError(str(e)) from e
+    except PromptTooLong as e:
+        raise common.many_errors(e.lines) from None
 
 
 if __name__ == "__main__":

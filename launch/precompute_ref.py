@@ -15,6 +15,11 @@ identity and path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF`
 `--config.loss.reference=precomputed`: `launch.train` refuses data whose provenance differs
 from its own reference, dtype or chunk. The work is `fdpo.reference.precompute`.
 
+Refused with exit status 2 and one line: data built with a tokenizer larger than the
+reference's embedding table (both sizes named, before any weights are read), and reference
+log-probs that come out NaN or infinite (the shard and record named; the shards this
+invocation wrote are removed, so no dataset with NaN references is left behind).
+
 Several hosts: give each a `--shard_index` of `--num_shards`; each scores the shard files
 `i, i+n, ...` on its own devices (no jax.distributed needed) and writes the same manifest.
 """
@@ -26,7 +31,7 @@ import pathlib
 import jax
 from absl import flags
 
-from fdpo import reference, sharding
+from fdpo import reference, scoring, sharding
 from launch import common
 
 CONFIG = common.define_config("config", None, "The training run's config file (with :arg), "
@@ -60,11 +65,15 @@ def main(argv):
     common.check_mesh_shape(c.mesh_shape)
     try:
         reference.source(c)
-    except ValueError as e:
-        raise common.UsageError(f"--config: {e}") from e
+        reference.check_vocab(c)
+    except (OSError, ValueError) as e:
+        raise common.UsageError(f"--config: {e}") from None
     mesh = sharding.make_mesh([int(s) for s in c.mesh_shape], jax.local_devices())
-    reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value,
-                         shard_index=SHARD_INDEX.value, num_shards=NUM_SHARDS.value)
+    try:
+        reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value,
+                             shard_index=SHARD_INDEX.value, num_shards=NUM_SHARDS.value)
+    except scoring.NonFiniteReference as e:
+        raise common.UsageError(f"{e}; what this run wrote to --out is removed") from None
     print(f"reference log-probs: {c.data.dir} -> {OUT.value}")
 
 

@@ -3,9 +3,13 @@
     python -m launch.sample (--checkpoint CKPT | --hf_dir HF) --input PROMPTS.jsonl \
         --output SAMPLES.jsonl [--config=configs/sample.py[:greedy]] [--config.num_codes=10]
 
-Input lines: `{"id": str or int, "prompt": str, ...}`. Malformed lines (bad JSON, a
-missing or non-string prompt, a missing or repeated id) are all reported with their line
-numbers and nothing runs.
+Input lines: `{"id": str or int, "prompt": str, ...}`. Malformed lines (bad JSON or
+UTF-8, a missing or non-string prompt, a missing or repeated id) are all reported with
+their file:line and nothing runs (exit status 2). So is every prompt longer than the
+sampler has room for (the model's max_position_embeddings less --config.max_new_tokens,
+in steps of --config.length_bucket), found after the model is loaded and before anything
+is sampled, and a tokenizer with more tokens than the model's embedding rows, found
+before the weights are read.
 
 Output lines, one per prompt: problem records (fdpo/problem.py, docs/data.md), which
 `launch.execute` extends with verdicts and `launch.build` / `launch.analyze` read:
@@ -33,7 +37,8 @@ docs/sampling.md). Records of OUTPUT whose fingerprint matches are kept; the oth
 those of ids no longer in INPUT, are removed and sampled again; the program prints how
 many were kept, redone (and what changed), new and dropped. `fdpo.jsonl.resume` reads
 OUTPUT: a cut-off last line is dropped and redone, any other malformed line is refused,
-naming it, and nothing runs. Lines are appended as prompts finish. Each sample's random stream is fixed by
+naming it, the file unchanged and nothing run, exit status 2. Lines are appended as
+prompts finish. Each sample's random stream is fixed by
 (--config.seed, id, code/test, sample index), so a resumed run writes what an
 uninterrupted one would have.
 """
@@ -44,8 +49,8 @@ import pathlib
 
 from absl import app, flags
 
-from fdpo import extract, jsonl, selfgen
-from fdpo.policy import Policy
+from fdpo import extract, jsonl, sampling, selfgen
+from fdpo.policy import Policy, PromptTooLong
 from fdpo.tokenization import PROMPT_FORMATS
 from launch import common
 
@@ -86,10 +91,16 @@ def main(argv):
     if not sum(selfgen.samples_per_prompt(cfg_s).values()):
         raise app.UsageError("nothing to sample: num_codes and num_tests are both 0 here")
 
+    files = common.model_files(CHECKPOINT.value, HF_DIR.value)
+    positions = files.cfg.max_position_embeddings
+    common.check(sampling.prompt_room(positions, cfg_s.max_new_tokens, cfg_s.length_bucket) > 0,
+                 f"--config.max_new_tokens={cfg_s.max_new_tokens} leaves no room for a prompt "
+                 f"in the model's {positions} positions (max_position_embeddings of "
+                 f"{files.source}, prompts padded to --config.length_bucket="
+                 f"{cfg_s.length_bucket})")
+
     def load_policy():
-        common.quiet_tokenizers()
-        return Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
-                           compute_dtype=cfg_s.compute_dtype,
+        return Policy.load(common.init_jax(), files=files, compute_dtype=cfg_s.compute_dtype,
                            prompt_format=cfg_s.prompt_format or None,
                            length_bucket=cfg_s.length_bucket,
                            stop_check_steps=cfg_s.stop_check_steps)
@@ -97,9 +108,11 @@ def main(argv):
     try:
         selfgen.sample_file(INPUT.value, OUTPUT.value, cfg_s, load_policy)
     except selfgen.InputError as e:
-        raise SystemExit(f"error: malformed input lines:\n{e}")
+        raise common.many_errors(str(e).splitlines()) from None
+    except PromptTooLong as e:
+        raise common.many_errors(e.lines) from None
     except jsonl.JsonlError as e:
-        raise SystemExit(f"error: {e}")
+        raise common.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -9,14 +9,22 @@ token, 0..15), and any other fields, which are copied through (`id`, say). Each 
 line adds `logp_sum` = sum over t >= 1 of log p(x_t | x_<t) (float32 log-softmax),
 `num_tokens` (tokens scored, length - 1), and with segments `segment_logp_sums` and
 `segment_num_tokens`, keyed by label: token t's log-prob counts in the segment of token t.
-Output lines are in input order. Malformed lines stop the run with the line number. The
-model and its tokenizer are a `fdpo.policy.Policy`; scoring is `Policy.score`, batched and
-chunked as configs/score.py says.
+Output lines are in input order. The model and its tokenizer are a `fdpo.policy.Policy`;
+scoring is `Policy.score`, batched and chunked as configs/score.py says.
+
+Every input is checked before the weights are read, and a bad one stops the run with exit
+status 2, one line naming it, and nothing written: a malformed line (bad JSON or UTF-8, a
+missing or wrong field; FILE:LINE), a token id outside the model's vocabulary (FILE:LINE
+and the position), a tokenizer with more tokens than the model has embedding rows (both
+sizes). A log-prob sum that comes out non-finite (NaN weights, say) is never written as
+JSON `NaN`: the run stops the same way, naming the first such line and how many there are,
+and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -25,7 +33,7 @@ from tqdm import tqdm
 
 import configs
 from fdpo import jsonl
-from fdpo.policy import Policy
+from fdpo.policy import ModelFiles, Policy, VocabError, encode_text
 from launch import common
 
 CONFIG = common.define_config("config", configs.path("score.py"),
@@ -42,22 +50,26 @@ class InputError(ValueError):
     pass
 
 
-def parse_record(where, rec, policy: Policy):
+def parse_record(where, rec, files: ModelFiles):
+    """(record, token ids, segment labels or None) of one input line; InputError naming
+    `where` when it is malformed or its ids lie outside the model's vocabulary."""
     if "input_ids" in rec:
         ids = rec["input_ids"]
-        if not (isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids)):
+        if not (isinstance(ids, list) and
+                all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
             raise InputError(f"{where}: input_ids must be a list of non-negative ints")
     elif "text" in rec:
         if not isinstance(rec["text"], str):
             raise InputError(f"{where}: text must be a string")
-        if policy.tokenizer is None:
-            raise InputError(f"{where}: has 'text' but {policy.tokenizer_dir} holds no "
+        if files.tokenizer is None:
+            raise InputError(f"{where}: has 'text' but {files.tokenizer_dir} holds no "
                              "tokenizer")
-        ids = policy.encode_text(rec["text"])
+        ids = encode_text(files.tokenizer, rec["text"])
     else:
         raise InputError(f"{where}: needs 'input_ids' or 'text'")
     if not ids:
         raise InputError(f"{where}: empty sequence")
+    files.check_ids(ids, where)
     labels = rec.get("segment_ids")
     if labels is not None:
         if not (isinstance(labels, list) and len(labels) == len(ids) and
@@ -65,6 +77,16 @@ def parse_record(where, rec, policy: Policy):
             raise InputError(f"{where}: segment_ids must be {len(ids)} ints in 0..15, one per "
                              f"token")
     return rec, ids, labels
+
+
+def non_finite(results, wheres) -> list[str]:
+    """One message per output record whose log-prob sums are not all finite."""
+    bad = []
+    for where, rec in zip(wheres, results):
+        values = [rec["logp_sum"], *rec.get("segment_logp_sums", {}).values()]
+        if not all(math.isfinite(v) for v in values):
+            bad.append(f"{where}: log-prob sum {rec['logp_sum']} is not finite")
+    return bad
 
 
 def main(argv):
@@ -88,21 +110,24 @@ def main(argv):
         raise common.UsageError(f"--output={OUTPUT.value}: {e}") from None
     common.check_output("--output", OUTPUT.value)
     common.check_mesh_shape()
-    common.quiet_tokenizers()
-    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value,
-                         compute_dtype=c.compute_dtype, logprob_chunk=c.logprob_chunk)
+    files = common.model_files(CHECKPOINT.value, HF_DIR.value)
+    # Parse everything first, so a malformed line fails before the weights are read.
+    try:
+        parsed = [(where, *parse_record(where, rec, files))
+                  for where, rec in jsonl.objects(in_path, error=InputError)]
+    except (InputError, VocabError) as e:
+        raise common.UsageError(str(e)) from None
+    logging.info("%s: %d sequences", in_path, len(parsed))
+    policy = Policy.load(common.init_jax(), files=files, compute_dtype=c.compute_dtype,
+                         logprob_chunk=c.logprob_chunk)
 
-    # Parse everything first, so a malformed line fails before any compute.
-    records = [parse_record(where, rec, policy)
-               for where, rec in jsonl.objects(in_path, error=InputError)]
-    logging.info("%s: %d sequences", in_path, len(records))
-
-    with tqdm(total=len(records), desc="score", unit="seq") as bar:
-        res = policy.score([ids for _, ids, _ in records], [labels for _, _, labels in records],
+    with tqdm(total=len(parsed), desc="score", unit="seq") as bar:
+        res = policy.score([ids for _, _, ids, _ in parsed],
+                           [labels for _, _, _, labels in parsed],
                            batch_size=c.batch_size, length_bucket=c.length_bucket,
                            progress=bar.update)
     results = []
-    for i, (rec, _, labels) in enumerate(records):
+    for i, (_, rec, _, labels) in enumerate(parsed):
         rec = dict(rec, logp_sum=float(res.logp_sum[i]), num_tokens=int(res.num_tokens[i]))
         if labels is not None:
             present = sorted(set(labels))
@@ -110,6 +135,13 @@ def main(argv):
             rec["segment_num_tokens"] = {str(s): int(res.segment_counts[i, s])
                                          for s in present}
         results.append(rec)
+    # JSON has no NaN: a non-finite sum is the model's failure on that sequence, refused
+    # whole rather than written as an invalid line or a null that later stages would drop.
+    bad = non_finite(results, [where for where, *_ in parsed])
+    if bad:
+        raise common.UsageError(
+            f"{bad[0]} ({len(bad)} of {len(results)} sequences non-finite under "
+            f"{files.source}; nothing written)")
 
     out_path = pathlib.Path(OUTPUT.value)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
@@ -122,7 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        common.run(main)
-    except InputError as e:
-        raise SystemExit(f"error: {e}")
+    common.run(main)

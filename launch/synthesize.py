@@ -44,8 +44,9 @@ DECONTAMINATE = flags.DEFINE_list(
 
 def generate(prompts: list[str], n: int, sampling_cfg) -> list[list[str]]:
     """`n` policy samples per prompt (the user message, in the policy's prompt format)."""
-    common.quiet_tokenizers()
-    policy = Policy.load(common.init_jax(), checkpoint=CHECKPOINT.value, hf_dir=HF_DIR.value)
+    # model_files: the tokenizer against the embedding rows, as a one-line error.
+    policy = Policy.load(common.init_jax(),
+                         files=common.model_files(CHECKPOINT.value, HF_DIR.value))
     outs = policy.generate(prompts, num_samples=n, temperature=sampling_cfg["temperature"],
                            top_p=sampling_cfg["top_p"],
                            max_new_tokens=sampling_cfg["max_new_tokens"],

@@ -31,6 +31,8 @@ def generate(policy: Policy, tasks: dict[str, tk.Task], benchmark: str,
     ids = list(tasks)
     completion = c.response_format == "completion"
     prompts = [tasks[t].prompt if completion else prompt_for(tasks[t], benchmark) for t in ids]
+    # Every prompt measured before the first is sampled (PromptTooLong names each task).
+    policy.check_prompt_lengths(prompts, c.max_new_tokens, [f"task {t}" for t in ids])
     outs = policy.generate(prompts, num_samples=c.n, temperature=c.temperature,
                            top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                            batch_size=c.batch_size, seed=c.seed)
@@ -68,15 +70,17 @@ def evaluate_dir(benchmark: str, out_dir, c, *, samples_path=None, model: str | 
     """Evaluates `samples_path`, or (with `model`, its name for the report, and
     `load_policy`) `c.n` samples per task generated first and written to
     OUT/samples.jsonl. Writes results.json, tasks.md and tasks.csv to `out_dir` and
-    returns the summary. Raises tk.DataError (the benchmark file) and rn.SampleError (the
-    samples: unreadable, malformed, or missing tasks without `c.partial`)."""
+    returns the summary. Raises tk.DataError (the benchmark file), rn.SampleError (the
+    samples: unreadable, malformed, or missing tasks without `c.partial`) and
+    policy.PromptTooLong (task prompts longer than the sampler has room for, before any
+    generation)."""
     tasks, _ = tk.load_tasks(benchmark, dataset, data_dir)
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     samples = None
     if model is not None:
         policy = load_policy()
         samples = generate(policy, tasks, benchmark, c)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no --out
         samples_path = out / "samples.jsonl"
         with open(samples_path, "w", encoding="utf-8") as f:
             for s in samples:

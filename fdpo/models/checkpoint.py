@@ -121,6 +121,19 @@ def load_model(path: str | pathlib.Path, mesh: Mesh, rules=shd.DEFAULT_RULES,
     return cfg, graphdef, state
 
 
+def read_config(*, checkpoint: str | None = None, hf_dir: str | None = None,
+                **config_overrides) -> tuple[ModelConfig, pathlib.Path]:
+    """(ModelConfig, dir holding tokenizer files) of exactly one source, without reading
+    its weights: what input checks (vocabulary, positions) need before the load."""
+    if (checkpoint is None) == (hf_dir is None):
+        raise ValueError("give exactly one of checkpoint= and hf_dir=")
+    if checkpoint is not None:
+        meta = read_metadata(checkpoint)
+        cfg = ModelConfig.from_json(meta["model_config"]).replace(**config_overrides)
+        return cfg, pathlib.Path(checkpoint) / EXTRAS_DIR
+    return ModelConfig.from_hf_dir(hf_dir, **config_overrides), pathlib.Path(hf_dir)
+
+
 def load_checkpoint_or_hf(mesh: Mesh, *, checkpoint: str | None = None,
                           hf_dir: str | None = None, rules=shd.DEFAULT_RULES,
                           **config_overrides):
