@@ -27,7 +27,6 @@ from absl import flags, logging
 
 from fdpo import train_loop
 from fdpo.models import checkpoint
-from fdpo.models.config import ModelConfig
 from launch import common
 
 CONFIG = common.define_config("config", None, "Run config file (with :arg).",
@@ -37,14 +36,6 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it 
                               "checkpoints).", required=True)
 
 EXIT_SIGTERM = 143
-
-
-def _model_vocab_size(config) -> int | None:
-    if config.init_checkpoint:
-        meta = checkpoint.read_metadata(config.init_checkpoint)
-        return ModelConfig.from_json(meta["model_config"]).vocab_size
-    hf = json.loads((pathlib.Path(config.init_hf_dir) / "config.json").read_text())
-    return hf.get("vocab_size")
 
 
 def validate(config) -> None:
@@ -104,7 +95,12 @@ def validate(config) -> None:
     except ValueError as e:
         raise common.UsageError(f"{manifest_path}: not JSON: {e}") from None
     data_vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
-    model_vocab = _model_vocab_size(c)
+    try:  # the model's config alone, not its weights
+        model_vocab = checkpoint.read_config(checkpoint=init_ckpt,
+                                             hf_dir=None if init_ckpt else c.init_hf_dir
+                                             )[0].vocab_size
+    except ValueError as e:
+        raise common.UsageError(f"{init_ckpt or c.init_hf_dir}: {e}") from None
     common.check(data_vocab is None or model_vocab is None or data_vocab <= model_vocab,
                  f"config.data.dir={c.data.dir}: built with a tokenizer of {data_vocab} "
                  f"tokens ({manifest_path} tokenizer.vocab_size), more than the model's "

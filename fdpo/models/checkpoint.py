@@ -82,6 +82,31 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, *,
     return path
 
 
+def save_model_whole(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State,
+                     **kwargs) -> pathlib.Path:
+    """`save_model` into a temporary sibling (fdpo.atomic), renamed to `path` when complete:
+    a save that is killed or interrupted leaves no `path` (never params without metadata),
+    and the next save removes its temporary. One process only; a multi-process writer
+    (the training run's final model) names its own shared temporary."""
+    path = pathlib.Path(path).absolute()
+    if jax.process_count() > 1:
+        return save_model(path, cfg, state, **kwargs)
+    if (path / PARAMS_DIR).exists():
+        raise FileExistsError(f"{path}: a checkpoint already exists there")
+    atomic.clean(path, _SAVING)
+    tmp = atomic.temp_sibling(path, _SAVING)
+    try:
+        save_model(tmp, cfg, state, **kwargs)
+        atomic.replace_dir(tmp, path)
+    except BaseException:  # also KeyboardInterrupt: leave no temporary behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+_SAVING = "saving"
+
+
 def read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
     meta_file = path / METADATA_FILE
@@ -160,8 +185,8 @@ def import_hf(hf_dir, out_dir, mesh: Mesh, *,
     with tqdm(total=convert.num_hf_tensors(cfg), desc="import", unit="tensor") as bar:
         _, state = convert.load_hf_params(hf_dir, cfg, mesh, progress=bar.update)
     hf_config = json.loads((hf_dir / "config.json").read_text())
-    return save_model(out_dir, cfg, state, hf_config=hf_config, extras_from=hf_dir,
-                      metadata={"imported_from": str(hf_dir.absolute())})
+    return save_model_whole(out_dir, cfg, state, hf_config=hf_config, extras_from=hf_dir,
+                            metadata={"imported_from": str(hf_dir.absolute())})
 
 
 def export_hf(checkpoint_dir, out_dir, mesh: Mesh,
@@ -259,5 +284,5 @@ def init_random(out, *, preset: str | None = None, fields: dict | None = None,
     _, state = nnx.split(model)
     shardings = shd.state_shardings(state, mesh, shd.DEFAULT_RULES)
     state = jax.device_put(state, shardings)
-    return save_model(out, cfg, state, hf_config=cfg.to_hf_config(), extras_from=tokenizer,
-                      metadata={"init_seed": seed})
+    return save_model_whole(out, cfg, state, hf_config=cfg.to_hf_config(),
+                            extras_from=tokenizer, metadata={"init_seed": seed})

@@ -54,3 +54,29 @@ def test_clean_restores_a_parked_output_after_a_kill(tmp_path):
     atomic.clean(dest, "building")
     assert (dest / "a").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_model_save_interrupted_leaves_no_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    """init_model / import_hf write through `save_model_whole`: Ctrl-C after the params are
+    written (before the metadata) leaves no `out`, so no reader meets params without
+    metadata; the rerun writes the whole checkpoint."""
+    from fdpo.models import checkpoint
+
+    out = tmp_path / "ckpt"
+    real_save = checkpoint.save_model
+
+    def save_then_interrupt(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        (path / checkpoint.METADATA_FILE).unlink()  # as if killed before the metadata
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.init_random(out, fields={"vocab_size": 64})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(checkpoint, "save_model", real_save)
+    assert checkpoint.init_random(out, fields={"vocab_size": 64}) == out
+    assert checkpoint.read_metadata(out)["model_config"]["vocab_size"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoint.init_random(out, fields={"vocab_size": 64})
