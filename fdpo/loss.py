@@ -121,8 +121,8 @@ PRESETS = ("focused_dpo", "dpo", "mid_only", "target_dpo_like", "sft", "dpo_nll"
 # because it is not Step-DPO (which localises the first wrong step by rollouts): it is DPO
 # on the mid segments of Focused-DPO's pairs.
 DEPRECATED_PRESETS = {"step_dpo_like": "mid_only"}
-# RPO's NLL weight (Pang et al. 2024, arXiv 2404.19733, alpha = 1) and DPOP's lambda (Pal et
-# al. 2024, arXiv 2402.13228, section 5: 50) in their presets.
+# RPO's NLL weight (Pang et al. 2024, arXiv 2404.19733: alpha = 1) and DPOP's lambda (Pal et
+# al. 2024, arXiv 2402.13228: 50 in their experiments) in their presets.
 DPO_NLL_WEIGHT = 1.0
 DPOP_LAMBDA = 50.0
 
@@ -131,7 +131,7 @@ def _undeprecated(name: str) -> str:
     if name in DEPRECATED_PRESETS:
         new = DEPRECATED_PRESETS[name]
         log.warning("loss preset %r is deprecated: it is %r (mid-segment-only DPO), not "
-                        "Step-DPO; use %r", name, new, new)
+                    "Step-DPO; use %r", name, new, new)
         return new
     return name
 
@@ -160,7 +160,8 @@ def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig
 def from_config(c: Mapping[str, Any]) -> LossConfig:
     """The LossConfig of a run config's `loss` section (configs/focused_dpo.py): the preset's
     table and loss type, with `weights`, `loss_type`, `nll_weight`, `dpop_lambda` and
-    `length_normalize` replacing the preset's where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))` (lead and
+    `length_normalize` replacing the preset's where they are set (not None), and
+    `dpop_weighted`. `weights` is `((cp, cm, cs), (rp, rm, rs))` (lead and
     trail then follow prefix and suffix) or `((cp, cm, cs, cl, ct), (rp, rm, rs, rl, rt))`."""
     overrides: dict[str, Any] = dict(beta=c["beta"], label_smoothing=c["label_smoothing"])
     if c.get("dpop_weighted") is not None:
@@ -211,7 +212,8 @@ def dpop_penalty(policy: Array, reference: Array, weights, weighted: bool = Fals
     Pal et al. 2024 ("Smaug: Fixing Failure Modes of Preference Optimisation with
     DPO-Positive", arXiv 2402.13228, eq. 3):
 
-        L_DPOP = -log sigmoid(beta (margin - lambda max(0, log pi_ref(y_w|x) / pi_theta(y_w|x))))
+        L_DPOP = -log sigmoid(beta (margin - lambda max(0, log (pi_ref(y_w|x) /
+                                                               pi_theta(y_w|x)))))
 
     with log pi(y_w|x) the whole chosen response's log-prob (the default here). With
     `weighted`, the chosen side's log-ratio is the weighted sum W[chosen] . (S_pi - S_ref)
