@@ -5,7 +5,8 @@ r"""Focused-DPO (and its baselines) on pair records built by `launch.build`.
 
 `model` is an fdpo checkpoint written by `launch.import_hf` (or set `init_hf_dir` to read a
 Hugging Face directory directly); `data` a directory with `manifest.json`. `preset` picks
-the weight table: focused_dpo, dpo, step_dpo_like, target_dpo_like, sft. Any field can be
+the loss (docs/training.md): focused_dpo, dpo, mid_only, target_dpo_like, sft, dpo_nll (RPO),
+dpop, ipo_length_norm; step_dpo_like is a deprecated name of mid_only. Any field can be
 overridden, e.g. `--config.optimizer.lr=5e-6 --config.loss.w_focused=5`; the config is
 locked, so a misspelt field is an error. `runlocal` shrinks the run for a laptop.
 """
@@ -53,7 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.loss_type = config_dict.placeholder(str)  # sigmoid | ipo | hinge | none
     c.loss.beta = 0.1
     c.loss.label_smoothing = 0.0
-    c.loss.nll_weight = config_dict.placeholder(float)  # RPO term; sft: 1
+    c.loss.nll_weight = config_dict.placeholder(float)  # RPO term; sft, dpo_nll: 1
+    # DPOP's lambda (sigmoid only; preset dpop: 50), and whether its penalty is on the
+    # chosen side's weighted segment sum instead of the whole chosen response (the paper).
+    c.loss.dpop_lambda = config_dict.placeholder(float)
+    c.loss.dpop_weighted = False
+    # ipo only: each side's log-ratio per response token (TRL; preset ipo_length_norm).
+    c.loss.length_normalize = config_dict.placeholder(bool)
     c.loss.reference = "frozen"  # or "precomputed" (ref_logps in the data)
 
     # The reference model: at most one of these; neither = the initial policy. Frozen and

@@ -12,6 +12,11 @@ have none, so their weights change nothing there.
     ipo:     (h - 1 / (2 beta))^2
     hinge:   max(0, 1 - beta h)
 
+DPOP (`dpop_lambda` > 0, sigmoid only) subtracts `dpop_lambda * max(0, -dc)` from h inside
+the sigmoid, dc = the chosen response's log-ratio (whole response by default; `dpop_weighted`:
+the chosen side's weighted sum). `length_normalize` (ipo only) divides each side's weighted
+log-ratio by that side's response tokens before taking h, as TRL's IPO does.
+
 plus `nll_weight` x the mean negative log-likelihood per chosen response token (RPO; the
 `sft` preset is that term alone): `-sum_B S_pi[chosen].sum() / (chosen response tokens)`, from
 the same per-pair `logps_chosen` the metrics report. The rewards reported are
@@ -21,6 +26,7 @@ the same per-pair `logps_chosen` the metrics report. The rewards reported are
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -31,6 +37,7 @@ from fdpo import logprobs
 from fdpo.records import RESPONSE_SEGMENTS
 
 Array = jax.Array
+log = logging.getLogger("fdpo.loss")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "none")
 SEGMENT_NAMES = ("prefix", "mid", "suffix", "lead", "trail")
 NUM_SEGMENTS = len(SEGMENT_NAMES)
@@ -47,6 +54,12 @@ class LossConfig:
     weights: tuple[tuple[float, ...], tuple[float, ...]] = (
         (1.0, 2.0, 1.0, 1.0, 1.0), (1.0, 1.0, 0.0, 1.0, 0.0))
     nll_weight: float = 0.0  # RPO: + nll_weight * mean NLL per chosen response token
+    # DPOP (Pal et al. 2024): lambda of the chosen-below-reference penalty; 0 = off.
+    dpop_lambda: float = 0.0
+    # The penalty on W[chosen] . (S_pi - S_ref) instead of the whole chosen response (paper).
+    dpop_weighted: bool = False
+    # IPO per response token (TRL): each side's log-ratio / its response token count.
+    length_normalize: bool = False
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -61,6 +74,14 @@ class LossConfig:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.loss_type == "none" and self.nll_weight == 0:
             raise ValueError("loss_type='none' with nll_weight=0 leaves nothing to train")
+        if not self.dpop_lambda >= 0:
+            raise ValueError(f"dpop_lambda={self.dpop_lambda} must be >= 0")
+        if self.dpop_lambda and self.loss_type != "sigmoid":
+            raise ValueError(f"dpop_lambda={self.dpop_lambda} needs loss_type='sigmoid' (DPOP "
+                             f"is defined on the DPO loss), got {self.loss_type!r}")
+        if self.length_normalize and self.loss_type != "ipo":
+            raise ValueError(f"length_normalize=True needs loss_type='ipo' (TRL's "
+                             f"length-normalised IPO), got {self.loss_type!r}")
 
     @property
     def needs_reference(self) -> bool:
@@ -81,35 +102,72 @@ def weight_table(preset: str, w_focused: float = 2.0) -> tuple[tuple[float, ...]
     tables = {
         "focused_dpo": ((1.0, w_focused, 1.0), (1.0, 1.0, 0.0)),
         "dpo": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
-        "step_dpo_like": ((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
+        "mid_only": ((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
         "target_dpo_like": ((1.0, 1.0, 1.0), (0.0, 1.0, 0.0)),
         "sft": ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        "dpo_nll": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+        "dpop": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+        "ipo_length_norm": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
     }
+    preset = _undeprecated(preset)
     if preset not in tables:
         raise KeyError(f"unknown loss preset {preset!r}; known: {sorted(tables)}")
     return full_weights(tables[preset])
 
 
-PRESETS = ("focused_dpo", "dpo", "step_dpo_like", "target_dpo_like", "sft")
+PRESETS = ("focused_dpo", "dpo", "mid_only", "target_dpo_like", "sft", "dpo_nll", "dpop",
+           "ipo_length_norm")
+# Old preset names still accepted, with a warning: {old: new}. `step_dpo_like` was renamed
+# because it is not Step-DPO (which localises the first wrong step by rollouts): it is DPO
+# on the mid segments of Focused-DPO's pairs.
+DEPRECATED_PRESETS = {"step_dpo_like": "mid_only"}
+# RPO's NLL weight (Pang et al. 2024, arXiv 2404.19733: alpha = 1) and DPOP's lambda (Pal et
+# al. 2024, arXiv 2402.13228: 50 in their experiments) in their presets.
+DPO_NLL_WEIGHT = 1.0
+DPOP_LAMBDA = 50.0
+
+
+def _undeprecated(name: str) -> str:
+    if name in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[name]
+        log.warning("loss preset %r is deprecated: it is %r (mid-segment-only DPO), not "
+                    "Step-DPO; use %r", name, new, new)
+        return new
+    return name
 
 
 def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig:
-    """`focused_dpo`, `dpo`, `step_dpo_like`, `target_dpo_like`, or `sft` (NLL only)."""
+    """A LossConfig by name (docs/training.md has the table):
+
+    `focused_dpo`, `dpo`, `mid_only` (mid segments only; `step_dpo_like` is its deprecated
+    name), `target_dpo_like`, `sft` (NLL only), `dpo_nll` (DPO + NLL on the chosen response:
+    RPO), `dpop` (DPO-Positive), `ipo_length_norm` (IPO on per-token log-ratios, as TRL).
+    """
+    name = _undeprecated(name)
     fields: dict[str, Any] = {"weights": weight_table(name, w_focused)}
     if name == "sft":
         fields.update(loss_type="none", nll_weight=1.0)
+    elif name == "dpo_nll":
+        fields.update(nll_weight=DPO_NLL_WEIGHT)
+    elif name == "dpop":
+        fields.update(dpop_lambda=DPOP_LAMBDA)
+    elif name == "ipo_length_norm":
+        fields.update(loss_type="ipo", length_normalize=True)
     fields.update(overrides)
     return LossConfig(**fields)
 
 
 def from_config(c: Mapping[str, Any]) -> LossConfig:
     """The LossConfig of a run config's `loss` section (configs/focused_dpo.py): the preset's
-    table and loss type, with `weights`, `loss_type` and `nll_weight` replacing the preset's
-    where they are set (not None). `weights` is `((cp, cm, cs), (rp, rm, rs))` (lead and
+    table and loss type, with `weights`, `loss_type`, `nll_weight`, `dpop_lambda` and
+    `length_normalize` replacing the preset's where they are set (not None), and
+    `dpop_weighted`. `weights` is `((cp, cm, cs), (rp, rm, rs))` (lead and
     trail then follow prefix and suffix) or `((cp, cm, cs, cl, ct), (rp, rm, rs, rl, rt))`."""
     overrides: dict[str, Any] = dict(beta=c["beta"], label_smoothing=c["label_smoothing"])
-    for key in ("loss_type", "nll_weight"):
-        if c[key] is not None:
+    if c.get("dpop_weighted") is not None:
+        overrides["dpop_weighted"] = c["dpop_weighted"]
+    for key in ("loss_type", "nll_weight", "dpop_lambda", "length_normalize"):
+        if c.get(key) is not None:
             overrides[key] = c[key]
     if c["weights"] is not None:
         overrides["weights"] = _weight_rows(c["weights"])
@@ -148,10 +206,33 @@ def weighted_log_ratios(policy: Array, reference: Array, weights) -> Array:
     return w * (policy.astype(jnp.float32) - reference.astype(jnp.float32))
 
 
-def preference_loss(h: Array, cfg: LossConfig) -> Array:
-    """Per-pair loss [B] from the weighted log-ratio margin h [B] (beta not yet applied)."""
+def dpop_penalty(policy: Array, reference: Array, weights, weighted: bool = False) -> Array:
+    """DPOP's penalty per pair [B]: max(0, log pi_ref(y_c) - log pi_theta(y_c)), in nats.
+
+    Pal et al. 2024 ("Smaug: Fixing Failure Modes of Preference Optimisation with
+    DPO-Positive", arXiv 2402.13228, eq. 3):
+
+        L_DPOP = -log sigmoid(beta (margin - lambda max(0, log (pi_ref(y_w|x) /
+                                                               pi_theta(y_w|x)))))
+
+    with log pi(y_w|x) the whole chosen response's log-prob (the default here). With
+    `weighted`, the chosen side's log-ratio is the weighted sum W[chosen] . (S_pi - S_ref)
+    instead: the penalty then watches only the segments the table trains (e.g. not the
+    common prefix, which focused_dpo's margin already cancels).
+    """
+    d = policy[:, 0].astype(jnp.float32) - reference[:, 0].astype(jnp.float32)  # [B, 5]
+    if weighted:
+        d = jnp.asarray(weights, jnp.float32)[0] * d
+    return jax.nn.relu(-d.sum(-1))
+
+
+def preference_loss(h: Array, cfg: LossConfig, penalty: Array | None = None) -> Array:
+    """Per-pair loss [B] from the weighted log-ratio margin h [B] (beta not yet applied);
+    `penalty` [B] (DPOP's, `dpop_penalty`) is subtracted from h times `cfg.dpop_lambda`."""
     if cfg.loss_type == "sigmoid":
         eps = cfg.label_smoothing
+        if cfg.dpop_lambda and penalty is not None:
+            h = h - cfg.dpop_lambda * penalty
         z = cfg.beta * h
         return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
     if cfg.loss_type == "ipo":
@@ -161,10 +242,13 @@ def preference_loss(h: Array, cfg: LossConfig) -> Array:
     return jnp.zeros_like(h)  # "none"
 
 
-def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[str, Array]:
+def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig,
+               lengths: Array | None = None) -> dict[str, Array]:
     """Everything per pair: the loss and the reward metrics, each [B] (segments [B, 5]).
 
     `reference` may be None when the config needs none (`sft`); rewards are then zero.
+    `lengths` [B, 2]: response tokens of (chosen, rejected), needed by `length_normalize`
+    only (which changes the loss, not the reward metrics: those stay sums for every loss).
     """
     if reference is None:
         if cfg.needs_reference:
@@ -173,10 +257,17 @@ def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig) -> dict[
     ratios = weighted_log_ratios(policy, reference, cfg.weights)  # [B, 2, 5]
     seg_margins = ratios[:, 0] - ratios[:, 1]  # [B, 5]
     h = seg_margins.sum(-1)
+    if cfg.length_normalize:
+        if lengths is None:
+            raise ValueError("length_normalize=True needs the response lengths [B, 2]")
+        per_token = ratios.sum(-1) / jnp.maximum(lengths.astype(jnp.float32), 1.0)  # [B, 2]
+        h = per_token[:, 0] - per_token[:, 1]
+    penalty = dpop_penalty(policy, reference, cfg.weights, cfg.dpop_weighted)
     beta = cfg.beta if cfg.needs_reference else 0.0
     rewards = beta * ratios.sum(-1)  # [B, 2]
     return {
-        "dpo_loss": preference_loss(h, cfg),
+        "dpo_loss": preference_loss(h, cfg, penalty),
+        "dpop_penalty": penalty,
         "rewards_chosen": rewards[:, 0],
         "rewards_rejected": rewards[:, 1],
         "rewards_margin": rewards[:, 0] - rewards[:, 1],

@@ -62,8 +62,11 @@ from fdpo.tokenization import PROMPT_FORMATS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The methods a config may list, each with its launch.train preset (configs/focused_dpo.py).
+# `step_dpo_like` is the deprecated name of `mid_only` (launch.train warns).
 METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
-                  "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
+                  "mid_only": "mid_only", "step_dpo_like": "step_dpo_like",
+                  "target_dpo_like": "target_dpo_like", "dpo_nll": "dpo_nll",
+                  "dpop": "dpop", "ipo_length_norm": "ipo_length_norm"}
 
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).

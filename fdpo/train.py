@@ -62,6 +62,7 @@ METRIC_NAMES = {
     "rewards_accuracy": "rewards/accuracies",
     "logps_chosen": "logps/chosen",
     "logps_rejected": "logps/rejected",
+    "dpop_penalty": "dpop/penalty",  # max(0, ref - policy log-prob of chosen), nats
 }
 
 
@@ -322,7 +323,8 @@ class Trainer:
         with shd.use_mesh(self.mesh, self.rules):
             policy = self._pair_logps(params, micro)
             reference = self._reference(micro, ref_params)
-        terms = loss_lib.pair_terms(policy, reference, self.loss_cfg)
+        lengths = self._response_lengths(micro) if self.loss_cfg.length_normalize else None
+        terms = loss_lib.pair_terms(policy, reference, self.loss_cfg, lengths)
         mask = micro["pair_mask"]
         sums = loss_lib.masked_sums(terms, mask)
         loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
@@ -333,6 +335,14 @@ class Trainer:
             ran = (micro["chosen_segments"] != 0).sum(-1) + (micro["rejected_segments"] != 0).sum(-1)
         sums["tokens"] = jnp.sum(mask * ran)
         return loss, sums
+
+    def _response_lengths(self, micro):
+        """[b, 2] response tokens of (chosen, rejected) per pair (length-normalised IPO)."""
+        if self.shared_length:
+            sides = [jnp.where(micro["branch"] == k, micro["labels"], 0) for k in (1, 2)]
+        else:
+            sides = [micro["chosen_segments"], micro["rejected_segments"]]
+        return jnp.stack([_response_tokens(s) for s in sides], -1)
 
     def _normalisers(self, batch):
         mask = batch["pair_mask"]

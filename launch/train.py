@@ -72,6 +72,8 @@ def validate(config) -> None:
     num("config.loss.w_focused", c.loss.w_focused)
     if c.loss.nll_weight is not None:
         num("config.loss.nll_weight", c.loss.nll_weight, lo=0)
+    if c.loss.dpop_lambda is not None:
+        num("config.loss.dpop_lambda", c.loss.dpop_lambda, lo=0)
     common.check_choice("config.loss.reference", c.loss.reference, ("frozen", "precomputed"))
     t = c.train
     num("config.train.batch_size", t.batch_size, lo=1, integer=True)
