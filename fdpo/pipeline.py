@@ -64,6 +64,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The methods a config may list, each with its launch.train preset (configs/focused_dpo.py).
 METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "sft",
                   "step_dpo_like": "step_dpo_like", "target_dpo_like": "target_dpo_like"}
+# Token-level DPO needs the reference's whole distribution at every token: these methods run
+# the frozen reference (the start model) in the step instead of the precomputed sums.
+METHOD_PRESETS.update(tdpo1="tdpo1", tdpo2="tdpo2")
+FROZEN_REFERENCE_METHODS = ("tdpo1", "tdpo2")
 
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).
@@ -475,7 +479,9 @@ class Pipeline:
                 extra.append(f"--config.loss.nll_weight={nll}")
             self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
                         preset=METHOD_PRESETS[method], steps=t.steps, batch_size=t.batch_size,
-                        lr=lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
+                        lr=lr, warmup=t.warmup_steps, seed=seed,
+                        reference=("frozen" if method in FROZEN_REFERENCE_METHODS
+                                   else "precomputed"),
                         extra=extra)
 
     def models(self):

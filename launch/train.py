@@ -82,6 +82,7 @@ def validate(config) -> None:
     if c.loss.nll_weight is not None:
         num("config.loss.nll_weight", c.loss.nll_weight, lo=0)
     common.check_choice("config.loss.reference", c.loss.reference, ("frozen", "precomputed"))
+    num("config.loss.tdpo_alpha", c.loss.tdpo_alpha, lo=0)
     t = c.train
     num("config.train.batch_size", t.batch_size, lo=1, integer=True)
     num("config.train.micro_batches", t.micro_batches, lo=1, integer=True)
