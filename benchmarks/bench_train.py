@@ -34,7 +34,9 @@
    the memory of item 4 for the KL: value-and-grad of the summed per-position KL plus the
    policy's and reference's target log-probs with respect to the policy's hidden states and
    unembedding, chunked (`target_logprobs_and_kl`) against full logits of both models, at
-   vocab 152,064, 8 x 512 tokens, hidden 512. Compile-only.
+   vocab 152,064, 8 x 512 tokens, hidden 512; and the whole train steps' temp memory at
+   vocab 152,064, 4 pairs = 8 separate rows x 512 tokens, the `--loop` shape otherwise.
+   Compile-only.
 """
 from __future__ import annotations
 
@@ -292,6 +294,30 @@ def bench_tdpo(args) -> dict:
     return out
 
 
+def step_memory(args, vocab: int = 152064) -> dict:
+    """XLA temp memory of the compiled dpo and tdpo2 train steps (separate rows), not run."""
+    cfg = ModelConfig(architecture="qwen2", vocab_size=vocab, hidden_size=args.hidden,
+                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
+                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
+                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
+                      compute_dtype=args.compute_dtype)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    examples = stack(random_pairs(args.pairs, args.length, 1000, seed=0, lengths=(
+        (128, 128), (192, 192), (32, 32), (32, 32), (96, 96))))
+    examples.pop("ref_logps", None)
+    out = {}
+    for name in ("dpo", "tdpo2"):
+        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
+        trainer = train.Trainer(cfg, loss_lib.preset(name, beta=0.1), tx, mesh,
+                                chunk=args.chunk)
+        state = jax.eval_shape(trainer._init_state, trainer.abstract_params)
+        batch = trainer.make_batch(examples, 1)
+        mem = trainer.train_step.lower(state, batch, trainer.abstract_params).compile() \
+            .memory_analysis()
+        out[name] = mem.temp_size_in_bytes / GiB
+    return out
+
+
 def kl_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
               hidden: int = 512) -> dict:
     h = jax.ShapeDtypeStruct((sequences, length, hidden), jnp.float32)
@@ -349,6 +375,10 @@ def main() -> None:
         for name, m in kl_memory().items():
             print(f"  {name:16s} value+grad temp {m['temp_GiB']:6.2f} GiB (vocab 152064, "
                   f"8 x 512 tokens, hidden 512)")
+        mem = step_memory(args)
+        print(f"train step temp at vocab 152064, {args.pairs} pairs x {args.length} tokens, "
+              f"separate rows: dpo {mem['dpo']:.2f} GiB, tdpo2 {mem['tdpo2']:.2f} GiB "
+              f"({mem['tdpo2'] / mem['dpo']:.2f}x)")
         r = bench_tdpo(args)
         print(f"tdpo2 vs dpo step, frozen reference, shared-prompt rows, {r['params_M']:.1f}M "
               f"params, {args.pairs} pairs x {args.length} tokens, {args.compute_dtype}:")
