@@ -273,3 +273,44 @@ def test_tdpo_from_the_run_config():
     assert cfg.kl_weights == ((0.0, 1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="tdpo_alpha"):
         loss_lib.preset("tdpo2", tdpo_alpha=-1.0)
+
+
+@pytest.mark.slow
+def test_launch_train_runs_tdpo_and_refuses_a_precomputed_reference(tmp_path, program):
+    """The user's path: `launch.train` with preset=tdpo2 and the default config otherwise
+    (shared-prompt rows, frozen reference) trains and logs the KL metrics;
+    `loss.reference=precomputed` is a usage error naming the key, before any step."""
+    import json
+
+    from fdpo.models import checkpoint
+    from fdpo.testing import write_dataset
+
+    hf = tmp_path / "hf"
+    make_hf_model(hf, "qwen2", seed=0)
+    cfg = ModelConfig.from_hf_dir(hf)
+    _, state = convert.load_hf_params(hf, cfg, ONE_DEVICE)
+    checkpoint.save_model(tmp_path / "ckpt", cfg, state,
+                          hf_config=json.loads((hf / "config.json").read_text()),
+                          extras_from=hf)
+    write_dataset(tmp_path / "data", {"train": random_pairs(16, 32, 211, seed=0),
+                                      "validation": random_pairs(4, 32, 211, seed=1)})
+    config = (f"--config=configs/focused_dpo.py:model={tmp_path / 'ckpt'},"
+              f"data={tmp_path / 'data'},preset=tdpo2,runlocal")
+    args = ["--config.train.num_steps=4", "--config.log.eval_every_steps=4",
+            "--config.checkpoint.every_steps=4", "--config.log.tensorboard=False"]
+    refused = program("launch.train", f"--workdir={tmp_path / 'no'}", config, *args,
+                      "--config.loss.reference=precomputed", check=False)
+    assert refused.returncode != 0
+    assert "loss.reference=frozen" in refused.stderr
+    assert not (tmp_path / "no" / "metrics.jsonl").exists()
+    program("launch.train", f"--workdir={tmp_path / 'run'}", config, *args,
+            env={"JAX_PLATFORMS": "cpu"})
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    train_lines = [m for m in lines if m["split"] == "train"]
+    assert [m["step"] for m in train_lines] == [1, 2, 3, 4]
+    first = train_lines[0]
+    # Step 1: policy = reference, so KL 0 and loss ln 2; later steps move away.
+    assert first["loss"] == pytest.approx(np.log(2.0), abs=1e-5)
+    assert abs(first["kl/chosen"]) < 1e-6
+    assert train_lines[-1]["kl/chosen"] > 0 and "kl/rejected_mid" in train_lines[-1]
+    assert any(m["split"] == "validation" and "kl/chosen" in m for m in lines)
