@@ -314,3 +314,37 @@ def test_launch_train_runs_tdpo_and_refuses_a_precomputed_reference(tmp_path, pr
     assert abs(first["kl/chosen"]) < 1e-6
     assert train_lines[-1]["kl/chosen"] > 0 and "kl/rejected_mid" in train_lines[-1]
     assert any(m["split"] == "validation" and "kl/chosen" in m for m in lines)
+
+
+def test_tdpo_step_on_8_devices_matches_one_device():
+    """Vocabulary sharded over `tensor`, batch over data x fsdp: the chunked KL's sums over
+    the vocabulary and the step's gradient (2 SGD steps) match one device."""
+    import optax
+
+    from fdpo.testing import random_params
+
+    assert jax.device_count() == 8, "conftest must set 8 fake CPU devices before JAX starts"
+    cfg = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64,
+                      intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, qkv_bias=True)
+    data = stack(random_pairs(8, 32, 256, seed=0))
+    loss_cfg = loss_lib.preset("tdpo2", beta=0.5)
+    runs = []
+    for mesh in (ONE_DEVICE, sharding.make_mesh((2, 2, 2))):
+        trainer = train.Trainer(cfg, loss_cfg, optax.sgd(0.5), mesh, chunk=8,
+                                shared_length=shared_length(data))
+        params = jax.device_put(random_params(cfg, 0), trainer.param_shardings)
+        ref = jax.device_put(random_params(cfg, 1), trainer.param_shardings)
+        state, batch = trainer.init_state(params), trainer.make_batch(data, 2)
+        metrics = []
+        for _ in range(2):
+            state, m = trainer.train_step(state, batch, ref)
+            metrics.append(jax.device_get(m))
+        runs.append((jax.device_get(state["params"]), metrics))
+    (p1, m1), (p8, m8) = runs
+    for a, b in zip(m1, m8):
+        for key in ("loss", "kl/chosen", "kl/rejected_mid"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5), key
+    assert m1[1]["loss"] < m1[0]["loss"]
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max())
