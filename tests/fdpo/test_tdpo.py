@@ -348,3 +348,26 @@ def test_tdpo_step_on_8_devices_matches_one_device():
     assert m1[1]["loss"] < m1[0]["loss"]
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max())
+
+
+def test_pipeline_trains_tdpo_methods_with_the_frozen_reference(tmp_path, monkeypatch):
+    """Listed in the pipeline's `methods`, tdpo1/tdpo2 reach launch.train as their presets
+    with `loss.reference=frozen` (the other methods keep the precomputed sums), and the
+    config they run with passes launch.train's check."""
+    from tests.conftest import REPO
+    from tests.launch.test_pipeline import config, program_config, stage_calls
+
+    cfg = config("toy:fast", tmp_path)
+    cfg.methods = ("focused_dpo", "tdpo1", "tdpo2")
+    calls = stage_calls(cfg, tmp_path / "run")
+    monkeypatch.chdir(REPO)
+    trains = {}
+    for stage, module, args in calls:
+        if stage == "train":
+            c = program_config(module, args)
+            trains[(c.loss.preset, c.loss.reference)] = c
+    assert set(trains) == {("focused_dpo", "precomputed"), ("tdpo1", "frozen"),
+                           ("tdpo2", "frozen")}
+    for c in trains.values():
+        train_loop.check_config(c)
+        assert loss_lib.from_config(c.loss).is_tdpo == c.loss.preset.startswith("tdpo")
