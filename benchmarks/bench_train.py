@@ -28,6 +28,15 @@
    summed log-probs with respect to the hidden states and the unembedding, at vocab
    152,064, 8 x 512 tokens, hidden 512: the full-logits path (`token_logprobs`) against the
    chunked path (`token_logprobs_from_hidden`). Compile-only: nothing that large is run.
+5. Token-level DPO (`--tdpo`): the tdpo2 train step against the dpo step, both with the
+   frozen reference in the step, shared-prompt rows, compiled in one process and timed
+   alternately (`--steps` rounds after a warm-up), at the `--loop` model shape flags; and
+   the memory of item 4 for the KL: value-and-grad of the summed per-position KL plus the
+   policy's and reference's target log-probs with respect to the policy's hidden states and
+   unembedding, chunked (`target_logprobs_and_kl`) against full logits of both models, at
+   vocab 152,064, 8 x 512 tokens, hidden 512; and the whole train steps' temp memory at
+   vocab 152,064, 4 pairs = 8 separate rows x 512 tokens, the `--loop` shape otherwise.
+   Compile-only.
 """
 from __future__ import annotations
 
@@ -248,6 +257,98 @@ def logprob_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
     return out
 
 
+def bench_tdpo(args) -> dict:
+    cfg = ModelConfig(architecture="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
+                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
+                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
+                      compute_dtype=args.compute_dtype)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    examples = stack(random_pairs(args.pairs, args.length, cfg.vocab_size, seed=0, lengths=(
+        (128, 128), (192, 192), (32, 32), (32, 32), (96, 96))))
+    examples.pop("ref_logps", None)
+    need = int(records.shared_row_lengths(examples["chosen_segments"],
+                                        examples["rejected_segments"]).max())
+    params = random_params(cfg, 0, scale=0.02)
+    ref = train.copy_params(params)
+    runs = {}
+    for name in ("dpo", "tdpo2"):
+        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
+        trainer = train.Trainer(cfg, loss_lib.preset(name, beta=0.1), tx, mesh,
+                                chunk=args.chunk, shared_length=need)
+        state = trainer.init_state(train.copy_params(params))
+        batch = trainer.make_batch(examples, 1)
+        step = trainer.train_step.lower(state, batch, ref).compile()
+        runs[name] = {"state": state, "batch": batch, "step": step, "times": [],
+                      "temp_GiB": step.memory_analysis().temp_size_in_bytes / GiB}
+    for _ in range(args.steps + 1):  # the first round warms up
+        for r in runs.values():
+            t = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["batch"], ref)
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t)
+            r["loss"] = float(m["loss"])
+    out = {name: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
+                  "loss": r["loss"]} for name, r in runs.items()}
+    out["params_M"] = cfg.num_params / 1e6
+    return out
+
+
+def step_memory(args, vocab: int = 152064) -> dict:
+    """XLA temp memory of the compiled dpo and tdpo2 train steps (separate rows), not run."""
+    cfg = ModelConfig(architecture="qwen2", vocab_size=vocab, hidden_size=args.hidden,
+                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
+                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
+                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
+                      compute_dtype=args.compute_dtype)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    examples = stack(random_pairs(args.pairs, args.length, 1000, seed=0, lengths=(
+        (128, 128), (192, 192), (32, 32), (32, 32), (96, 96))))
+    examples.pop("ref_logps", None)
+    out = {}
+    for name in ("dpo", "tdpo2"):
+        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
+        trainer = train.Trainer(cfg, loss_lib.preset(name, beta=0.1), tx, mesh,
+                                chunk=args.chunk)
+        state = jax.eval_shape(trainer._init_state, trainer.abstract_params)
+        batch = trainer.make_batch(examples, 1)
+        mem = trainer.train_step.lower(state, batch, trainer.abstract_params).compile() \
+            .memory_analysis()
+        out[name] = mem.temp_size_in_bytes / GiB
+    return out
+
+
+def kl_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
+              hidden: int = 512) -> dict:
+    h = jax.ShapeDtypeStruct((sequences, length, hidden), jnp.float32)
+    w = jax.ShapeDtypeStruct((vocab, hidden), jnp.float32)
+    ids = jax.ShapeDtypeStruct((sequences, length), jnp.int32)
+
+    def naive(h, w, rh, rw, ids):
+        logp = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, w), -1)
+        ref_logp = jax.lax.stop_gradient(
+            jax.nn.log_softmax(jnp.einsum("btd,vd->btv", rh, rw), -1))
+        kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), -1)
+        pick = lambda x: jnp.take_along_axis(x, ids[..., None], -1)[..., 0]  # noqa: E731
+        return (kl + pick(logp) + pick(ref_logp)).sum()
+
+    def chunked(chunk):
+        return lambda h, w, rh, rw, ids: sum(
+            x.sum() for x in logprobs.target_logprobs_and_kl(h, w, rh, rw, ids, chunk))
+
+    def dpo_chunked(h, w, rh, rw, ids):  # the DPO step's share: both models' log-probs
+        return (logprobs.target_logprobs(h, w, ids, 256).sum()
+                + jax.lax.stop_gradient(logprobs.target_logprobs(rh, rw, ids, 256)).sum())
+
+    out = {}
+    for name, fn in (("full logits KL", naive), ("chunked 256 KL", chunked(256)),
+                     ("chunked 256 DPO", dpo_chunked)):
+        grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        mem = grad.lower(h, w, h, w, ids).compile().memory_analysis()
+        out[name] = {"temp_GiB": mem.temp_size_in_bytes / GiB}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -266,7 +367,26 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000, help="--loop model shape")
     ap.add_argument("--shared", action="store_true",
                     help="only the shared-prompt rows vs separate rows comparison")
+    ap.add_argument("--tdpo", action="store_true",
+                    help="only the tdpo2 step against the dpo step, and the KL's memory")
     args = ap.parse_args()
+    if args.tdpo:
+        print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
+        for name, m in kl_memory().items():
+            print(f"  {name:16s} value+grad temp {m['temp_GiB']:6.2f} GiB (vocab 152064, "
+                  f"8 x 512 tokens, hidden 512)")
+        mem = step_memory(args)
+        print(f"train step temp at vocab 152064, {args.pairs} pairs x {args.length} tokens, "
+              f"separate rows: dpo {mem['dpo']:.2f} GiB, tdpo2 {mem['tdpo2']:.2f} GiB "
+              f"({mem['tdpo2'] / mem['dpo']:.2f}x)")
+        r = bench_tdpo(args)
+        print(f"tdpo2 vs dpo step, frozen reference, shared-prompt rows, {r['params_M']:.1f}M "
+              f"params, {args.pairs} pairs x {args.length} tokens, {args.compute_dtype}:")
+        for name in ("dpo", "tdpo2"):
+            print(f"  {name:6s} step {r[name]['step_s']:.3f} s (median of {args.steps}) "
+                  f"temp {r[name]['temp_GiB']:.2f} GiB loss {r[name]['loss']:.5f}")
+        print(f"  tdpo2 / dpo step time: {r['tdpo2']['step_s'] / r['dpo']['step_s']:.2f}x")
+        return
     if args.shared:
         print(f"cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
         res = bench_shared(args.steps)

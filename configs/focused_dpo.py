@@ -6,7 +6,8 @@ r"""Focused-DPO (and its baselines) on pair records built by `launch.build`.
 `model` is an fdpo checkpoint written by `launch.import_hf` (or set `init_hf_dir` to read a
 Hugging Face directory directly); `data` a directory with `manifest.json`. `preset` picks
 the loss (docs/training.md): focused_dpo, dpo, mid_only, target_dpo_like, sft, dpo_nll (RPO),
-dpop, ipo_length_norm; step_dpo_like is a deprecated name of mid_only. Any field can be
+dpop, ipo_length_norm; tdpo1 and tdpo2 (Token-level DPO: the DPO table plus a KL term;
+frozen reference only); step_dpo_like is a deprecated name of mid_only. Any field can be
 overridden, e.g. `--config.optimizer.lr=5e-6 --config.loss.w_focused=5`; the config is
 locked, so a misspelt field is an error. `runlocal` shrinks the run for a laptop.
 """
@@ -61,7 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.dpop_weighted = False
     # ipo only: each side's log-ratio per response token (TRL; preset ipo_length_norm).
     c.loss.length_normalize = config_dict.placeholder(bool)
-    c.loss.reference = "frozen"  # or "precomputed" (ref_logps in the data)
+    c.loss.reference = "frozen"  # or "precomputed" (ref_logps in the data); tdpo: frozen
+    # Token-level DPO (presets tdpo1, tdpo2; docs/training.md): the KL term's weight in tdpo2,
+    # and its weights per side x segment like `weights` (unset: all 1, the paper's; e.g.
+    # '((0,1,0),(0,1,0))' keeps only the mids' KL, a focused TDPO).
+    c.loss.tdpo_alpha = 0.5
+    c.loss.kl_weights = config_dict.placeholder(tuple)
 
     # The reference model: at most one of these; neither = the initial policy. Frozen and
     # precomputed modes use the same one (launch.precompute_ref reads this config).

@@ -21,6 +21,21 @@ plus `nll_weight` x the mean negative log-likelihood per chosen response token (
 `sft` preset is that term alone): `-sum_B S_pi[chosen].sum() / (chosen response tokens)`, from
 the same per-pair `logps_chosen` the metrics report. The rewards reported are
 `beta * W (S_pi - S_ref)`.
+
+Token-level DPO (`tdpo1`, `tdpo2`; Zeng et al., "Token-level Direct Preference
+Optimization", ICML 2024, arXiv 2404.11999, eqs. for TDPO1/TDPO2, checked against the
+authors' `tdpo_loss` in github.com/Vance0124/Token-level-Direct-Preference-Optimization,
+trainers.py): with K [B, 2, 5] the per-segment sums of the per-position
+KL(p_ref(. | ctx_t) || p_theta(. | ctx_t)) over response tokens (`logprobs.
+target_logprobs_and_kl`) and `KL_c, KL_r = sum_seg Wkl (K)` per side,
+
+    tdpo1:  -log sigmoid(beta (h - (KL_r - KL_c)))
+    tdpo2:  -log sigmoid(beta (h - alpha (KL_r - stopgrad(KL_c))))      alpha = 0.5
+
+(label smoothing applies as to `sigmoid`). `Wkl` (`kl_weights`, default all 1: the paper's
+sequential KL) weights the KL per segment: "focused TDPO" (e.g. only the mid segments).
+The KL needs the reference's whole distribution at each position, so TDPO runs only with
+the frozen reference in the step, never with precomputed [2, 5] sums.
 """
 
 from __future__ import annotations
@@ -38,7 +53,8 @@ from fdpo.records import RESPONSE_SEGMENTS
 
 Array = jax.Array
 log = logging.getLogger("fdpo.loss")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "none")
+TDPO_TYPES = ("tdpo1", "tdpo2")  # Token-level DPO (module docstring)
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "none") + TDPO_TYPES
 SEGMENT_NAMES = ("prefix", "mid", "suffix", "lead", "trail")
 NUM_SEGMENTS = len(SEGMENT_NAMES)
 
@@ -60,6 +76,9 @@ class LossConfig:
     dpop_weighted: bool = False
     # IPO per response token (TRL): each side's log-ratio / its response token count.
     length_normalize: bool = False
+    tdpo_alpha: float = 0.5  # tdpo2: weight of the KL term (tdpo1 has none)
+    # tdpo1/tdpo2: KL weights per side x segment like `weights` (2 x 3 or 2 x 5); None: all 1.
+    kl_weights: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -82,6 +101,18 @@ class LossConfig:
         if self.length_normalize and self.loss_type != "ipo":
             raise ValueError(f"length_normalize=True needs loss_type='ipo' (TRL's "
                              f"length-normalised IPO), got {self.loss_type!r}")
+        if self.kl_weights is not None:
+            if np.shape(self.kl_weights) not in ((2, 3), (2, NUM_SEGMENTS)):
+                raise ValueError(f"kl_weights must be 2 x 5 (side x segment) or 2 x 3, got "
+                                 f"{self.kl_weights}")
+            object.__setattr__(self, "kl_weights", full_weights(self.kl_weights))
+        if not np.isfinite(self.tdpo_alpha) or self.tdpo_alpha < 0:
+            raise ValueError(f"tdpo_alpha={self.tdpo_alpha} must be >= 0")
+
+    @property
+    def is_tdpo(self) -> bool:
+        """The loss needs the per-position KL (so the reference's full distribution)."""
+        return self.loss_type in TDPO_TYPES
 
     @property
     def needs_reference(self) -> bool:
@@ -110,6 +141,8 @@ def weight_table(preset: str, w_focused: float = 2.0) -> tuple[tuple[float, ...]
         "ipo_length_norm": ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
     }
     preset = _undeprecated(preset)
+    if preset in TDPO_TYPES:  # Token-level DPO: the DPO table plus the KL term
+        preset = "dpo"
     if preset not in tables:
         raise KeyError(f"unknown loss preset {preset!r}; known: {sorted(tables)}")
     return full_weights(tables[preset])
@@ -153,6 +186,8 @@ def preset(name: str, *, w_focused: float = 2.0, **overrides: Any) -> LossConfig
         fields.update(dpop_lambda=DPOP_LAMBDA)
     elif name == "ipo_length_norm":
         fields.update(loss_type="ipo", length_normalize=True)
+    elif name in TDPO_TYPES:
+        fields.update(loss_type=name)
     fields.update(overrides)
     return LossConfig(**fields)
 
@@ -169,6 +204,10 @@ def from_config(c: Mapping[str, Any]) -> LossConfig:
     for key in ("loss_type", "nll_weight", "dpop_lambda", "length_normalize"):
         if c.get(key) is not None:
             overrides[key] = c[key]
+    if c.get("tdpo_alpha") is not None:
+        overrides["tdpo_alpha"] = c["tdpo_alpha"]
+    if c.get("kl_weights") is not None:
+        overrides["kl_weights"] = _weight_rows(c["kl_weights"])
     if c["weights"] is not None:
         overrides["weights"] = _weight_rows(c["weights"])
     return preset(c["preset"], w_focused=c["w_focused"], **overrides)
@@ -229,7 +268,7 @@ def dpop_penalty(policy: Array, reference: Array, weights, weighted: bool = Fals
 def preference_loss(h: Array, cfg: LossConfig, penalty: Array | None = None) -> Array:
     """Per-pair loss [B] from the weighted log-ratio margin h [B] (beta not yet applied);
     `penalty` [B] (DPOP's, `dpop_penalty`) is subtracted from h times `cfg.dpop_lambda`."""
-    if cfg.loss_type == "sigmoid":
+    if cfg.loss_type in ("sigmoid",) + TDPO_TYPES:  # tdpo: h already holds the KL term
         eps = cfg.label_smoothing
         if cfg.dpop_lambda and penalty is not None:
             h = h - cfg.dpop_lambda * penalty
@@ -243,12 +282,14 @@ def preference_loss(h: Array, cfg: LossConfig, penalty: Array | None = None) -> 
 
 
 def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig,
-               lengths: Array | None = None) -> dict[str, Array]:
+               lengths: Array | None = None, kl: Array | None = None) -> dict[str, Array]:
     """Everything per pair: the loss and the reward metrics, each [B] (segments [B, 5]).
 
     `reference` may be None when the config needs none (`sft`); rewards are then zero.
     `lengths` [B, 2]: response tokens of (chosen, rejected), needed by `length_normalize`
     only (which changes the loss, not the reward metrics: those stay sums for every loss).
+    `kl` [B, 2, 5]: per-segment sums of the per-position KL, required by tdpo1/tdpo2 (and
+    reported as `kl_*` terms whenever given).
     """
     if reference is None:
         if cfg.needs_reference:
@@ -262,10 +303,12 @@ def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig,
             raise ValueError("length_normalize=True needs the response lengths [B, 2]")
         per_token = ratios.sum(-1) / jnp.maximum(lengths.astype(jnp.float32), 1.0)  # [B, 2]
         h = per_token[:, 0] - per_token[:, 1]
+    if cfg.is_tdpo:
+        h = h - tdpo_kl_penalty(kl, cfg)
     penalty = dpop_penalty(policy, reference, cfg.weights, cfg.dpop_weighted)
     beta = cfg.beta if cfg.needs_reference else 0.0
     rewards = beta * ratios.sum(-1)  # [B, 2]
-    return {
+    return kl_terms(kl) | {
         "dpo_loss": preference_loss(h, cfg, penalty),
         "dpop_penalty": penalty,
         "rewards_chosen": rewards[:, 0],
@@ -276,6 +319,30 @@ def pair_terms(policy: Array, reference: Array | None, cfg: LossConfig,
         "logps_chosen": policy[:, 0].sum(-1).astype(jnp.float32),
         "logps_rejected": policy[:, 1].sum(-1).astype(jnp.float32),
     }
+
+
+def tdpo_kl_penalty(kl: Array | None, cfg: LossConfig) -> Array:
+    """The KL term subtracted from the margin h [B] (module docstring), from kl [B, 2, 5]:
+    tdpo1 `KL_r - KL_c`, tdpo2 `alpha (KL_r - stopgrad(KL_c))`."""
+    if kl is None:
+        raise ValueError(f"loss_type={cfg.loss_type!r} needs the per-position KL against a "
+                         f"frozen reference (kl=None)")
+    w = jnp.ones((2, NUM_SEGMENTS), jnp.float32) if cfg.kl_weights is None else \
+        jnp.asarray(cfg.kl_weights, jnp.float32)
+    per_side = (w * kl.astype(jnp.float32)).sum(-1)  # [B, 2]
+    kl_c, kl_r = per_side[:, 0], per_side[:, 1]
+    if cfg.loss_type == "tdpo1":
+        return kl_r - kl_c
+    return cfg.tdpo_alpha * (kl_r - jax.lax.stop_gradient(kl_c))
+
+
+def kl_terms(kl: Array | None) -> dict[str, Array]:
+    """Per-pair KL metrics (unweighted): per side [B] and per side x segment [B, 2, 5]."""
+    if kl is None:
+        return {}
+    kl = kl.astype(jnp.float32)
+    return {"kl_chosen": kl[:, 0].sum(-1), "kl_rejected": kl[:, 1].sum(-1),
+            "kl_segments": kl}
 
 
 def masked_sums(terms: dict[str, Array], mask: Array) -> dict[str, Array]:

@@ -67,6 +67,10 @@ METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "
                   "mid_only": "mid_only", "step_dpo_like": "step_dpo_like",
                   "target_dpo_like": "target_dpo_like", "dpo_nll": "dpo_nll",
                   "dpop": "dpop", "ipo_length_norm": "ipo_length_norm"}
+# Token-level DPO needs the reference's whole distribution at every token: these methods run
+# the frozen reference (the start model) in the step instead of the precomputed sums.
+METHOD_PRESETS.update(tdpo1="tdpo1", tdpo2="tdpo2")
+FROZEN_REFERENCE_METHODS = ("tdpo1", "tdpo2")
 
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).
@@ -478,7 +482,9 @@ class Pipeline:
                 extra.append(f"--config.loss.nll_weight={nll}")
             self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
                         preset=METHOD_PRESETS[method], steps=t.steps, batch_size=t.batch_size,
-                        lr=lr, warmup=t.warmup_steps, seed=seed, reference="precomputed",
+                        lr=lr, warmup=t.warmup_steps, seed=seed,
+                        reference=("frozen" if method in FROZEN_REFERENCE_METHODS
+                                   else "precomputed"),
                         extra=extra)
 
     def models(self):

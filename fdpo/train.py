@@ -135,6 +135,27 @@ def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 2
     return sums.reshape(b, 2, -1)
 
 
+def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
+                          chunk: int = 256) -> tuple[Array, Array, Array]:
+    """Policy and frozen reference on chosen and rejected -> (policy, reference, kl) sums,
+    each [b, 2, 5]: the log-prob sums of `pair_segment_logps` for both models and the
+    per-position KL(p_ref || p_theta) summed per segment (Token-level DPO, `fdpo.loss`).
+    The two log-softmaxes are taken chunk by chunk side by side (no [b, L, V] tensor)."""
+    b, length = micro["chosen_ids"].shape
+    ids = jnp.stack([micro["chosen_ids"], micro["rejected_ids"]], 1).reshape(2 * b, length)
+    seg = jnp.stack([micro["chosen_segments"], micro["rejected_segments"]], 1)
+    ids = shd.constrain(ids, ("batch", "length"))
+    model, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
+    hidden = model(ids, return_hidden=True)
+    ref_hidden = ref(ids, return_hidden=True)
+    outs = logprobs.target_logprobs_and_kl(hidden[:, :-1], model.unembedding(),
+                                           ref_hidden[:, :-1], ref.unembedding(),
+                                           ids[:, 1:], chunk)
+    seg = seg.reshape(2 * b, length)
+    return tuple(loss_lib.response_segment_sums(jnp.pad(x, ((0, 0), (1, 0))), seg)
+                 .reshape(b, 2, -1) for x in outs)
+
+
 # ----------------------------------------------------------------------------------------
 # Shared-prompt rows
 # ----------------------------------------------------------------------------------------
@@ -190,6 +211,30 @@ def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
     return jnp.stack([side(1), side(2)], axis=1)
 
 
+def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
+                                 chunk: int = 256) -> tuple[Array, Array, Array]:
+    """`pair_segment_logps_kl` over shared-prompt rows (each model's hidden states gathered
+    by `parents` as in `shared_pair_segment_logps`)."""
+    ids = shd.constrain(micro["ids"], ("batch", "length"))
+    labels, branch = micro["labels"], micro["branch"]
+    real = (labels != int(Segment.PAD)).astype(jnp.int32)
+
+    def parent_hidden(m):
+        hidden = m(ids, micro["positions"], real, branch, return_hidden=True)
+        return jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
+
+    model, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
+    outs = logprobs.target_logprobs_and_kl(parent_hidden(model), model.unembedding(),
+                                           parent_hidden(ref), ref.unembedding(), ids, chunk)
+
+    def sides(x):
+        side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
+            x, jnp.where(branch == k, labels, int(Segment.PAD)))
+        return jnp.stack([side(1), side(2)], axis=1)
+
+    return tuple(sides(x) for x in outs)
+
+
 def _response_tokens(segments: Array) -> Array:
     return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
 
@@ -213,6 +258,10 @@ class Trainer:
                  schedule: optax.Schedule | None = None, shared_length: int = 0):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
+        if loss_cfg.is_tdpo and reference != "frozen":
+            raise ValueError(f"loss_type={loss_cfg.loss_type!r} needs the reference's whole "
+                             f"distribution at every response token: use reference='frozen' "
+                             f"(precomputed ref_logps hold only per-segment sums)")
         self.model_cfg, self.loss_cfg, self.tx, self.mesh = model_cfg, loss_cfg, tx, mesh
         self.rules = tuple(tuple(r) for r in rules)
         self.reference, self.chunk, self.schedule = reference, chunk, schedule
@@ -320,11 +369,19 @@ class Trainer:
 
     def _micro_loss(self, params, micro, ref_params, num_pairs, num_chosen_tokens):
         """(loss share of this micro-batch, metric sums)."""
+        kl = None
         with shd.use_mesh(self.mesh, self.rules):
-            policy = self._pair_logps(params, micro)
-            reference = self._reference(micro, ref_params)
+            if self.loss_cfg.is_tdpo:  # both models in one chunked pass, for the KL
+                fn = (shared_pair_segment_logps_kl if self.shared_length
+                      else pair_segment_logps_kl)
+                policy, reference, kl = fn(self.graphdef, params,
+                                           jax.lax.stop_gradient(ref_params), micro,
+                                           self.chunk)
+            else:
+                policy = self._pair_logps(params, micro)
+                reference = self._reference(micro, ref_params)
         lengths = self._response_lengths(micro) if self.loss_cfg.length_normalize else None
-        terms = loss_lib.pair_terms(policy, reference, self.loss_cfg, lengths)
+        terms = loss_lib.pair_terms(policy, reference, self.loss_cfg, lengths, kl)
         mask = micro["pair_mask"]
         sums = loss_lib.masked_sums(terms, mask)
         loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
@@ -414,6 +471,11 @@ def metric_means(sums: dict[str, Any], num_pairs, num_chosen_tokens) -> dict[str
     for i, name in enumerate(loss_lib.SEGMENT_NAMES):
         out[f"rewards/margins_{name}"] = sums["segment_margins"][i] / n
     out["nll"] = loss_lib.nll(sums, num_chosen_tokens)
+    if "kl_segments" in sums:  # Token-level DPO: the KL to the reference, per side/segment
+        for s, side in enumerate(("chosen", "rejected")):
+            out[f"kl/{side}"] = sums[f"kl_{side}"] / n
+            for i, name in enumerate(loss_lib.SEGMENT_NAMES):
+                out[f"kl/{side}_{name}"] = sums["kl_segments"][s, i] / n
     return out
 
 

@@ -75,6 +75,11 @@ def check_config(config) -> None:
     if config.loss.reference not in train.REFERENCE_MODES:
         raise ValueError(f"loss.reference={config.loss.reference!r}; expected one of "
                          f"{train.REFERENCE_MODES}")
+    tdpo = config.loss.loss_type or config.loss.preset
+    if tdpo in loss_lib.TDPO_TYPES and config.loss.reference != "frozen":
+        raise ValueError(f"loss {tdpo} (Token-level DPO) needs the reference's whole "
+                         f"distribution at every response token, which precomputed ref_logps "
+                         f"(per-segment sums) do not hold: set loss.reference=frozen")
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

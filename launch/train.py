@@ -75,6 +75,7 @@ def validate(config) -> None:
     if c.loss.dpop_lambda is not None:
         num("config.loss.dpop_lambda", c.loss.dpop_lambda, lo=0)
     common.check_choice("config.loss.reference", c.loss.reference, ("frozen", "precomputed"))
+    num("config.loss.tdpo_alpha", c.loss.tdpo_alpha, lo=0)
     t = c.train
     num("config.train.batch_size", t.batch_size, lo=1, integer=True)
     num("config.train.micro_batches", t.micro_batches, lo=1, integer=True)
