@@ -187,7 +187,7 @@ _RESPONSES = ["```python\ndef f(x):\n    return x + 1\n```", "I cannot.",
 REAL_RECORD = {
     "version": 1, "id": "p", "problem": "f adds one", "prompt": "Write f, which adds one.\n",
     "response_format": "code_block",
-    "samples": [{"response": r, "response_ids": [], "finish": "eos",
+    "samples": [{"response": r, "finish": "eos",
                  "program": r.split("```python\n")[1].split("```")[0] if "```" in r else ""}
                 for r in _RESPONSES],
     "tests": ["assert f(1) == 2", "assert f(0) == 1", "assert f(1) == 3"],
