@@ -29,9 +29,11 @@ install-test: $(BIN)/.installed-test system-deps
 toy: install
 	$(BIN)/python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
 
+# Two pytest-xdist workers, each test file on one worker (its module fixtures built once):
+# the serial suite took ~33 min on a 2-core machine, this 17 min 42 s (docs/testing.md).
 test: install-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Skips the slow end-to-end tests; CI runs everything.
 test-fast: install-test
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
