@@ -161,6 +161,14 @@ def test_real_config_wiring_on_a_tiny_model(tmp_path):
         assert "result" not in chosen and "diff" not in rejected
         assert "total = a + b" in chosen or "s = a + b" in chosen
         assert "total = a - b" in rejected
+    # On-policy sides (build.response="response"): each is a raw response the policy wrote,
+    # prose and fences included, ending in the EOS because it stopped there; not the
+    # extracted program with an appended EOS.
+    raw = {x["response"] for r in hand_written_records(10) for x in r["samples"]}
+    eos = tok_run.eos_token
+    for side in (s for pair in pairs for s in pair):
+        assert side.endswith(eos) and side[:-len(eos)] in raw, side
+    assert any(chosen.startswith("Here is the function:") for chosen, _ in pairs)
 
     for method in ("focused_dpo", "dpo"):
         metrics = [json.loads(l) for l in open(w / "train" / f"{method}-s0" / "metrics.jsonl")]
