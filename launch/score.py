@@ -145,10 +145,14 @@ def main(argv):
 
     out_path = pathlib.Path(OUTPUT.value)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for rec in results:
-            f.write(json.dumps(rec) + "\n")
-    tmp.replace(out_path)
+    try:
+        with open(tmp, "w") as f:
+            for rec in results:
+                f.write(json.dumps(rec) + "\n")
+        tmp.replace(out_path)
+    except BaseException:  # also Ctrl-C: the old output stays, no temporary beside it
+        tmp.unlink(missing_ok=True)
+        raise
     total = np.sum([r["num_tokens"] for r in results])
     print(f"scored {len(results)} sequences ({total} tokens) -> {out_path}")
 
