@@ -654,10 +654,7 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
             for split, rec, it, pair, chosen, rejected, prompt in _process_chunk(
                     chunk, enc, config, drops, counts, timings, input_path):
                 t = time.perf_counter()
-                written.append({"split": split, "index": writers[split].count,
-                                "pair_id": int(rec.pair_id), "id": it.name, "line": it.line,
-                                "diff": pair.diff})
-                writers[split].write(rec)
+                written.append(write_record(writers[split], split, rec, it, pair))
                 timings["write"] += time.perf_counter() - t
                 if len(preview) < config.preview_pairs:
                     preview.append((split, rec, it, pair, chosen, rejected, prompt))
@@ -667,17 +664,7 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         for w in writers.values():
             w.close()
 
-    lines_dropped = sum(drops.reasons.values())
-    counts["lines_dropped"] = lines_dropped
-    if counts["lines_in"] != counts["lines_used"] + lines_dropped:
-        raise AssertionError(f"bookkeeping bug: {counts['lines_in']} lines in != "
-                             f"{counts['lines_used']} used + {lines_dropped} dropped")
-    filtered = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("candidate_pairs_filtered.")}
-    out_counts = {
-        "lines_in": counts["lines_in"], "lines_used": counts["lines_used"], "lines_dropped": lines_dropped,
-        "problems_in": counts["problems_in"], "ready_pairs_in": counts["ready_pairs_in"],
-        "records_out": {s: writers[s].count for s in SPLITS},
-        "candidate_pairs_filtered": dict(sorted(filtered.items())),
+    out_counts = shard_counts(counts, drops, writers) | {
         # samples_in = with a program + samples_empty_program; truncated samples that the
         # verdicts made correct (never chosen) or, under truncated=drop, incorrect.
         "samples": {k: counts[k] for k in ("samples_in", "samples_empty_program", "samples_truncated",
@@ -692,6 +679,32 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         seen=seen)
     _write_preview(os.path.join(out_dir, f"preview-{tag}.html"), preview, enc, manifest)
     return manifest
+
+
+def write_record(writer: records.RecordWriter, split: str, rec: records.PairRecord, item,
+                 pair: seg_lib.Pair) -> dict[str, Any]:
+    """Writes `rec`; returns its entry for the global selection (`pairs-*.jsonl`). `item`
+    has the input line's `name` and `line` (an Item, or data_tools.tokenized's TokenPair)."""
+    entry = {"split": split, "index": writer.count, "pair_id": int(rec.pair_id),
+             "id": item.name, "line": item.line, "diff": pair.diff}
+    writer.write(rec)
+    return entry
+
+
+def shard_counts(counts: collections.Counter, drops: Drops, writers) -> dict[str, Any]:
+    """The manifest counts every builder reports, after checking that every line read was
+    used or dropped once."""
+    lines_dropped = sum(drops.reasons.values())
+    if counts["lines_in"] != counts["lines_used"] + lines_dropped:
+        raise AssertionError(f"bookkeeping bug: {counts['lines_in']} lines in != "
+                             f"{counts['lines_used']} used + {lines_dropped} dropped")
+    filtered = {k.split(".", 1)[1]: v for k, v in counts.items()
+                if k.startswith("candidate_pairs_filtered.")}
+    return {"lines_in": counts["lines_in"], "lines_used": counts["lines_used"],
+            "lines_dropped": lines_dropped, "problems_in": counts["problems_in"],
+            "ready_pairs_in": counts["ready_pairs_in"],
+            "records_out": {s: w.count for s, w in writers.items()},
+            "candidate_pairs_filtered": dict(sorted(filtered.items()))}
 
 
 def write_shard_outputs(out_dir: str, config: BuildConfig, *, writers, paths, drops: Drops,

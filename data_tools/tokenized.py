@@ -324,10 +324,7 @@ def _build_into(out_dir, input_path, tokenizer_path, config, enc, pad, vocab_siz
                     continue
                 split, rec, pair = made
                 t = time.perf_counter()
-                written.append({"split": split, "index": writers[split].count,
-                                "pair_id": int(rec.pair_id), "id": tp.name, "line": tp.line,
-                                "diff": pair.diff})
-                writers[split].write(rec)
+                written.append(build.write_record(writers[split], split, rec, tp, pair))
                 timings["write"] += time.perf_counter() - t
                 if len(preview) < config.preview_pairs:
                     preview.append((split, rec, tp, pair, tp.chosen, tp.rejected, tp.prompt))
@@ -335,19 +332,7 @@ def _build_into(out_dir, input_path, tokenizer_path, config, enc, pad, vocab_siz
         for w in writers.values():
             w.close()
 
-    lines_dropped = sum(drops.reasons.values())
-    counts["lines_dropped"] = lines_dropped
-    if counts["lines_in"] != counts["lines_used"] + lines_dropped:
-        raise AssertionError(f"bookkeeping bug: {counts['lines_in']} lines in != "
-                             f"{counts['lines_used']} used + {lines_dropped} dropped")
-    filtered = {k.split(".", 1)[1]: v for k, v in counts.items()
-                if k.startswith("candidate_pairs_filtered.")}
-    out_counts = {
-        "lines_in": counts["lines_in"], "lines_used": counts["lines_used"],
-        "lines_dropped": lines_dropped, "problems_in": 0, "ready_pairs_in": counts["ready_pairs_in"],
-        "records_out": {s: writers[s].count for s in build.SPLITS},
-        "candidate_pairs_filtered": dict(sorted(filtered.items())),
-    }
+    out_counts = build.shard_counts(counts, drops, writers)  # problems_in: 0 here
     identity = {"pre_tokenized": True, "vocab_size": int(vocab_size), "pad_token_id_in_records": pad,
                 "eos_appended": False,
                 "tokenizer": enc.identity(tokenizer_path) if enc is not None else None}
