@@ -25,7 +25,7 @@ JAX_LIBS = ("jax", "jaxlib", "flax", "optax", "orbax", "grain")
 # fdpo modules the data stage may use: they import no JAX (checked below, in a subprocess).
 JAX_FREE_FDPO = ("fdpo.atomic", "fdpo.records", "fdpo.problem", "fdpo.jsonl", "fdpo.sandbox",
                  "fdpo.sandbox.executor",
-                 "fdpo.extract", "fdpo.tokenization")
+                 "fdpo.extract", "fdpo.tokenization", "fdpo.stats")
 STDLIB = sys.stdlib_module_names
 
 

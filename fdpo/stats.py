@@ -1,0 +1,279 @@
+"""Statistics of the study: paired per-task differences, a hierarchical bootstrap over
+(warm start, task), the claim rule, Holm's correction and a forest plot.
+
+    diffs = stats.paired_differences(pass_a, pass_b)      # {warm start: {task: pass}} each
+    res = stats.hierarchical_bootstrap(diffs)             # estimate, CI, p, per-warm-start means
+    res.claim                                             # CI excludes 0 and every warm start agrees
+
+Why this design: a method's lead on the miniature moves with the warm start (float rounding
+alone changes it, docs/results/miniature.md), and a test split of a few hundred tasks is
+itself a sample. Both sources of variation are resampled: warm starts with replacement, then
+the tasks of each drawn warm start with replacement. The statistic is the mean over warm
+starts of the mean per-task difference, so every warm start weighs the same whatever its
+task count. NumPy only, no JAX (the data stage may use it); matplotlib only in
+:func:`forest_plot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# Above this many distinct difference values a warm start's tasks are resampled by index;
+# at or below it by multinomial counts of the values (the same distribution, much cheaper:
+# single-seed greedy differences take only -1, 0, +1).
+_MAX_CATEGORIES = 64
+# Rows of resampled task indices drawn at once on the by-index path (bounds memory).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class StatsError(ValueError):
+    """Inputs the statistics cannot use (a task on one side only, an empty warm start)."""
+
+
+def paired_differences(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]],
+                       names: tuple[str, str] = ("A", "B")) -> dict[str, np.ndarray]:
+    """{warm start: per-task a - b, tasks sorted by id}, from {warm start: {task id: pass}}
+    of each arm. The two arms must have the same warm starts and, within each, the same task
+    ids: a task on one side only is an error naming the warm start, the task and the arm
+    that lacks it (a score over a subset would not be paired)."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise StatsError(f"warm start {only[0]!r} is in "
+                         f"{names[0] if only[0] in a else names[1]} only")
+    out = {}
+    for ws in a:
+        ta, tb = a[ws], b[ws]
+        for task in sorted(set(ta) ^ set(tb)):
+            have, lack = (names[0], names[1]) if task in ta else (names[1], names[0])
+            raise StatsError(f"warm start {ws!r}: task {task!r} has a result for {have} but "
+                             f"not for {lack}")
+        if not ta:
+            raise StatsError(f"warm start {ws!r}: no tasks")
+        tasks = sorted(ta)
+        out[ws] = np.array([ta[t] for t in tasks], float) - np.array([tb[t] for t in tasks], float)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+    """The result of :func:`hierarchical_bootstrap`, in the units of the differences."""
+    estimate: float            # mean over warm starts of the mean per-task difference
+    ci: tuple[float, float]    # equal-tailed percentile interval at `level`
+    p_value: float             # two-sided, see hierarchical_bootstrap
+    se: float                  # standard deviation of the resampled statistic
+    per_warm_start: tuple[float, ...]   # each warm start's mean difference (no resampling)
+    n_tasks: tuple[int, ...]
+    level: float
+    n_boot: int
+
+    @property
+    def ci_excludes_zero(self) -> bool:
+        return self.ci[0] > 0 or self.ci[1] < 0
+
+    @property
+    def sign_holds(self) -> bool:
+        """Every warm start's mean difference is nonzero and has the estimate's sign."""
+        return sign_holds(self.per_warm_start)
+
+    @property
+    def claim(self) -> bool:
+        """The study's claim rule for the primary comparison."""
+        return self.ci_excludes_zero and self.sign_holds
+
+
+def sign_holds(per_warm_start: Sequence[float]) -> bool:
+    """True when every value is nonzero and all share one sign (a zero or a flip: False)."""
+    v = np.asarray(per_warm_start, float)
+    return bool(v.size) and (bool(np.all(v > 0)) or bool(np.all(v < 0)))
+
+
+def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+                           n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> Bootstrap:
+    """Two-level bootstrap of the mean paired difference.
+
+    Each of `n_boot` resamples draws W warm starts with replacement from the W given, then,
+    for every drawn warm start independently, its T_w per-task differences with replacement;
+    the resampled statistic is the mean over the W draws of their task means. The CI is the
+    equal-tailed percentile interval at `level` (numpy's linear quantiles). The p-value is
+    two-sided: p = min(1, 2 (1 + min(#{stat* <= 0}, #{stat* >= 0})) / (n_boot + 1)), the
+    smallest alpha at which the equal-tailed percentile interval would reach 0 (so p < 1 -
+    level goes with a CI that excludes 0, up to quantile interpolation); the +1 keeps it
+    above 0 with a finite number of resamples. Deterministic given `seed`.
+    """
+    diffs = list(diffs_by_warm_start.values()) if isinstance(diffs_by_warm_start, Mapping) \
+        else list(diffs_by_warm_start)
+    diffs = [np.asarray(d, float).ravel() for d in diffs]
+    if not diffs:
+        raise StatsError("no warm starts")
+    for i, d in enumerate(diffs):
+        if d.size == 0:
+            raise StatsError(f"warm start {i}: no tasks")
+        if not np.all(np.isfinite(d)):
+            raise StatsError(f"warm start {i}: a difference is not finite")
+    if not 0 < level < 1:
+        raise StatsError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise StatsError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    w = len(diffs)
+    drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
+    means = np.empty((n_boot, w))
+    for j, d in enumerate(diffs):
+        slots = drawn == j
+        means[slots] = _resampled_means(d, int(slots.sum()), rng)
+    stats = means.mean(axis=1)
+    alpha = 1 - level
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    tail = min(int(np.sum(stats <= 0)), int(np.sum(stats >= 0)))
+    p = min(1.0, 2 * (1 + tail) / (n_boot + 1))
+    per = tuple(float(d.mean()) for d in diffs)
+    return Bootstrap(estimate=float(np.mean(per)), ci=(float(lo), float(hi)), p_value=p,
+                     se=float(np.std(stats)),
+                     per_warm_start=per, n_tasks=tuple(d.size for d in diffs), level=level,
+                     n_boot=n_boot)
+
+
+def _resampled_means(d: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m means of d resampled with replacement (len(d) draws each)."""
+    t = d.size
+    values, counts = np.unique(d, return_counts=True)
+    if values.size <= _MAX_CATEGORIES:
+        # The counts of each distinct value in a resample are Multinomial(t, counts / t).
+        return rng.multinomial(t, counts / t, size=m) @ values / t
+    out = np.empty(m)
+    rows = max(1, _CHUNK_ELEMENTS // t)
+    for s in range(0, m, rows):
+        k = min(rows, m - s)
+        out[s:s + k] = d[rng.integers(t, size=(k, t))].mean(axis=1)
+    return out
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values, in the input order: with the m p-values
+    sorted ascending, p_adj(i) = max over j <= i of min(1, (m - j + 1) p(j)) (1-based), so
+    adjusted values are monotone in the raw ones and rejecting p_adj < alpha controls the
+    family-wise error rate at alpha."""
+    p = np.asarray(p_values, float)
+    if p.ndim != 1 or np.any((p < 0) | (p > 1)) or np.any(np.isnan(p)):
+        raise StatsError(f"p-values must be a list of numbers in [0, 1], got {p_values!r}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adj = np.empty(m)
+    adj[order] = np.maximum.accumulate(stepped)
+    return adj
+
+
+def outcome(res: Bootstrap, label: str, unit: str = "points", p_adjusted: float | None = None
+            ) -> str:
+    """One sentence stating the result whatever it is. With `p_adjusted` (a secondary
+    comparison) the rule is Holm-adjusted p < 1 - level and the sign in every warm start;
+    without it the primary rule (:attr:`Bootstrap.claim`)."""
+    pct = f"{100 * res.level:.0f}%"
+    ci = f"{pct} CI [{res.ci[0]:+.2f}, {res.ci[1]:+.2f}]"
+    per = ", ".join(f"{v:+.2f}" for v in res.per_warm_start)
+    p = f"p = {res.p_value:.4f}" + ("" if p_adjusted is None else f", Holm {p_adjusted:.4f}")
+    facts = f"{label}: {res.estimate:+.2f} {unit} ({ci}, {p}; per warm start {per})"
+    if p_adjusted is None:
+        ok, why = res.ci_excludes_zero, f"CI [{res.ci[0]:+.2f}, {res.ci[1]:+.2f}] includes 0"
+    else:
+        ok = p_adjusted < 1 - res.level
+        why = f"Holm-adjusted p {p_adjusted:.4f} >= {1 - res.level:.2f}"
+    if not ok:
+        return f"no claim: {why}. {facts}"
+    if not res.sign_holds:
+        return f"no claim: the sign differs across warm starts ({per}). {facts}"
+    return f"claim ({'ahead' if res.estimate > 0 else 'behind'}): {facts}"
+
+
+def secondary_claim(res: Bootstrap, p_adjusted: float) -> bool:
+    return p_adjusted < 1 - res.level and res.sign_holds
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One comparison in a forest plot."""
+    label: str
+    estimate: float
+    lo: float
+    hi: float
+    claim: bool
+
+
+def forest_plot(rows: Sequence[Row], path: pathlib.Path, xlabel: str, title: str = "") -> None:
+    """One row per comparison (top to bottom in the given order): the point estimate and its
+    CI, a line at 0, claims drawn filled and marked "claim", the rest hollow."""
+    # Imported here so that the data stage's users of this module do not load matplotlib.
+    from matplotlib import figure
+
+    fig = figure.Figure(figsize=(7, 1.2 + 0.45 * max(len(rows), 1)))
+    ax = fig.subplots()
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        color = "tab:blue" if r.claim else "tab:gray"
+        ax.plot([r.lo, r.hi], [y, y], "-", color=color, lw=2)
+        ax.plot([r.estimate], [y], "o", color=color, ms=7,
+                markerfacecolor=color if r.claim else "white")
+        if r.claim:
+            ax.annotate("claim", (r.hi, y), xytext=(6, 0), textcoords="offset points",
+                        va="center", fontsize=8, color=color)
+    ax.axvline(0, color="black", lw=0.8, ls="--")
+    ax.set_yticks(ys, [r.label for r in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: str,
+            baseline: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+    """The study's comparisons from {warm start: {method: {task id: pass}}}.
+
+    Primary: `focus` minus `baseline`, claimed by :attr:`Bootstrap.claim`. Secondary: `focus`
+    minus every other method evaluated in every warm start, each claimed when its
+    Holm-adjusted p (over the secondary family) is below 1 - level and the sign holds in
+    every warm start. Methods missing from some warm start are listed in "skipped" with the
+    warm starts that lack them. Every comparison resamples with the same seed (the same
+    warm-start draws), which keeps the numbers reproducible one by one.
+    """
+    warm = list(per_task)
+    everywhere = set.intersection(*(set(per_task[w]) for w in warm)) if warm else set()
+    every = sorted(set().union(*(set(per_task[w]) for w in warm))) if warm else []
+    skipped = {m: [w for w in warm if m not in per_task[w]] for m in every
+               if m not in everywhere}
+
+    def boot(other):
+        d = paired_differences({w: per_task[w][focus] for w in warm},
+                               {w: per_task[w][other] for w in warm}, (focus, other))
+        return hierarchical_bootstrap(d, n_boot=n_boot, seed=seed, level=level)
+
+    def entry(other, res, p_adj=None):
+        e = {"a": focus, "b": other, "estimate": res.estimate, "ci": list(res.ci),
+             "p_value": res.p_value, "per_warm_start": dict(zip(warm, res.per_warm_start)),
+             "n_tasks": dict(zip(warm, res.n_tasks)), "sign_holds": res.sign_holds}
+        if p_adj is None:
+            e["claim"] = res.claim
+        else:
+            e["p_holm"] = float(p_adj)
+            e["claim"] = secondary_claim(res, p_adj)
+        e["outcome"] = outcome(res, f"{focus} - {other}", p_adjusted=p_adj)
+        return e
+
+    out = {"warm_starts": warm, "focus": focus, "baseline": baseline, "level": level,
+           "n_boot": n_boot, "seed": seed, "primary": None, "secondary": [],
+           "skipped": skipped}
+    if focus in everywhere and baseline in everywhere and focus != baseline:
+        out["primary"] = entry(baseline, boot(baseline))
+    others = [m for m in sorted(everywhere) if m not in (focus, baseline)]
+    if focus in everywhere and others:
+        results = [boot(m) for m in others]
+        adj = holm([r.p_value for r in results])
+        out["secondary"] = [entry(m, r, a) for m, r, a in zip(others, results, adj)]
+    return out
