@@ -186,7 +186,7 @@ def outcome(res: Bootstrap, label: str, unit: str = "points", p_adjusted: float 
     if not ok:
         return f"no claim: {why}. {facts}"
     if not res.sign_holds:
-        return f"no claim: the sign differs across warm starts ({per}). {facts}"
+        return f"no claim: not every warm start has the sign of the estimate ({per}). {facts}"
     return f"claim ({'ahead' if res.estimate > 0 else 'behind'}): {facts}"
 
 

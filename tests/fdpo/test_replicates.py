@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -62,3 +63,78 @@ def test_cli_writes_files_and_names_a_missing_report(tmp_path):
     assert proc.returncode == 2
     assert f"{tmp_path / 'nope' / 'report' / 'report.json'}: cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def eval_results(workdir, model, split, passed):
+    """eval/MODEL/SPLIT/results.json as launch.evaluate writes it (greedy: n = 1 per task)."""
+    d = pathlib.Path(workdir) / "eval" / model / split
+    d.mkdir(parents=True)
+    rows = [{"task_id": t, "n": 1, "base_correct": int(p), "plus_correct": 0}
+            for t, p in passed.items()]
+    (d / "results.json").write_text(json.dumps(
+        {"benchmark": "evalplus", "pass_at_k": {"base": {"pass@1": 0.5}}, "tasks": rows}))
+
+
+def study(tmp_path, lead):
+    """Three warm starts, 40 held-out tasks: dpo passes the first 20; focused_dpo's two
+    seeds pass the first 20 + lead[i] and 20 + lead[i] - 2; sft passes the first 19."""
+    dirs = []
+    for i, k in enumerate(lead):
+        w = write(tmp_path, f"w{i}", report(80.0, 79.0, 70.0))
+        tasks = [f"T/{j}" for j in range(40)]
+        eval_results(w, "dpo-s0", "held_out", {t: j < 20 for j, t in enumerate(tasks)})
+        eval_results(w, "sft-s0", "held_out", {t: j < 19 for j, t in enumerate(tasks)})
+        for seed, extra in ((0, k), (1, k - 2)):
+            eval_results(w, f"focused_dpo-s{seed}", "held_out",
+                         {t: j < 20 + extra for j, t in enumerate(tasks)})
+        dirs.append(w)
+    return dirs
+
+
+def test_statistics_pair_tasks_average_seeds_and_state_a_claim(tmp_path):
+    dirs = study(tmp_path, lead=[6, 8, 7])
+    st = replicates.run_statistics(dirs, "focused_dpo", "dpo", n_boot=2000)
+    assert st["split"] == "held_out"
+    # Per warm start: the seeds' mean lead is (k + k - 2) / 2 tasks of 40, in points.
+    expect = [100 * (k - 1) / 40 for k in (6, 8, 7)]
+    p = st["primary"]
+    assert list(p["per_warm_start"].values()) == pytest.approx(expect)
+    assert p["estimate"] == pytest.approx(sum(expect) / 3)
+    assert p["ci"][0] > 0 and p["claim"] and p["outcome"].startswith("claim (ahead)")
+    (sec,) = st["secondary"]
+    assert sec["b"] == "sft" and sec["p_holm"] == pytest.approx(sec["p_value"])
+    text = replicates.render_statistics(st)
+    assert "**Primary** (focused_dpo vs dpo): claim (ahead): focused_dpo - dpo: +" in text
+    assert "| focused_dpo - sft | secondary |" in text
+
+
+def test_statistics_state_no_claim_when_a_warm_start_disagrees(tmp_path):
+    dirs = study(tmp_path, lead=[6, 8, 0])   # the third warm start: focused_dpo behind by 1
+    st = replicates.run_statistics(dirs, "focused_dpo", "dpo", n_boot=2000)
+    p = st["primary"]
+    assert p["per_warm_start"][dirs[2]] == pytest.approx(-2.5)
+    assert not p["claim"] and p["outcome"].startswith("no claim: ")
+
+
+def test_cli_writes_statistics_and_names_an_unpaired_task(tmp_path):
+    dirs = study(tmp_path, lead=[6, 8, 7])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "launch.replicates", f"--workdirs={','.join(dirs)}",
+           f"--out={out}", "--n_boot=1000"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"replicates.md", "replicates.json",
+                                               "replicates.png", "statistics.json", "forest.png"}
+    st = json.loads((out / "statistics.json").read_text())
+    assert st["primary"]["claim"] and st["n_boot"] == 1000
+    assert "![forest](forest.png)" in (out / "replicates.md").read_text()
+    assert "claim (ahead): focused_dpo - dpo" in proc.stdout
+    # dpo lacks a task in one warm start: an error naming the workdir and the task
+    bad = json.loads((tmp_path / "w1/eval/dpo-s0/held_out/results.json").read_text())
+    bad["tasks"] = [r for r in bad["tasks"] if r["task_id"] != "T/3"]
+    (tmp_path / "w1/eval/dpo-s0/held_out/results.json").write_text(json.dumps(bad))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (f"warm start '{dirs[1]}': task 'T/3' has a result for focused_dpo but not for dpo"
+            in proc.stderr)

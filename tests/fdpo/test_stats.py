@@ -98,7 +98,7 @@ def test_the_sign_rule_blocks_a_claim_the_ci_alone_would_make():
     assert res.per_warm_start[-1] == pytest.approx(-0.02)
     assert not res.sign_holds and not res.claim
     text = stats.outcome(res, "focused_dpo - dpo")
-    assert text.startswith("no claim: the sign differs across warm starts (")
+    assert text.startswith("no claim: not every warm start has the sign of the estimate (")
     agreed = stats.hierarchical_bootstrap(strong, n_boot=4000, seed=0)
     assert agreed.claim and stats.outcome(agreed, "x").startswith("claim (ahead): x: +")
 
