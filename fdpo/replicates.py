@@ -216,8 +216,11 @@ def choose_split(workdirs: list[str], split: str | None) -> tuple[str | None, st
 def run_statistics(workdirs: list[str], focus: str, baseline: str, split: str | None = None,
                    n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
     """:func:`fdpo.stats.compare` on the per-task results of `split` in each workdir (one
-    warm start each); {"split": None, "note": why} when there are none to compare."""
+    warm start each); {"split": None, "note": why} when no split was named and none can be
+    chosen; a named split missing from a workdir is a ReportError."""
     chosen, why = choose_split(workdirs, split)
+    if chosen is None and split is not None:
+        raise ReportError(why)  # a split asked for by name must exist
     if chosen is None:
         return {"split": None, "note": why}
     per_task = {w: read_per_task(w, chosen) for w in workdirs}
@@ -279,13 +282,8 @@ def render_statistics(st: dict) -> str:
 
 
 def forest(st: dict, path: pathlib.Path) -> None:
-    rows = []
-    for kind, e in ([("primary", st["primary"])] if st["primary"] else []) + \
-            [("Holm", e) for e in st["secondary"]]:
-        rows.append(stats.Row(f"{e['a']} - {e['b']} ({kind})", e["estimate"], e["ci"][0],
-                              e["ci"][1], e["claim"]))
-    stats.forest_plot(rows, path, f"difference in greedy pass@1 on {_label(st['split'])} "
-                      f"(points, {100 * st['level']:.0f}% CI)",
+    stats.forest_plot(stats.rows_of(st), path, f"difference in greedy pass@1 on "
+                      f"{_label(st['split'])} (points, {100 * st['level']:.0f}% CI)",
                       f"{len(st['warm_starts'])} warm starts; filled = claim")
 
 

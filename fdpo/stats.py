@@ -204,6 +204,14 @@ class Row:
     claim: bool
 
 
+def rows_of(comparisons: dict) -> list[Row]:
+    """Forest-plot rows of a :func:`compare` result: the primary, then the secondaries."""
+    entries = ([("primary", comparisons["primary"])] if comparisons["primary"] else []) + \
+        [("Holm", e) for e in comparisons["secondary"]]
+    return [Row(f"{e['a']} - {e['b']} ({kind})", e["estimate"], e["ci"][0], e["ci"][1],
+                e["claim"]) for kind, e in entries]
+
+
 def forest_plot(rows: Sequence[Row], path: pathlib.Path, xlabel: str, title: str = "") -> None:
     """One row per comparison (top to bottom in the given order): the point estimate and its
     CI, a line at 0, claims drawn filled and marked "claim", the rest hollow."""

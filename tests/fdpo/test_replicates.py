@@ -114,6 +114,11 @@ def test_statistics_state_no_claim_when_a_warm_start_disagrees(tmp_path):
     p = st["primary"]
     assert p["per_warm_start"][dirs[2]] == pytest.approx(-2.5)
     assert not p["claim"] and p["outcome"].startswith("no claim: ")
+    with pytest.raises(replicates.ReportError,
+                       match=f"no per-task results for split 'test' in {dirs[0]}, {dirs[1]}, "):
+        replicates.run_statistics(dirs, "focused_dpo", "dpo", split="test")
+    st = replicates.run_statistics(dirs, "focused_dpo", "rpo", n_boot=100)
+    assert st["primary"] is None and "no primary comparison: rpo not evaluated" in st["note"]
 
 
 def test_cli_writes_statistics_and_names_an_unpaired_task(tmp_path):

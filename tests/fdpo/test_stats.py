@@ -169,6 +169,8 @@ def test_compare_primary_secondary_and_skipped():
     assert [e["b"] for e in c["secondary"]] == ["sft"]
     assert c["secondary"][0]["p_holm"] == pytest.approx(c["secondary"][0]["p_value"])
     assert c["skipped"] == {"rpo": ["ws2"]}
+    assert [r.label for r in stats.rows_of(c)] == ["focused_dpo - dpo (primary)",
+                                                   "focused_dpo - sft (Holm)"]
 
 
 def test_forest_plot_writes_a_png(tmp_path):
