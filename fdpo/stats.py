@@ -125,14 +125,14 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
     for j, d in enumerate(diffs):
         slots = drawn == j
         means[slots] = _resampled_means(d, int(slots.sum()), rng)
-    stats = means.mean(axis=1)
+    resampled = means.mean(axis=1)
     alpha = 1 - level
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    tail = min(int(np.sum(stats <= 0)), int(np.sum(stats >= 0)))
+    lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
     p = min(1.0, 2 * (1 + tail) / (n_boot + 1))
     per = tuple(float(d.mean()) for d in diffs)
     return Bootstrap(estimate=float(np.mean(per)), ci=(float(lo), float(hi)), p_value=p,
-                     se=float(np.std(stats)),
+                     se=float(np.std(resampled)),
                      per_warm_start=per, n_tasks=tuple(d.size for d in diffs), level=level,
                      n_boot=n_boot)
 
