@@ -44,6 +44,16 @@ EOS only with ``config.append_eos`` (off-policy: the policy never wrote it so). 
 pairs: each text is a finished response, all code, EOS appended (for ChatML tokenizers EOS is
 ``<|im_end|>``).
 
+Study arms and controls (docs/data.md, "Study arms and controls"): ``config.emit="rft"``
+writes one SFT record per correct sample of every problem instead of pairs (chosen side =
+the sample, its code span MID; rejected side = the prompt alone; duplicates kept: each
+sample once). ``config.focus`` moves the MID class of the pairs ``"error_point"`` selects:
+``"random"`` to an equal-length span inside the side's common prefix or suffix, the true
+mid taking the decoy's class (``segments.random_focus``), ``"oracle"`` to the tokens
+covering the first match of the record's ``oracle_focus`` regex in each side's code span.
+``config.shuffle_labels`` exchanges each pair's sides with probability 1/2. The draws come
+from ``numpy.random.default_rng([config.focus_seed, pair_id, stream])``.
+
 Output in ``--out`` for shard i of n (``config.shard_index/num_shards``; host i reads input lines
 ``i, i+n, ...``, 0-based, so hosts write disjoint shards):
 

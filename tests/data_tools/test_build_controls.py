@@ -345,3 +345,20 @@ def test_shuffle_labels_swaps_about_half_and_only_exchanges_sides(tmp_path, tok_
     assert swaps["train"] + swaps["validation"] == len(swapped)
     assert swaps["validation"] == sum(
         1 for p in swapped if build.split_of(base[p].problem_name, 0.25) == "validation")
+
+
+@pytest.mark.slow
+def test_launch_build_takes_the_fields_and_names_a_bad_value(tmp_path, tok_dir, program):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in _pair_lines(4)))
+    proc = program("launch.build", f"--input={inp}", f"--tokenizer={tok_dir}",
+                   f"--out={tmp_path / 'bad'}", "--config.focus=middle", check=False)
+    assert proc.returncode != 0 and "config.focus='middle': choose one of" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+    program("launch.build", f"--input={inp}", f"--tokenizer={tok_dir}", f"--out={tmp_path / 'ok'}",
+            "--config.max_len=160", "--config.focus=oracle", "--config.shuffle_labels=true",
+            "--config.focus_seed=5", "--noprogress")
+    m = records.read_manifest(str(tmp_path / "ok" / "manifest.json"))
+    assert (m["config"]["focus"], m["config"]["shuffle_labels"], m["config"]["focus_seed"]) == (
+        "oracle", True, 5)
+    assert m["counts"]["focus"]["pairs"] == 4 and "label_swaps" in m["counts"]
