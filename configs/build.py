@@ -37,5 +37,14 @@ def get_config(arg=None):
     # (else the tokenizer's default). A record sampled with another format, or whose
     # prompt_ids differ from the prompt rendered here, is an error naming file:line.
     c.prompt_format = ""
+    # "pairs" (preference pairs) | "rft": one SFT record per correct sample (train it with
+    # configs/focused_dpo.py:preset=sft; docs/data.md).
+    c.emit = "pairs"
+    # Controls of the focusing study (docs/data.md): where the MID class lies in each pair,
+    # "error_point" | "random" (an equal-length span elsewhere) | "oracle" (the problem
+    # record's "oracle_focus" regex); and label-shuffled pairs (sides swapped with prob. 1/2).
+    c.focus = "error_point"
+    c.focus_seed = 0
+    c.shuffle_labels = False
     c.lock()
     return c

@@ -44,6 +44,16 @@ EOS only with ``config.append_eos`` (off-policy: the policy never wrote it so). 
 pairs: each text is a finished response, all code, EOS appended (for ChatML tokenizers EOS is
 ``<|im_end|>``).
 
+Study arms and controls (docs/data.md, "Study arms and controls"): ``config.emit="rft"``
+writes one SFT record per correct sample of every problem instead of pairs (chosen side =
+the sample, its code span MID; rejected side = the prompt alone; duplicates kept: each
+sample once). ``config.focus`` moves the MID class of the pairs ``"error_point"`` selects:
+``"random"`` to an equal-length span inside the side's common prefix or suffix, the true
+mid taking the decoy's class (``segments.random_focus``), ``"oracle"`` to the tokens
+covering the first match of the record's ``oracle_focus`` regex in each side's code span.
+``config.shuffle_labels`` exchanges each pair's sides with probability 1/2. The draws come
+from ``numpy.random.default_rng([config.focus_seed, pair_id, stream])``.
+
 Output in ``--out`` for shard i of n (``config.shard_index/num_shards``; host i reads input lines
 ``i, i+n, ...``, 0-based, so hosts write disjoint shards):
 
@@ -75,6 +85,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -97,10 +108,16 @@ MALFORMED_UTF8 = "malformed_utf8"
 NO_PROGRAM = "no_program"  # no sample of the problem holds a program
 ONLY_TRUNCATED_CORRECT = "only_truncated_correct"  # every correct sample hit the token limit
 ONLY_TRUNCATED_INCORRECT = "only_truncated_incorrect"  # (config.truncated = "drop")
+RFT_NEEDS_VERDICTS = "ready_pair_without_verdicts"  # emit="rft" reads problem records only
+NO_ORACLE_FOCUS = "no_oracle_focus"  # focus="oracle": the record has no "oracle_focus"
+ORACLE_FOCUS_INVALID = "oracle_focus_invalid"  # not a string holding a Python regex
+ORACLE_FOCUS_NO_MATCH = "oracle_focus_no_match"  # a side's code span holds no match
 TRUNCATED_POLICIES = ("drop", "reject_only")
 MAX_PAIRS_PER_PROBLEM = 1000  # pair_id = line_number * 1000 + k stays unique and traceable
 SPLITS = ("train", "validation")
 RESPONSES = ("response", "program")
+EMITS = ("pairs", "rft")
+FOCUSES = ("error_point", "random", "oracle")
 # A sample's finish reason (fdpo.sampling): "eos" when the policy ended it with an EOS token
 # (not among its recorded ids), "stop" at a stop string (its ids run through the token that
 # completed the stop string, its text ends before it), "length" at max_new_tokens.
@@ -137,6 +154,15 @@ class BuildConfig:
     # fdpo.tokenization.PROMPT_FORMATS; "": the format the problem records were sampled with
     # (their "prompt_format"), else the tokenizer's default.
     prompt_format: str = ""
+    # What the output holds (docs/data.md): "pairs" (preference pairs) or "rft" (one SFT
+    # record per correct sample of every problem, for rejection-sampling fine-tuning).
+    emit: str = "pairs"
+    # Where the MID class (the up-weighted span) lies in each pair (docs/data.md):
+    # "error_point" (the divergent tokens), "random" (an equal-length span elsewhere; a
+    # control) or "oracle" (the first match of the problem's "oracle_focus" regex).
+    focus: str = "error_point"
+    focus_seed: int = 0  # random focus and shuffle_labels draw from (focus_seed, pair_id)
+    shuffle_labels: bool = False  # control: swap each pair's sides with probability 1/2
 
     def validate(self) -> None:
         if self.ranker not in rank_lib.RANKERS:
@@ -174,6 +200,24 @@ class BuildConfig:
         if self.train_pairs < 0 or self.val_pairs < 0:
             raise ValueError(f"config.train_pairs={self.train_pairs}, config.val_pairs={self.val_pairs}: "
                              "must be >= 0 (0 keeps all)")
+        if self.emit not in EMITS:
+            raise ValueError(f"config.emit={self.emit!r}: choose one of {EMITS}")
+        if self.focus not in FOCUSES:
+            raise ValueError(f"config.focus={self.focus!r}: choose one of {FOCUSES}")
+        if isinstance(self.focus_seed, bool) or not isinstance(self.focus_seed, int) \
+                or self.focus_seed < 0:
+            raise ValueError(f"config.focus_seed={self.focus_seed!r} must be an integer >= 0")
+        if self.emit == "rft":
+            # SFT records have no pair: nothing to focus, swap or select by Diff.
+            for field, value, default in (("focus", self.focus, "error_point"),
+                                          ("shuffle_labels", self.shuffle_labels, False),
+                                          ("train_pairs", self.train_pairs, 0),
+                                          ("val_pairs", self.val_pairs, 0),
+                                          ("pairs_per_problem", self.pairs_per_problem, 1)):
+                if value != default:
+                    raise ValueError(f"config.{field}={value!r} applies to pairs only; with "
+                                     f"config.emit='rft' (every correct sample, no pairs) leave "
+                                     f"it at {default!r}")
 
     def shard_tag(self) -> str:
         return f"{self.shard_index:05d}-of-{self.num_shards:05d}"
@@ -197,6 +241,9 @@ class Item:
     finish: list[str] | None = None
     # The problem record's: the prompt's token ids as the sampler fed them (None: not recorded).
     prompt_ids: list[int] | None = None
+    # The record's "oracle_focus" (a regex marking the generator's decision span; read only
+    # under config.focus="oracle"); None when absent.
+    oracle_focus: Any = None
     # For the preview: `kept[k]` is the record's sample index of ranked code k; the tests.
     kept: list[int] | None = None
     tests: list[str] | None = None
@@ -276,7 +323,7 @@ def _record_item(line_no: int, obj: dict, path: str, prompt_format: str | None =
                 len(samples), responses=[samples[i]["response"] for i in keep],
                 response_ids=[samples[i].get("response_ids") for i in keep],
                 finish=[samples[i]["finish"] for i in keep], prompt_ids=obj.get("prompt_ids"),
-                kept=keep, tests=list(obj["tests"]))
+                kept=keep, tests=list(obj["tests"]), oracle_focus=obj.get("oracle_focus"))
 
 
 def _to_item(line_no: int, obj: Any, path: str = "input", prompt_format: str | None = None) -> Item:
@@ -305,7 +352,8 @@ def _to_item(line_no: int, obj: Any, path: str = "input", prompt_format: str | N
         name = ident()
         if name is None:  # same prompt -> same split, so no prompt leaks into validation
             name = "prompt-sha256:" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-        return Item(line_no, name, prompt, [chosen, rejected], None)
+        return Item(line_no, name, prompt, [chosen, rejected], None,
+                    oracle_focus=obj.get("oracle_focus"))
     raise ValueError("neither a problem record ('version', 'id', 'prompt', 'samples', 'tests', "
                      "'passed') nor a ready pair ('prompt', 'chosen', 'rejected')")
 
@@ -373,14 +421,16 @@ def _token_range(tok, ids: list[int], text: str, span: tuple[int, int]) -> tuple
 
 
 def _sample_tokens(it: Item, enc: Encoder, config: BuildConfig, counts: collections.Counter
-                   ) -> list[tuple[np.ndarray, int, int]]:
-    """(token ids of each sample's pair side, code span start, end in tokens) for a problem
-    given as samples (module docstring: on-policy responses, or programs)."""
+                   ) -> list[tuple[np.ndarray, int, int, tuple[int, int]]]:
+    """(token ids of each sample's pair side, code span start, end in tokens, the code span
+    in characters of the side's text) for a problem given as samples (module docstring:
+    on-policy responses, or programs)."""
     eos = [] if enc.eos is None else [enc.eos]
     if config.response == "program":
         ids = enc.tok(it.codes, add_special_tokens=False)["input_ids"]
         tail = eos if config.append_eos else []
-        return [(np.asarray(list(x) + tail, np.int64), 0, len(x) + len(tail)) for x in ids]
+        return [(np.asarray(list(x) + tail, np.int64), 0, len(x) + len(tail), (0, len(code)))
+                for x, code in zip(ids, it.codes)]
     # A stop string's tokens are in the ids but not in the text: tokenise the text instead.
     todo = [k for k, r in enumerate(it.response_ids)
             if r is None or it.finish[k] == ENDED_BY_STOP_STRING]
@@ -397,7 +447,8 @@ def _sample_tokens(it: Item, enc: Encoder, config: BuildConfig, counts: collecti
         counts["code_spans." + ("whole_response" if span is None else
                                 "unmapped" if rng is None else "fenced")] += 1
         a, b = rng if rng is not None else (0, len(ids) + len(tail))  # all code: EOS is its end
-        out.append((np.asarray(ids + tail, np.int64), a, b))
+        chars = span if rng is not None else (0, len(text))
+        out.append((np.asarray(ids + tail, np.int64), a, b, chars))
     return out
 
 
@@ -442,6 +493,91 @@ def _ready_pair(chosen: np.ndarray, rejected: np.ndarray, enc: Encoder, config: 
     return seg_lib.Pair(0, 1, p, s, len(chosen), len(rejected), 0.0, common, config.lam * common)
 
 
+def swap_sides(rec: records.PairRecord) -> records.PairRecord:
+    """The record with its chosen and rejected sides (ids and segments) exchanged."""
+    return dataclasses.replace(rec, chosen_ids=rec.rejected_ids, rejected_ids=rec.chosen_ids,
+                               chosen_segments=rec.rejected_segments,
+                               rejected_segments=rec.chosen_segments)
+
+
+def _oracle_segments(rx, text: str, chars: tuple[int, int], ids: np.ndarray,
+                     span: tuple[int, int], prompt_len: int, enc: Encoder, L: int
+                     ) -> tuple[np.ndarray | None, str]:
+    """One side's segment ids under focus="oracle" (docs/data.md): MID = the tokens covering
+    the first non-empty match of `rx` in the side's code span (`chars` in `text`, `span` in
+    tokens), PREFIX / SUFFIX the rest of the code span; (None, why) when there is none."""
+    match = rx.search(text, *chars)
+    if match is None or match.end() == match.start():
+        return None, f"no (non-empty) match of {rx.pattern!r} in the code of {text!r}"
+    body = ids[:-1] if enc.eos is not None and len(ids) and ids[-1] == enc.eos else ids
+    tokens = _token_range(enc.tok, body.tolist(), text, match.span())
+    if tokens is None:
+        return None, f"the response tokens do not decode to its text {text!r}"
+    (a, b), (ma, mb) = span, tokens
+    ma, mb = max(ma, a), min(mb, b)  # a token straddling the code span's edge stays outside
+    return seg_lib.segment_ids(prompt_len, len(ids), ma - a, b - mb, L, a, len(ids) - b), ""
+
+
+def _refocus(rec: records.PairRecord, it: Item, sides_ids, sides, prompt_len: int,
+             config: BuildConfig, enc: Encoder) -> tuple[records.PairRecord | None, str, str]:
+    """`rec` with its MID class placed by config.focus (docs/data.md), or (None, drop reason,
+    detail). `sides`: (text, code span in characters, code span in tokens) per side."""
+    if config.focus == "error_point":
+        return rec, "", ""
+    segs = [rec.chosen_segments, rec.rejected_segments]
+    if config.focus == "random":
+        for k in (0, 1):
+            segs[k] = seg_lib.random_focus(segs[k], seg_lib.focus_rng(config.focus_seed, rec.pair_id, k))
+            if segs[k] is None:
+                return None, seg_lib.NO_RANDOM_SPAN, (
+                    f"the {records.SIDES[k]} mid is longer than its common prefix and suffix")
+    else:
+        try:
+            rx = re.compile(it.oracle_focus)
+        except (TypeError, re.error) as e:
+            return None, ORACLE_FOCUS_INVALID, f"'oracle_focus' {it.oracle_focus!r}: {e}"
+        for k in (0, 1):
+            text, chars, span = sides[k]
+            segs[k], why = _oracle_segments(rx, text, chars, sides_ids[k], span, prompt_len, enc,
+                                            config.max_len)
+            if segs[k] is None:
+                return None, ORACLE_FOCUS_NO_MATCH, f"{records.SIDES[k]}: {why}"
+    return dataclasses.replace(rec, chosen_segments=segs[0], rejected_segments=segs[1]), "", ""
+
+
+def _rft_records(it: Item, prompt: np.ndarray, full: list[np.ndarray],
+                 spans: list[tuple[int, int]], correct: np.ndarray, split: str, L: int,
+                 pad: int, counts: collections.Counter, path: str) -> list[tuple]:
+    """config.emit="rft": one SFT record per correct sample of the problem (the ranking's
+    verdict, truncated samples already excluded), identical programs included (each
+    sample once). The chosen side is the sample, its code span MID (LEAD / TRAIL around it,
+    as in pairs); the rejected side is the prompt alone: with an empty response, the longest
+    common prefix and suffix are empty, so this is the pair rule's own layout. pair_id =
+    line * 1000 + the sample's index in the problem record."""
+    out, seen = [], set()
+    empty = np.zeros(0, np.int64)
+    for k in correct:
+        ids = full[k]
+        counts["rft.correct_samples"] += 1
+        if len(prompt) + len(ids) > L:
+            counts["rft.samples_too_long"] += 1
+            continue
+        index = it.kept[k] if it.kept is not None else int(k)
+        if index >= MAX_PAIRS_PER_PROBLEM:
+            raise FormatError(f"{path}:{it.line}: emit='rft' numbers at most "
+                              f"{MAX_PAIRS_PER_PROBLEM} samples per problem (pair_id)")
+        key = ids.tobytes()
+        counts["rft.duplicate_samples"] += key in seen
+        seen.add(key)
+        a, b = spans[k]
+        pair = seg_lib.Pair(int(k), int(k), 0, 0, b - a, 0, 0.0, 0.0, 0.0)
+        rec = _make_record(it, index, prompt, ids, empty, pair, L, pad,
+                           ((a, len(ids) - b), (0, 0)))
+        counts["rft.records"] += 1
+        out.append((split, rec, it, pair, ids, empty, prompt, False))
+    return out
+
+
 def _pair_numbers(pair: seg_lib.Pair, reason: str, prompt_len: int, L: int) -> dict[str, Any]:
     """What a drop record of a filtered ready pair carries: its token counts and limits."""
     numbers = {"chosen_tokens": pair.chosen_len, "rejected_tokens": pair.rejected_len,
@@ -456,7 +592,8 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                    path: str = "input") -> list[tuple]:
     """Ranks, tokenises and pairs one chunk (a recorded prompt that renders to other ids is
     an error naming `path`:line); returns a list of
-    (split, record, item, pair, chosen_ids, rejected_ids, prompt_ids)."""
+    (split, record, item, pair, chosen_ids, rejected_ids, prompt_ids, swapped): the sides
+    as written (`swapped`: exchanged by config.shuffle_labels)."""
     L = config.max_len
     t = time.perf_counter()
     # A record with no program has nothing to rank: it is dropped below.
@@ -505,7 +642,8 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
     need = {}
     for b, it in enumerate(problems):
         c = len(it.codes)
-        if verdicts.correct[b, :c].any() and verdicts.incorrect[b, :c].any():
+        if verdicts.correct[b, :c].any() and (config.emit == "rft"
+                                              or verdicts.incorrect[b, :c].any()):
             need[id(it)] = b
     texts = []
     for it in items:
@@ -525,6 +663,9 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
         if it.passed is None:
             chosen, rejected = flat[pos], flat[pos + 1]
             pos += 2
+            if config.emit == "rft":  # no verdicts: no correct samples to train on
+                drops.add(it.line, RFT_NEEDS_VERDICTS, name=it.name)
+                continue
             pair = _ready_pair(chosen, rejected, enc, config)
             reason = seg_lib.candidate_reason(pair, room)
             if reason is not None:
@@ -532,7 +673,9 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                 drops.add(it.line, reason, name=it.name, numbers=_pair_numbers(
                     pair, reason, len(prompt), L))
                 continue
-            selected = [(pair, chosen, rejected, ((0, 0), (0, 0)))]
+            sides = tuple((t, (0, len(t)), (0, len(x)))
+                          for t, x in ((it.codes[0], chosen), (it.codes[1], rejected)))
+            selected = [(pair, chosen, rejected, ((0, 0), (0, 0)), sides)]
         elif not it.codes:
             drops.add(it.line, NO_PROGRAM, name=it.name, numbers={"samples": it.samples})
             continue
@@ -552,11 +695,26 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                 continue
             if id(it) in sampled:
                 full = [x[0] for x in sampled[id(it)]]
-                spans = [(a, b) for _, a, b in sampled[id(it)]]
+                spans = [(a, b) for _, a, b, _ in sampled[id(it)]]
+                chars = [x[3] for x in sampled[id(it)]]
             else:
                 full = flat[pos:pos + c]
                 pos += c
                 spans = [(0, len(x)) for x in full]
+                chars = [(0, len(x)) for x in it.codes]
+            texts_k = it.codes if config.response == "program" or it.responses is None else it.responses
+            if config.emit == "rft":
+                made = _rft_records(it, prompt, full, spans, np.nonzero(verdicts.correct[b, :c])[0],
+                                    split_of(it.name, config.val_fraction), L, enc.pad, counts, path)
+                if not made:  # every correct sample is longer than the record
+                    lens = [len(full[k]) for k in np.nonzero(verdicts.correct[b, :c])[0]]
+                    drops.add(it.line, seg_lib.TOO_LONG, name=it.name, numbers={
+                        "max_len": L, "prompt_tokens": len(prompt), "room": room,
+                        "shortest_correct_tokens": min(lens)})
+                    continue
+                counts["lines_used"] += 1
+                out.extend(made)
+                continue
             seqs = [x[a:b] for x, (a, b) in zip(full, spans)]  # the code spans
             flags = [enc.newline_flags(s) for s in seqs] if config.granularity == "line" else None
             sel = seg_lib.select_pairs(seqs, ranks[b, :c], verdicts.correct[b, :c], verdicts.incorrect[b, :c],
@@ -577,13 +735,33 @@ def _process_chunk(items: list[Item], enc: Encoder, config: BuildConfig, drops: 
                     "shortest_pair_tokens": int(np.maximum.outer(lens[ci], lens[ri]).min())})
                 continue
             outside = lambda k: (spans[k][0], len(full[k]) - spans[k][1])  # noqa: E731
-            selected = [(p, full[p.chosen], full[p.rejected], (outside(p.chosen), outside(p.rejected)))
-                        for p in sel.pairs]
-        counts["lines_used"] += 1
+            side = lambda k: (texts_k[k], chars[k], spans[k])  # noqa: E731
+            selected = [(p, full[p.chosen], full[p.rejected], (outside(p.chosen), outside(p.rejected)),
+                         (side(p.chosen), side(p.rejected))) for p in sel.pairs]
+        if config.focus == "oracle" and it.oracle_focus is None:
+            drops.add(it.line, NO_ORACLE_FOCUS, name=it.name)
+            continue
         split = split_of(it.name, config.val_fraction)
-        for k, (pair, chosen, rejected, outside) in enumerate(selected):
+        made, first = [], None
+        for k, (pair, chosen, rejected, outside, sides) in enumerate(selected):
             rec = _make_record(it, k, prompt, chosen, rejected, pair, L, enc.pad, outside)
-            out.append((split, rec, it, pair, chosen, rejected, prompt))
+            rec, reason, detail = _refocus(rec, it, (chosen, rejected), sides, len(prompt), config,
+                                           enc)
+            if rec is None:
+                counts["candidate_pairs_filtered." + reason] += 1
+                first = first or (reason, detail)
+                continue
+            swap = config.shuffle_labels and bool(
+                seg_lib.focus_rng(config.focus_seed, rec.pair_id, 2).random() < 0.5)
+            if swap:
+                rec, chosen, rejected = swap_sides(rec), rejected, chosen
+            counts["focus_pairs"] += 1
+            made.append((split, rec, it, pair, chosen, rejected, prompt, swap))
+        if not made:
+            drops.add(it.line, first[0], f"line {it.line}: {first[1]}", name=it.name)
+            continue
+        counts["lines_used"] += 1
+        out.extend(made)
     assert pos == len(flat), "tokenised responses were not all consumed"
     timings["pairs"] += time.perf_counter() - t
     return out
@@ -651,13 +829,14 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         for chunk in _read_chunks(input_path, config, drops, progress, counts, seen,
                                   enc.prompt_format):
             timings["parse"] += time.perf_counter() - t_read
-            for split, rec, it, pair, chosen, rejected, prompt in _process_chunk(
+            for split, rec, it, pair, chosen, rejected, prompt, swapped in _process_chunk(
                     chunk, enc, config, drops, counts, timings, input_path):
                 t = time.perf_counter()
-                written.append(write_record(writers[split], split, rec, it, pair))
+                extra = {"swapped": swapped} if config.shuffle_labels else {}
+                written.append(write_record(writers[split], split, rec, it, pair, **extra))
                 timings["write"] += time.perf_counter() - t
                 if len(preview) < config.preview_pairs:
-                    preview.append((split, rec, it, pair, chosen, rejected, prompt))
+                    preview.append((split, rec, it, pair, chosen, rejected, prompt, swapped))
             t_read = time.perf_counter()
         timings["parse"] += time.perf_counter() - t_read
     finally:
@@ -673,6 +852,16 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
         # response (no fence), or the whole response because the span could not be mapped to tokens.
         "code_spans": {k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("code_spans.")},
     }
+    if config.emit == "rft":
+        # Correct samples (truncated ones excluded) = records + samples_too_long;
+        # duplicate_samples: records whose tokens repeat an earlier sample of the problem.
+        out_counts["rft"] = {k: counts["rft." + k] for k in (
+            "correct_samples", "records", "samples_too_long", "duplicate_samples")}
+    elif config.focus != "error_point":
+        out_counts["focus"] = {"pairs": counts["focus_pairs"], **{
+            k: counts["candidate_pairs_filtered." + k] for k in (
+                (seg_lib.NO_RANDOM_SPAN,) if config.focus == "random" else
+                (ORACLE_FOCUS_NO_MATCH, ORACLE_FOCUS_INVALID))}}
     manifest = write_shard_outputs(
         out_dir, config, writers=writers, paths=paths, drops=drops, counts=out_counts,
         tokenizer=enc.identity(tokenizer_path), input_path=input_path, written=written,
@@ -682,11 +871,12 @@ def _build_into(out_dir, input_path, tokenizer_path, enc, config, progress, timi
 
 
 def write_record(writer: records.RecordWriter, split: str, rec: records.PairRecord, item,
-                 pair: seg_lib.Pair) -> dict[str, Any]:
-    """Writes `rec`; returns its entry for the global selection (`pairs-*.jsonl`). `item`
-    has the input line's `name` and `line` (an Item, or data_tools.tokenized's TokenPair)."""
+                 pair: seg_lib.Pair, **extra: Any) -> dict[str, Any]:
+    """Writes `rec`; returns its entry for the global selection (`pairs-*.jsonl`), with the
+    `extra` fields. `item` has the input line's `name` and `line` (an Item, or
+    data_tools.tokenized's TokenPair)."""
     entry = {"split": split, "index": writer.count, "pair_id": int(rec.pair_id),
-             "id": item.name, "line": item.line, "diff": pair.diff}
+             "id": item.name, "line": item.line, "diff": pair.diff, **extra}
     writer.write(rec)
     return entry
 
@@ -846,11 +1036,12 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
                 e = json.loads(line)
                 entries[e["split"]].append((tag, e))
     limits = {"train": config["train_pairs"], "validation": config["val_pairs"]}
-    selection = {}
+    selection, kept_by = {}, {}
     for split in SPLITS:
         ranked = sorted(entries[split], key=lambda te: (-te[1]["diff"], te[1]["id"], te[1]["pair_id"]))
         limit = limits[split]
         kept = ranked[:limit] if limit else ranked
+        kept_by[split] = kept
         selection[split] = {"candidates": len(ranked), "kept": len(kept), "limit": limit,
                             "cut": len(ranked) - len(kept),
                             "min_diff_kept": kept[-1][1]["diff"] if kept else None}
@@ -868,6 +1059,9 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
             {"path": os.path.basename(path), "records": len(kept)}]}
     merged["counts"]["records_out"] = {s: merged["splits"][s]["records"] for s in SPLITS}
     merged["counts"]["selection"] = selection
+    if config.get("shuffle_labels"):  # the records kept whose sides were exchanged
+        merged["counts"]["label_swaps"] = {s: sum(bool(e.get("swapped")) for _, e in kept_by[s])
+                                           for s in SPLITS}
     records.write_manifest(os.path.join(out_dir, "manifest.json"), merged)
     return merged
 
@@ -924,9 +1118,9 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
         seg = np.asarray(segments)[np.asarray(segments) >= records.Segment.PREFIX]
         names = {records.Segment.LEAD: "lead", records.Segment.PREFIX: "prefix", records.Segment.MID: mid_class,
                  records.Segment.SUFFIX: "suffix", records.Segment.TRAIL: "trail"}
-        parts = [(names[records.Segment(v)], resp[seg == v]) for v in (
-            records.Segment.LEAD, records.Segment.PREFIX, records.Segment.MID, records.Segment.SUFFIX,
-            records.Segment.TRAIL)]
+        # Runs in token order: under focus="random" a class need not be one contiguous run.
+        cuts = [0, *(np.nonzero(np.diff(seg))[0] + 1), len(seg)]
+        parts = [(names[records.Segment(seg[a])], resp[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
         return "".join(f'<span class="{c}">{html.escape(dec(x.tolist()))}</span>' for c, x in parts if len(x))
 
     rows = [f"<html><head><meta charset='utf-8'><style>{_CSS}</style></head><body>",
@@ -936,9 +1130,18 @@ def _write_preview(path: str, preview, enc: Encoder, manifest: dict[str, Any]) -
             f"Pass rows: {PASS} passes, {FAIL} fails each test t0, t1, ... (hover for its text); "
             f"&#9679; marks the ground truth (the tests the top-ranked code passes). "
             f"Counts: <code>{html.escape(json.dumps(manifest['counts']))}</code></p>"]
-    for split, rec, it, pair, chosen, rejected, prompt in preview:
+    rft = manifest["config"].get("emit") == "rft"
+    for split, rec, it, pair, chosen, rejected, prompt, *swapped in preview:
         rows.append(f"<h2>line {it.line} &middot; {html.escape(it.name)} &middot; {split} &middot; "
                     f"pair_id {rec.pair_id}</h2>")
+        if rft:  # an SFT record: one correct sample, its code span marked as the mid
+            rows.append(f"<p>correct sample {it.kept[pair.chosen]} (RFT record; the rejected "
+                        f"side is empty)</p><pre>{html.escape(dec(prompt.tolist()))}</pre>"
+                        f"<pre>{side(chosen, rec.chosen_segments, 'mid-c')}</pre>")
+            continue
+        if swapped and swapped[0]:
+            rows.append("<p><b>sides exchanged</b> (shuffle_labels): the chosen column is the "
+                        "incorrect sample; the numbers below are the true pair's</p>")
         n_out = lambda seg: [int((seg == v).sum()) for v in (records.Segment.LEAD, records.Segment.TRAIL)]  # noqa: E731
         rows.append(f"<p>lead/trail tokens: chosen {n_out(rec.chosen_segments)}, rejected "
                     f"{n_out(rec.rejected_segments)}</p>")

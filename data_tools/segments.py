@@ -256,3 +256,48 @@ def segment_ids(prompt_len: int, response_len: int, prefix_len: int, suffix_len:
     o += suffix_len
     out[o:o + trail_len] = Segment.TRAIL
     return out
+
+
+# ------------------------------------------------------------------ focus controls
+# Controls of the focusing study (docs/data.md): the same pairs, the same tokens, only the
+# segment ids moved, so that a weight table puts its weight elsewhere.
+NO_RANDOM_SPAN = "no_random_span"  # random focus: no equal-length span outside the mid
+
+
+def focus_rng(seed: int, pair_id: int, stream: int) -> np.random.Generator:
+    """The generator of one pair's draw: streams 0 / 1 for the chosen / rejected side's
+    random span, 2 for the label shuffle. Keyed by the pair's own id (its input line), so a
+    pair draws the same whatever the sharding or the other pairs."""
+    return np.random.default_rng([seed, pair_id, stream])
+
+
+def random_focus(segments: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """One side's segment ids with its MID moved to a random span elsewhere (a control).
+
+    Rule: let the side's mid (the divergent tokens) be m tokens. The new MID is a span of m
+    consecutive tokens lying wholly inside the side's common prefix or wholly inside its
+    common suffix (never in the prompt, LEAD, TRAIL or the mid itself), its start drawn
+    uniformly among all such spans. The true mid tokens take the class the decoy span had
+    (PREFIX or SUFFIX): the labels are a permutation of the original ones, so every class
+    keeps its token count and a weight table puts the same weight mass on the side, only on
+    other tokens (tables with equal weights, like DPO's, are unchanged). A side with m = 0
+    (an insertion on the other side) is returned as it is. None when no span fits (prefix
+    and suffix both shorter than m).
+    """
+    seg = np.asarray(segments)
+    mid = np.nonzero(seg == Segment.MID)[0]
+    if len(mid) == 0:
+        return seg.copy()
+    m, m0 = len(mid), int(mid[0])
+    starts = []
+    for cls in (Segment.PREFIX, Segment.SUFFIX):
+        pos = np.nonzero(seg == cls)[0]
+        if len(pos) >= m:  # each class is one contiguous run before / after the mid
+            starts += [(int(a), cls) for a in pos[:len(pos) - m + 1]]
+    if not starts:
+        return None
+    a, cls = starts[int(rng.integers(len(starts)))]
+    out = seg.copy()
+    out[m0:m0 + m] = cls
+    out[a:a + m] = Segment.MID
+    return out

@@ -254,6 +254,10 @@ def build_tokenized(input_path: str, out_dir: str, config: build.BuildConfig = b
                     progress: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
     """Builds one shard from token-id pairs; returns (manifest, seconds per stage)."""
     config.validate()
+    for field, default in (("emit", "pairs"), ("focus", "error_point"), ("shuffle_labels", False)):
+        if getattr(config, field) != default:  # these read verdicts, texts or regexes
+            raise ValueError(f"config.{field}={getattr(config, field)!r}: --tokenized builds "
+                             f"given pairs only; leave it at {default!r}")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"--input: no such file {input_path}")
     timings: collections.Counter = collections.Counter()

@@ -71,6 +71,11 @@ METHOD_PRESETS = {"focused_dpo": "focused_dpo", "dpo": "dpo", "continued_sft": "
 # the frozen reference (the start model) in the step instead of the precomputed sums.
 METHOD_PRESETS.update(tdpo1="tdpo1", tdpo2="tdpo2")
 FROZEN_REFERENCE_METHODS = ("tdpo1", "tdpo2")
+# RFT (rejection-sampling fine-tuning): the sft preset on every correct sample of the
+# preference prompts, the `rft` records the pairs stage builds beside `pairs/` when a
+# configured method needs them (launch.build --config.emit=rft; docs/data.md).
+METHOD_PRESETS.update(rft="sft")
+SFT_DATA_METHODS = {"rft": "rft"}  # method -> its data directory in the workdir
 
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).
@@ -139,7 +144,12 @@ def dir_stamp(path) -> str:
 
 def check_inputs(cfg) -> None:
     """What a real run reads from outside the workdir, read before any stage runs (a
-    bad prompts file should not wait for the model import). Raises ValueError."""
+    bad prompts file should not wait for the model import), and the method names. Raises
+    ValueError."""
+    unknown = [m for m in cfg.methods if m not in METHOD_PRESETS]
+    if unknown:
+        raise ValueError(f"config.methods: unknown method(s) {', '.join(map(repr, unknown))}; "
+                         f"the methods are {', '.join(sorted(METHOD_PRESETS))}")
     if cfg.prompt_format and cfg.prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"config.prompt_format={cfg.prompt_format!r}: expected one of "
                          f"{PROMPT_FORMATS} or '' (the tokenizer's default)")
@@ -223,6 +233,8 @@ class Pipeline:
             group, _, key = field.rpartition(".")
             if group in out:
                 out[group].pop(key, None)
+        if name == "pairs":  # whether the stage also builds the rft records
+            out["sft_data_methods"] = sorted(set(c.methods) & set(SFT_DATA_METHODS))
         if name == "sample" and not c.toy.enabled:
             out["prompts_file"] = fingerprint.file_digest(c.prompts)
         if name == "evaluate" and not c.toy.enabled:  # the miniature's come from `data`
@@ -432,16 +444,30 @@ class Pipeline:
 
     def pairs(self):
         out_dir = self.w / "pairs"
+        b = self.cfg.build
+        shared = ["--tokenizer", self.tokenizer, f"--config.max_len={self.cfg.max_len}",
+                  f"--config.ranker={b.ranker}", f"--config.lam={b.lam}",
+                  f"--config.val_fraction={b.val_fraction}", f"--config.truncated={b.truncated}",
+                  f"--config.response={b.response}", f"--config.append_eos={b.append_eos}",
+                  *self.prompt_format(), "--noprogress"]
+        for method in sorted(set(self.cfg.methods) & set(SFT_DATA_METHODS)):
+            # The same ranking and verdicts as the pairs: every correct sample, no selection.
+            rft_dir = self.w / SFT_DATA_METHODS[method]
+            if rft_dir.exists():
+                shutil.rmtree(rft_dir)
+            self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
+                     "--out", rft_dir, "--config.emit=rft", *shared)
+            built = json.loads((rft_dir / "manifest.json").read_text())["counts"]
+            if built["records_out"]["train"] < self.cfg.train.batch_size:
+                raise StageFailed(
+                    f"stage pairs: {built['records_out']['train']} {method} training records "
+                    f"(correct samples), fewer than one batch ({self.cfg.train.batch_size}); "
+                    f"details: {rft_dir}/manifest.json, {rft_dir}/drops-*.jsonl")
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        b = self.cfg.build
         self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
-                 "--tokenizer", self.tokenizer, "--out", out_dir,
-                 f"--config.max_len={self.cfg.max_len}", f"--config.ranker={b.ranker}",
-                 f"--config.lam={b.lam}", f"--config.val_fraction={b.val_fraction}",
-                 f"--config.truncated={b.truncated}", f"--config.train_pairs={b.train_pairs}",
-                 f"--config.val_pairs={b.val_pairs}", f"--config.response={b.response}",
-                 f"--config.append_eos={b.append_eos}", *self.prompt_format(), "--noprogress")
+                 "--out", out_dir, f"--config.train_pairs={b.train_pairs}",
+                 f"--config.val_pairs={b.val_pairs}", *shared)
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed
         # verdicts, gives none).
@@ -478,13 +504,16 @@ class Pipeline:
             own = self.cfg.method_train.get(method, {})
             lr, nll = own.get("lr", t.lr), own.get("nll_weight", t.nll_weight)
             extra = [f"--config.loss.w_focused={w if w is not None else t.w_focused}"]
-            if nll and method != "continued_sft":
+            sft = METHOD_PRESETS[method] == "sft"  # NLL alone: no reference, no NLL weight
+            if nll and not sft:
                 extra.append(f"--config.loss.nll_weight={nll}")
-            self._train("train", self.w / "train" / name, self.start_model, self.w / "pairs_ref",
+            data = (self.w / SFT_DATA_METHODS[method] if method in SFT_DATA_METHODS
+                    else self.w / "pairs_ref")
+            self._train("train", self.w / "train" / name, self.start_model, data,
                         preset=METHOD_PRESETS[method], steps=t.steps, batch_size=t.batch_size,
                         lr=lr, warmup=t.warmup_steps, seed=seed,
                         reference=("frozen" if method in FROZEN_REFERENCE_METHODS
-                                   else "precomputed"),
+                                   or method in SFT_DATA_METHODS else "precomputed"),
                         extra=extra)
 
     def models(self):
