@@ -44,7 +44,7 @@ import time
 
 import ml_collections
 
-from fdpo import atomic, fingerprint, jsonl, pipeline
+from fdpo import atomic, fingerprint, jsonl, pipeline, stats
 
 DATA_VARIANTS = ("pairs", "rft", "random_focus", "oracle_focus", "shuffled")
 # The loss presets an arm may name; everything else about the loss is its weight table.
@@ -610,23 +610,39 @@ class Study:
             out[name] = {"pairs": t.steps * t.batch_size, "tokens": _mean(per_run)}
         return out
 
-    def comparisons(self, results: list[dict]) -> dict:
-        """The primary comparison and the secondary ones (Holm), through fdpo.stats."""
+    def comparisons(self, results: list[dict]) -> list[dict]:
+        """The primary comparison (claimed by the CI and the sign in every warm start) and
+        the secondary ones (Holm over them; claimed by the adjusted p and the sign), test
+        pass@1 in points paired by task (fdpo.stats); the forest plot in forest.png."""
+        c = self.cfg.stats
         pairs = [(self.cfg.primary.arm, self.cfg.primary.baseline)]
         pairs += [tuple(p) for p in self.cfg.secondary]
-        out = {"pairs": [], "stats": None}
-        for a, b in pairs:
-            diffs = []
-            for k, per in enumerate(results):
-                missing = sorted(set(per[a]) ^ set(per[b]))
-                if missing:
-                    raise ValueError(f"warm start {k}: {a} and {b} were evaluated on different "
-                                     f"tasks (e.g. {missing[0]})")
-                diffs.append({t: per[a][t] - per[b][t] for t in sorted(per[a])})
-            out["pairs"].append({"arm": a, "baseline": b, "diffs": diffs,
-                                 "per_warm_start": [100 * _mean(list(d.values()))
-                                                    for d in diffs]})
-        out["stats"] = _bootstrap(out["pairs"], self.cfg.stats)
+        warm = [f"ws{k}" for k in range(len(results))]
+
+        def points(arm):
+            return {w: {t: 100 * v for t, v in per[arm].items()}
+                    for w, per in zip(warm, results)}
+
+        boots = [stats.hierarchical_bootstrap(
+            stats.paired_differences(points(a), points(b), (a, b)),
+            n_boot=c.n_boot, seed=c.seed, level=c.level) for a, b in pairs]
+        adjusted = [None] + list(stats.holm([r.p_value for r in boots[1:]])
+                                 if len(boots) > 1 else [])
+        out = []
+        for (a, b), res, adj in zip(pairs, boots, adjusted):
+            out.append({"arm": a, "baseline": b, "estimate": res.estimate, "ci": list(res.ci),
+                        "p_value": res.p_value, "p_holm": None if adj is None else float(adj),
+                        "per_warm_start": list(res.per_warm_start),
+                        "n_tasks": list(res.n_tasks),
+                        "claim": res.claim if adj is None else stats.secondary_claim(res, adj),
+                        "outcome": stats.outcome(res, f"{a} - {b}", p_adjusted=adj)})
+        rows = [stats.Row(f"{e['arm']} - {e['baseline']}" + (" (Holm)" if i else " (primary)"),
+                          e["estimate"], e["ci"][0], e["ci"][1], e["claim"])
+                for i, e in enumerate(out)]
+        stats.forest_plot(rows, self.w / "forest.png",
+                          xlabel="test greedy pass@1 difference (points)",
+                          title=f"{len(results)} warm starts, {100 * c.level:.0f}% "
+                                "hierarchical bootstrap CI")
         return out
 
     # ------------------------------------------------------------------ all
@@ -647,71 +663,18 @@ class Study:
 
     def report(self) -> None:
         results = self.results()
-        comparisons = self.comparisons(results)
         data = {"protocol": self.digest, "tuning": self.frozen(),
                 "test_pass_at_1": {name: [100 * _mean(list(per[name].values()))
                                           for per in results]
                                    for name in ["start", *self.arms]},
-                "comparisons": [{k: v for k, v in p.items() if k != "diffs"}
-                                for p in comparisons["pairs"]],
-                "stats": comparisons["stats"], "tokens": self.tokens(),
-                "machine": machine(), "stage_seconds": dict(self.timings)}
+                "comparisons": self.comparisons(results), "tokens": self.tokens(),
+                "machine": machine(), "stage_seconds": dict(self.timings),
+                "warm_start_stage_seconds": {
+                    f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
+                               for n in WarmStart.PREPARE if n in self.ws(k).enabled()}
+                    for k in range(len(self.cfg.warm_starts))}}
         atomic.write_text(self.w / "report.json", json.dumps(data, indent=1, default=str) + "\n")
         atomic.write_text(self.w / "report.md", render(self.cfg, data))
-
-
-# --------------------------------------------------------------------------- statistics
-def _bootstrap(pairs: list[dict], c) -> dict:
-    """The hierarchical bootstrap (warm starts, then tasks) of every comparison, and Holm
-    over the secondary ones, or why there are none.
-
-    TODO(issue 19, fdpo/stats.py): this expects
-    `fdpo.stats.hierarchical_bootstrap(diffs_by_warm_start, n_boot, seed, level)` taking one
-    sequence of per-task differences per warm start and returning the point estimate, the
-    percentile CI and a p-value (a dict or a dataclass with `estimate`, `ci` (low, high) and
-    `p_value`), and `fdpo.stats.holm(p_values)` returning adjusted p-values. Until that
-    module lands the report says the statistics were not computed."""
-    try:
-        from fdpo import stats  # noqa: PLC0415 (lands with issue 19's statistics)
-    except ImportError as e:
-        return {"error": f"fdpo.stats is not available ({e}): no confidence intervals"}
-    rows = []
-    for p in pairs:
-        per = [[d[t] * 100 for t in sorted(d)] for d in p["diffs"]]
-        r = stats.hierarchical_bootstrap(per, n_boot=c.n_boot, seed=c.seed, level=c.level)
-        r = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
-        rows.append(r)
-    p_values = [r.get("p_value") for r in rows[1:]]
-    if p_values and all(p is not None for p in p_values):
-        for r, adj in zip(rows[1:], stats.holm(p_values)):
-            r["p_holm"] = float(adj)
-    return {"rows": rows}
-
-
-def claim(ci: tuple[float, float] | None, per_warm_start: list[float]) -> str:
-    """The pre-registered rule: a claim only when the CI excludes 0 and the sign of the
-    difference holds in every warm start."""
-    if ci is None:
-        return "no claim: no confidence interval"
-    low, high = ci
-    if low <= 0 <= high:
-        return f"no claim: the CI [{low:+.2f}, {high:+.2f}] includes 0"
-    sign = 1 if low > 0 else -1
-    if not all(d * sign > 0 for d in per_warm_start):
-        return (f"no claim: the CI [{low:+.2f}, {high:+.2f}] excludes 0 but the sign does not "
-                "hold in every warm start")
-    return f"{'ahead' if sign > 0 else 'behind'}: CI [{low:+.2f}, {high:+.2f}], same sign in " \
-           "every warm start"
-
-
-def _ci(row: dict | None):
-    if not row:
-        return None
-    if "ci" in row:
-        return tuple(row["ci"])
-    if "ci_low" in row:
-        return row["ci_low"], row["ci_high"]
-    return None
 
 
 # --------------------------------------------------------------------------- the report
@@ -746,24 +709,19 @@ def _f(x, fmt="{:.1f}"):
 
 
 def render(cfg, data: dict) -> str:
-    stats_rows = (data["stats"] or {}).get("rows")
     comps = data["comparisons"]
-    lines = [f"# Study report (protocol {data['protocol']})", ""]
     first = comps[0]
-    row = stats_rows[0] if stats_rows else None
-    outcome = claim(_ci(row), first["per_warm_start"])
-    lines += ["## Outcome", "",
-              f"Primary comparison: test greedy pass@1 of **{first['arm']} minus "
-              f"{first['baseline']}**, paired by task, over {len(cfg.warm_starts)} warm "
-              f"starts: {outcome}.",
-              "Per warm start (points): " + ", ".join(_f(d, "{:+.1f}")
-                                                     for d in first["per_warm_start"]) + "."]
-    if data["stats"] and "error" in data["stats"]:
-        lines.append(f"Statistics not computed: {data['stats']['error']}.")
-    lines += ["", "## Test greedy pass@1 (%) per warm start", "",
-              "| arm | " + " | ".join(f"ws{k}" for k in range(len(cfg.warm_starts)))
-              + " | mean | lr | NLL | pairs | tokens |",
-              "|---|" + "---|" * (len(cfg.warm_starts) + 5)]
+    n_ws = len(cfg.warm_starts)
+    lines = [f"# Study report (protocol {data['protocol']})", "", "## Outcome", "",
+             f"Primary comparison, test greedy pass@1 of {first['arm']} minus "
+             f"{first['baseline']} (points, paired by task, {n_ws} warm starts, hierarchical "
+             f"bootstrap over warm starts and tasks; a claim needs the CI to exclude 0 and the "
+             f"sign to hold in every warm start):", "", f"**{first['outcome']}**", "",
+             "![comparisons](forest.png)", "",
+             "## Test greedy pass@1 (%) per warm start", "",
+             "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))
+             + " | mean | lr | NLL | pairs | tokens |",
+             "|---|" + "---|" * (n_ws + 5)]
     for name, vals in data["test_pass_at_1"].items():
         tun = data["tuning"].get(name, {})
         tok = data["tokens"].get(name, {})
@@ -772,20 +730,18 @@ def render(cfg, data: dict) -> str:
                      f"{_f(tun.get('nll_weight'), '{:g}')} | {tok.get('pairs', '-')} | "
                      f"{_f(tok.get('tokens'), '{:.0f}')} |")
     lines += ["", "## Comparisons (points; the first is primary, the rest Holm-corrected)", "",
-              "| comparison | per warm start | estimate | CI | p | p (Holm) | verdict |",
+              "| comparison | per warm start | estimate | CI | p | p (Holm) | claim |",
               "|---|---|---|---|---|---|---|"]
-    for i, c in enumerate(comps):
-        r = stats_rows[i] if stats_rows else {}
-        ci = _ci(r)
+    for c in comps:
         lines.append(f"| {c['arm']} - {c['baseline']} | "
                      + ", ".join(_f(d, "{:+.1f}") for d in c["per_warm_start"])
-                     + f" | {_f(r.get('estimate'), '{:+.2f}')} | "
-                     + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "-")
-                     + f" | {_f(r.get('p_value'), '{:.3g}')} | "
-                     f"{_f(r.get('p_holm'), '{:.3g}') if i else '(primary)'} | "
-                     f"{claim(ci, c['per_warm_start'])} |")
+                     + f" | {c['estimate']:+.2f} | [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] | "
+                     f"{c['p_value']:.3g} | "
+                     + ("(primary)" if c["p_holm"] is None else f"{c['p_holm']:.3g}")
+                     + f" | {'yes' if c['claim'] else 'no'} |")
+    lines += [""] + [f"- {c['outcome']}" for c in comps[1:]]
     lines += ["", f"## Tuning (warm start {cfg.tuning.warm_start}, split {cfg.splits.tune})", "",
-              "| arm | lr grid: pass@1 | chosen lr | NLL | extensions | stopped |",
+              "| arm | lr (/NLL): pass@1 | chosen lr | NLL | extensions | stopped |",
               "|---|---|---|---|---|---|"]
     for name, t in data["tuning"].items():
         grid = ", ".join(f"{s['lr']:g}" + (f"/{s['nll_weight']:g}" if len(
@@ -797,9 +753,12 @@ def render(cfg, data: dict) -> str:
     lines += ["", "## Machine and stage times", "",
               f"- CPU: {m['cpu']} ({m['cores']} cores), {m['platform']}",
               f"- Python {m['python']}, jax {m['jax']}, XLA_FLAGS `{m['xla_flags'] or '(none)'}`",
-              f"- commit {m['commit']}", ""]
-    lines += ["| stage | seconds |", "|---|---|"]
+              f"- commit {m['commit']}", "",
+              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in data["stage_seconds"].items()]
+    for ws, per in data.get("warm_start_stage_seconds", {}).items():
+        lines.append(f"| {ws}: " + ", ".join(f"{n} {_f(v, '{:.0f}')}" for n, v in per.items())
+                     + " | |")
     lines += ["", "Tokens: tokens the model ran on per run (the mean logged per-step count "
               "times the steps), mean over warm starts; pairs = steps x batch, equal for "
               "every arm."]
