@@ -136,6 +136,19 @@ def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
         study.check_config(cfg)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("warm_starts", ((0, 0), (0, 1)), "own init seed"),
+    ("secondary", (("focused_dpo", "rft"),), "no arm 'rft'"),
+    ("tuning.factor", 1.0, "factor=1.0"),
+])
+def test_bad_protocol_values_are_errors_naming_the_field(field, value, message):
+    cfg = config("fast")
+    group, _, key = field.rpartition(".")
+    (cfg[group] if group else cfg)[key] = value
+    with pytest.raises(ValueError, match=message):
+        study.check_config(cfg)
+
+
 # ------------------------------------------------------------------------- the protocol
 def test_the_digest_is_written_first_and_a_changed_protocol_is_refused(tmp_path):
     cfg = config("fast")
