@@ -277,6 +277,13 @@ def test_the_fast_study_tunes_on_validation_of_warm_start_0_and_tests_everywhere
     assert all(a[a.index("--dataset") + 1].endswith("eval_test.jsonl") for a in evaluated)
 
 
+def test_the_program_prints_the_plan_and_touches_nothing(tmp_path):
+    r = run_program("launch.study", "--config=configs/study.py:fast", "--plan",
+                    f"--workdir={tmp_path / 'study'}", timeout=120)
+    assert json.loads(r.stdout) == json.loads(json.dumps(study.plan(config("fast"))))
+    assert not (tmp_path / "study").exists()
+
+
 def test_the_default_and_full_variants():
     for arg, n_ws in ((None, 3), ("full", 5)):
         cfg = config(arg)
