@@ -1,6 +1,8 @@
 # Two entry points, each doing all of its own set-up on a fresh machine.
 #   make toy    install, then run the embedded miniature end to end (report in runs/toy/report)
 #   make test   install (with the test packages), then run the whole test suite
+# and the study of issue 19 (docs/pipeline.md#the-study-make-study):
+#   make study  install, then the pre-registered study (report in runs/study/report.md)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +18,7 @@ $(BIN)/.installed-test: $(BIN)/.installed requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
-.PHONY: install install-test system-deps toy test test-fast
+.PHONY: install install-test system-deps toy study test test-fast
 
 # The code executor's sandbox needs bubblewrap (and root, for its cgroups and uids).
 system-deps:
@@ -28,6 +30,11 @@ install-test: $(BIN)/.installed-test system-deps
 
 toy: install
 	$(BIN)/python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
+
+# Warm starts, per-arm lr tuning, every arm on every warm start, the paired comparison;
+# rerunning resumes (configs/study.py, fdpo/study.py).
+study: install
+	$(BIN)/python -m launch.study --config=configs/study.py --workdir=runs/study
 
 # Two pytest-xdist workers, each test file on one worker (its module fixtures built once):
 # the serial suite took ~33 min on a 2-core machine, this 17 min 42 s (docs/testing.md).

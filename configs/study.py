@@ -1,0 +1,149 @@
+r"""The pre-registered study of issue 19: does Focused-DPO beat DPO on the decision-point
+miniature, and which of its ingredients does it.
+
+    python -m launch.study --config=configs/study.py --workdir=runs/study        # make study
+    python -m launch.study --config=configs/study.py:fast --workdir=/tmp/study   # test suite
+    python -m launch.study --config=configs/study.py:full --workdir=runs/study-full
+
+Everything that decides the outcome is fixed here before any result exists: the study
+writes this config and its digest to WORKDIR/protocol.json first, and refuses to continue a
+directory whose protocol digest differs (fdpo/study.py).
+
+- **Warm starts**: each one is the miniature's pipeline (configs/toy.py) run up to its
+  reference stage with its own initialisation seed and data seed (`warm_starts`).
+- **Arms** (`arms`): name -> loss preset, explicit weight table ((chosen prefix, mid,
+  suffix), (rejected prefix, mid, suffix)), NLL weight(s), data variant. An arm is named by
+  its weight table (`w2-rs1-nll0`: chosen mid weight 2, rejected suffix weight 1, no NLL;
+  other tables `c0_1_0-r0_1_0-nll0`), never by what it resembles; only the published
+  methods with their exact published tables keep their names (dpo, focused_dpo, rpo,
+  tdpo1, tdpo2, continued_sft, rft). fdpo.study checks that every name is the one its
+  table gives. Every arm trains for the same steps x batch (`train`).
+- **Tuning**: per arm, a log-spaced lr grid around `lr_center` (`tuning.points` points,
+  `tuning.factor` apart), trained on warm start `tuning.warm_start` and scored by greedy
+  pass@1 on its `splits.tune` split. Ties: the lower median of the tied learning rates. If
+  the best sits at an edge of the grid, the grid is extended by one point on that side, at
+  most `tuning.max_extensions` times; the chosen lrs are then frozen (tuning.json).
+- **Primary comparison**: test greedy pass@1 of `primary.arm` minus `primary.baseline`,
+  paired by task, hierarchical bootstrap over (warm start, task); a claim only when the CI
+  excludes 0 and the sign holds in every warm start. `secondary`: further comparisons,
+  Holm-corrected.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import toy
+from configs.common import parse_arg
+
+# Where the data-side controls come from (launch.build options, docs/data.md).
+DATA_VARIANTS = ("pairs", "rft", "random_focus", "oracle_focus", "shuffled")
+
+
+def _arm(preset, weights, nll_weights=(0.0,), data="pairs", lr_center=1e-4):
+    return dict(preset=preset, weights=weights, nll_weights=tuple(float(n) for n in nll_weights),
+                data=data, lr_center=lr_center)
+
+
+def _table(w, rs):
+    """The Focused-DPO family: chosen (1, w, 1), rejected (1, 1, rs)."""
+    return ((1.0, float(w), 1.0), (1.0, 1.0, float(rs)))
+
+
+DPO = _table(1, 1)
+FOCUSED = _table(2, 0)
+SFT = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+MID_ONLY = ((0.0, 1.0, 0.0), (0.0, 1.0, 0.0))
+
+# Learning-rate centres of the grids. The preference losses without NLL collapsed at 2e-4 in
+# the list miniature's probe and moved little at 5e-5 (docs/results/miniature.md): 1e-4 in
+# the middle; supervised arms ran best at 2e-4 there.
+PREFERENCE_LR = 1e-4
+SFT_LR = 2e-4
+
+
+def all_arms() -> dict:
+    """Every arm of the full protocol, by name."""
+    arms = {}
+    # The factorial: chosen-mid weight x rejected-suffix weight x NLL, at matched lr grids.
+    # Two of its cells are published methods and carry their names.
+    for w in (1, 2, 5):
+        for rs in (0, 1):
+            for nll in (0, 1):
+                name = f"w{w}-rs{rs}-nll{nll}"
+                name = {"w1-rs1-nll0": "dpo", "w2-rs0-nll0": "focused_dpo"}.get(name, name)
+                arms[name] = _arm("dpo", _table(w, rs), (nll,), lr_center=PREFERENCE_LR)
+    arms["c0_1_0-r0_1_0-nll0"] = _arm("dpo", MID_ONLY, lr_center=PREFERENCE_LR)  # mid-only
+    # RPO: DPO plus the chosen NLL, its weight tuned with the lr.
+    arms["rpo"] = _arm("dpo", DPO, (0.2, 1.0), lr_center=PREFERENCE_LR)
+    arms["tdpo1"] = _arm("tdpo1", DPO, lr_center=PREFERENCE_LR)
+    arms["tdpo2"] = _arm("tdpo2", DPO, lr_center=PREFERENCE_LR)
+    # Supervised arms: the chosen side of the pairs, and every correct sample (RFT).
+    arms["continued_sft"] = _arm("sft", SFT, (1.0,), lr_center=SFT_LR)
+    arms["rft"] = _arm("sft", SFT, (1.0,), data="rft", lr_center=SFT_LR)
+    # Controls: Focused-DPO's table where the weight lands elsewhere (random span), on the
+    # generator's known decision span (oracle), and on pairs with shuffled labels.
+    for variant in ("random_focus", "oracle_focus", "shuffled"):
+        arms[f"w2-rs0-nll0@{variant}"] = _arm("dpo", FOCUSED, data=variant,
+                                              lr_center=PREFERENCE_LR)
+    return arms
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, fast=False, full=False)
+    if arg.fast and arg.full:
+        raise ValueError("config arguments fast and full exclude each other")
+    c = ml_collections.ConfigDict()
+    c.name = "study"
+
+    # Each warm start's pipeline (configs/toy.py), run up to its reference stage; the study
+    # sets init.seed, toy.seed, sample.seed, toy.family and the train section per warm start.
+    c.pipeline = toy.get_config("fast" if arg.fast else None)
+    for unused in ("methods", "seeds", "w_focused_ablation", "method_train", "train"):
+        del c.pipeline[unused]  # the study's arms and `train` replace these
+    # The task family with localised wrong beliefs (configs/toy_data.py `family`); its eval
+    # files are eval_validation.jsonl and eval_test.jsonl in the warm start's data dir.
+    c.family = "decision"
+    c.pipeline.max_len = 104  # the decision family's programs are up to 98 tokens
+    c.splits = ml_collections.ConfigDict(dict(tune="validation", test="test"))
+    # The per-task score: pass@1 of greedy decoding on the benchmark's base tests.
+    c.metric = "base"
+
+    # (init seed, data seed) per warm start; the data seed is the toy data's (tasks,
+    # splits, tests), the sampler's and the data order of every preference run.
+    c.warm_starts = ((0, 0), (1, 1), (2, 2))
+
+    # Every arm: the same steps x batch (pairs per step), warmup and beta.
+    c.train = ml_collections.ConfigDict(dict(steps=150, batch_size=16, warmup_steps=10,
+                                             beta=0.1))
+    c.tuning = ml_collections.ConfigDict(dict(warm_start=0, points=3, factor=3.0,
+                                              max_extensions=2))
+
+    arms = all_arms()
+    # The default fits `make study` into ~45 minutes on 2 CPU cores (docs/pipeline.md): the
+    # primary pair and the ingredient the list miniature never ablated, the rejected suffix
+    # dropped at w = 1. `full` has every arm.
+    chosen = ("focused_dpo", "dpo", "w1-rs0-nll0")
+    c.primary = ml_collections.ConfigDict(dict(arm="focused_dpo", baseline="dpo"))
+    c.stats = ml_collections.ConfigDict(dict(n_boot=10000, seed=0, level=0.95))
+
+    if arg.full:
+        c.warm_starts = tuple((k, k) for k in range(5))
+        c.tuning.points = 5
+        chosen = tuple(arms)
+    if arg.fast:  # the test suite's run: checks the plumbing, not the method
+        c.warm_starts = ((0, 0), (1, 1))
+        c.train.update(steps=4, batch_size=4, warmup_steps=1)
+        c.tuning.update(points=2, max_extensions=1)
+        c.stats.n_boot = 200
+        chosen = ("focused_dpo", "dpo")
+    c.arms = ml_collections.ConfigDict({name: arms[name] for name in chosen})
+    # Secondary comparisons (Holm-corrected), as (arm, baseline): every other arm against
+    # DPO (w1-rs0-nll0 is DPO with the rejected suffix dropped, w2-rs1-nll0 DPO with the
+    # chosen mid doubled), the chosen-mid weight with the rejected suffix dropped
+    # (focused_dpo against w1-rs0-nll0), and Focused-DPO against continued SFT.
+    c.secondary = tuple((a, "dpo") for a in chosen if a not in ("focused_dpo", "dpo"))
+    for pair in (("focused_dpo", "w1-rs0-nll0"), ("focused_dpo", "continued_sft")):
+        if set(pair) <= set(chosen):
+            c.secondary += (pair,)
+    return c

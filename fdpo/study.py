@@ -1,0 +1,787 @@
+"""The pre-registered study (configs/study.py, issue 19): warm starts, per-arm lr tuning,
+every arm on every warm start, the paired comparison, a report.
+
+    python -m launch.study --config=configs/study.py --workdir=runs/study
+    Study(cfg, workdir).all()   # the same, in Python
+
+Stages, in order, each with a marker in WORKDIR/stages (a rerun skips finished stages and
+resumes the others: finished training runs and evaluations inside a stage are kept):
+
+    protocol     WORKDIR/protocol.json: the config and its digest, before any result
+                 exists; a directory pre-registered with another digest is refused
+    ws{k}        warm start k: the pipeline (fdpo.pipeline) up to its reference stage in
+                 WORKDIR/ws{k}, with the warm start's init and data seeds
+    variants{k}  the data variants the arms need besides the pairs (launch.build options
+                 emit=rft, focus=random|oracle, shuffle_labels), with their reference sums
+    tuning       each arm's lr (and NLL weight, where it has several) on warm start
+                 `tuning.warm_start`'s tuning split; the choices frozen in tuning.json
+    runs         every arm on every warm start at its frozen lr, and every start model,
+                 evaluated on the test split
+    report       report.md / report.json: the outcome, tuning, per-arm test pass@1, tokens
+                 processed, the machine and the stage times
+
+Training runs and evaluations are the pipeline's own (`Pipeline._train`, `Pipeline.evaluate`):
+the study is a `Pipeline` per warm start whose evaluated models and splits it chooses.
+Warm start k's tuning runs, test runs and evaluations all live in its workdir:
+`tuning/ARM/lrLR-nllN/`, `runs/ARM/` and `eval/{tuning,runs}/.../SPLIT/results.json`. On the
+tuning warm start an arm's test run is its tuning run at the chosen setting (the same
+command), evaluated on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import ml_collections
+
+from fdpo import atomic, fingerprint, jsonl, pipeline, stats
+
+DATA_VARIANTS = ("pairs", "rft", "random_focus", "oracle_focus", "shuffled")
+# The loss presets an arm may name; everything else about the loss is its weight table.
+ARM_PRESETS = {"dpo": "sigmoid", "sft": "none", "tdpo1": "tdpo1", "tdpo2": "tdpo2"}
+# launch.build options of each data variant beyond the pipeline's own build settings
+# (docs/data.md); the seed is the warm start's data seed.
+VARIANT_BUILD = {"rft": lambda seed: ["--config.emit=rft"],
+                 "random_focus": lambda seed: ["--config.focus=random",
+                                               f"--config.focus_seed={seed}"],
+                 "oracle_focus": lambda seed: ["--config.focus=oracle"],
+                 "shuffled": lambda seed: ["--config.shuffle_labels=True",
+                                           f"--config.focus_seed={seed}"]}
+# Fields that change only speed or device layout: not part of the protocol's digest.
+UNTRACKED_FIELDS = tuple(f"pipeline.{f}" for f in pipeline.UNTRACKED_FIELDS)
+
+
+class ProtocolChanged(ValueError):
+    """The study directory was pre-registered with another protocol."""
+
+
+# --------------------------------------------------------------------------- arm names
+@dataclasses.dataclass(frozen=True)
+class ArmKey:
+    """What an arm is: loss type, weight table (2 x 3: chosen, rejected x prefix, mid,
+    suffix), NLL weight ("tuned" when tuned with the lr), data variant."""
+    loss: str
+    table: tuple[tuple[float, ...], tuple[float, ...]]
+    nll: float | str
+    data: str = "pairs"
+
+
+_DPO = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+_ZERO = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+# The published methods, with their exact published tables: the only arms not named by
+# their table.
+PUBLISHED = {
+    "dpo": ArmKey("sigmoid", _DPO, 0.0),
+    "focused_dpo": ArmKey("sigmoid", ((1.0, 2.0, 1.0), (1.0, 1.0, 0.0)), 0.0),
+    "rpo": ArmKey("sigmoid", _DPO, "tuned"),
+    "tdpo1": ArmKey("tdpo1", _DPO, 0.0),
+    "tdpo2": ArmKey("tdpo2", _DPO, 0.0),
+    "continued_sft": ArmKey("none", _ZERO, 1.0),
+    "rft": ArmKey("none", _ZERO, 1.0, "rft"),
+}
+_LOSS_PREFIX = {"sigmoid": "", "none": "sft-", "tdpo1": "tdpo1-", "tdpo2": "tdpo2-"}
+
+
+def _num(x: float) -> str:
+    """A weight as a name part: 0.5 -> 0p5, -1 -> m1 (no dots or dashes)."""
+    text = f"{float(x):.6f}".rstrip("0").rstrip(".")
+    return text.replace(".", "p").replace("-", "m")
+
+
+def _unnum(s: str) -> float:
+    return float(s.replace("p", ".").replace("m", "-"))
+
+
+def arm_name(key: ArmKey) -> str:
+    """The one name of an arm: a published method's name for its exact published table,
+    else the table's: `w{w}-rs{rs}-nll{n}` for chosen (1, w, 1) and rejected (1, 1, rs),
+    `c{p}_{m}_{s}-r{p}_{m}_{s}-nll{n}` for any other; `sft-`/`tdpo1-`/`tdpo2-` before it
+    for those losses, `@VARIANT` after it for data other than the pairs."""
+    for name, k in PUBLISHED.items():
+        if k == key:
+            return name
+    (cp, cm, cs), (rp, rm, rs) = key.table
+    if (cp, cs, rp, rm) == (1, 1, 1, 1):
+        table = f"w{_num(cm)}-rs{_num(rs)}"
+    else:
+        table = "c{}_{}_{}-r{}_{}_{}".format(*map(_num, (cp, cm, cs, rp, rm, rs)))
+    nll = "tuned" if key.nll == "tuned" else _num(key.nll)
+    data = "" if key.data == "pairs" else f"@{key.data}"
+    return f"{_LOSS_PREFIX[key.loss]}{table}-nll{nll}{data}"
+
+
+_NUM = r"m?\d+(?:p\d+)?"
+_NAME = re.compile(
+    rf"^(?P<loss>sft-|tdpo1-|tdpo2-)?(?:w(?P<w>{_NUM})-rs(?P<rs>{_NUM})"
+    rf"|c(?P<c>{_NUM}_{_NUM}_{_NUM})-r(?P<r>{_NUM}_{_NUM}_{_NUM}))"
+    rf"-nll(?P<nll>tuned|{_NUM})(?:@(?P<data>\w+))?$")
+
+
+def arm_key(name: str) -> ArmKey:
+    """The inverse of `arm_name`. Raises ValueError for a name that is not one (a
+    published table under its table name is not: it has its published name)."""
+    if name in PUBLISHED:
+        return PUBLISHED[name]
+    m = _NAME.match(name)
+    if not m:
+        raise ValueError(f"arm name {name!r}: expected a published method "
+                         f"({', '.join(PUBLISHED)}) or a weight-table name such as "
+                         "'w2-rs1-nll0', 'c0_1_0-r0_1_0-nll0', 'w2-rs0-nll0@random_focus'")
+    if m["w"] is not None:
+        table = ((1.0, _unnum(m["w"]), 1.0), (1.0, 1.0, _unnum(m["rs"])))
+    else:
+        table = (tuple(map(_unnum, m["c"].split("_"))), tuple(map(_unnum, m["r"].split("_"))))
+    loss = {"sft-": "none", "tdpo1-": "tdpo1", "tdpo2-": "tdpo2", None: "sigmoid"}[m["loss"]]
+    data = m["data"] or "pairs"
+    if data not in DATA_VARIANTS or data == "pairs" and m["data"]:
+        raise ValueError(f"arm name {name!r}: data variant {data!r}: expected one of "
+                         f"{DATA_VARIANTS[1:]} after '@' (none for the pairs)")
+    key = ArmKey(loss, table, "tuned" if m["nll"] == "tuned" else _unnum(m["nll"]), data)
+    if arm_name(key) != name:
+        raise ValueError(f"arm name {name!r}: this table is {arm_name(key)!r}")
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    preset: str
+    weights: tuple[tuple[float, ...], tuple[float, ...]]
+    nll_weights: tuple[float, ...]
+    data: str
+    lr_center: float
+
+    @property
+    def key(self) -> ArmKey:
+        nll = "tuned" if len(self.nll_weights) > 1 else self.nll_weights[0]
+        return ArmKey(ARM_PRESETS[self.preset], self.weights, nll, self.data)
+
+
+def arms_of(cfg) -> list[Arm]:
+    """The config's arms, each checked against the name its table gives. Raises
+    ValueError naming the arm."""
+    out = []
+    for name, a in cfg.arms.items():
+        where = f"config.arms[{name!r}]"
+        if a.preset not in ARM_PRESETS:
+            raise ValueError(f"{where}.preset={a.preset!r}: expected one of {tuple(ARM_PRESETS)}")
+        if a.data not in DATA_VARIANTS:
+            raise ValueError(f"{where}.data={a.data!r}: expected one of {DATA_VARIANTS}")
+        try:
+            weights = tuple(tuple(float(w) for w in row) for row in a.weights)
+        except (TypeError, ValueError):
+            weights = ()
+        if len(weights) != 2 or any(len(row) != 3 for row in weights):
+            raise ValueError(f"{where}.weights={a.weights!r}: expected ((chosen prefix, mid, "
+                             "suffix), (rejected prefix, mid, suffix))")
+        nll = tuple(float(n) for n in a.nll_weights)
+        if not nll or any(not n >= 0 for n in nll) or len(set(nll)) != len(nll):
+            raise ValueError(f"{where}.nll_weights={a.nll_weights!r}: expected distinct "
+                             "values >= 0 (one, or several tuned with the lr)")
+        if not a.lr_center > 0:
+            raise ValueError(f"{where}.lr_center={a.lr_center!r}: expected > 0")
+        arm = Arm(name, a.preset, weights, nll, a.data, float(a.lr_center))
+        if arm_name(arm.key) != name:
+            raise ValueError(f"{where}: its table, NLL weight and data are named "
+                             f"{arm_name(arm.key)!r} (arms are named by their weight table)")
+        out.append(arm)
+    return out
+
+
+# --------------------------------------------------------------------------- the lr rule
+def lr_grid(center: float, points: int, factor: float) -> list[float]:
+    """`points` learning rates `factor` apart, centred (geometrically) on `center`, each
+    rounded to 3 significant digits (the value in tuning.json and on the command line)."""
+    return [_round(center * factor ** (i - (points - 1) / 2)) for i in range(points)]
+
+
+def _round(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def best_lr(scores: dict[float, float]) -> float:
+    """The lr with the best score; ties: the lower median of the tied learning rates (an
+    interior choice when a flat stretch of the grid scores the same)."""
+    top = max(scores.values())
+    tied = sorted(lr for lr, s in scores.items() if s == top)
+    return tied[(len(tied) - 1) // 2]
+
+
+def next_lr(scores: dict[float, float], factor: float, extensions: int,
+            max_extensions: int) -> tuple[float | None, str]:
+    """The grid rule: (the lr to add, why) when the best lr sits at an edge of the grid
+    and fewer than `max_extensions` points were added, else (None, why the grid stops)."""
+    grid = sorted(scores)
+    best = best_lr(scores)
+    if len(grid) > 1 and grid[0] < best < grid[-1]:
+        return None, "best inside the grid"
+    if len(grid) == 1:
+        side = "below" if extensions % 2 == 0 else "above"  # a one-point grid widens both ways
+    else:
+        side = "below" if best == grid[0] else "above"
+    if extensions >= max_extensions:
+        return None, f"best at the {'lower' if side == 'below' else 'upper'} edge after " \
+                     f"{extensions} extension(s) (the cap)"
+    new = _round(grid[0] / factor) if side == "below" else _round(grid[-1] * factor)
+    return new, f"best at the {'lower' if side == 'below' else 'upper'} edge: extended {side}"
+
+
+# --------------------------------------------------------------------------- the protocol
+def protocol_fields(cfg) -> dict:
+    """The config as the protocol's digest reads it (speed and layout fields left out)."""
+    out = json.loads(cfg.to_json())
+    for dotted in UNTRACKED_FIELDS:
+        *path, key = dotted.split(".")
+        node = out
+        for p in path:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return out
+
+
+def protocol_digest(cfg) -> str:
+    return fingerprint.digest(protocol_fields(cfg))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config(cfg) -> None:
+    """Every protocol value, before any directory is touched. Raises ValueError naming the
+    field."""
+    arms = {a.name: a for a in arms_of(cfg)}
+    keys = [a.key for a in arms.values()]
+    if len(set(keys)) != len(keys):
+        raise ValueError("config.arms: two arms with the same table, NLL and data")
+    ws = [tuple(w) for w in cfg.warm_starts]
+    if not ws or any(len(w) != 2 for w in ws):
+        raise ValueError(f"config.warm_starts={cfg.warm_starts!r}: expected "
+                         "((init seed, data seed), ...)")
+    if len({w[0] for w in ws}) != len(ws) or len({w[1] for w in ws}) != len(ws):
+        raise ValueError(f"config.warm_starts={cfg.warm_starts!r}: every warm start needs its "
+                         "own init seed and its own data seed")
+    t = cfg.tuning
+    if not 0 <= t.warm_start < len(ws):
+        raise ValueError(f"config.tuning.warm_start={t.warm_start}: expected an index into "
+                         f"config.warm_starts (0..{len(ws) - 1})")
+    if t.points < 1 or t.max_extensions < 0 or not t.factor > 1:
+        raise ValueError(f"config.tuning: points={t.points} (>= 1), max_extensions="
+                         f"{t.max_extensions} (>= 0), factor={t.factor} (> 1)")
+    if cfg.train.steps < 1 or cfg.train.batch_size < 1:
+        raise ValueError(f"config.train: steps={cfg.train.steps}, batch_size="
+                         f"{cfg.train.batch_size}: expected >= 1 (equal for every arm)")
+    for field, (a, b) in [("primary", (cfg.primary.arm, cfg.primary.baseline)),
+                          *(("secondary", tuple(p)) for p in cfg.secondary)]:
+        missing = [x for x in (a, b) if x not in arms]
+        if missing or a == b:
+            raise ValueError(f"config.{field}: ({a}, {b}): "
+                             + (f"no arm {missing[0]!r}; the arms are {list(arms)}"
+                                if missing else "an arm against itself"))
+    if not cfg.pipeline.toy.enabled or not cfg.pipeline.warm_start.enabled:
+        raise ValueError("config.pipeline: the study needs the miniature (toy.enabled) and "
+                         "its warm start (warm_start.enabled)")
+    pipeline.check_inputs(cfg.pipeline)
+
+
+def warm_start_config(cfg, k: int) -> ml_collections.ConfigDict:
+    """Warm start k's pipeline config: the protocol's pipeline with its seeds, the task
+    family, and the study's batch size (the pairs stage needs a batch) and beta."""
+    c = copy.deepcopy(cfg.pipeline)
+    c.unlock()
+    init_seed, data_seed = cfg.warm_starts[k]
+    c.init.seed = init_seed
+    c.toy.seed = data_seed
+    c.sample.seed = data_seed
+    # Before the decision family existed, configs/toy_data.py had no `family` field: the
+    # list family is then the only one and needs no field.
+    if "family" in c.toy or cfg.family != "lists":
+        c.toy.family = cfg.family
+    c.train = ml_collections.ConfigDict(dict(batch_size=cfg.train.batch_size,
+                                              beta=cfg.train.beta))
+    return c
+
+
+class WarmStart(pipeline.Pipeline):
+    """One warm start's pipeline workdir: its stages up to the reference, then whatever
+    models and splits the study evaluates. With `recorded` a list, program commands are
+    appended to it as (stage, module, args) instead of run."""
+
+    PREPARE = ("data", "init", "sft_data", "warm_start", "sample", "execute", "pairs",
+               "reference")
+
+    def __init__(self, cfg, workdir: pathlib.Path):
+        super().__init__(cfg, workdir)
+        self.recorded: list | None = None
+        self._models: list = []
+        self._splits: tuple = ()
+
+    def run(self, stage: str, module: str, *args) -> None:
+        if self.recorded is not None:
+            self.recorded.append((stage, module, [str(a) for a in args]))
+            return
+        super().run(stage, module, *args)
+
+    def prepare(self) -> None:
+        self.check_inputs()
+        for name in self.enabled():
+            if name in self.PREPARE:
+                self.stage(name, getattr(self, name))
+
+    def models(self):
+        return self._models
+
+    def benchmarks(self):
+        return [(split, "evalplus", str(self.toy_dir / f"eval_{split}.jsonl"))
+                for split in self._splits]
+
+    def evaluate_models(self, models, splits) -> None:
+        """Greedy pass@1 of each (name, checkpoint) on each split, in eval/NAME/SPLIT
+        (kept when it exists)."""
+        self._models, self._splits = list(models), tuple(splits)
+        self.evaluate()
+
+
+def _table_flag(table) -> str:
+    return "(" + ",".join("(" + ",".join(f"{w:g}" for w in row) + ")" for row in table) + ")"
+
+
+def pass_rates(results_path: pathlib.Path, metric: str = "base") -> dict[str, float]:
+    """{task id: pass rate} of an evaluation's results.json (greedy: 0 or 1)."""
+    r = json.loads(results_path.read_text())
+    return {row["task_id"]: row[f"{metric}_correct"] / row["n"] for row in r["tasks"]}
+
+
+def _mean(xs):
+    return statistics.mean(xs) if xs else None
+
+
+class Study:
+    """The study in `workdir`. `check_config` first (the program does)."""
+
+    def __init__(self, cfg, workdir: pathlib.Path):
+        self.cfg, self.w = cfg, pathlib.Path(workdir)
+        self.arms = {a.name: a for a in arms_of(cfg)}
+        self.digest = protocol_digest(cfg)
+        self.timings: dict[str, float] = {}
+        self._ws: dict[int, WarmStart] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def ws(self, k: int) -> WarmStart:
+        if k not in self._ws:
+            self._ws[k] = WarmStart(warm_start_config(self.cfg, k), self.w / f"ws{k}")
+        return self._ws[k]
+
+    def commands(self, fn, *args, **kwargs) -> list[tuple[str, str, list[str]]]:
+        """The program commands `fn(*args)` would run, recorded instead of run."""
+        for k in range(len(self.cfg.warm_starts)):
+            self.ws(k)
+        for ws in self._ws.values():
+            ws.recorded = []
+        try:
+            fn(*args, **kwargs)
+            return [c for ws in self._ws.values() for c in ws.recorded]
+        finally:
+            for ws in self._ws.values():
+                ws.recorded = None
+
+    def _marker(self, name):
+        try:
+            return json.loads((self.w / "stages" / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stage(self, name: str, fn) -> None:
+        m = self._marker(name)
+        if m and m.get("state") == "done" and m.get("protocol") == self.digest:
+            print(f"[study] {name}: done earlier, skipped")
+            self.timings[name] = m["seconds"]
+            return
+        print(f"[study] {name} ...", flush=True)
+        path = self.w / "stages" / f"{name}.json"
+        atomic.write_text(path, json.dumps({"state": "started", "protocol": self.digest,
+                                            "started": time.ctime()}) + "\n")
+        start = time.time()
+        fn()
+        seconds = time.time() - start
+        self.timings[name] = seconds
+        atomic.write_text(path, json.dumps({"state": "done", "protocol": self.digest,
+                                            "seconds": seconds, "finished": time.ctime()},
+                                           indent=1) + "\n")
+        print(f"[study] {name}: {seconds:.0f} s", flush=True)
+
+    # ------------------------------------------------------------------ protocol
+    def register(self) -> None:
+        """Writes protocol.json (config, digest, commit) unless it exists; refuses a
+        directory registered with another protocol (ProtocolChanged)."""
+        path = self.w / "protocol.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("digest") != self.digest:
+                changed = fingerprint.changes(_flat(old.get("config", {})),
+                                              _flat(protocol_fields(self.cfg)))
+                raise ProtocolChanged(
+                    f"{path}: this study was pre-registered with protocol {old.get('digest')}; "
+                    f"the config gives {self.digest} (changed: {', '.join(changed)}). Results "
+                    "under another protocol cannot be mixed: use a new --workdir")
+            return
+        self.w.mkdir(parents=True, exist_ok=True)
+        (self.w / "stages").mkdir(exist_ok=True)
+        atomic.write_text(path, json.dumps(
+            {"digest": self.digest, "registered": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+             "commit": _commit(), "config": protocol_fields(self.cfg)}, indent=1) + "\n")
+
+    # ------------------------------------------------------------------ data
+    def variants_needed(self) -> list[str]:
+        return sorted({a.data for a in self.arms.values()} - {"pairs"})
+
+    def data_dir(self, k: int, variant: str) -> pathlib.Path:
+        """The training data of a variant on warm start k (with reference sums where the
+        loss needs them)."""
+        ws = self.ws(k)
+        if variant == "pairs":
+            return ws.w / "pairs_ref"
+        return ws.w / "variants" / (variant if variant == "rft" else f"{variant}_ref")
+
+    def build_variants(self, k: int) -> None:
+        ws = self.ws(k)
+        data_seed = self.cfg.warm_starts[k][1]
+        for variant in self.variants_needed():
+            out = ws.w / "variants" / variant
+            done = self.data_dir(k, variant) / "manifest.json"
+            if done.exists():
+                continue
+            # The pipeline's own build settings (its pairs stage), plus the variant's.
+            b = ws.cfg.build
+            ws.run("variants", "launch.build", "--input", ws.w / "executed.jsonl",
+                   "--tokenizer", ws.tokenizer, "--out", out,
+                   f"--config.max_len={ws.cfg.max_len}",
+                   *(f"--config.{f}={b[f]}" for f in b.keys()), *ws.prompt_format(),
+                   *VARIANT_BUILD[variant](data_seed), "--noprogress")
+            if variant != "rft":  # supervised arms need no reference
+                ws.run("variants", "launch.precompute_ref", "--out", self.data_dir(k, variant),
+                       f"--config=configs/focused_dpo.py:model={ws.start_model},data={out}",
+                       f"--config.model.compute_dtype={pipeline.COMPUTE_DTYPE}",
+                       f"--config.mesh_shape={tuple(ws.cfg.mesh_shape)}")
+
+    # ------------------------------------------------------------------ training
+    def train_arm(self, arm: Arm, k: int, lr: float, nll: float, workdir: pathlib.Path) -> None:
+        """One training run of `arm` on warm start k (kept when it finished earlier)."""
+        ws = self.ws(k)
+        if (workdir / "final" / "fdpo_model.json").exists():
+            return
+        t = self.cfg.train
+        frozen = arm.preset in pipeline.FROZEN_REFERENCE_METHODS or arm.data == "rft"
+        ws._train("study_train", workdir, ws.start_model, self.data_dir(k, arm.data),
+                  preset=arm.preset, steps=t.steps, batch_size=t.batch_size, lr=lr,
+                  warmup=t.warmup_steps, seed=self.cfg.warm_starts[k][1],
+                  reference="frozen" if frozen else "precomputed",
+                  extra=[f"--config.loss.weights={_table_flag(arm.weights)}",
+                         f"--config.loss.nll_weight={nll:g}"])
+
+    @staticmethod
+    def setting(lr: float, nll: float) -> str:
+        return f"lr{lr:g}-nll{nll:g}"
+
+    def tuning_score(self, arm: Arm, lr: float, nll: float) -> float:
+        """Greedy pass@1 (%) of one tuning run on the tuning split (trains and evaluates it
+        unless done)."""
+        k, split = self.cfg.tuning.warm_start, self.cfg.splits.tune
+        ws = self.ws(k)
+        rel = f"tuning/{arm.name}/{self.setting(lr, nll)}"
+        self.train_arm(arm, k, lr, nll, ws.w / rel)
+        ws.evaluate_models([(rel, ws.w / rel / "final")], [split])
+        results = ws.w / "eval" / rel / split / "results.json"
+        if ws.recorded is not None:  # a dry run: no results
+            return 0.0
+        return 100 * _mean(list(pass_rates(results, self.cfg.metric).values()))
+
+    def tune_arm(self, arm: Arm) -> dict:
+        """The grid rule of configs/study.py for one arm; returns its tuning.json entry."""
+        t = self.cfg.tuning
+        lrs = lr_grid(arm.lr_center, t.points, t.factor)
+        scores: dict[tuple[float, float], float] = {}
+        extensions, history = 0, []
+        while True:
+            for lr in lrs:
+                for nll in arm.nll_weights:
+                    if (lr, nll) not in scores:
+                        scores[(lr, nll)] = self.tuning_score(arm, lr, nll)
+            # Per lr, its best NLL weight (ties: the smaller weight).
+            per_lr = {lr: max(scores[(lr, n)] for n in arm.nll_weights) for lr in lrs}
+            new, why = next_lr(per_lr, t.factor, extensions, t.max_extensions)
+            history.append(why)
+            if new is None:
+                break
+            lrs.append(new)
+            extensions += 1
+        lr = best_lr(per_lr)
+        nll = min(n for n in arm.nll_weights if scores[(lr, n)] == per_lr[lr])
+        return {"lr": lr, "nll_weight": nll, "extensions": extensions, "stopped": history[-1],
+                "history": history,
+                "scores": [{"lr": a, "nll_weight": b, "pass@1": s}
+                           for (a, b), s in sorted(scores.items())]}
+
+    def tune(self) -> None:
+        path = self.w / "tuning.json"
+        if path.exists():  # frozen
+            return
+        k = self.cfg.tuning.warm_start
+        ws = self.ws(k)
+        split = self.cfg.splits.tune
+        ws.evaluate_models([("start", ws.start_model)], [split])
+        out = {"warm_start": k, "split": split, "protocol": self.digest,
+               "arms": {name: self.tune_arm(arm) for name, arm in self.arms.items()}}
+        if ws.recorded is None:  # the start model's score, for the report
+            start = pass_rates(ws.w / "eval" / "start" / split / "results.json", self.cfg.metric)
+            out["start_pass@1"] = 100 * _mean(list(start.values()))
+        if ws.recorded is None:
+            atomic.write_text(path, json.dumps(out, indent=1) + "\n")
+
+    def frozen(self) -> dict:
+        return json.loads((self.w / "tuning.json").read_text())["arms"]
+
+    def run_path(self, arm: Arm, k: int, setting: dict) -> str:
+        """Warm start k's run of `arm` at its frozen setting, relative to the workdir; on
+        the tuning warm start it is the tuning run with that setting (the same command)."""
+        if k == self.cfg.tuning.warm_start:
+            return f"tuning/{arm.name}/{self.setting(setting['lr'], setting['nll_weight'])}"
+        return f"runs/{arm.name}"
+
+    def run_all(self, frozen: dict | None = None) -> None:
+        frozen = frozen or self.frozen()
+        test = self.cfg.splits.test
+        for k in range(len(self.cfg.warm_starts)):
+            ws = self.ws(k)
+            models = [("start", ws.start_model)]
+            for name, arm in self.arms.items():
+                rel = self.run_path(arm, k, frozen[name])
+                self.train_arm(arm, k, frozen[name]["lr"], frozen[name]["nll_weight"],
+                               ws.w / rel)
+                models.append((rel, ws.w / rel / "final"))
+            ws.evaluate_models(models, [test])
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> dict:
+        """Per warm start: {arm or "start": {task: pass}} on the test split."""
+        frozen, test = self.frozen(), self.cfg.splits.test
+        out = []
+        for k in range(len(self.cfg.warm_starts)):
+            ws = self.ws(k)
+            per = {"start": pass_rates(ws.w / "eval" / "start" / test / "results.json",
+                                       self.cfg.metric)}
+            for name, arm in self.arms.items():
+                rel = self.run_path(arm, k, frozen[name])
+                per[name] = pass_rates(ws.w / "eval" / rel / test / "results.json",
+                                       self.cfg.metric)
+            out.append(per)
+        return out
+
+    def tokens(self) -> dict:
+        """Per arm: pairs and tokens the model ran on per run (tokens: the mean over logged
+        steps of the step's `tokens` metric times the steps), mean over warm starts."""
+        frozen, t = self.frozen(), self.cfg.train
+        out = {}
+        for name, arm in self.arms.items():
+            per_run = []
+            for k in range(len(self.cfg.warm_starts)):
+                metrics = self.ws(k).w / self.run_path(arm, k, frozen[name]) / "metrics.jsonl"
+                rows = [r["tokens"] for r in jsonl.records(metrics)
+                        if r.get("split") == "train" and "tokens" in r] if metrics.exists() else []
+                if rows:
+                    per_run.append(statistics.mean(rows) * t.steps)
+            out[name] = {"pairs": t.steps * t.batch_size, "tokens": _mean(per_run)}
+        return out
+
+    def comparisons(self, results: list[dict]) -> list[dict]:
+        """The primary comparison (claimed by the CI and the sign in every warm start) and
+        the secondary ones (Holm over them; claimed by the adjusted p and the sign), test
+        pass@1 in points paired by task (fdpo.stats); the forest plot in forest.png."""
+        c = self.cfg.stats
+        pairs = [(self.cfg.primary.arm, self.cfg.primary.baseline)]
+        pairs += [tuple(p) for p in self.cfg.secondary]
+        warm = [f"ws{k}" for k in range(len(results))]
+
+        def points(arm):
+            return {w: {t: 100 * v for t, v in per[arm].items()}
+                    for w, per in zip(warm, results)}
+
+        boots = [stats.hierarchical_bootstrap(
+            stats.paired_differences(points(a), points(b), (a, b)),
+            n_boot=c.n_boot, seed=c.seed, level=c.level) for a, b in pairs]
+        adjusted = [None] + list(stats.holm([r.p_value for r in boots[1:]])
+                                 if len(boots) > 1 else [])
+        out = []
+        for (a, b), res, adj in zip(pairs, boots, adjusted):
+            out.append({"arm": a, "baseline": b, "estimate": res.estimate, "ci": list(res.ci),
+                        "p_value": res.p_value, "p_holm": None if adj is None else float(adj),
+                        "per_warm_start": list(res.per_warm_start),
+                        "n_tasks": list(res.n_tasks),
+                        "claim": res.claim if adj is None else stats.secondary_claim(res, adj),
+                        "outcome": stats.outcome(res, f"{a} - {b}", p_adjusted=adj)})
+        rows = [stats.Row(f"{e['arm']} - {e['baseline']}" + (" (Holm)" if i else " (primary)"),
+                          e["estimate"], e["ci"][0], e["ci"][1], e["claim"])
+                for i, e in enumerate(out)]
+        stats.forest_plot(rows, self.w / "forest.png",
+                          xlabel="test greedy pass@1 difference (points)",
+                          title=f"{len(results)} warm starts, {100 * c.level:.0f}% "
+                                "hierarchical bootstrap CI")
+        return out
+
+    # ------------------------------------------------------------------ all
+    def all(self) -> None:
+        self.register()
+        start = time.time()
+        n = len(self.cfg.warm_starts)
+        for k in range(n):
+            self.stage(f"ws{k}", self.ws(k).prepare)
+        if self.variants_needed():
+            for k in range(n):
+                self.stage(f"variants{k}", lambda k=k: self.build_variants(k))
+        self.stage("tuning", self.tune)
+        self.stage("runs", self.run_all)
+        self.stage("report", self.report)
+        print(f"[study] finished in {time.time() - start:.0f} s; report: "
+              f"{self.w / 'report.md'}")
+
+    def report(self) -> None:
+        results = self.results()
+        data = {"protocol": self.digest, "tuning": self.frozen(),
+                "test_pass_at_1": {name: [100 * _mean(list(per[name].values()))
+                                          for per in results]
+                                   for name in ["start", *self.arms]},
+                "comparisons": self.comparisons(results), "tokens": self.tokens(),
+                "machine": machine(), "stage_seconds": dict(self.timings),
+                "warm_start_stage_seconds": {
+                    f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
+                               for n in WarmStart.PREPARE if n in self.ws(k).enabled()}
+                    for k in range(len(self.cfg.warm_starts))}}
+        atomic.write_text(self.w / "report.json", json.dumps(data, indent=1, default=str) + "\n")
+        atomic.write_text(self.w / "report.md", render(self.cfg, data))
+
+
+# --------------------------------------------------------------------------- the report
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        jax_version = importlib.metadata.version("jax")
+    except importlib.metadata.PackageNotFoundError:
+        jax_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax_version,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=pipeline.REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _f(x, fmt="{:.1f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def render(cfg, data: dict) -> str:
+    comps = data["comparisons"]
+    first = comps[0]
+    n_ws = len(cfg.warm_starts)
+    lines = [f"# Study report (protocol {data['protocol']})", "", "## Outcome", "",
+             f"Primary comparison, test greedy pass@1 of {first['arm']} minus "
+             f"{first['baseline']} (points, paired by task, {n_ws} warm starts, hierarchical "
+             f"bootstrap over warm starts and tasks; a claim needs the CI to exclude 0 and the "
+             f"sign to hold in every warm start):", "", f"**{first['outcome']}**", "",
+             "![comparisons](forest.png)", "",
+             "## Test greedy pass@1 (%) per warm start", "",
+             "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))
+             + " | mean | lr | NLL | pairs | tokens |",
+             "|---|" + "---|" * (n_ws + 5)]
+    for name, vals in data["test_pass_at_1"].items():
+        tun = data["tuning"].get(name, {})
+        tok = data["tokens"].get(name, {})
+        lines.append(f"| {name} | " + " | ".join(_f(v) for v in vals)
+                     + f" | {_f(_mean(vals))} | {_f(tun.get('lr'), '{:g}')} | "
+                     f"{_f(tun.get('nll_weight'), '{:g}')} | {tok.get('pairs', '-')} | "
+                     f"{_f(tok.get('tokens'), '{:.0f}')} |")
+    lines += ["", "## Comparisons (points; the first is primary, the rest Holm-corrected)", "",
+              "| comparison | per warm start | estimate | CI | p | p (Holm) | claim |",
+              "|---|---|---|---|---|---|---|"]
+    for c in comps:
+        lines.append(f"| {c['arm']} - {c['baseline']} | "
+                     + ", ".join(_f(d, "{:+.1f}") for d in c["per_warm_start"])
+                     + f" | {c['estimate']:+.2f} | [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] | "
+                     f"{c['p_value']:.3g} | "
+                     + ("(primary)" if c["p_holm"] is None else f"{c['p_holm']:.3g}")
+                     + f" | {'yes' if c['claim'] else 'no'} |")
+    lines += [""] + [f"- {c['outcome']}" for c in comps[1:]]
+    lines += ["", f"## Tuning (warm start {cfg.tuning.warm_start}, split {cfg.splits.tune})", "",
+              "| arm | lr (/NLL): pass@1 | chosen lr | NLL | extensions | stopped |",
+              "|---|---|---|---|---|---|"]
+    for name, t in data["tuning"].items():
+        grid = ", ".join(f"{s['lr']:g}" + (f"/{s['nll_weight']:g}" if len(
+            cfg.arms[name].nll_weights) > 1 else "") + f": {s['pass@1']:.1f}"
+            for s in t["scores"])
+        lines.append(f"| {name} | {grid} | {t['lr']:g} | {t['nll_weight']:g} | "
+                     f"{t['extensions']} | {t['stopped']} |")
+    m = data["machine"]
+    lines += ["", "## Machine and stage times", "",
+              f"- CPU: {m['cpu']} ({m['cores']} cores), {m['platform']}",
+              f"- Python {m['python']}, jax {m['jax']}, XLA_FLAGS `{m['xla_flags'] or '(none)'}`",
+              f"- commit {m['commit']}", "",
+              "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in data["stage_seconds"].items()]
+    for ws, per in data.get("warm_start_stage_seconds", {}).items():
+        lines.append(f"| {ws}: " + ", ".join(f"{n} {_f(v, '{:.0f}')}" for n, v in per.items())
+                     + " | |")
+    lines += ["", "Tokens: tokens the model ran on per run (the mean logged per-step count "
+              "times the steps), mean over warm starts; pairs = steps x batch, equal for "
+              "every arm."]
+    return "\n".join(lines) + "\n"
+
+
+def plan(cfg) -> dict:
+    """What the study will run, before tuning decides the extensions: warm starts, data
+    variants, the arms' first grids, and the number of training runs."""
+    arms = arms_of(cfg)
+    t = cfg.tuning
+    grids = {a.name: lr_grid(a.lr_center, t.points, t.factor) for a in arms}
+    n_ws = len(cfg.warm_starts)
+    return {
+        "warm_starts": [{"init_seed": i, "data_seed": d, "workdir": f"ws{k}"}
+                        for k, (i, d) in enumerate(cfg.warm_starts)],
+        "variants": sorted({a.data for a in arms} - {"pairs"}),
+        "arms": {a.name: {"preset": a.preset, "weights": a.weights,
+                          "nll_weights": a.nll_weights, "data": a.data,
+                          "lr_grid": grids[a.name]} for a in arms},
+        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+        "tuning_runs": sum(len(grids[a.name]) * len(a.nll_weights) for a in arms),
+        "max_tuning_runs": sum((len(grids[a.name]) + t.max_extensions) * len(a.nll_weights)
+                               for a in arms),
+        "test_runs": len(arms) * (n_ws - 1),  # the tuning warm start reuses its tuning runs
+    }

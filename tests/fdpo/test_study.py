@@ -1,0 +1,367 @@
+"""The pre-registered study (configs/study.py, fdpo/study.py, launch.study): the lr-grid rule,
+arm names from weight tables, the protocol digest, the train commands every arm gives
+launch.train, the `:fast` plan, the report from planted results; slow: the `:fast` study end
+to end (on the list family's splits until the decision family lands)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import study as study_config
+from configs import toy_data
+from fdpo import loss, study
+
+from tests.conftest import REPO, run_program
+
+
+def config(arg=None):
+    return study_config.get_config(arg)
+
+
+# ------------------------------------------------------------------------- the lr rule
+def test_lr_grid_is_log_spaced_around_its_centre():
+    grid = study.lr_grid(1e-4, 5, 3.0)
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    assert all(abs(r - 3.0) < 3.0 * 2e-3 for r in ratios), ratios  # 3 digits of rounding
+    assert math.isclose(math.sqrt(grid[0] * grid[-1]), 1e-4, rel_tol=2e-3)
+    assert grid[2] == 1e-4
+    two = study.lr_grid(1e-4, 2, 4.0)
+    assert two == [5e-5, 2e-4]
+
+
+def test_best_at_an_edge_extends_the_grid_on_that_side():
+    low = {1e-5: 60.0, 3e-5: 50.0, 1e-4: 40.0}
+    new, why = study.next_lr(low, 3.0, extensions=0, max_extensions=2)
+    assert new == pytest.approx(1e-5 / 3, rel=2e-3) and "lower" in why
+    high = {1e-5: 40.0, 3e-5: 50.0, 1e-4: 60.0}
+    new, why = study.next_lr(high, 3.0, extensions=1, max_extensions=2)
+    assert new == pytest.approx(3e-4, rel=2e-3) and "upper" in why
+
+
+def test_an_interior_best_stops_and_the_cap_stops():
+    assert study.next_lr({1e-5: 40.0, 3e-5: 70.0, 1e-4: 60.0}, 3.0, 0, 2)[0] is None
+    new, why = study.next_lr({1e-5: 40.0, 3e-5: 50.0, 1e-4: 60.0}, 3.0, 2, 2)
+    assert new is None and "cap" in why
+
+
+def test_ties_take_the_lower_median_of_the_tied_lrs():
+    assert study.best_lr({1.0: 5.0, 2.0: 5.0, 3.0: 5.0, 4.0: 1.0}) == 2.0
+    assert study.best_lr({1.0: 5.0, 2.0: 5.0, 3.0: 5.0, 4.0: 5.0}) == 2.0
+    assert study.best_lr({1.0: 1.0, 2.0: 5.0, 3.0: 5.0}) == 2.0
+    # A flat grid stops (its lower median is inside it); a tie at the two lowest extends.
+    assert study.next_lr({1.0: 5.0, 3.0: 5.0, 9.0: 5.0}, 3.0, 0, 2)[0] is None
+    assert study.next_lr({1.0: 5.0, 3.0: 5.0, 9.0: 1.0}, 3.0, 0, 2)[0] == pytest.approx(1 / 3,
+                                                                                        rel=2e-3)
+
+
+def _tune(tmp_path, score_of_lr, points=3, max_extensions=2):
+    cfg = config("fast")
+    cfg.tuning.points, cfg.tuning.max_extensions, cfg.tuning.factor = points, max_extensions, 3.0
+    s = study.Study(cfg, tmp_path)
+    s.tuning_score = lambda arm, lr, nll: score_of_lr(lr)
+    return s.tune_arm(s.arms["dpo"])
+
+
+def test_tuning_widens_until_the_best_is_bracketed(tmp_path):
+    # Peaked at 5e-6, far below the grid around 1e-4: two extensions below reach 3.7e-6.
+    out = _tune(tmp_path, lambda lr: -abs(math.log(lr / 5e-6)), max_extensions=5)
+    lrs = [s["lr"] for s in out["scores"]]
+    assert out["extensions"] == 3 and out["stopped"] == "best inside the grid"
+    assert out["lr"] == min(lrs, key=lambda lr: abs(math.log(lr / 5e-6)))
+    assert min(lrs) < out["lr"] < max(lrs)
+
+
+def test_tuning_stops_at_the_cap_with_the_best_at_the_edge(tmp_path):
+    out = _tune(tmp_path, lambda lr: lr, max_extensions=2)  # the larger the better
+    lrs = sorted(s["lr"] for s in out["scores"])
+    assert out["extensions"] == 2 and "cap" in out["stopped"] and out["lr"] == lrs[-1]
+    assert len(lrs) == 5
+
+
+def test_an_interior_best_needs_no_extension(tmp_path):
+    out = _tune(tmp_path, lambda lr: -abs(math.log(lr / 1e-4)))
+    assert out["extensions"] == 0 and out["lr"] == 1e-4 and len(out["scores"]) == 3
+
+
+# ------------------------------------------------------------------------- arm names
+def test_every_arm_of_the_full_protocol_maps_to_one_name_and_back():
+    arms = study.arms_of(config("full"))
+    keys = [a.key for a in arms]
+    assert len(set(keys)) == len(keys) == len(study_config.all_arms())
+    for arm in arms:
+        assert study.arm_name(arm.key) == arm.name
+        assert study.arm_key(arm.name) == arm.key
+    names = {a.name for a in arms}
+    # The factorial (12 cells, two of them published), mid-only, RPO, TDPO, SFT, RFT and
+    # the three controls.
+    assert {"dpo", "focused_dpo", "w5-rs1-nll1", "w1-rs0-nll0", "c0_1_0-r0_1_0-nll0", "rpo",
+            "tdpo1", "tdpo2", "continued_sft", "rft", "w2-rs0-nll0@random_focus",
+            "w2-rs0-nll0@oracle_focus", "w2-rs0-nll0@shuffled"} <= names
+    assert len(names) == 12 + 1 + 1 + 2 + 2 + 3
+
+
+@pytest.mark.parametrize("key", [
+    study.ArmKey("sigmoid", ((1, 0.5, 1), (1, 1, 0)), 0.25),
+    study.ArmKey("sigmoid", ((0, 1, 2), (1, 0, 0)), 1.0, "oracle_focus"),
+    study.ArmKey("tdpo2", ((1, 2, 1), (1, 1, 0)), 0.0),
+    study.ArmKey("none", ((0, 0, 0), (0, 0, 0)), 1.0, "shuffled"),
+    study.ArmKey("sigmoid", ((1, 2, 1), (1, 1, 0)), "tuned"),
+])
+def test_a_table_maps_to_one_name_and_back(key):
+    name = study.arm_name(key)
+    back = study.arm_key(name)
+    assert back.loss == key.loss and back.data == key.data and back.nll == key.nll
+    assert back.table == tuple(tuple(float(w) for w in row) for row in key.table)
+
+
+def test_published_tables_have_their_published_names_only():
+    assert study.arm_name(study.ArmKey("sigmoid", ((1, 2, 1), (1, 1, 0)), 0.0)) == "focused_dpo"
+    assert study.arm_name(study.ArmKey("sigmoid", ((1, 1, 1), (1, 1, 1)), 0.0)) == "dpo"
+    with pytest.raises(ValueError, match="'focused_dpo'"):
+        study.arm_key("w2-rs0-nll0")
+    with pytest.raises(ValueError, match="weight-table name"):
+        study.arm_key("step_dpo_like")
+
+
+def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
+    cfg = config("fast")
+    cfg.arms.dpo.weights = ((1.0, 2.0, 1.0), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"arms\['dpo'\].*'w2-rs1-nll0'"):
+        study.check_config(cfg)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("warm_starts", ((0, 0), (0, 1)), "own init seed"),
+    ("secondary", (("focused_dpo", "rft"),), "no arm 'rft'"),
+    ("tuning.factor", 1.0, "factor=1.0"),
+])
+def test_bad_protocol_values_are_errors_naming_the_field(field, value, message):
+    cfg = config("fast")
+    group, _, key = field.rpartition(".")
+    (cfg[group] if group else cfg)[key] = value
+    with pytest.raises(ValueError, match=message):
+        study.check_config(cfg)
+
+
+# ------------------------------------------------------------------------- the protocol
+def test_the_digest_is_written_first_and_a_changed_protocol_is_refused(tmp_path):
+    cfg = config("fast")
+    study.Study(cfg, tmp_path).register()
+    written = json.loads((tmp_path / "protocol.json").read_text())
+    assert written["digest"] == study.protocol_digest(cfg)
+    assert written["config"]["train"]["steps"] == cfg.train.steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["protocol.json", "stages"]
+
+    study.Study(config("fast"), tmp_path).register()  # the same protocol: continues
+    faster = config("fast")
+    faster.pipeline.execute.workers = 7  # speed only: not part of the protocol
+    study.Study(faster, tmp_path).register()
+
+    changed = config("fast")
+    changed.train.steps = cfg.train.steps + 1
+    with pytest.raises(study.ProtocolChanged, match="changed: train.steps"):
+        study.Study(changed, tmp_path).register()
+
+
+def test_the_program_refuses_a_changed_protocol(tmp_path):
+    study.Study(config("fast"), tmp_path).register()
+    before = (tmp_path / "protocol.json").read_text()
+    r = run_program("launch.study", "--config=configs/study.py:fast",
+                    "--config.tuning.max_extensions=3", f"--workdir={tmp_path}", check=False,
+                    timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pre-registered" in r.stderr and "tuning.max_extensions" in r.stderr
+    assert (tmp_path / "protocol.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["protocol.json", "stages"]
+
+
+# ------------------------------------------------------------------------- the commands
+def program_config(module_config: str, args: list[str]):
+    """The config `launch.train` parses from these arguments (locked, as the program)."""
+    argv = ["launch.train"] + [a for a in args if a.startswith("--config")]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", module_config, flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_every_arm_gives_launch_train_its_table_nll_and_data(tmp_path, monkeypatch):
+    cfg = config("full")
+    s = study.Study(cfg, tmp_path)
+    monkeypatch.chdir(REPO)  # config paths are the checkout's
+    k = 1
+    seen_steps = set()
+    for arm in s.arms.values():
+        nll = arm.nll_weights[-1]
+        calls = s.commands(s.train_arm, arm, k, 3e-5, nll, tmp_path / "run" / arm.name)
+        assert [(st, m) for st, m, _ in calls] == [("study_train", "launch.train")]
+        args = calls[0][2]
+        c = program_config(None, args)
+        lc = loss.from_config(c.loss)
+        assert lc.weights == loss.full_weights(arm.weights), arm.name
+        assert lc.nll_weight == nll
+        assert lc.loss_type == study.ARM_PRESETS[arm.preset]
+        assert study.arm_name(study.ArmKey(lc.loss_type, arm.weights,
+                                           "tuned" if len(arm.nll_weights) > 1 else nll,
+                                           arm.data)) == arm.name
+        data = pathlib.Path(c.data.dir)
+        expected = {"pairs": "ws1/pairs_ref", "rft": "ws1/variants/rft"}.get(
+            arm.data, f"ws1/variants/{arm.data}_ref")
+        assert data == tmp_path / expected, arm.name
+        frozen = arm.preset in ("tdpo1", "tdpo2") or arm.data == "rft"
+        assert c.loss.reference == ("frozen" if frozen else "precomputed"), arm.name
+        assert c.init_checkpoint == str(tmp_path / "ws1" / "warm_start" / "final")
+        assert c.optimizer.lr == 3e-5 and c.data.seed == cfg.warm_starts[k][1]
+        seen_steps.add((c.train.num_steps, c.train.batch_size, c.optimizer.warmup_steps))
+    assert seen_steps == {(cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps)}
+
+
+def test_the_variants_are_built_with_their_builder_options(tmp_path):
+    s = study.Study(config("full"), tmp_path)
+    calls = s.commands(s.build_variants, 2)
+    builds = {pathlib.Path(a[a.index("--out") + 1]).name: a for _, m, a in calls
+              if m == "launch.build"}
+    assert sorted(builds) == ["oracle_focus", "random_focus", "rft", "shuffled"]
+    assert "--config.emit=rft" in builds["rft"]
+    assert {"--config.focus=random", "--config.focus_seed=2"} <= set(builds["random_focus"])
+    assert "--config.focus=oracle" in builds["oracle_focus"]
+    assert {"--config.shuffle_labels=True", "--config.focus_seed=2"} <= set(builds["shuffled"])
+    for a in builds.values():  # the pipeline's own pairs settings, from the same samples
+        assert a[a.index("--input") + 1] == str(tmp_path / "ws2" / "executed.jsonl")
+        assert "--config.ranker=mutual" in a and "--config.max_len=104" in a
+    refs = [a[a.index("--out") + 1] for _, m, a in calls if m == "launch.precompute_ref"]
+    assert sorted(pathlib.Path(r).name for r in refs) == [
+        "oracle_focus_ref", "random_focus_ref", "shuffled_ref"]  # RFT trains without one
+
+
+# ------------------------------------------------------------------------- the plans
+def test_the_fast_plan():
+    cfg = config("fast")
+    study.check_config(cfg)
+    p = study.plan(cfg)
+    assert len(p["warm_starts"]) == 2
+    assert len({w["init_seed"] for w in p["warm_starts"]}) == 2
+    assert len({w["data_seed"] for w in p["warm_starts"]}) == 2
+    assert sorted(p["arms"]) == ["dpo", "focused_dpo"]
+    assert all(len(a["lr_grid"]) == 2 for a in p["arms"].values())
+    assert p["variants"] == [] and p["tuning_runs"] == 4 and p["test_runs"] == 2
+    assert p["steps"] * p["batch_size"] <= 16
+
+
+def test_the_fast_study_tunes_on_validation_of_warm_start_0_and_tests_everywhere(tmp_path):
+    s = study.Study(config("fast"), tmp_path)
+    tuning = s.commands(s.tune)
+    trained = [a for _, m, a in tuning if m == "launch.train"]
+    evaluated = [a for _, m, a in tuning if m == "launch.evaluate"]
+    assert trained and all(f"--workdir={tmp_path}/ws0/tuning/" in a[0] for a in trained)
+    assert all(a[a.index("--dataset") + 1].endswith("ws0/data/eval_validation.jsonl")
+               for a in evaluated)
+    assert len(evaluated) == len(trained) + 1  # and the start model
+    frozen = {name: {"lr": 1e-4, "nll_weight": 0.0} for name in s.arms}
+    runs = s.commands(s.run_all, frozen)
+    trained = [a for _, m, a in runs if m == "launch.train"]
+    # Warm start 0's test runs are its tuning runs at the chosen lr (kept when they exist;
+    # nothing exists in this dry run), the other warm starts' are their own.
+    assert sorted(a[0] for a in trained) == sorted(
+        [f"--workdir={tmp_path}/ws0/tuning/{n}/lr0.0001-nll0" for n in ("dpo", "focused_dpo")]
+        + [f"--workdir={tmp_path}/ws1/runs/{n}" for n in ("dpo", "focused_dpo")])
+    evaluated = [a for _, m, a in runs if m == "launch.evaluate"]
+    assert len(evaluated) == 2 * 3  # start + 2 arms on each warm start
+    assert all(a[a.index("--dataset") + 1].endswith("eval_test.jsonl") for a in evaluated)
+
+
+def test_the_program_prints_the_plan_and_touches_nothing(tmp_path):
+    r = run_program("launch.study", "--config=configs/study.py:fast", "--plan",
+                    f"--workdir={tmp_path / 'study'}", timeout=120)
+    assert json.loads(r.stdout) == json.loads(json.dumps(study.plan(config("fast"))))
+    assert not (tmp_path / "study").exists()
+
+
+def test_the_default_and_full_variants():
+    for arg, n_ws in ((None, 3), ("full", 5)):
+        cfg = config(arg)
+        study.check_config(cfg)
+        assert len(cfg.warm_starts) == n_ws
+        assert cfg.primary.arm == "focused_dpo" and cfg.primary.baseline == "dpo"
+    assert len(config("full").arms) == len(study_config.all_arms())
+
+
+def _results(path, passed: dict[str, int]):
+    path.mkdir(parents=True, exist_ok=True)
+    tasks = [{"task_id": t, "n": 1, "base_correct": v} for t, v in passed.items()]
+    (path / "results.json").write_text(json.dumps({"tasks": tasks}))
+
+
+def test_the_report_from_planted_results(tmp_path):
+    """Per-task results planted on disk (focused_dpo passes 3 of 40 tasks more than dpo in
+    warm start 0, 5 more in warm start 1): the report's numbers are those differences."""
+    cfg = config("fast")
+    s = study.Study(cfg, tmp_path)
+    s.register()
+    tasks = [f"t{i}" for i in range(40)]
+    setting = {"lr": 5.77e-05, "nll_weight": 0.0}
+    (tmp_path / "tuning.json").write_text(json.dumps({"arms": {
+        n: {**setting, "extensions": 1, "stopped": "best inside the grid", "history": [],
+            "scores": [{"lr": 5.77e-05, "nll_weight": 0.0, "pass@1": 50.0}]}
+        for n in ("dpo", "focused_dpo")}}))
+    for k, extra in ((0, 3), (1, 5)):
+        ws = tmp_path / f"ws{k}"
+        base = {t: int(i < 20) for i, t in enumerate(tasks)}
+        better = {t: int(i < 20 + extra) for i, t in enumerate(tasks)}
+        _results(ws / "eval" / "start" / "test", base)
+        for name, passed in (("dpo", base), ("focused_dpo", better)):
+            rel = s.run_path(s.arms[name], k, setting)
+            _results(ws / "eval" / rel / "test", passed)
+            (ws / rel).mkdir(parents=True, exist_ok=True)
+            (ws / rel / "metrics.jsonl").write_text(
+                "".join(json.dumps({"step": i, "split": "train", "tokens": 100 + i}) + "\n"
+                        for i in (1, 3)))
+    s.report()
+    data = json.loads((tmp_path / "report.json").read_text())
+    primary = data["comparisons"][0]
+    assert (primary["arm"], primary["baseline"]) == ("focused_dpo", "dpo")
+    assert primary["per_warm_start"] == pytest.approx([100 * 3 / 40, 100 * 5 / 40])
+    assert primary["estimate"] == pytest.approx(100 * 4 / 40)
+    assert data["test_pass_at_1"]["start"] == [50.0, 50.0]
+    assert data["tokens"]["dpo"] == {"pairs": cfg.train.steps * cfg.train.batch_size,
+                                     "tokens": 102 * cfg.train.steps}  # mean(101, 103)
+    report = (tmp_path / "report.md").read_text()
+    assert primary["outcome"] in report and "## Machine and stage times" in report
+    assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------- end to end
+# Before the decision task family lands, the list family's seen / held-out files stand in
+# for its validation / test splits: the same orchestration on today's miniature.
+HAVE_DECISION = "family" in toy_data.get_config()
+STAND_IN = [] if HAVE_DECISION else ["--config.family=lists", "--config.splits.tune=seen",
+                                     "--config.splits.test=held_out"]
+
+
+@pytest.mark.slow
+@pytest.mark.sandbox
+def test_the_fast_study_end_to_end(tmp_path):
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    args = ["--config=configs/study.py:fast", *STAND_IN, f"--workdir={tmp_path}"]
+    r = run_program("launch.study", *args, env=env, timeout=1800)
+    assert "report:" in r.stdout
+    tuning = json.loads((tmp_path / "tuning.json").read_text())
+    assert sorted(tuning["arms"]) == ["dpo", "focused_dpo"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    primary = data["comparisons"][0]
+    assert len(primary["per_warm_start"]) == 2 and primary["outcome"]
+    assert primary["outcome"] in (tmp_path / "report.md").read_text()
+    for name in ("start", "dpo", "focused_dpo"):
+        assert len(data["test_pass_at_1"][name]) == 2
+    logs = {p: p.stat().st_size for p in tmp_path.glob("ws*/logs/*.log")}
+    again = run_program("launch.study", *args, env=env, timeout=600)
+    for stage in ("ws0", "ws1", "tuning", "runs", "report"):
+        assert f"[study] {stage}: done earlier, skipped" in again.stdout
+    assert {p: p.stat().st_size for p in logs} == logs  # no program ran again
