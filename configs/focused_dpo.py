@@ -27,10 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Initialisation: exactly one of these.
     c.init_checkpoint = arg.model  # fdpo checkpoint (launch.import_hf output)
     c.init_hf_dir = config_dict.placeholder(str)
-    # How the model runs (ModelConfig fields); parameters train in float32.
+    # How the model runs (ModelConfig fields); parameters train in float32. attention:
+    # einsum | dot_product (jax.nn.dot_product_attention, XLA) | cudnn (GPU, bf16 only).
     c.model = ml_collections.ConfigDict(dict(
         param_dtype="float32", compute_dtype="bfloat16", remat_policy="none",
-        scan_layers=True))
+        scan_layers=True, attention="einsum"))
 
     # Mesh (data, fsdp, tensor); one -1 takes the remaining devices. Rules map logical axis
     # names to mesh axes (fdpo.sharding; these are its defaults): parameters over fsdp on
