@@ -89,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
+    # Response positions per row that reach the LM head (0: every position); a batch row
+    # with more response tokens is an error naming the pair (fdpo.train.Trainer).
+    c.train.response_capacity = 0
+    c.train.logprob_recompute = True  # the backward recomputes each chunk's logits
     # One row per pair, the prompt computed once (fdpo.train module docstring): the same
     # step as separate chosen/rejected rows (tested to 1e-5), 1.96x faster on padded records.
     c.train.shared_prompt = True

@@ -73,6 +73,9 @@ class ModelConfig:
     remat_policy: str = "none"  # "none", "full" (recompute the whole block), "dots"
     scan_layers: bool = True  # jax.lax.scan over the stacked layers, or a Python loop
     attention: str = "einsum"  # ATTENTION_IMPLS; the sampler's cached path is always einsum
+    # "dot_product" only: > 0 runs the queries in blocks of this many under jax.checkpoint,
+    # so forward and backward hold [block, length] scores per head instead of [length]^2.
+    attention_block: int = 0
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -86,6 +89,11 @@ class ModelConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.attention_block < 0 or (self.attention_block and
+                                        self.attention != "dot_product"):
+            raise ConfigError(f"attention_block={self.attention_block} with attention="
+                              f"{self.attention!r}; blocks are for attention='dot_product', "
+                              f"0 disables them")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                     f"num_attention_heads={self.num_heads} is not a multiple of "

@@ -193,7 +193,7 @@ class Attention(nnx.Module):
         b, t, _, hd = q.shape
         if kv_cache is None and cfg.attention != "einsum":
             with jax.named_scope("dot_product_attention"):
-                out = _library_attention(q, k, v, mask, cfg.attention)
+                out = _library_attention(q, k, v, mask, cfg.attention, cfg.attention_block)
         else:
             # Grouped-query attention: query heads are [kv_heads, group].
             group = cfg.num_heads // cfg.num_kv_heads
@@ -214,7 +214,8 @@ class Attention(nnx.Module):
         return out if kv_cache is None else (out, (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)))
 
 
-def _library_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
+def _library_attention(q: Array, k: Array, v: Array, mask: Array, impl: str,
+                       block: int = 0) -> Array:
     """`jax.nn.dot_product_attention` of q [b, t, heads, d] over k, v [b, t, kv_heads, d]
     under `mask` [b, t, t] -> [b, t, heads, d]; impl "dot_product" (XLA) or "cudnn".
 
@@ -222,10 +223,30 @@ def _library_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> 
     library's GQA grouping). The mask already holds the causal part; `is_causal` repeats it
     so that cuDNN can skip the blocks above the diagonal (it folds the boolean mask into an
     additive [b, 1, t, t] bias, one per row, not per head). Scores are float32 either way.
+
+    `block` > 0 (XLA): queries in blocks of `block`, each under `jax.checkpoint` and walked
+    by `lax.map`: XLA's implementation materialises every score, so this bounds them to
+    [b, heads, block, t] in the forward and the backward (which recomputes a block's
+    scores), for one more score product per block.
     """
     implementation = "xla" if impl == "dot_product" else impl
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
-                                        implementation=implementation)
+    b, t, h, d = q.shape
+    if not block or block >= t:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
+                                            implementation=implementation)
+    pad = (-t) % block
+    n = (t + pad) // block
+    # Padded query rows see no key: their output is a finite average, cut below.
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d)
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, block, t)
+
+    def one(args):  # a block's causal part is in its mask (is_causal aligns T and S at 0)
+        qb, mb = args
+        return jax.nn.dot_product_attention(qb, k, v, mask=mb[:, None],
+                                            implementation=implementation)
+
+    out = jax.lax.map(jax.checkpoint(one), (q.swapaxes(0, 1), mask.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 def _cached_attention(q: Array, k: Array, v: Array, mask: Array, kv_cache: tuple[Array, Array],

@@ -73,18 +73,23 @@ def test_dot_product_matches_einsum_forward_and_gradients(name):
         return float(value), np.asarray(logits), jax.device_get(grads)
 
     v0, logits0, g0 = run(base)
-    v1, logits1, g1 = run(base.replace(attention="dot_product"))
-    assert_close_at_scale(logits1, logits0, 1e-5, what="logits")
-    assert v1 == pytest.approx(v0, rel=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
-        assert np.abs(b).max() > 0, jax.tree_util.keystr(path)  # every parameter is reached
-        assert_close_at_scale(a, b, 1e-5, axis=None, what=jax.tree_util.keystr(path))
+    # Whole rows, and query blocks of 5 (24 = 4 x 5 + 4: a padded last block).
+    for variant in (dict(attention="dot_product"), dict(attention="dot_product",
+                                                        attention_block=5)):
+        v1, logits1, g1 = run(base.replace(**variant))
+        assert_close_at_scale(logits1, logits0, 1e-5, what=f"{variant} logits")
+        assert v1 == pytest.approx(v0, rel=1e-5), variant
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+            assert np.abs(b).max() > 0, jax.tree_util.keystr(path)  # every parameter reached
+            assert_close_at_scale(a, b, 1e-5, axis=None,
+                                  what=f"{variant} {jax.tree_util.keystr(path)}")
 
 
-def test_dot_product_honours_branches_and_padding():
+@pytest.mark.parametrize("block", [0, 4])
+def test_dot_product_honours_branches_and_padding(block):
     """Independent of the einsum path: each branch of a shared row gives the logits of its
     own sequence run alone, and a left-padded row those of its unpadded tokens."""
-    cfg = MODELS["qwen2_gqa"].replace(attention="dot_product")
+    cfg = MODELS["qwen2_gqa"].replace(attention="dot_product", attention_block=block)
     model = nnx.merge(graph(cfg), random_params(cfg, seed=3))
     ids, pos, seg, branch = structured_batch(cfg.vocab_size)
     out = np.asarray(model(ids, pos, seg, branch))
@@ -133,3 +138,5 @@ def test_attention_is_a_run_config_choice():
     assert cfg.attention == "dot_product"
     with pytest.raises(ConfigError, match="attention='flash'"):
         MODELS["qwen2_gqa"].replace(attention="flash")
+    with pytest.raises(ConfigError, match="blocks are for attention='dot_product'"):
+        MODELS["qwen2_gqa"].replace(attention_block=512)
