@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_attention [--lengths 4096,8192] [--run_up_to 4096]
 
-For each row length and `ModelConfig.attention` ("einsum", "dot_product"), and remat
-policy ("none", "full"): XLA's buffer plan (`compiled.memory_analysis()`, compile-only)
+For each row length, attention (`ModelConfig.attention` "einsum", "dot_product", and
+"dot_product" with `attention_block` = `--block` query blocks) and remat policy ("none",
+"full"): XLA's buffer plan (`compiled.memory_analysis()`, compile-only)
 of the forward + backward of one shared-prompt row: value-and-grad over all parameters of
 the summed float32 log-probs of the row's response tokens
 (`fdpo.train.shared_pair_segment_logps`, the train step's own pair function), at a
@@ -38,7 +39,11 @@ from fdpo.records import Segment  # noqa: E402
 from fdpo.testing import random_params  # noqa: E402
 
 GiB = 1024**3
-ATTENTIONS = ("einsum", "dot_product")
+
+
+def variants(block: int) -> dict[str, dict]:
+    return {"einsum": dict(attention="einsum"), "dot_product": dict(attention="dot_product"),
+            f"dot_product, block {block}": dict(attention="dot_product", attention_block=block)}
 
 
 def bench_shape(args) -> ModelConfig:
@@ -88,6 +93,7 @@ def main() -> None:
     ap.add_argument("--mlp", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--block", type=int, default=512, help="query block of the third variant")
     args = ap.parse_args()
     base = bench_shape(args)
     print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
@@ -105,10 +111,10 @@ def main() -> None:
         scores = base.num_heads * length * length * 4 / GiB
         for remat in args.remat.split(","):
             compiled = {}
-            for attention in ATTENTIONS:
-                cfg = base.replace(attention=attention, remat_policy=remat)
-                compiled[attention] = step_fn(cfg, args.chunk).lower(params, micro).compile()
-            times = {a: [] for a in ATTENTIONS}
+            for name, fields in variants(args.block).items():
+                cfg = base.replace(remat_policy=remat, **fields)
+                compiled[name] = step_fn(cfg, args.chunk).lower(params, micro).compile()
+            times = {a: [] for a in compiled}
             if length <= args.run_up_to:
                 for _ in range(args.repeats + 1):  # the first round warms up
                     for a, fn in compiled.items():
