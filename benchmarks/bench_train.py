@@ -356,7 +356,9 @@ def kl_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
     return out
 
 
-def bench_logprobs(args) -> dict:
+def bench_logprobs(args):
+    """Yields (layout, row tokens, largest response count, {(capacity, recompute): result})
+    per layout, as each finishes."""
     cfg = ModelConfig(architecture="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
                       intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
                       num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
@@ -370,7 +372,6 @@ def bench_logprobs(args) -> dict:
     ref = train.copy_params(params)
     need = int(records.shared_row_lengths(examples["chosen_segments"],
                                           examples["rejected_segments"]).max())
-    out = {"params_M": cfg.num_params / 1e6}
     for layout, shared_length in (("shared-prompt rows", need), ("separate rows", 0)):
         if shared_length:
             labels = train.pack_shared_prompt(examples, shared_length)["labels"]
@@ -399,11 +400,10 @@ def bench_logprobs(args) -> dict:
                 jax.block_until_ready(m)
                 r["times"].append(time.perf_counter() - t)
                 r["loss"] = float(m["loss"])
-        out[layout] = {"row_tokens": shared_length or args.length, "responses": responses,
-                       "runs": {k: {"step_s": statistics.median(r["times"][1:]),
-                                    "temp_GiB": r["temp_GiB"], "loss": r["loss"]}
-                                for k, r in runs.items()}}
-    return out
+        yield layout, shared_length or args.length, responses, {
+            k: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
+                "loss": r["loss"]} for k, r in runs.items()}
+        runs.clear()
 
 
 def main() -> None:
@@ -431,19 +431,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.logprobs:
         print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
-        r = bench_logprobs(args)
-        print(f"focused_dpo step, frozen reference, {r.pop('params_M'):.1f}M params "
-              f"(vocab {args.vocab}), {args.pairs} pairs, {args.compute_dtype}, chunk "
+        print(f"focused_dpo step, frozen reference, hidden {args.hidden}, {args.layers} "
+              f"layers, vocab {args.vocab}, {args.pairs} pairs, {args.compute_dtype}, chunk "
               f"{args.chunk}, median of {args.steps} alternating rounds:")
         print("| layout | row tokens | response_capacity | logprob_recompute | temp GiB "
               "| step s | vs all positions + recompute | loss |")
-        print("|---|---|---|---|---|---|---|---|")
-        for layout, res in r.items():
-            base = res["runs"][(0, True)]["step_s"]
-            for (capacity, recompute), x in res["runs"].items():
-                print(f"| {layout} | {res['row_tokens']} | {capacity or 'all'} | {recompute} "
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        for layout, row_tokens, responses, runs in bench_logprobs(args):
+            base = runs[(0, True)]["step_s"]
+            for (capacity, recompute), x in runs.items():
+                print(f"| {layout} | {row_tokens} | {capacity or 'all'} | {recompute} "
                       f"| {x['temp_GiB']:.2f} | {x['step_s']:.3f} | {base / x['step_s']:.2f}x "
-                      f"| {x['loss']:.6f} |")
+                      f"| {x['loss']:.6f} |", flush=True)
         print(f"load avg after: {os.getloadavg()}")
         return
     if args.tdpo:
