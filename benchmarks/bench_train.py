@@ -37,6 +37,13 @@
    vocab 152,064, 8 x 512 tokens, hidden 512; and the whole train steps' temp memory at
    vocab 152,064, 4 pairs = 8 separate rows x 512 tokens, the `--loop` shape otherwise.
    Compile-only.
+6. Log-probs only where the loss reads them (`--logprobs`): the focused_dpo train step
+   (frozen reference) with `response_capacity` 0 (every position reaches the LM head) or
+   the batch's largest response count, and `logprob_recompute` on or off, in both layouts
+   (shared-prompt rows and separate rows), at the `--loop` model shape flags, on pairs of
+   the shared spec's proportions (prompt 96, prefix 192, mids 24-64, suffix 64, padded to
+   `--length`). Per variant: XLA temp memory and the median step time, all variants of a
+   layout compiled in one process and timed alternately; the losses must agree.
 """
 from __future__ import annotations
 
@@ -349,6 +356,56 @@ def kl_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
     return out
 
 
+def bench_logprobs(args):
+    """Yields (layout, row tokens, largest response count, {(capacity, recompute): result})
+    per layout, as each finishes."""
+    cfg = ModelConfig(architecture="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
+                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
+                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
+                      compute_dtype=args.compute_dtype)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    examples = stack(random_pairs(args.pairs, args.length, cfg.vocab_size, seed=0, lengths=(
+        (96, 96), (192, 192), (24, 64), (24, 64), (64, 64))))
+    examples.pop("ref_logps", None)
+    params = random_params(cfg, 0, scale=0.02)
+    ref = train.copy_params(params)
+    need = int(records.shared_row_lengths(examples["chosen_segments"],
+                                          examples["rejected_segments"]).max())
+    for layout, shared_length in (("shared-prompt rows", need), ("separate rows", 0)):
+        if shared_length:
+            labels = train.pack_shared_prompt(examples, shared_length)["labels"]
+            responses = int((labels >= records.Segment.PREFIX).sum(-1).max())
+        else:
+            responses = int(max((examples[f"{s}_segments"] >= records.Segment.PREFIX)
+                                .sum(-1).max() for s in ("chosen", "rejected")))
+        runs = {}
+        for capacity in (0, responses):
+            for recompute in (True, False):
+                tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
+                trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.1), tx,
+                                        mesh, chunk=args.chunk, shared_length=shared_length,
+                                        response_capacity=capacity,
+                                        logprob_recompute=recompute)
+                state = trainer.init_state(train.copy_params(params))
+                batch = trainer.make_batch(examples, 1)
+                step = trainer.train_step.lower(state, batch, ref).compile()
+                runs[(capacity, recompute)] = {
+                    "state": state, "batch": batch, "step": step, "times": [],
+                    "temp_GiB": step.memory_analysis().temp_size_in_bytes / GiB}
+        for _ in range(args.steps + 1):  # the first round warms up
+            for r in runs.values():
+                t = time.perf_counter()
+                r["state"], m = r["step"](r["state"], r["batch"], ref)
+                jax.block_until_ready(m)
+                r["times"].append(time.perf_counter() - t)
+                r["loss"] = float(m["loss"])
+        yield layout, shared_length or args.length, responses, {
+            k: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
+                "loss": r["loss"]} for k, r in runs.items()}
+        runs.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -369,7 +426,25 @@ def main() -> None:
                     help="only the shared-prompt rows vs separate rows comparison")
     ap.add_argument("--tdpo", action="store_true",
                     help="only the tdpo2 step against the dpo step, and the KL's memory")
+    ap.add_argument("--logprobs", action="store_true",
+                    help="only response_capacity x logprob_recompute, both layouts (item 6)")
     args = ap.parse_args()
+    if args.logprobs:
+        print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
+        print(f"focused_dpo step, frozen reference, hidden {args.hidden}, {args.layers} "
+              f"layers, vocab {args.vocab}, {args.pairs} pairs, {args.compute_dtype}, chunk "
+              f"{args.chunk}, median of {args.steps} alternating rounds:")
+        print("| layout | row tokens | response_capacity | logprob_recompute | temp GiB "
+              "| step s | vs all positions + recompute | loss |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        for layout, row_tokens, responses, runs in bench_logprobs(args):
+            base = runs[(0, True)]["step_s"]
+            for (capacity, recompute), x in runs.items():
+                print(f"| {layout} | {row_tokens} | {capacity or 'all'} | {recompute} "
+                      f"| {x['temp_GiB']:.2f} | {x['step_s']:.3f} | {base / x['step_s']:.2f}x "
+                      f"| {x['loss']:.6f} |", flush=True)
+        print(f"load avg after: {os.getloadavg()}")
+        return
     if args.tdpo:
         print(f"devices: {jax.devices()}; cpus: {os.cpu_count()}; load avg: {os.getloadavg()}")
         for name, m in kl_memory().items():

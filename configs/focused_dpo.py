@@ -27,10 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Initialisation: exactly one of these.
     c.init_checkpoint = arg.model  # fdpo checkpoint (launch.import_hf output)
     c.init_hf_dir = config_dict.placeholder(str)
-    # How the model runs (ModelConfig fields); parameters train in float32.
+    # How the model runs (ModelConfig fields); parameters train in float32. attention:
+    # einsum | dot_product (jax.nn.dot_product_attention, XLA) | cudnn (GPU, bf16 only).
     c.model = ml_collections.ConfigDict(dict(
         param_dtype="float32", compute_dtype="bfloat16", remat_policy="none",
-        scan_layers=True))
+        scan_layers=True, attention="einsum"))
 
     # Mesh (data, fsdp, tensor); one -1 takes the remaining devices. Rules map logical axis
     # names to mesh axes (fdpo.sharding; these are its defaults): parameters over fsdp on
@@ -88,6 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
+    # Response positions per row that reach the LM head (0: every position); a batch row
+    # with more response tokens is an error naming the pair (fdpo.train.Trainer).
+    c.train.response_capacity = 0
+    c.train.logprob_recompute = True  # the backward recomputes each chunk's logits
     # One row per pair, the prompt computed once (fdpo.train module docstring): the same
     # step as separate chosen/rejected rows (tested to 1e-5), 1.96x faster on padded records.
     c.train.shared_prompt = True

@@ -5,8 +5,13 @@ context). Log-softmax is always taken in float32: in bfloat16 it is wrong often 
 to move DPO rewards.
 
 The chunked path computes logits for `chunk` positions at a time from the final hidden
-states and the unembedding, under `jax.checkpoint`, so the forward and the backward pass
-both hold at most [batch, chunk, vocab] logits.
+states and the unembedding, under `jax.checkpoint` (`recompute=True`), so the forward and
+the backward pass both hold at most [batch, chunk, vocab] logits; the backward computes each
+chunk's logits again. `recompute=False` keeps every chunk's softmax for the backward
+instead: no second unembedding product, but [batch, length, vocab] float32 held.
+
+`scored_positions` picks the positions a loss reads (response tokens) before the
+unembedding, so prompt and padding positions never reach the LM head.
 """
 
 from __future__ import annotations
@@ -27,14 +32,27 @@ def token_logprobs(logits: Array, input_ids: Array) -> Array:
 
 
 def token_logprobs_from_hidden(hidden: Array, unembedding: Array, input_ids: Array,
-                               chunk: int = 256) -> Array:
+                               chunk: int = 256, recompute: bool = True) -> Array:
     """hidden [B, T, D] (final-normed), unembedding [V, D], input_ids [B, T] -> lp [B, T]."""
-    lp = target_logprobs(hidden[:, :-1], unembedding, input_ids[:, 1:], chunk)
+    lp = target_logprobs(hidden[:, :-1], unembedding, input_ids[:, 1:], chunk, recompute)
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
+def scored_positions(scored: Array, capacity: int) -> tuple[Array, Array]:
+    """scored [B, T] bool -> (index, valid), int32 / bool [B, capacity]: the first `capacity`
+    scored positions of each row in order, then (valid False) unscored ones as filler.
+
+    A row with more than `capacity` scored positions loses the rest: callers check the
+    count on the host (`fdpo.train.Trainer.make_batch`) before a batch gets here.
+    """
+    # A stable sort on "not scored" puts the scored positions first, in their order.
+    index = jnp.argsort(jnp.logical_not(scored).astype(jnp.int8), axis=1, stable=True)
+    index = index[:, :capacity].astype(jnp.int32)
+    return index, jnp.take_along_axis(scored, index, axis=1)
+
+
 def target_logprobs(hidden: Array, unembedding: Array, targets: Array,
-                    chunk: int = 256) -> Array:
+                    chunk: int = 256, recompute: bool = True) -> Array:
     """log p(targets[b, t] | hidden[b, t]) [B, T]: each hidden state scores the token at the
     same index (the caller aligns them: shifted by one for a plain sequence, gathered for
     shared-prompt rows whose branches do not follow each other)."""
@@ -45,12 +63,13 @@ def target_logprobs(hidden: Array, unembedding: Array, targets: Array,
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return (picked - jax.nn.logsumexp(logits, axis=-1),)
 
-    return _by_chunks(one_chunk, (hidden, targets), chunk)[0]
+    return _by_chunks(one_chunk, (hidden, targets), chunk, recompute)[0]
 
 
 def target_logprobs_and_kl(hidden: Array, unembedding: Array, ref_hidden: Array,
                            ref_unembedding: Array, targets: Array,
-                           chunk: int = 256) -> tuple[Array, Array, Array]:
+                           chunk: int = 256, recompute: bool = True
+                           ) -> tuple[Array, Array, Array]:
     """Policy and reference scoring the same targets, chunk by chunk -> (lp, ref_lp, kl),
     each [B, T] float32, with
 
@@ -78,13 +97,15 @@ def target_logprobs_and_kl(hidden: Array, unembedding: Array, ref_hidden: Array,
         pick = lambda x: jnp.take_along_axis(x, tc[..., None], axis=-1)[..., 0]  # noqa: E731
         return pick(logits) - lse, pick(ref_logits) - ref_lse, kl
 
-    return _by_chunks(one_chunk, (hidden, ref_hidden, targets), chunk)
+    return _by_chunks(one_chunk, (hidden, ref_hidden, targets), chunk, recompute)
 
 
-def _by_chunks(fn, arrays: Sequence[Array], chunk: int) -> tuple[Array, ...]:
+def _by_chunks(fn, arrays: Sequence[Array], chunk: int,
+               recompute: bool = True) -> tuple[Array, ...]:
     """fn over slices [B, chunk, ...] of the arrays' axis 1 (all [B, T, ...]), each call under
-    `jax.checkpoint` and walked by `lax.map`; fn returns a tuple of [B, chunk] arrays, and
-    the result is their [B, T] concatenations (the tail is padded, then cut)."""
+    `jax.checkpoint` (unless not `recompute`) and walked by `lax.map`; fn returns a tuple of
+    [B, chunk] arrays, and the result is their [B, T] concatenations (the tail is padded,
+    then cut)."""
     b, n = arrays[0].shape[:2]
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
@@ -94,7 +115,8 @@ def _by_chunks(fn, arrays: Sequence[Array], chunk: int) -> tuple[Array, ...]:
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return x.reshape((b, num_chunks, chunk) + x.shape[2:]).swapaxes(0, 1)
 
-    outs = jax.lax.map(jax.checkpoint(lambda args: fn(*args)), tuple(map(split, arrays)))
+    body = lambda args: fn(*args)  # noqa: E731
+    outs = jax.lax.map(jax.checkpoint(body) if recompute else body, tuple(map(split, arrays)))
     return tuple(o.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :n] for o in outs)
 
 

@@ -17,6 +17,7 @@ import pathlib
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -34,18 +35,30 @@ MAX_SEGMENT_LABELS = 16  # Scorer: segment labels 0..15 are summed separately
 
 
 def sequence_segment_logps(graphdef, params, ids: Array, labels: Array, chunk: int = 256,
-                           values: Sequence[int] = rec.RESPONSE_SEGMENTS) -> Array:
+                           values: Sequence[int] = rec.RESPONSE_SEGMENTS, *,
+                           capacity: int = 0, recompute: bool = True) -> Array:
     """ids, labels [N, L] -> [N, len(values)]: the log-prob sums of the tokens labelled
     values[k] (default the response segments: prefix, mid, suffix, lead, trail).
 
     Log-softmax in float32, chunked over the sequence (no [N, L, vocab] logits tensor).
-    Call under `sharding.use_mesh` to constrain activations.
+    `capacity` > 0: only the first `capacity` labelled positions t >= 1 of each row reach
+    the unembedding (the caller guarantees no row has more). Call under
+    `sharding.use_mesh` to constrain activations.
     """
     model = nnx.merge(graphdef, params)
     ids = shd.constrain(ids, ("batch", "length"))
     hidden = model(ids, return_hidden=True)
-    lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), ids, chunk)
-    return logprobs.segment_sums(lp, labels, values)
+    if not capacity:
+        lp = logprobs.token_logprobs_from_hidden(hidden, model.unembedding(), ids, chunk,
+                                                 recompute)
+        return logprobs.segment_sums(lp, labels, values)
+    labelled = jnp.isin(labels, jnp.asarray([int(v) for v in values], labels.dtype))
+    index, valid = logprobs.scored_positions(labelled.at[:, 0].set(False), capacity)
+    take = lambda x: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
+    # The hidden state before each position scores it (fillers: any in-range one).
+    before = jnp.take_along_axis(hidden, jnp.maximum(index - 1, 0)[..., None], axis=1)
+    lp = logprobs.target_logprobs(before, model.unembedding(), take(ids), chunk, recompute)
+    return logprobs.segment_sums(lp, jnp.where(valid, take(labels), -1), values)
 
 
 def make_score_fn(model_cfg: ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,

@@ -125,18 +125,33 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int):
 # ----------------------------------------------------------------------------------------
 
 
-def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 256) -> Array:
-    """One forward over chosen and rejected -> [b, 2, 5] (side x segment)."""
+def pair_segment_logps(graphdef, params, micro: dict[str, Array], chunk: int = 256,
+                       capacity: int = 0, recompute: bool = True) -> Array:
+    """One forward over chosen and rejected -> [b, 2, 5] (side x segment). `capacity` > 0:
+    only that many response positions per row reach the unembedding (`_scored`)."""
     b, length = micro["chosen_ids"].shape
     ids = jnp.stack([micro["chosen_ids"], micro["rejected_ids"]], 1).reshape(2 * b, length)
     seg = jnp.stack([micro["chosen_segments"], micro["rejected_segments"]], 1)
     sums = scoring.sequence_segment_logps(graphdef, params, ids, seg.reshape(2 * b, length),
-                                          chunk)
+                                          chunk, capacity=capacity, recompute=recompute)
     return sums.reshape(b, 2, -1)
 
 
+def _scored(labels: Array, capacity: int, *arrays: Array) -> tuple[Array, ...]:
+    """(labels, *arrays) [N, T] at the positions whose log-probs the loss reads: all T when
+    `capacity` is 0, else each row's first `capacity` response positions (labels >= PREFIX;
+    filler slots labelled PAD), so prompt and padding never reach the LM head. The caller
+    guarantees no row has more (`Trainer.make_batch` checks)."""
+    if not capacity:
+        return (labels,) + arrays
+    index, valid = logprobs.scored_positions(labels >= int(Segment.PREFIX), capacity)
+    take = lambda x: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
+    return (jnp.where(valid, take(labels), int(Segment.PAD)),) + tuple(map(take, arrays))
+
+
 def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
-                          chunk: int = 256) -> tuple[Array, Array, Array]:
+                          chunk: int = 256, capacity: int = 0,
+                          recompute: bool = True) -> tuple[Array, Array, Array]:
     """Policy and frozen reference on chosen and rejected -> (policy, reference, kl) sums,
     each [b, 2, 5]: the log-prob sums of `pair_segment_logps` for both models and the
     per-position KL(p_ref || p_theta) summed per segment (Token-level DPO, `fdpo.loss`).
@@ -148,12 +163,22 @@ def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
     model, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
     hidden = model(ids, return_hidden=True)
     ref_hidden = ref(ids, return_hidden=True)
-    outs = logprobs.target_logprobs_and_kl(hidden[:, :-1], model.unembedding(),
-                                           ref_hidden[:, :-1], ref.unembedding(),
-                                           ids[:, 1:], chunk)
     seg = seg.reshape(2 * b, length)
-    return tuple(loss_lib.response_segment_sums(jnp.pad(x, ((0, 0), (1, 0))), seg)
-                 .reshape(b, 2, -1) for x in outs)
+    if not capacity:
+        outs = logprobs.target_logprobs_and_kl(hidden[:, :-1], model.unembedding(),
+                                               ref_hidden[:, :-1], ref.unembedding(),
+                                               ids[:, 1:], chunk, recompute)
+        return tuple(loss_lib.response_segment_sums(jnp.pad(x, ((0, 0), (1, 0))), seg)
+                     .reshape(b, 2, -1) for x in outs)
+    # Token t is scored from hidden state t - 1; token 0 from none.
+    parents = jnp.broadcast_to(jnp.maximum(jnp.arange(length) - 1, 0), ids.shape)
+    labels, parents, targets = _scored(seg.at[:, 0].set(int(Segment.PAD)), capacity,
+                                       parents, ids)
+    before = lambda h: jnp.take_along_axis(h, parents[..., None], axis=1)  # noqa: E731
+    outs = logprobs.target_logprobs_and_kl(before(hidden), model.unembedding(),
+                                           before(ref_hidden), ref.unembedding(), targets,
+                                           chunk, recompute)
+    return tuple(loss_lib.response_segment_sums(x, labels).reshape(b, 2, -1) for x in outs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,36 +221,41 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
 
 
 def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
-                              chunk: int = 256) -> Array:
+                              chunk: int = 256, capacity: int = 0,
+                              recompute: bool = True) -> Array:
     """One forward over shared-prompt rows -> [b, 2, 5] (side x segment), as
     `pair_segment_logps` computes it from separate sequences."""
     model = nnx.merge(graphdef, params)
     ids = shd.constrain(micro["ids"], ("batch", "length"))
-    labels, branch = micro["labels"], micro["branch"]
-    real = (labels != int(Segment.PAD)).astype(jnp.int32)  # padding: its own segment
-    hidden = model(ids, micro["positions"], real, branch, return_hidden=True)
-    parents = jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
-    lp = logprobs.target_logprobs(parents, model.unembedding(), ids, chunk)
+    real = (micro["labels"] != int(Segment.PAD)).astype(jnp.int32)  # padding: own segment
+    hidden = model(ids, micro["positions"], real, micro["branch"], return_hidden=True)
+    labels, parents, targets, branch = _scored(micro["labels"], capacity, micro["parents"],
+                                               ids, micro["branch"])
+    parents = jnp.take_along_axis(hidden, parents[..., None], axis=1)
+    lp = logprobs.target_logprobs(parents, model.unembedding(), targets, chunk, recompute)
     side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
         lp, jnp.where(branch == k, labels, int(Segment.PAD)))
     return jnp.stack([side(1), side(2)], axis=1)
 
 
 def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
-                                 chunk: int = 256) -> tuple[Array, Array, Array]:
+                                 chunk: int = 256, capacity: int = 0,
+                                 recompute: bool = True) -> tuple[Array, Array, Array]:
     """`pair_segment_logps_kl` over shared-prompt rows (each model's hidden states gathered
     by `parents` as in `shared_pair_segment_logps`)."""
     ids = shd.constrain(micro["ids"], ("batch", "length"))
-    labels, branch = micro["labels"], micro["branch"]
-    real = (labels != int(Segment.PAD)).astype(jnp.int32)
+    real = (micro["labels"] != int(Segment.PAD)).astype(jnp.int32)
+    labels, parents, targets, branch = _scored(micro["labels"], capacity, micro["parents"],
+                                               ids, micro["branch"])
 
     def parent_hidden(m):
-        hidden = m(ids, micro["positions"], real, branch, return_hidden=True)
-        return jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
+        hidden = m(ids, micro["positions"], real, micro["branch"], return_hidden=True)
+        return jnp.take_along_axis(hidden, parents[..., None], axis=1)
 
     model, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
     outs = logprobs.target_logprobs_and_kl(parent_hidden(model), model.unembedding(),
-                                           parent_hidden(ref), ref.unembedding(), ids, chunk)
+                                           parent_hidden(ref), ref.unembedding(), targets,
+                                           chunk, recompute)
 
     def sides(x):
         side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
@@ -255,7 +285,8 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, loss_cfg: loss_lib.LossConfig,
                  tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES, *,
                  reference: str = "frozen", chunk: int = 256,
-                 schedule: optax.Schedule | None = None, shared_length: int = 0):
+                 schedule: optax.Schedule | None = None, shared_length: int = 0,
+                 response_capacity: int = 0, logprob_recompute: bool = True):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         if loss_cfg.is_tdpo and reference != "frozen":
@@ -266,6 +297,9 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in rules)
         self.reference, self.chunk, self.schedule = reference, chunk, schedule
         self.shared_length = shared_length  # 0: chosen and rejected as separate rows
+        # Response positions per row that reach the LM head (0: all positions); whether the
+        # backward recomputes each log-prob chunk's logits (`fdpo.logprobs`).
+        self.response_capacity, self.logprob_recompute = response_capacity, logprob_recompute
         sequence_keys = SHARED_KEYS if shared_length else BATCH_KEYS[:4]
         self.graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
         self.abstract_params = nnx.to_pure_dict(abstract)
@@ -330,6 +364,7 @@ class Trainer:
         local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
         if self.shared_length:
             local = pack_shared_prompt(local, self.shared_length)
+        self._check_capacity(local)
         if "ref_logps" in examples:
             ref = np.asarray(examples["ref_logps"], np.float32)
             # [.., 2, 3] from before LEAD/TRAIL: such pairs have none of those tokens, so 0.
@@ -354,11 +389,28 @@ class Trainer:
                                                             global_shape)
         return out
 
+    def _check_capacity(self, local: dict[str, np.ndarray]) -> None:
+        """Every row's scored response tokens fit `response_capacity` (else ValueError)."""
+        if not self.response_capacity:
+            return
+        if self.shared_length:
+            counts = {"shared-prompt row": (local["labels"] >= Segment.PREFIX).sum(-1)}
+        else:  # token 0 has no context and is never scored
+            counts = {side: (local[f"{side}_segments"][:, 1:] >= Segment.PREFIX).sum(-1)
+                      for side in ("chosen", "rejected")}
+        for what, n in counts.items():
+            if n.max() > self.response_capacity:
+                i = int(n.argmax())
+                raise ValueError(f"pair {i} of the batch: its {what} has {int(n[i])} response "
+                                 f"tokens, more than train.response_capacity="
+                                 f"{self.response_capacity} (0 scores every position)")
+
     # -- loss ------------------------------------------------------------------------------
 
     def _pair_logps(self, params, micro):
         fn = shared_pair_segment_logps if self.shared_length else pair_segment_logps
-        return fn(self.graphdef, params, micro, self.chunk)
+        return fn(self.graphdef, params, micro, self.chunk, self.response_capacity,
+                  self.logprob_recompute)
 
     def _reference(self, micro, ref_params):
         if not self.loss_cfg.needs_reference:
@@ -376,7 +428,8 @@ class Trainer:
                       else pair_segment_logps_kl)
                 policy, reference, kl = fn(self.graphdef, params,
                                            jax.lax.stop_gradient(ref_params), micro,
-                                           self.chunk)
+                                           self.chunk, self.response_capacity,
+                                           self.logprob_recompute)
             else:
                 policy = self._pair_logps(params, micro)
                 reference = self._reference(micro, ref_params)

@@ -228,7 +228,9 @@ class TrainRun:
                      self.loss_cfg)
         return train.Trainer(self.policy.model_cfg, self.loss_cfg, tx, self.mesh, self.rules,
                              reference=c.loss.reference, chunk=c.train.logprob_chunk,
-                             schedule=schedule, shared_length=shared_length)
+                             schedule=schedule, shared_length=shared_length,
+                             response_capacity=c.train.response_capacity,
+                             logprob_recompute=c.train.logprob_recompute)
 
     def _restore_or_init(self):
         latest = self.manager.latest_step()

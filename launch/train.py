@@ -27,6 +27,7 @@ from absl import flags, logging
 
 from fdpo import train_loop
 from fdpo.models import checkpoint
+from fdpo.models.config import ATTENTION_IMPLS
 from launch import common
 
 CONFIG = common.define_config("config", None, "Run config file (with :arg).",
@@ -57,6 +58,7 @@ def validate(config) -> None:
     else:
         common.check_readable_file("config.init_hf_dir",
                                    pathlib.Path(c.init_hf_dir) / "config.json")
+    common.check_choice("config.model.attention", c.model.attention, ATTENTION_IMPLS)
     o = c.optimizer
     num("config.optimizer.lr", o.lr, lo=0, lo_open=True)
     num("config.optimizer.warmup_steps", o.warmup_steps, lo=0, integer=True)
@@ -86,6 +88,7 @@ def validate(config) -> None:
     if t.num_steps <= 0:
         num("config.train.num_epochs", t.num_epochs, lo=1, integer=True)
     num("config.train.logprob_chunk", t.logprob_chunk, lo=1, integer=True)
+    num("config.train.response_capacity", t.response_capacity, lo=0, integer=True)
     for name in ("every_steps", "eval_every_steps"):
         num(f"config.log.{name}", c.log[name], lo=1, integer=True)
     num("config.checkpoint.every_steps", c.checkpoint.every_steps, lo=1, integer=True)

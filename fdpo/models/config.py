@@ -27,6 +27,10 @@ ARCHITECTURES = ("qwen2", "llama")
 ROPE_TYPES = ("default", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+# Attention of the forward without a KV cache (training, reference, scoring): "einsum" (the
+# explicit score/softmax/value products), or `jax.nn.dot_product_attention` with XLA's
+# implementation ("dot_product") or cuDNN's fused kernel ("cudnn", GPU only, bf16/fp16).
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -68,6 +72,10 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "none"  # "none", "full" (recompute the whole block), "dots"
     scan_layers: bool = True  # jax.lax.scan over the stacked layers, or a Python loop
+    attention: str = "einsum"  # ATTENTION_IMPLS; the sampler's cached path is always einsum
+    # "dot_product" only: > 0 runs the queries in blocks of this many under jax.checkpoint,
+    # so forward and backward hold [block, length] scores per head instead of [length]^2.
+    attention_block: int = 0
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -79,6 +87,13 @@ class ModelConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.attention_block < 0 or (self.attention_block and
+                                        self.attention != "dot_product"):
+            raise ConfigError(f"attention_block={self.attention_block} with attention="
+                              f"{self.attention!r}; blocks are for attention='dot_product', "
+                              f"0 disables them")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                     f"num_attention_heads={self.num_heads} is not a multiple of "

@@ -17,7 +17,9 @@ Layout choices:
 Attention structure is explicit, for packed batches and shared-prefix pairs: token i
 attends to token j iff `segment_ids` match, j <= i, and `branch_ids[j]` is 0 (the shared
 trunk) or equals `branch_ids[i]`. Positions are passed in, so the second branch can
-continue from the trunk.
+continue from the trunk. `ModelConfig.attention` picks how that masked attention is computed
+without a cache: explicit einsums ("einsum"), or `jax.nn.dot_product_attention` with XLA's
+("dot_product") or cuDNN's ("cudnn") implementation, under the same mask.
 
 KV cache (sampling): `Decoder.__call__(..., cache=KVCache)` lets the given tokens attend to
 the cached slots before `cache.index` and causally to each other, then writes their keys
@@ -188,23 +190,63 @@ class Attention(nnx.Module):
         k = apply_rope(project(self.k_kernel, "k_bias"), cos, sin)
         v = project(self.v_kernel, "v_bias")
 
-        # Grouped-query attention: query heads are [kv_heads, group].
         b, t, _, hd = q.shape
-        group = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, group, hd)
-        scale = jnp.sqrt(jnp.float32(hd))
-        if kv_cache is not None:
-            out = _cached_attention(q, k, v, mask, kv_cache, cache_mask, scale)
+        if kv_cache is None and cfg.attention != "einsum":
+            with jax.named_scope("dot_product_attention"):
+                out = _library_attention(q, k, v, mask, cfg.attention, cfg.attention_block)
         else:
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
-            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+            # Grouped-query attention: query heads are [kv_heads, group].
+            group = cfg.num_heads // cfg.num_kv_heads
+            q = q.reshape(b, t, cfg.num_kv_heads, group, hd)
+            scale = jnp.sqrt(jnp.float32(hd))
+            if kv_cache is not None:
+                out = _cached_attention(q, k, v, mask, kv_cache, cache_mask, scale)
+            else:
+                with jax.named_scope("einsum_attention"):
+                    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
+                    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+                    probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+                    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = out.reshape(b, t, cfg.num_heads, hd)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(cd))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(cd)
         return out if kv_cache is None else (out, (k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)))
+
+
+def _library_attention(q: Array, k: Array, v: Array, mask: Array, impl: str,
+                       block: int = 0) -> Array:
+    """`jax.nn.dot_product_attention` of q [b, t, heads, d] over k, v [b, t, kv_heads, d]
+    under `mask` [b, t, t] -> [b, t, heads, d]; impl "dot_product" (XLA) or "cudnn".
+
+    Query head h uses kv head h // (heads // kv_heads), as in the einsum path (the
+    library's GQA grouping). The mask already holds the causal part; `is_causal` repeats it
+    so that cuDNN can skip the blocks above the diagonal (it folds the boolean mask into an
+    additive [b, 1, t, t] bias, one per row, not per head). Scores are float32 either way.
+
+    `block` > 0 (XLA): queries in blocks of `block`, each under `jax.checkpoint` and walked
+    by `lax.map`: XLA's implementation materialises every score, so this bounds them to
+    [b, heads, block, t] in the forward and the backward (which recomputes a block's
+    scores), for one more score product per block.
+    """
+    implementation = "xla" if impl == "dot_product" else impl
+    b, t, h, d = q.shape
+    if not block or block >= t:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
+                                            implementation=implementation)
+    pad = (-t) % block
+    n = (t + pad) // block
+    # Padded query rows see no key: their output is a finite average, cut below.
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d)
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, block, t)
+
+    def one(args):  # a block's causal part is in its mask (is_causal aligns T and S at 0)
+        qb, mb = args
+        return jax.nn.dot_product_attention(qb, k, v, mask=mb[:, None],
+                                            implementation=implementation)
+
+    out = jax.lax.map(jax.checkpoint(one), (q.swapaxes(0, 1), mask.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
 def _cached_attention(q: Array, k: Array, v: Array, mask: Array, kv_cache: tuple[Array, Array],

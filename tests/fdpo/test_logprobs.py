@@ -1,0 +1,96 @@
+"""Log-probs only where the loss reads them (`train.response_capacity`) and the chunk
+recompute choice (`train.logprob_recompute`): the same losses and gradients as scoring
+every position with recompute."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fdpo import logprobs, records, sharding, train
+from fdpo import loss as loss_lib
+from fdpo.models.config import ModelConfig
+from fdpo.records import Segment
+from fdpo.testing import random_params, random_pairs, stack
+from tests.helpers.numerics import assert_close_at_scale
+
+ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+TINY = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                   rope_theta=1e4, qkv_bias=True)
+
+
+def test_scored_positions_are_the_scored_indices_in_order():
+    rng = np.random.default_rng(0)
+    scored = rng.random((5, 30)) < 0.4
+    scored[0] = False  # a row with none
+    index, valid = logprobs.scored_positions(jnp.asarray(scored), 16)
+    for row, idx, ok in zip(scored, np.asarray(index), np.asarray(valid)):
+        expected = np.flatnonzero(row)[:16]
+        np.testing.assert_array_equal(idx[:len(expected)], expected)
+        np.testing.assert_array_equal(ok, np.arange(16) < len(expected))
+        assert len(set(idx.tolist())) == 16  # fillers are other, distinct positions
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    examples = stack(random_pairs(4, 48, TINY.vocab_size, seed=3, lengths=(
+        (4, 9), (0, 8), (1, 7), (0, 7), (0, 8)), prose=(0, 3)))
+    examples.pop("ref_logps", None)
+    return examples
+
+
+def response_capacity(examples, shared_length):
+    """The smallest capacity that holds every row's response tokens."""
+    if shared_length:
+        labels = train.pack_shared_prompt(examples, shared_length)["labels"]
+        return int((labels >= Segment.PREFIX).sum(-1).max())
+    return int(max((examples[f"{s}_segments"][:, 1:] >= Segment.PREFIX).sum(-1).max()
+                   for s in ("chosen", "rejected")))
+
+
+def one_step(examples, shared_length, preset, **options):
+    trainer = train.Trainer(TINY, loss_lib.preset(preset, beta=0.5, nll_weight=0.1),
+                            optax.sgd(0.5), ONE_DEVICE, chunk=8, shared_length=shared_length,
+                            **options)
+    state = trainer.init_state(random_params(TINY, seed=1))
+    state, metrics = trainer.train_step(state, trainer.make_batch(examples),
+                                        random_params(TINY, seed=2))
+    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(state["params"])
+
+
+@pytest.mark.parametrize("layout,preset", [
+    ("shared", "focused_dpo"),  # the default run's path
+    pytest.param("separate", "dpo", marks=pytest.mark.slow),
+    pytest.param("shared", "tdpo2", marks=pytest.mark.slow),
+    pytest.param("separate", "tdpo1", marks=pytest.mark.slow)])
+def test_response_capacity_and_no_recompute_give_the_same_step(pairs, layout, preset):
+    shared_length = 0
+    if layout == "shared":
+        shared_length = int(records.shared_row_lengths(pairs["chosen_segments"],
+                                                       pairs["rejected_segments"]).max())
+    capacity = response_capacity(pairs, shared_length)
+    length = shared_length or pairs["chosen_ids"].shape[1]
+    assert capacity <= length - 4  # at least the prompt (4+ tokens) is left out
+    l0, n0, p0 = one_step(pairs, shared_length, preset)
+    assert n0 > 0
+    for options in (dict(response_capacity=capacity),
+                    dict(response_capacity=capacity + 5, logprob_recompute=False)):
+        l1, n1, p1 = one_step(pairs, shared_length, preset, **options)
+        assert l1 == pytest.approx(l0, rel=1e-5), options
+        assert n1 == pytest.approx(n0, rel=1e-5), options
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p0)):
+            assert_close_at_scale(a, b, 1e-5, axis=None,
+                                  what=f"{options} {jax.tree_util.keystr(path)}")
+
+
+def test_a_row_over_the_capacity_is_refused_by_name(pairs):
+    capacity = response_capacity(pairs, 0)
+    trainer = train.Trainer(TINY, loss_lib.preset("focused_dpo"), optax.sgd(0.1), ONE_DEVICE,
+                            response_capacity=capacity - 1)
+    with pytest.raises(ValueError, match=r"pair \d of the batch: its (chosen|rejected) has "
+                                         rf"{capacity} response tokens, more than "
+                                         rf"train.response_capacity={capacity - 1}"):
+        trainer.make_batch(pairs)
