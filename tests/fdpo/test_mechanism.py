@@ -9,6 +9,8 @@ tokens' log-probs under `stop_gradient`.
 """
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +20,10 @@ from flax import nnx
 
 from fdpo import sharding, train
 from fdpo import loss as loss_lib
-from fdpo.models import convert
+from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment, shared_row_lengths
-from fdpo.testing import make_hf_model, random_pairs, stack
+from fdpo.testing import make_hf_model, random_pairs, stack, write_dataset
 
 pytestmark = pytest.mark.torch
 
@@ -294,3 +296,43 @@ def test_grad_share_matches_jax_grad_of_masked_losses(micro_batches, models, pai
     assert float(got["mech/grad/norm"]) == pytest.approx(float(metrics["grad_norm"]), rel=1e-4)
     full = jax.tree.map(jnp.add, g_mid, g_other)
     assert float(got["mech/grad/norm"]) == pytest.approx(global_norm(full), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# launch.train: the default config writes the metrics
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["focused_dpo", "sft"])
+def test_launch_train_writes_mechanism_lines(preset, program, tmp_path):
+    """A runlocal run of a tiny model: every validation line has the mechanism metrics, the
+    steps named by grad_share_every also the gradient share; at step 0 of a frozen
+    reference (the initial policy) the changes would be 0, after training they are not."""
+    make_hf_model(tmp_path / "hf", "qwen2", vocab_size=211)
+    cfg = ModelConfig.from_hf_dir(tmp_path / "hf")
+    _, state = convert.load_hf_params(tmp_path / "hf", cfg, ONE_DEVICE)
+    checkpoint.save_model(tmp_path / "ckpt", cfg, state,
+                          hf_config=json.loads((tmp_path / "hf" / "config.json").read_text()),
+                          extras_from=tmp_path / "hf")
+    write_dataset(tmp_path / "data", {"train": random_pairs(16, 32, 211, seed=0),
+                                      "validation": random_pairs(6, 32, 211, seed=1)})
+    program("launch.train", f"--workdir={tmp_path / 'run'}",
+            f"--config=configs/focused_dpo.py:model={tmp_path / 'ckpt'},"
+            f"data={tmp_path / 'data'},preset={preset},runlocal",
+            "--config.train.num_steps=4", "--config.log.eval_every_steps=2",
+            "--config.log.grad_share_every=4", "--config.optimizer.lr=1e-3")
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    val = [m for m in lines if m["split"] == "validation"]
+    assert [m["step"] for m in val] == [2, 4]
+    for m in val:
+        for k in ("mech/dlogp/chosen_mid", "mech/dlogp/rejected_mid", "mech/dlogp/chosen",
+                  "mech/dlogp/chosen_suffix", "mech/dlogp/rejected_suffix",
+                  "mech/dlogp/chosen_prefix", "mech/first_margin/change", "mech/kl/chosen"):
+            assert np.isfinite(m[k]), k
+        assert m["mech/kl/chosen"] > 0 and m["mech/dlogp/chosen"] != 0
+        assert m["mech/first_margin/pairs"] == 6
+    assert "mech/grad/share_mid" not in val[0]
+    assert 0 < val[1]["mech/grad/share_mid"] < 1
+    assert not [m for m in lines if m["split"] == "train" and any(k.startswith("mech/")
+                                                                  for k in m)]
