@@ -336,3 +336,32 @@ def test_launch_train_writes_mechanism_lines(preset, program, tmp_path):
     assert 0 < val[1]["mech/grad/share_mid"] < 1
     assert not [m for m in lines if m["split"] == "train" and any(k.startswith("mech/")
                                                                   for k in m)]
+
+
+def test_report_draws_mechanism_curves_per_arm(tmp_path):
+    """launch.report's library: each run's mech/* validation values, in line order, one
+    figure per family, and a table of the last values."""
+    from fdpo import report
+
+    cfg = {"name": "x", "toy": {"enabled": False}, "evaluate": {"benchmarks": []}}
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(cfg))
+    for run, sign in (("focused_dpo-s0", 1.0), ("dpo-s0", -1.0)):
+        rows = [{"split": "train", "step": 1, "loss": 0.7},
+                {"split": "validation", "step": 2, "loss": 0.6,
+                 "mech/dlogp/chosen_mid": 0.5 * sign, "mech/first_margin/change": 0.1},
+                {"split": "validation", "step": 4, "loss": 0.5,
+                 "mech/dlogp/chosen_mid": 1.5 * sign, "mech/first_margin/change": 0.3,
+                 "mech/grad/share_mid": 0.25}]
+        path = tmp_path / "train" / run / "metrics.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = report.write(tmp_path)
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert written["mechanism"]["dpo-s0"]["mech/dlogp/chosen_mid"] == [[2, -0.5], [4, -1.5]]
+    assert written["mechanism"]["focused_dpo-s0"]["mech/grad/share_mid"] == [[4, 0.25]]
+    names = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"mech_dlogp.png", "mech_first_margin.png", "mech_grad.png"} <= names
+    assert "mech_kl.png" not in names  # no run logged a KL
+    text = md.read_text()
+    assert "| dpo-s0 | 4 | -1.5 | - | - | - | - | 0.3 | - | 0.25 |" in text
+    assert "![mech_dlogp.png](mech_dlogp.png)" in text
