@@ -216,9 +216,10 @@ def test_precomputed_reference_uses_the_data_sums_and_skips_kl(models, pairs):
     trainer = trainer_for(models, loss_lib.preset("dpo"))
     frozen = fdpo_eval(trainer, models["policy"][1], models["reference"][1], pairs)
     with_ref = dict(pairs)  # the reference's sums, as launch.precompute_ref writes them
-    with_ref["ref_logps"] = np.asarray(jax.device_get(train.pair_segment_logps(
-        trainer.graphdef, models["reference"][1],
-        {k: jnp.asarray(pairs[k]) for k in train.BATCH_KEYS[:4]}, 8)), np.float32)
+    score = jax.jit(lambda p, m: train.pair_segment_logps(trainer.graphdef, p, m, 8))
+    with_ref["ref_logps"] = np.asarray(jax.device_get(score(
+        models["reference"][1], {k: jnp.asarray(pairs[k]) for k in train.BATCH_KEYS[:4]})),
+        np.float32)
     pre = fdpo_eval(trainer_for(models, loss_lib.preset("dpo"), reference="precomputed"),
                     models["policy"][1], None, with_ref)
     for side in ("chosen", "rejected"):
@@ -262,7 +263,7 @@ def direct_focused_dpo_grads(trainer, params, ref_params, pairs, mask, stop):
             h = h + (1 - 2 * s) * (d * w[s]).sum(-1)
         return -(mask * jax.nn.log_sigmoid(beta * h)).sum() / mask.sum()
 
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
 
 def global_norm(tree):
@@ -270,6 +271,7 @@ def global_norm(tree):
                              for x in jax.tree.leaves(tree))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_grad_share_matches_jax_grad_of_masked_losses(micro_batches, models, pairs):
     trainer = trainer_for(models, loss_lib.preset("focused_dpo"))
@@ -365,3 +367,19 @@ def test_report_draws_mechanism_curves_per_arm(tmp_path):
     text = md.read_text()
     assert "| dpo-s0 | 4 | -1.5 | - | - | - | - | 0.3 | - | 0.25 |" in text
     assert "![mech_dlogp.png](mech_dlogp.png)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tdpo1", "sft"])
+def test_grad_share_parts_add_up_to_the_step_gradient(preset, models, pairs):
+    """For a loss with a KL term (its per-segment KL sums are split like the log-prob sums)
+    and for one without a reference: g_mid + g_other is the train step's gradient."""
+    trainer = trainer_for(models, loss_lib.preset(preset), shared_length(pairs))
+    batch_pairs, mask = padded(pairs)
+    params, ref = models["policy"][1], models["reference"][1]
+    got = jax.device_get(trainer.grad_share_step(params, trainer.make_batch(
+        batch_pairs, 2, mask), ref))
+    state = trainer.init_state(train.copy_params(params))
+    _, metrics = trainer.train_step(state, trainer.make_batch(batch_pairs, 2, mask), ref)
+    assert float(got["mech/grad/norm"]) == pytest.approx(float(metrics["grad_norm"]), rel=1e-4)
+    assert 0 < float(got["mech/grad/share_mid"]) < 1
