@@ -107,10 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         every_steps=10, eval_every_steps=100, eval_max_batches=-1, tensorboard=True))
     # Mechanism metrics in every validation line (docs/training.md; with the frozen
     # reference even sft keeps a reference copy for them), and the mid-token gradient share
-    # on one validation batch every grad_share_every steps (0: never; two extra backward
-    # passes each time); the default is the validation interval.
+    # on one validation batch: -1 at every validation step, N > 0 every N steps (and the
+    # last), 0 never; two extra backward passes each time.
     c.log.mechanism = True
-    c.log.grad_share_every = 100
+    c.log.grad_share_every = -1
     c.export_hf = False  # also write WORKDIR/hf (safetensors) at the end
 
     if arg.runlocal:
@@ -120,7 +120,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.warmup_steps = 2
         c.log.every_steps = 1
         c.log.eval_every_steps = 10
-        c.log.grad_share_every = 10
         c.log.eval_max_batches = 2
         c.checkpoint.every_steps = 10
     return c

@@ -383,7 +383,6 @@ class Pipeline:
                  "--config.log.every_steps=10",
                  # steps <= 0: the config's epochs decide the length; evaluate/save every 200.
                  f"--config.log.eval_every_steps={steps if steps > 0 else 200}",
-                 f"--config.log.grad_share_every={steps if steps > 0 else 200}",
                  f"--config.checkpoint.every_steps={max(steps // 2, 1) if steps > 0 else 200}",
                  f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}",
                  f"--distributed={self.cfg.distributed}", *extra)

@@ -357,7 +357,8 @@ def mechanism_lines(data: dict) -> list[str]:
     cols = [("mech/dlogp/chosen_mid", "chosen mid"), ("mech/dlogp/rejected_mid", "rejected mid"),
             ("mech/dlogp/chosen_suffix", "chosen suffix"),
             ("mech/dlogp/rejected_suffix", "rejected suffix"),
-            ("mech/dlogp/chosen", "chosen (whole)"), ("mech/first_margin/change", "first margin change"),
+            ("mech/dlogp/chosen", "chosen (whole)"),
+            ("mech/first_margin/change", "first margin change"),
             ("mech/kl/chosen", "KL chosen"), ("mech/grad/share_mid", "grad share mid")]
     last = lambda c, k: f"{c[k][-1][1]:.3g}" if c.get(k) else "-"  # noqa: E731
     lines = ["## Mechanism metrics (validation pairs, last validation step)", "",

@@ -309,8 +309,9 @@ class TrainRun:
                 data_state = self.batches.get_state()
             log, evaluate, save = (every(c.log.every_steps), every(c.log.eval_every_steps),
                                    every(c.checkpoint.every_steps))
-            share = (c.log.mechanism and c.log.grad_share_every > 0 and
-                     every(c.log.grad_share_every))
+            share_every = c.log.grad_share_every
+            share = c.log.mechanism and (evaluate if share_every < 0 else
+                                         share_every > 0 and every(share_every))
             stop_check = one_process or log or evaluate or save  # collective when multi-host
             stop = stop_check and self.stop_signals.any_process()
             if self.step == first_step or log or evaluate or save or stop or share:
