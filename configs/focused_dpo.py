@@ -110,6 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, use_async=True))
     c.log = ml_collections.ConfigDict(dict(
         every_steps=10, eval_every_steps=100, eval_max_batches=-1, tensorboard=True))
+    # Mechanism metrics in every validation line (docs/training.md; with the frozen
+    # reference even sft keeps a reference copy for them), and the mid-token gradient share
+    # on one validation batch: -1 at every validation step, N > 0 every N steps (and the
+    # last), 0 never; two extra backward passes each time.
+    c.log.mechanism = True
+    c.log.grad_share_every = -1
     c.export_hf = False  # also write WORKDIR/hf (safetensors) at the end
 
     if arg.runlocal:

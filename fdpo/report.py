@@ -58,6 +58,7 @@ def collect(w: pathlib.Path) -> dict:
         data["counts"]["samples"] = {"problems": problems, "codes": codes,
                                      "truly_correct_codes": correct,
                                      "problems_with_correct_and_incorrect": mixed}
+    data["mechanism"] = mechanism_curves(w)
     cont = w / "analysis" / "continuation.json"
     if cont.exists():
         data["continuation"] = json.loads(cont.read_text())
@@ -243,6 +244,7 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
     if data["counts"].get("pairs_manifest"):
         lines += ["Pair construction counts (launch.build manifest): "
                   f"`{json.dumps(data['counts']['pairs_manifest'])}`", ""]
+    lines += mechanism_lines(data)
     for img in images:
         lines += [f"![{img}]({img})", ""]
     if data["timings"]:
@@ -259,8 +261,112 @@ def write(workdir: pathlib.Path) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     data = collect(workdir)
     summary = summarise(data)
-    images = plots(data, summary, out)
+    images = plots(data, summary, out) + mechanism_plots(data, out)
     atomic.write_text(out / "report.json",
                       json.dumps({**data, "summary": summary}, indent=2) + "\n")
     atomic.write_text(out / "report.md", render(data, summary, images))
     return out / "report.md"
+
+
+# ----------------------------------------------------------------------------------------
+# Mechanism metrics (fdpo/mechanism.py): validation lines of each training run
+# ----------------------------------------------------------------------------------------
+
+# One figure per family: (file, title, [(metric, label)]). The segment changes are the
+# unweighted policy - reference log-prob sums of validation pairs (docs/training.md).
+MECHANISM_FIGURES = (
+    ("mech_dlogp.png", "log-prob change from the reference, per pair (nats)",
+     [("mech/dlogp/chosen_mid", "chosen mid"), ("mech/dlogp/rejected_mid", "rejected mid"),
+      ("mech/dlogp/chosen_suffix", "chosen suffix"),
+      ("mech/dlogp/rejected_suffix", "rejected suffix"),
+      ("mech/dlogp/chosen_prefix", "chosen prefix"),
+      ("mech/dlogp/chosen", "whole chosen response")]),
+    ("mech_dlogp_per_token.png", "log-prob change from the reference, per token (nats)",
+     [("mech/dlogp_per_token/chosen_mid", "chosen mid"),
+      ("mech/dlogp_per_token/rejected_mid", "rejected mid"),
+      ("mech/dlogp_per_token/chosen_suffix", "chosen suffix"),
+      ("mech/dlogp_per_token/rejected_suffix", "rejected suffix"),
+      ("mech/dlogp_per_token/chosen_prefix", "chosen prefix"),
+      ("mech/dlogp_per_token/chosen", "whole chosen response")]),
+    ("mech_first_margin.png", "logit margin at the first divergent token (chosen - rejected)",
+     [("mech/first_margin/policy", "policy"), ("mech/first_margin/reference", "reference"),
+      ("mech/first_margin/change", "policy - reference")]),
+    ("mech_kl.png", "KL(reference || policy), summed over tokens, per pair",
+     [("mech/kl/chosen", "chosen response"), ("mech/kl/chosen_mid", "chosen mid"),
+      ("mech/kl/rejected", "rejected response"), ("mech/kl/rejected_mid", "rejected mid")]),
+    ("mech_grad.png", "gradient through mid tokens (one validation batch)",
+     [("mech/grad/share_mid", "||g_mid|| / (||g_mid|| + ||g_other||)"),
+      ("mech/grad/cos_mid_other", "cos(g_mid, g_other)")]),
+)
+
+
+def mechanism_curves(w: pathlib.Path) -> dict:
+    """{run: {metric: [(step, value), ...]}} of the `mech/...` values in the validation
+    lines of WORKDIR/train/*/metrics.jsonl, in file order (a line is an event: the file is
+    read as lines, never as a dict keyed by step)."""
+    out = {}
+    for metrics in sorted((w / "train").glob("*/metrics.jsonl")):
+        curves: dict[str, list] = {}
+        for r in jsonl.records(metrics):
+            if r.get("split") != "validation":
+                continue
+            for k, v in r.items():
+                if k.startswith("mech/") and isinstance(v, (int, float)):
+                    curves.setdefault(k, []).append((r["step"], v))
+        if curves:
+            out[metrics.parent.name] = curves
+    return out
+
+
+def mechanism_plots(data: dict, out: pathlib.Path) -> list[str]:
+    """One figure per metric family, a panel per metric, a line per run (arm)."""
+    runs = data.get("mechanism", {})
+    made = []
+    for fname, title, metrics in MECHANISM_FIGURES:
+        present = [(k, label) for k, label in metrics
+                   if any(curves.get(k) for curves in runs.values())]
+        if not present:
+            continue
+        cols = min(3, len(present))
+        rows = -(-len(present) // cols)
+        fig = figure.Figure(figsize=(4.2 * cols, 3.2 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, (key, label) in zip(axes, present):
+            for run, curves in sorted(runs.items()):
+                if curves.get(key):
+                    steps, values = zip(*curves[key])
+                    ax.plot(steps, values, marker=".", label=run, alpha=0.8)
+            ax.axhline(0.0, color="grey", lw=0.5)
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        for ax in axes[len(present):]:
+            ax.set_visible(False)
+        axes[0].legend(fontsize=6)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        made.append(fname)
+    return made
+
+
+def mechanism_lines(data: dict) -> list[str]:
+    """A markdown table of each run's last mechanism values."""
+    runs = data.get("mechanism", {})
+    if not runs:
+        return []
+    cols = [("mech/dlogp/chosen_mid", "chosen mid"), ("mech/dlogp/rejected_mid", "rejected mid"),
+            ("mech/dlogp/chosen_suffix", "chosen suffix"),
+            ("mech/dlogp/rejected_suffix", "rejected suffix"),
+            ("mech/dlogp/chosen", "chosen (whole)"),
+            ("mech/first_margin/change", "first margin change"),
+            ("mech/kl/chosen", "KL chosen"), ("mech/grad/share_mid", "grad share mid")]
+    last = lambda c, k: f"{c[k][-1][1]:.3g}" if c.get(k) else "-"  # noqa: E731
+    lines = ["## Mechanism metrics (validation pairs, last validation step)", "",
+             "Log-prob changes from the reference in nats per pair (negative: the policy "
+             "lost probability there); docs/training.md defines each.", "",
+             "| run | step | " + " | ".join(label for _, label in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for run, c in sorted(runs.items()):
+        step = max(s for curve in c.values() for s, _ in curve)
+        lines.append(f"| {run} | {step} | " + " | ".join(last(c, k) for k, _ in cols) + " |")
+    return lines + [""]

@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdpo import logprobs
 from fdpo import loss as loss_lib
+from fdpo import mechanism as mech
 from fdpo import scoring
 from fdpo import sharding as shd
 from fdpo.models import convert
@@ -280,13 +281,18 @@ class Trainer:
     `reference="frozen"`: the step runs the reference params (passed separately, never
     differentiated) on every micro-batch. `"precomputed"`: the step reads the batch's
     `ref_logps` and runs no reference forward.
+
+    `mechanism`: the eval step adds the mechanism metrics (`fdpo.mechanism`), and
+    `grad_share_step` exists; with the frozen reference they need its params for every
+    loss, `sft` included (`uses_ref_params`).
     """
 
     def __init__(self, model_cfg: ModelConfig, loss_cfg: loss_lib.LossConfig,
                  tx: optax.GradientTransformation, mesh: Mesh, rules=shd.DEFAULT_RULES, *,
                  reference: str = "frozen", chunk: int = 256,
                  schedule: optax.Schedule | None = None, shared_length: int = 0,
-                 response_capacity: int = 0, logprob_recompute: bool = True):
+                 response_capacity: int = 0, logprob_recompute: bool = True,
+                 mechanism: bool = False):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         if loss_cfg.is_tdpo and reference != "frozen":
@@ -300,6 +306,7 @@ class Trainer:
         # Response positions per row that reach the LM head (0: all positions); whether the
         # backward recomputes each log-prob chunk's logits (`fdpo.logprobs`).
         self.response_capacity, self.logprob_recompute = response_capacity, logprob_recompute
+        self.mechanism = mechanism
         sequence_keys = SHARED_KEYS if shared_length else BATCH_KEYS[:4]
         self.graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
         self.abstract_params = nnx.to_pure_dict(abstract)
@@ -318,7 +325,7 @@ class Trainer:
             for k, extra in ([(k, 1) for k in sequence_keys] +
                              [("ref_logps", 2), ("pair_mask", 0)])}
         self.batch_multiple = shd.data_parallel_size(mesh, self.rules)
-        ref_sh = self.param_shardings if self._uses_ref_params else None
+        ref_sh = self.param_shardings if self.uses_ref_params else None
 
         self.init_state = jax.jit(self._init_state, in_shardings=(self.param_shardings,),
                                   out_shardings=self.state_shardings)
@@ -331,10 +338,17 @@ class Trainer:
                                  in_shardings=(self.param_shardings, self.batch_shardings,
                                                ref_sh),
                                  out_shardings=self.replicated)
+        if mechanism:
+            self.grad_share_step = jax.jit(self._grad_share,
+                                           in_shardings=(self.param_shardings,
+                                                         self.batch_shardings, ref_sh),
+                                           out_shardings=self.replicated)
 
     @property
-    def _uses_ref_params(self) -> bool:
-        return self.loss_cfg.needs_reference and self.reference == "frozen"
+    def uses_ref_params(self) -> bool:
+        """Whether the step functions take the frozen reference's params."""
+        return self.reference == "frozen" and (self.loss_cfg.needs_reference or
+                                               self.mechanism)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -421,6 +435,11 @@ class Trainer:
 
     def _micro_loss(self, params, micro, ref_params, num_pairs, num_chosen_tokens):
         """(loss share of this micro-batch, metric sums)."""
+        return self._loss_and_sums(*self._forward(params, micro, ref_params), micro,
+                                   num_pairs, num_chosen_tokens)
+
+    def _forward(self, params, micro, ref_params):
+        """(policy, reference or None, kl or None) sums [b, 2, 5] of the loss."""
         kl = None
         with shd.use_mesh(self.mesh, self.rules):
             if self.loss_cfg.is_tdpo:  # both models in one chunked pass, for the KL
@@ -433,10 +452,14 @@ class Trainer:
             else:
                 policy = self._pair_logps(params, micro)
                 reference = self._reference(micro, ref_params)
+        return policy, reference, kl
+
+    def _loss_and_sums(self, policy, reference, kl, micro, num_pairs, num_chosen_tokens,
+                       extra_terms=None):
         lengths = self._response_lengths(micro) if self.loss_cfg.length_normalize else None
         terms = loss_lib.pair_terms(policy, reference, self.loss_cfg, lengths, kl)
         mask = micro["pair_mask"]
-        sums = loss_lib.masked_sums(terms, mask)
+        sums = loss_lib.masked_sums(terms | (extra_terms or {}), mask)
         loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
         # Tokens the model ran on (shared-prompt rows count the prompt once).
         if self.shared_length:
@@ -445,6 +468,23 @@ class Trainer:
             ran = (micro["chosen_segments"] != 0).sum(-1) + (micro["rejected_segments"] != 0).sum(-1)
         sums["tokens"] = jnp.sum(mask * ran)
         return loss, sums
+
+    def _mechanism_sums(self, params, micro, ref_params):
+        """The eval step's micro-batch with the mechanism metrics: one pass of the policy
+        (and the frozen reference) gives the loss's sums and the `mech_*` terms."""
+        frozen = self.reference == "frozen"
+        with shd.use_mesh(self.mesh, self.rules):
+            out = mech.pair_pass(self.graphdef, params, ref_params if frozen else None, micro,
+                                 self.chunk, bool(self.shared_length))
+        # Precomputed `ref_logps` are real sums only when the loss needs them (their
+        # provenance is checked then); an sft run's may be zero-filled.
+        reference = out.get("reference") if frozen else (
+            micro["ref_logps"] if self.loss_cfg.needs_reference else None)
+        kl = out.get("kl") if self.loss_cfg.is_tdpo else None
+        _, sums = self._loss_and_sums(
+            out["policy"], reference if self.loss_cfg.needs_reference else None, kl, micro,
+            1.0, 1.0, mech.pair_terms(out, reference))
+        return sums
 
     def _response_lengths(self, micro):
         """[b, 2] response tokens of (chosen, rejected) per pair (length-normalised IPO)."""
@@ -508,12 +548,37 @@ class Trainer:
         num_pairs, num_chosen = self._normalisers(batch)
 
         def one(micro):
+            if self.mechanism:
+                return self._mechanism_sums(params, micro, ref_params)
             _, sums = self._micro_loss(params, micro, ref_params, 1.0, 1.0)
             return sums
 
         sums = self._scan_micro(one, batch)
         sums["pairs"], sums["chosen_tokens"] = num_pairs, num_chosen
         return sums
+
+    def _grad_share(self, params, batch, ref_params):
+        """The gradient of the train step's loss on `batch` split into its part through the
+        mid tokens and the rest (`fdpo.mechanism` docstring) -> `mech/grad/...` scalars.
+        Two backward passes."""
+        num_pairs, num_chosen = self._normalisers(batch)
+        is_mid = jnp.arange(loss_lib.NUM_SEGMENTS) == mech.MID
+
+        def part_grad(keep):
+            def loss_fn(p, micro):
+                policy, reference, kl = self._forward(p, micro, ref_params)
+                return self._loss_and_sums(mech.through_segments(policy, keep), reference,
+                                           mech.through_segments(kl, keep), micro,
+                                           num_pairs, num_chosen)[0]
+
+            def one(micro):
+                grads = jax.grad(loss_fn)(params, micro)
+                grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+                return jax.lax.with_sharding_constraint(grads, self.param_shardings)
+
+            return self._scan_micro(one, batch)
+
+        return mech.grad_share(part_grad(is_mid), part_grad(~is_mid))
 
 
 def metric_means(sums: dict[str, Any], num_pairs, num_chosen_tokens) -> dict[str, Any]:
@@ -538,6 +603,8 @@ def eval_metrics(sums: dict[str, Any], loss_cfg: loss_lib.LossConfig) -> dict[st
     out = metric_means(sums, sums["pairs"], sums["chosen_tokens"])
     out["loss"] = loss_lib.loss_from_sums(sums, sums["pairs"], sums["chosen_tokens"], loss_cfg)
     out["pairs"] = sums["pairs"]
+    if "mech_first_found" in sums:
+        out.update(mech.means(sums, sums["pairs"]))
     return {k: float(v) for k, v in out.items()}
 
 

@@ -127,7 +127,8 @@ def reference_params(config, trainer: train.Trainer, policy: Policy):
     initial policy's are copied, since the train state's buffers are donated; see
     `fdpo.reference.for_run`."""
     return reference.for_run(config, policy.params, trainer.model_cfg, trainer.mesh,
-                             needs_reference=trainer.loss_cfg.needs_reference)
+                             needs_reference=trainer.uses_ref_params or
+                             trainer.loss_cfg.needs_reference)
 
 
 class _StopSignals:
@@ -230,7 +231,8 @@ class TrainRun:
                              reference=c.loss.reference, chunk=c.train.logprob_chunk,
                              schedule=schedule, shared_length=shared_length,
                              response_capacity=c.train.response_capacity,
-                             logprob_recompute=c.train.logprob_recompute)
+                             logprob_recompute=c.train.logprob_recompute,
+                             mechanism=c.log.mechanism)
 
     def _restore_or_init(self):
         latest = self.manager.latest_step()
@@ -309,9 +311,12 @@ class TrainRun:
                 data_state = self.batches.get_state()
             log, evaluate, save = (every(c.log.every_steps), every(c.log.eval_every_steps),
                                    every(c.checkpoint.every_steps))
+            share_every = c.log.grad_share_every
+            share = c.log.mechanism and (evaluate if share_every < 0 else
+                                         share_every > 0 and every(share_every))
             stop_check = one_process or log or evaluate or save  # collective when multi-host
             stop = stop_check and self.stop_signals.any_process()
-            if self.step == first_step or log or evaluate or save or stop:
+            if self.step == first_step or log or evaluate or save or stop or share:
                 self._check_finite(*pending)
                 pending = None
                 now = time.perf_counter()
@@ -325,7 +330,10 @@ class TrainRun:
                     extra, counts, mark, mark_step = {}, [], now, self.step
                     writer.write(self.step, "train", scalars)
                     last["train"] = scalars
-                if evaluate and (ev := self.evaluate()):
+                ev = self.evaluate() if evaluate else {}
+                if share:  # in the validation line: one line per (split, step)
+                    ev = {**ev, **self.grad_share()}
+                if ev:
                     writer.write(self.step, "validation", ev)
                     last["validation"] = ev
                 if save or stop:
@@ -335,7 +343,7 @@ class TrainRun:
                     writer.flush()
                     raise Terminated(self.step, self.manager.directory,
                                      self.stop_signals.received or "SIGTERM")
-                if evaluate or save:  # their time is not step time
+                if evaluate or save or share:  # their time is not step time
                     counts, mark, mark_step = [], time.perf_counter(), self.step
         self.manager.wait_until_finished()
         return last
@@ -370,6 +378,20 @@ class TrainRun:
         logging.info("step %d validation (parameters after %d updates) loss %.4f acc %.3f",
                      self.step, self.step, ev["loss"], ev["rewards/accuracies"])
         return ev
+
+    def grad_share(self) -> dict:
+        """`mech/grad/...` (fdpo.mechanism) on the first validation batch at the current
+        parameters: two extra backward passes."""
+        if self.eval_src is None or len(self.eval_src) == 0:
+            return {}
+        c = self.config
+        examples, mask = next(iter(data.eval_batches(
+            self.eval_src, global_batch=c.train.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            max_batches=1)))
+        batch = self.trainer.make_batch(examples, c.train.micro_batches, mask)
+        out = self.trainer.grad_share_step(self.state["params"], batch, self.ref_params)
+        return {k: float(v) for k, v in jax.device_get(out).items()}
 
     def save(self, data_state, writer: MetricWriter | None = None) -> None:
         """A checkpoint of the current step; the logs up to it are flushed first, so a

@@ -91,6 +91,7 @@ def validate(config) -> None:
     num("config.train.response_capacity", t.response_capacity, lo=0, integer=True)
     for name in ("every_steps", "eval_every_steps"):
         num(f"config.log.{name}", c.log[name], lo=1, integer=True)
+    num("config.log.grad_share_every", c.log.grad_share_every, lo=-1, integer=True)
     num("config.checkpoint.every_steps", c.checkpoint.every_steps, lo=1, integer=True)
     num("config.checkpoint.keep", c.checkpoint.keep, lo=1, integer=True)
     common.check_mesh_shape(c.mesh_shape)
