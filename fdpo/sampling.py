@@ -392,9 +392,14 @@ def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, *, grap
             num_tokens=c.num_tokens.at[q].set(c.steps + keep, mode="drop"),
             finish=c.finish.at[q].set(finished, mode="drop"), step=c.step + 1)
 
+    def can_start(c: RefillState):
+        return jnp.any(c.finished != RUNNING) & (c.next < queue.count)
+
     def body(c: RefillState) -> RefillState:
-        free = c.finished != RUNNING
-        return jax.lax.cond(jnp.any(free) & (c.next < queue.count), start, decode, c)
+        # Two loops rather than a lax.cond between a start and a step: XLA:CPU copied the
+        # carry (the cache) through the conditional, +50% per step (measured).
+        c = jax.lax.while_loop(can_start, start, c)
+        return jax.lax.while_loop(lambda c: cond(c) & ~can_start(c), decode, c)
 
     return jax.lax.while_loop(cond, body, carry)
 
