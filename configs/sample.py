@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 64  # rows (prompt x sample) per compiled call; a multiple of data x fsdp
     c.length_bucket = 64  # prompt lengths are padded up to a multiple of this
     c.stop_check_steps = 32
+    # Refill (continuous batching): a row whose sample ended takes the next waiting one, so a
+    # batch costs the mean, not the longest, response length; the samples do not change.
+    c.refill = True
     c.compute_dtype = ""  # "" keeps the checkpoint's; or float32 / bfloat16
 
     if arg == "greedy":

@@ -19,19 +19,33 @@ average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160
 Stop strings need detokenisation, so they are checked on the host: with stop strings the
 loop runs `stop_check_steps` steps at a time, the host decodes the unfinished rows, marks
 rows whose text holds a stop string finished, and re-enters the loop with its (donated)
-carry. Rows finished early keep running through the model until the whole batch is done
-(their tokens are discarded); that is the price of static shapes.
+carry. In this plain loop rows finished early keep running through the model until the
+whole batch is done (their tokens are discarded): a batch costs its longest sample.
+
+Refill (`Sampler(refill=True)`; continuous batching over the same fixed-shape cache). All
+prompts of a `generate` call wait in a queue on the device; the B cache rows are slots for
+samples. The loop alternates two inner loops: start the next queued sample in each free row
+(a prefill of that one prompt, its keys and values copied into the row's first P slots,
+the row's other slots masked off), then decode every row until a row is free again and a
+prompt waits. Each row keeps its own step, rope position and slot (P + step), so a row
+holds exactly what it would in the plain loop, and a batch costs the mean sample length,
+not the longest. The cache window is the smallest power of two above the fullest running
+row's filled slots; the loop returns to the host when that changes (growing or shrinking),
+at a stop-string check, or when the queue is done. Stop strings are checked as in the plain
+loop, every `stop_check_steps` decode steps on the host (the text needs detokenising; no
+token-level check runs on the device), and a stopped row takes the next prompt.
 
 Sampling. On float32 logits, in the order transformers' `generate` applies them:
 temperature, then top-k, then top-p (the smallest set of most likely tokens whose
 probability reaches top_p; the most likely token is always kept). Temperature 0 is greedy
 (argmax). Every parameter is static: one compilation per setting.
 
-Randomness. Row r draws step s with key `fold_in(fold_in(PRNGKey(seed), seeds[r]), s)`.
-With the same seed and row seed, a row gives the same sample in any batch, at any
-position in it, up to float rounding of its logits (XLA may sum in another order for
-another padded shape, which can flip a draw that sits on a boundary; same batch, same
-shapes: bit-identical).
+Randomness. Sample i draws its step s with key `fold_in(fold_in(PRNGKey(seed),
+row_seeds[i]), s)`, s counting that sample's own tokens. With the same seed and row seed, a
+sample is the same in any batch, at any position in it, with or without refill and in any
+queue order, up to float rounding of its logits (XLA may sum in another order for another
+padded shape or cache window, which can flip a draw that sits on a boundary; same batch,
+same shapes: bit-identical; the tests find refill and the plain loop identical).
 
 Sharding. Parameters stay where they are (the training mesh and rules); batch rows are
 split over the rules' `batch` axes (rows are padded up to a multiple of that size with
@@ -303,8 +317,9 @@ def _window_for(fill: Array, slots: int) -> Array:
 def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, *, graphdef, mesh,
                    rules, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                    window: int, logits_hook: LogitsHook | None) -> RefillState:
-    """The refill loop: each iteration either starts the next queued sample in the first
-    free row (a prefill of that row alone) or runs one decode step of every row. It exits
+    """The refill loop: start the next queued sample in each free row (a prefill of that
+    row alone, one row at a time), then run decode steps of every row until a row is free
+    and a sample waits; repeat. It exits
     when every sample has finished, after `limit` decode steps, or when the cache window
     the rows need differs from `window` (the host re-enters with the new one).
 
