@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stop = ()  # stop strings (checked on the host every stop_check_steps tokens)
     c.seed = 0  # with (id, mode, sample index), fixes every sample; see fdpo/sampling.py
 
-    c.batch_size = 64  # rows (prompt x sample) per compiled call; a multiple of data x fsdp
+    c.batch_size = 64  # cache rows (prompt x sample); a multiple of data x fsdp
     c.length_bucket = 64  # prompt lengths are padded up to a multiple of this
     c.stop_check_steps = 32
     # Refill (continuous batching): a row whose sample ended takes the next waiting one, so a
