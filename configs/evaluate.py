@@ -21,7 +21,8 @@ def get_config(arg=None):
     c.temperature = 0.0  # 0: greedy
     c.top_p = 0.95  # nucleus sampling
     c.max_new_tokens = 768
-    c.batch_size = 32  # rows per compiled generation call
+    c.batch_size = 32  # cache rows of the sampler
+    c.refill = True  # a row whose sample ended takes the next (fdpo/sampling.py); same samples
     c.seed = 0
     # What the model is asked for (fdpo.extract.RESPONSE_FORMATS): "code_block", a whole
     # program in a fenced block, extracted; "completion", the task's prompt as it is, the

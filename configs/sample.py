@@ -62,9 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stop = ()  # stop strings (checked on the host every stop_check_steps tokens)
     c.seed = 0  # with (id, mode, sample index), fixes every sample; see fdpo/sampling.py
 
-    c.batch_size = 64  # rows (prompt x sample) per compiled call; a multiple of data x fsdp
+    c.batch_size = 64  # cache rows (prompt x sample); a multiple of data x fsdp
     c.length_bucket = 64  # prompt lengths are padded up to a multiple of this
     c.stop_check_steps = 32
+    # Refill (continuous batching): a row whose sample ended takes the next waiting one, so a
+    # batch costs the mean, not the longest, response length; the samples do not change.
+    c.refill = True
     c.compute_dtype = ""  # "" keeps the checkpoint's; or float32 / bfloat16
 
     if arg == "greedy":

@@ -109,7 +109,7 @@ class Policy:
     def __init__(self, cfg: ModelConfig, graphdef, state, mesh: Mesh, tokenizer=None, *,
                  tokenizer_dir: str | pathlib.Path | None = None, rules=sharding.DEFAULT_RULES,
                  prompt_format: str | None = None, length_bucket: int = 64,
-                 stop_check_steps: int = 32, logprob_chunk: int = 256):
+                 stop_check_steps: int = 32, logprob_chunk: int = 256, refill: bool = True):
         self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
@@ -119,7 +119,7 @@ class Policy:
         self.sampler = Sampler(cfg, graphdef, state, mesh, rules,
                                decode=self.decode if tokenizer is not None else None,
                                length_bucket=length_bucket, stop_check_steps=stop_check_steps,
-                               pad_id=pad)
+                               pad_id=pad, refill=refill)
         self.scorer = Scorer(cfg, graphdef, state, mesh, rules, chunk=logprob_chunk)
 
     @classmethod
@@ -132,7 +132,7 @@ class Policy:
         model (`ModelFiles.read`, VocabError) before the weights are read.
         `compute_dtype` (None or "": the checkpoint's); `prompt_format` (None: the
         tokenizer's, see `fdpo.tokenization`); `options`: length_bucket, stop_check_steps,
-        logprob_chunk."""
+        logprob_chunk, refill."""
         if files is None:
             files = ModelFiles.read(checkpoint=checkpoint, hf_dir=hf_dir)
         elif checkpoint is not None or hf_dir is not None:
@@ -179,9 +179,11 @@ class Policy:
         (max_new_tokens, temperature, top_k, top_p, stop); responses end at the policy's
         EOS set unless `params.eos_ids` says otherwise. Sample j of prompt i is row
         r = i * num_samples + j and draws from `row_seeds[r]` (default
-        i * ROW_SEED_STRIDE + j) with `seed`, so it does not depend on `batch_size` or on
-        the other prompts. Rows run `batch_size` at a time, each call padded to
-        `pad_rows_to` rows (default: min(batch_size, rows)), so one shape compiles.
+        i * ROW_SEED_STRIDE + j) with `seed`, so it does not depend on `batch_size`, on
+        refill or on the other prompts. The sampler has `batch_size` cache rows, padded to
+        `pad_rows_to` (default: min(batch_size, rows)), so one shape compiles; with refill
+        (the default) every row is queued for them and a finished row takes the next,
+        without it they run `batch_size` at a time.
         """
         if params is None:
             params = SamplingParams(**sampling_fields)
@@ -198,12 +200,9 @@ class Policy:
             raise ValueError(f"{len(row_seeds)} row seeds for {len(rows)} rows")
         batch = max(batch_size, self.sampler.batch_multiple)
         pad_rows_to = min(batch, len(rows)) if pad_rows_to is None else pad_rows_to
-        done: list[Completion] = []
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            done += self.sampler.generate([ids[i] for i in chunk], params, seed=seed,
-                                          row_seeds=row_seeds[start:start + batch],
-                                          pad_rows_to=pad_rows_to)
+        done = self.sampler.generate([ids[i] for i in rows], params, seed=seed,
+                                     row_seeds=row_seeds, pad_rows_to=pad_rows_to,
+                                     batch_rows=batch)
         return [done[i * num_samples:(i + 1) * num_samples] for i in range(len(ids))]
 
     def prompt_room(self, max_new_tokens: int) -> int:

@@ -23,6 +23,8 @@ from fdpo.models.checkpoint import HF_EXTRA_FILES
 from fdpo.policy import Policy
 
 MODES = ("code", "tests", "both")
+# With refill, each sampler call holds this many batches of rows (see sample_file).
+REFILL_QUEUE_BATCHES = 8
 # The record field holding what produced the record (`record_fingerprint`).
 FINGERPRINT_FIELD = "sample_fingerprint"
 
@@ -70,8 +72,8 @@ def samples_per_prompt(config) -> dict[str, int]:
 
 def config_fingerprint(config) -> dict:
     """The sampling settings that change what a record holds, readable (templates as
-    digests). Batch size, length bucket and stop-check interval are left out: a row's
-    sample does not depend on them (fdpo/sampling.py, up to float rounding); so are the
+    digests). Batch size, length bucket, stop-check interval and refill are left out: a
+    row's sample does not depend on them (fdpo/sampling.py, up to float rounding); so are the
     seed, top-k and top-p of greedy sampling."""
     num = samples_per_prompt(config)
     out = {"temperature": float(config.temperature), "top_p": float(config.top_p),
@@ -160,7 +162,11 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     params = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                   top_k=config.top_k, top_p=config.top_p, stop=tuple(config.stop))
     batch = max(config.batch_size, policy.sampler.batch_multiple)
-    prompts_per_call = max(1, batch // rows_per_prompt)
+    # With refill a call queues several batches of rows for the `batch` cache rows: the
+    # longer the queue, the less the rows idle while a call's last samples finish (records
+    # are written as calls end, so a crash loses at most one call).
+    queued = batch * (REFILL_QUEUE_BATCHES if getattr(config, "refill", False) else 1)
+    prompts_per_call = max(1, queued // rows_per_prompt)
     # Every call padded to one row count (one compiled shape), no more than the job needs.
     pad_rows_to = min(batch, len(pending) * rows_per_prompt)
 

@@ -93,7 +93,7 @@ def main(argv):
 
     def load_policy():
         return Policy.load(common.init_jax(), files=files,
-                           prompt_format=c.prompt_format or None)
+                           prompt_format=c.prompt_format or None, refill=c.refill)
 
     try:
         generation.evaluate_dir(BENCHMARK.value, OUT.value, c, samples_path=SAMPLES.value,

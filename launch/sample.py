@@ -103,7 +103,7 @@ def main(argv):
         return Policy.load(common.init_jax(), files=files, compute_dtype=cfg_s.compute_dtype,
                            prompt_format=cfg_s.prompt_format or None,
                            length_bucket=cfg_s.length_bucket,
-                           stop_check_steps=cfg_s.stop_check_steps)
+                           stop_check_steps=cfg_s.stop_check_steps, refill=cfg_s.refill)
 
     try:
         selfgen.sample_file(INPUT.value, OUTPUT.value, cfg_s, load_policy)
