@@ -19,7 +19,7 @@ import statistics
 
 from matplotlib import figure
 
-SPLITS = ("held_out", "seen")
+from fdpo import report
 
 
 class ReportError(ValueError):
@@ -40,13 +40,26 @@ def read_reports(workdirs: list[str]) -> dict[str, dict]:
     return reports
 
 
+def splits(reports: dict[str, dict]) -> list[str]:
+    """The evaluation names of the reports, the verdict's first (the miniature's held-out or
+    test split; a report without its config: alphabetical)."""
+    names: list[str] = []
+    for r in reports.values():
+        summary = r.get("summary", {})
+        order = (list(reversed(report.evaluations(r, summary))) if "config" in r else
+                 sorted({e for per in summary.values() for e in per}))
+        names += [e for e in order if e not in names]
+    return names
+
+
 def summarise(reports: dict[str, dict], focus: str) -> dict:
     methods = sorted({m for r in reports.values() for m in r.get("summary", {})})
+    names = splits(reports)
     table = {split: {m: [r.get("summary", {}).get(m, {}).get(split, {}).get("mean")
-                         for r in reports.values()] for m in methods} for split in SPLITS}
+                         for r in reports.values()] for m in methods} for split in names}
     diffs = {}
     if focus in methods:
-        for split in SPLITS:
+        for split in names:
             diffs[split] = {}
             for m in methods:
                 if m == focus:
@@ -70,7 +83,7 @@ def summarise(reports: dict[str, dict], focus: str) -> dict:
             "phi_prefix_chosen_mid": tables.get("prefix + chosen mid", {}).get("phi"),
             "continuation_chosen": cont.get("chosen", {}).get("pass@1"),
             "continuation_rejected": cont.get("rejected", {}).get("pass@1")})
-    return {"workdirs": list(reports), "methods": methods, "focus": focus,
+    return {"workdirs": list(reports), "methods": methods, "focus": focus, "splits": names,
             "pass_at_1": table, "differences": diffs, "warm_starts": warm}
 
 
@@ -83,7 +96,7 @@ def _f(x, digits=1, signed=False):
 def render(s: dict) -> str:
     names = [pathlib.Path(w).name for w in s["workdirs"]]
     lines = [f"# {len(names)} replicates (warm starts): {', '.join(names)}", ""]
-    for split in SPLITS:
+    for split in s["splits"]:
         lines += [f"## {split.replace('_', '-')} pass@1 (%), mean over each run's seeds", "",
                   "| method | " + " | ".join(names) + " | mean |",
                   "|---|" + "---|" * (len(names) + 1)]
@@ -114,9 +127,9 @@ def render(s: dict) -> str:
 
 def plot(s: dict, path: pathlib.Path) -> None:
     names = [pathlib.Path(w).name for w in s["workdirs"]]
-    fig = figure.Figure(figsize=(5 * len(SPLITS), 4))
-    axes = fig.subplots(1, len(SPLITS), sharey=True)
-    for ax, split in zip(axes, SPLITS):
+    fig = figure.Figure(figsize=(5 * len(s["splits"]), 4))
+    axes = fig.subplots(1, len(s["splits"]), sharey=True, squeeze=False)[0]
+    for ax, split in zip(axes, s["splits"]):
         for k, (m, vals) in enumerate(s["pass_at_1"][split].items()):
             xs = [i + 0.12 * (k - len(s["methods"]) / 2) for i in range(len(names))]
             ax.plot(xs, [v if v is not None else float("nan") for v in vals], "o-", label=m)

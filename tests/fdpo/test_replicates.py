@@ -62,3 +62,14 @@ def test_cli_writes_files_and_names_a_missing_report(tmp_path):
     assert proc.returncode == 2
     assert f"{tmp_path / 'nope' / 'report' / 'report.json'}: cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_split_names_come_from_the_reports():
+    # The decision family's splits, the verdict's (test) first; a report without its config
+    # (as above) gives its splits alphabetically.
+    rep = {"config": {"toy": {"enabled": True, "family": "decision"}},
+           "summary": {"dpo": {"validation": {"mean": 1.0}, "test": {"mean": 2.0}}}}
+    assert replicates.splits({"a": rep}) == ["test", "validation"]
+    s = replicates.summarise({"a": rep, "b": rep}, "dpo")
+    assert s["pass_at_1"] == {"test": {"dpo": [2.0, 2.0]}, "validation": {"dpo": [1.0, 1.0]}}
+    assert replicates.splits({"a": report(1.0, 2.0, 3.0)}) == ["held_out", "seen"]
