@@ -1,16 +1,16 @@
 """The decision family: list tasks with one decision point and planted wrong beliefs.
 
 Each task keeps the numbers that pass a threshold stated in words, transforms each kept
-number in 1 + K steps, and aggregates:
+number in 1 + K steps (a first step, then one step repeated K times), and aggregates:
 
     def solve(xs):
-        \"\"\"Keep the numbers that are no more than 7; multiply each by 3, add 2,
-        subtract 4; return their sum.\"\"\"
+        \"\"\"Keep the numbers that are no more than 7; multiply each by 3, then subtract 4
+        twice; return their sum.\"\"\"
         total = 0
         for x in xs:
             if x <= 7:
                 y = x * 3
-                y += 2
+                y -= 4
                 y -= 4
                 total += y
         return total
@@ -25,8 +25,9 @@ prompt names that span by a regex (`oracle_focus`) for the builder's `focus=orac
 
 The K in {0, 2, 4} tail steps after the first transform carry label noise in the SFT data
 (`tail_noise`: a step's constant is replaced), so tail tokens are not saturated and the
-suffix after the decision point still carries gradient. Constants are written as digits:
-the hard part is the decision, not reading numbers.
+suffix after the decision point still carries gradient. The tail repeats one stated step
+(a tiny model copies three constants from the docstring, not an ordered list of five).
+Constants are written as digits: the hard part is the decision, not reading numbers.
 
 Splits are by combination (phrasing, threshold, steps, aggregate): every phrasing occurs in
 every split, and no combination occurs in two splits, so validation and test measure whether
@@ -68,6 +69,7 @@ OPERATORS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
              "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 THRESHOLDS = tuple(range(2, 12))
 TAIL_LENGTHS = (0, 2, 4)
+TIMES = {2: "twice", 4: "four times"}
 STEP_OPS = {"+": ("add {k}", lambda v, k: v + k), "-": ("subtract {k}", lambda v, k: v - k),
             "*": ("multiply by {k}", lambda v, k: v * k)}
 STEP_CONSTANTS = tuple(range(2, 10))
@@ -111,11 +113,14 @@ class Task:
 
     @property
     def description(self) -> str:
-        words = [STEP_OPS[op][0].format(k=k) for op, k in self.steps]
-        first = {"+": " to each", "-": " from each", "*": ""}[self.steps[0][0]]
-        words[0] = words[0].replace("multiply by", "multiply each by") + first
+        (op, k), tail = self.steps[0], self.steps[1:]
+        first = STEP_OPS[op][0].format(k=k).replace("multiply by", "multiply each by") + \
+            {"+": " to each", "-": " from each", "*": ""}[op]
+        if tail:  # the tail repeats one step: "then add 3 twice"
+            first += f", then {STEP_OPS[tail[0][0]][0].format(k=tail[0][1])} " \
+                     f"{TIMES[len(tail)]}"
         return (f"Keep the numbers that are {self.phrase.format(c=self.threshold)}; "
-                f"{', '.join(words)}; {AGGREGATES[self.aggregate][0]}.")
+                f"{first}; {AGGREGATES[self.aggregate][0]}.")
 
     @property
     def prompt(self) -> str:
@@ -164,7 +169,8 @@ class Task:
 
 def random_task(rng: random.Random, phrasing: int) -> Task:
     k = rng.choice(TAIL_LENGTHS)
-    steps = tuple((rng.choice(tuple(STEP_OPS)), rng.choice(STEP_CONSTANTS)) for _ in range(1 + k))
+    first, tail = ((rng.choice(tuple(STEP_OPS)), rng.choice(STEP_CONSTANTS)) for _ in range(2))
+    steps = (first,) + (tail,) * k
     return Task(phrasing, rng.choice(THRESHOLDS), steps, rng.choice(tuple(AGGREGATES)))
 
 

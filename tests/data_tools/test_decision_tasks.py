@@ -17,6 +17,15 @@ MEANING = {"at least": ">=", "no less than": ">=", "not below": ">=", "or more":
            "less than": "<", "under": "<", "below": "<", "smaller than": "<"}
 
 
+def stated_steps(doc):
+    """[(op, constant)] in the order the docstring states them ("then add 3 twice": two)."""
+    ops = {"add": "+", "subtract": "-", "multiply": "*"}
+    words = doc.split(";")[1]
+    found = [(ops[w], int(k)) for w, k in re.findall(r"(add|subtract|multiply)\D*?(\d+)", words)]
+    times = 2 if words.endswith("twice") else 4 if words.endswith("four times") else 0
+    return found[:1] + found[1:] * times
+
+
 def run(program, xs):
     namespace = {}
     exec(program, namespace)
@@ -55,9 +64,7 @@ def test_canonical_programs_match_the_reference_and_the_words():
         doc = task.description
         c = int(re.search(r"\d+", doc).group())
         key = max((k for k in MEANING if k in doc.split(";")[0]), key=len)
-        ops = {"add": "+", "subtract": "-", "multiply": "*"}
-        steps = [(ops[w], int(k)) for w, k in re.findall(r"(add|subtract|multiply)\D*?(\d+)",
-                                                         doc.split(";")[1])]
+        steps = stated_steps(doc)
         assert (c, MEANING[key], steps) == (task.threshold, task.operator, list(task.steps))
         for xs in dt.random_inputs(task, rng, 5) + [[], [c - 1, c, c + 1]]:
             cmp = {">=": c.__le__, ">": c.__lt__, "<=": c.__ge__, "<": c.__gt__}[MEANING[key]]
@@ -87,7 +94,7 @@ def test_planted_trap_and_noise_rates_are_the_configured_ones(files):
         counts[p["trap"]][0] += wrong
         counts[p["trap"]][1] += 1
         # Tail noise: the chosen body's step constants against the docstring's.
-        stated = re.findall(r"\d+", p["prompt"].split(";")[1])
+        stated = [str(k) for _, k in stated_steps(p["prompt"])]
         written = re.findall(r"y (?:=|\+=|-=|\*=) (?:x [-+*] )?(\d+)", pair["chosen"])
         assert len(stated) == len(written) and stated[0] == written[0]
         noisy += sum(a != b for a, b in zip(stated[1:], written[1:]))
