@@ -4,14 +4,14 @@ Each task keeps the numbers that pass a threshold stated in words, transforms ea
 number in 1 + K steps (a first step, then one step repeated K times), and aggregates:
 
     def solve(xs):
-        \"\"\"Keep the numbers that are no more than 7; multiply each by 3, then subtract 4
-        twice; return their sum.\"\"\"
+        \"\"\"Keep the numbers that are no more than 17; multiply each by 3, then decrease by
+        8 twice; return their sum.\"\"\"
         total = 0
         for x in xs:
-            if x <= 7:
+            if x <= 17:
                 y = x * 3
-                y -= 4
-                y -= 4
+                y -= 8
+                y -= 8
                 total += y
         return total
 
@@ -67,12 +67,18 @@ PHRASINGS = (
 PHRASES = tuple(p[0] for p in PHRASINGS)
 OPERATORS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
              "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
-THRESHOLDS = tuple(range(2, 12))
+# Each slot has its own numbers and words (thresholds two digits, the first step's constant
+# 2-5, the tail's 6-9; "add" first, "increase by" in the tail), so which number goes where
+# is plain from the tokens: the 0.4M-parameter warm start learns the rest of the program in
+# its 300 steps, and its errors are where the data plants them.
+THRESHOLDS = tuple(range(10, 20))
 TAIL_LENGTHS = (0, 2, 4)
 TIMES = {2: "twice", 4: "four times"}
-STEP_OPS = {"+": ("add {k}", lambda v, k: v + k), "-": ("subtract {k}", lambda v, k: v - k),
-            "*": ("multiply by {k}", lambda v, k: v * k)}
-STEP_CONSTANTS = tuple(range(2, 10))
+STEP_OPS = {"+": lambda v, k: v + k, "-": lambda v, k: v - k, "*": lambda v, k: v * k}
+FIRST_WORDS = {"+": "add {k} to each", "-": "subtract {k} from each", "*": "multiply each by {k}"}
+TAIL_WORDS = {"+": "increase by {k}", "-": "decrease by {k}", "*": "scale by {k}"}
+FIRST_CONSTANTS = (2, 3, 4, 5)
+TAIL_CONSTANTS = (6, 7, 8, 9)
 AGGREGATES = {"sum": ("return their sum", "total = 0", "total += y", "total"),
               "list": ("return them as a list", "out = []", "out.append(y)", "out")}
 SPLITS = ("sft", "dpo", "validation", "test")
@@ -114,11 +120,9 @@ class Task:
     @property
     def description(self) -> str:
         (op, k), tail = self.steps[0], self.steps[1:]
-        first = STEP_OPS[op][0].format(k=k).replace("multiply by", "multiply each by") + \
-            {"+": " to each", "-": " from each", "*": ""}[op]
-        if tail:  # the tail repeats one step: "then add 3 twice"
-            first += f", then {STEP_OPS[tail[0][0]][0].format(k=tail[0][1])} " \
-                     f"{TIMES[len(tail)]}"
+        first = FIRST_WORDS[op].format(k=k)
+        if tail:  # the tail repeats one step: "then increase by 7 twice"
+            first += f", then {TAIL_WORDS[tail[0][0]].format(k=tail[0][1])} {TIMES[len(tail)]}"
         return (f"Keep the numbers that are {self.phrase.format(c=self.threshold)}; "
                 f"{first}; {AGGREGATES[self.aggregate][0]}.")
 
@@ -156,7 +160,7 @@ class Task:
             if keep(x, self.threshold):
                 y = x
                 for op, k in self.steps:
-                    y = STEP_OPS[op][1](y, k)
+                    y = STEP_OPS[op](y, k)
                 values.append(y)
         return sum(values) if self.aggregate == "sum" else values
 
@@ -169,7 +173,8 @@ class Task:
 
 def random_task(rng: random.Random, phrasing: int) -> Task:
     k = rng.choice(TAIL_LENGTHS)
-    first, tail = ((rng.choice(tuple(STEP_OPS)), rng.choice(STEP_CONSTANTS)) for _ in range(2))
+    first = (rng.choice(tuple(STEP_OPS)), rng.choice(FIRST_CONSTANTS))
+    tail = (rng.choice(tuple(STEP_OPS)), rng.choice(TAIL_CONSTANTS))
     steps = (first,) + (tail,) * k
     return Task(phrasing, rng.choice(THRESHOLDS), steps, rng.choice(tuple(AGGREGATES)))
 
@@ -236,7 +241,7 @@ def sft_target(task: Task, rng: random.Random, trap_rate: float, noise_rate: flo
     for i in range(1, len(steps)):
         if rng.random() < tail_noise:
             op, k = steps[i]
-            steps[i] = (op, rng.choice([c for c in STEP_CONSTANTS if c != k]))
+            steps[i] = (op, rng.choice([c for c in TAIL_CONSTANTS if c != k]))
             noisy += 1
     return task.body(task.wrong_operator if wrong else None, tuple(steps)), wrong, noisy
 

@@ -19,9 +19,11 @@ MEANING = {"at least": ">=", "no less than": ">=", "not below": ">=", "or more":
 
 def stated_steps(doc):
     """[(op, constant)] in the order the docstring states them ("then add 3 twice": two)."""
-    ops = {"add": "+", "subtract": "-", "multiply": "*"}
+    ops = {"add": "+", "subtract": "-", "multiply": "*", "increase": "+", "decrease": "-",
+           "scale": "*"}
     words = doc.split(";")[1]
-    found = [(ops[w], int(k)) for w, k in re.findall(r"(add|subtract|multiply)\D*?(\d+)", words)]
+    found = [(ops[w], int(k)) for w, k in re.findall(
+        r"(add|subtract|multiply|increase|decrease|scale)\D*?(\d+)", words)]
     times = 2 if words.endswith("twice") else 4 if words.endswith("four times") else 0
     return found[:1] + found[1:] * times
 
