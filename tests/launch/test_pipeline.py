@@ -140,7 +140,7 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
 def config(name: str, tmp_path: pathlib.Path):
     if name == "real":
         return real.get_config(f"hf_dir={tmp_path / 'hf'},prompts={tmp_path / 'prompts.jsonl'}")
-    return toy.get_config("fast" if name == "toy:fast" else None)
+    return toy.get_config(name.partition(":")[2] or None)  # "toy:fast,decision"
 
 
 def field_types(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type]:
@@ -212,7 +212,8 @@ def program_config(module: str, args: list[str]):
     return values.config
 
 
-@pytest.mark.parametrize("name", ["toy", "toy:fast", "real"])
+@pytest.mark.parametrize("name", ["toy", "toy:fast", "toy:decision", "toy:fast,decision",
+                                  "real"])
 def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name, tmp_path,
                                                                            monkeypatch):
     # Without this, a renamed field of configs/focused_dpo.py (say) stops a run at its train
