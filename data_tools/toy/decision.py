@@ -38,7 +38,6 @@ the threshold often, so a strict/non-strict slip is visible in the tests.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import random
@@ -69,8 +68,8 @@ OPERATORS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
              "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 # Each slot has its own numbers and words (thresholds two digits, the first step's constant
 # 2-5, the tail's 6-9; "add" first, "increase by" in the tail), so which number goes where
-# is plain from the tokens: the 0.4M-parameter warm start learns the rest of the program in
-# its 300 steps, and its errors are where the data plants them.
+# is plain from the tokens, for a tiny model to learn in a short warm start (how far it gets:
+# docs/results/miniature.md).
 THRESHOLDS = tuple(range(10, 20))
 TAIL_LENGTHS = (0, 2, 4)
 TIMES = {2: "twice", 4: "four times"}
