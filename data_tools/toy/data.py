@@ -35,14 +35,18 @@ from data_tools.toy import tasks as toy_tasks
 EOS = "<|endoftext|>"
 
 
-def train_tokenizer(out_dir: pathlib.Path, corpus: list[str], vocab_size: int) -> None:
+def train_tokenizer(out_dir: pathlib.Path, corpus: list[str], vocab_size: int,
+                    individual_digits: bool = False) -> None:
     """A byte-level BPE tokenizer trained on `corpus` (the family's programs), saved in HF
-    format in `out_dir`."""
+    format in `out_dir`; `individual_digits`: every digit its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

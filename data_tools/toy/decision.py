@@ -245,7 +245,7 @@ def sft_target(task: Task, rng: random.Random, trap_rate: float, noise_rate: flo
     return task.body(task.wrong_operator if wrong else None, tuple(steps)), wrong, noisy
 
 
-CONDITION = re.compile(r"if x ([<>]=?) (\d+):")
+CONDITION = re.compile(r"if x ([<>!]=?) (\d+):")
 
 
 def planted_operator(body: str) -> str:
@@ -271,7 +271,8 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
     splits = make_splits(sizes, seed)
     every = [t for s in SPLITS for t in splits[s]]
     toy_data.train_tokenizer(out / "tokenizer", [t.prompt + t.solution for t in every]
-                             + [t.prompt + t.body(t.wrong_operator) for t in every], vocab_size)
+                             + [t.prompt + t.body(t.wrong_operator) for t in every], vocab_size,
+                             individual_digits=True)
     rng = random.Random(seed)
     planted = {"trap": [0, 0], "other": [0, 0]}  # [wrong, total]
     noisy_steps = tail_steps = 0
@@ -297,13 +298,14 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
                     row[1] += 1
                     noisy_steps += noisy
                     tail_steps += len(task.steps) - 1
-                    # `rejected` (unused by the sft preset) is the same body with the other
-                    # operator: the pair differs only at the decision point.
-                    other = task.operator if wrong else task.wrong_operator
+                    # `rejected` (unused by the sft preset) is the same body with `!=`: the
+                    # pair differs only at the decision point, and both sides' middles are
+                    # non-empty in any tokenization (`>` against `>=` can leave the chosen
+                    # middle empty, and launch.build drops such a pair).
                     sft.write(json.dumps({
                         "id": task.task_id, "prompt": task.prompt, "chosen": body,
                         "rejected": body.replace(f"if x {planted_operator(body)} ",
-                                                 f"if x {other} ", 1),
+                                                 "if x != ", 1),
                         "planted_wrong": wrong, "tail_noise_steps": noisy}) + "\n")
     eval_rng = random.Random(seed + 1)
     for split in ("validation", "test"):
