@@ -97,11 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.decision:
         c.toy.family = "decision"
         c.max_len = 104  # its programs are up to 95 tokens
-        # Enough merges that each comparison operator and threshold is one token: the
-        # decision point is one token.
+        # Enough merges that each comparison operator is one token (the family's tokenizer
+        # splits digits): the decision point is one token.
         c.toy.vocab_size = 448
-        # 300 steps leave the model not yet reading the docstring's numbers (greedy pass@1
-        # on validation 0-1%); 900 copy them (docs/results/miniature.md).
+        # 300 steps leave the model not yet reading the docstring (greedy pass@1 on
+        # validation 0-1%); at 900 the operator is the planted belief
+        # (docs/results/miniature.md).
         c.warm_start.update(steps=900, warmup_steps=50)
 
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
