@@ -2,8 +2,10 @@ r"""The embedded miniature: the whole Focused-DPO pipeline on a laptop CPU.
 
     python -m launch.pipeline --config=configs/toy.py --workdir=runs/toy
     python -m launch.pipeline --config=configs/toy.py:fast --workdir=/tmp/toy   # CI smoke run
+    python -m launch.pipeline --config=configs/toy.py:decision --workdir=runs/toy-decision
 
-A built-in family of list tasks (`data_tools/toy_tasks.py`), a tokenizer trained offline,
+A built-in family of list tasks (`data_tools/toy/tasks.py`; `:decision`: the decision family
+of `data_tools/toy/decision.py`, with planted wrong beliefs), a tokenizer trained offline,
 and a tiny Qwen2-architecture model given a supervised warm start through the same train
 program (the `sft` preset); then the paper's pipeline: sample codes, execute them against
 tests, rank, build error-point pairs, precompute reference log-probs, train Focused-DPO and
@@ -30,7 +32,7 @@ METHODS = ("focused_dpo", "dpo", "continued_sft")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, fast=False)
+    arg = parse_arg(arg, fast=False, decision=False)
     c = ml_collections.ConfigDict()
     c.name = "toy"
 
@@ -92,9 +94,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate = ml_collections.ConfigDict(dict(max_new_tokens=64, workers=2,
                                                 min_time_limit=1.0, benchmarks=()))
 
+    if arg.decision:
+        c.toy.family = "decision"
+        c.max_len = 104  # its programs are up to 95 tokens
+        # Enough merges that each comparison operator is one token (the family's tokenizer
+        # splits digits): the decision point is one token.
+        c.toy.vocab_size = 448
+        # 300 steps leave the model not yet reading the docstring (greedy pass@1 on
+        # validation 0-1%); at 900 the operator is the planted belief
+        # (docs/results/miniature.md).
+        c.warm_start.update(steps=900, warmup_steps=50)
+
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8
         c.toy.held_out_fraction = 0.05
+        c.toy.num_validation = 16
+        c.toy.num_test = 16
         c.init.fields.update(dict(hidden_size=64, num_layers=2, intermediate_size=128))
         # Enough to write some right and some wrong programs, so that pairs exist.
         c.warm_start.steps = 200

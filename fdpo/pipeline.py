@@ -16,7 +16,8 @@ resume themselves — sampling, execution, training — pick up where they stopp
     pairs       ranking, error-point pairs, global top-N, ArrayRecord shards (launch.build)
     reference   per-segment reference log-prob sums (launch.precompute_ref)
     train       every method x seed from the same start (launch.train)
-    evaluate    greedy pass@1 on seen and held-out tasks (launch.evaluate)
+    evaluate    greedy pass@1 on the miniature's evaluation splits (seen and held-out, or
+                validation and test) or a real run's benchmarks (launch.evaluate)
     analyze     the Phi table of the samples (launch.analyze)
     report      report.md, plots and report.json (launch.report)
 
@@ -80,6 +81,11 @@ SFT_DATA_METHODS = {"rft": "rft"}  # method -> its data directory in the workdir
 # The compute dtype of every training run, and so of the frozen reference whose log-prob
 # sums the reference stage precomputes (they must be what the train step would compute).
 COMPUTE_DTYPE = "float32"
+
+# The miniature's evaluation splits per task family (configs/toy_data.py), in report order;
+# the last is what the report's verdict is about (never trained on, nor sampled for pairs).
+TOY_EVAL_SPLITS = {"lists": ("seen", "held_out"), "decision": ("validation", "test")}
+
 
 class StageFailed(RuntimeError):
     pass
@@ -526,7 +532,7 @@ class Pipeline:
         """(name, benchmark, dataset file or '') evaluated for every model."""
         if self.cfg.toy.enabled:
             return [(split, "evalplus", str(self.toy_dir / f"eval_{split}.jsonl"))
-                    for split in ("seen", "held_out")]
+                    for split in TOY_EVAL_SPLITS[self.cfg.toy.family]]
         return [tuple(b) for b in self.cfg.evaluate.benchmarks]
 
     def evaluate(self):

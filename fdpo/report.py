@@ -17,6 +17,7 @@ import statistics
 from matplotlib import figure
 
 from fdpo import atomic, jsonl, problem
+from fdpo.pipeline import TOY_EVAL_SPLITS
 
 
 def method_of(run: str) -> str:
@@ -83,23 +84,30 @@ def summarise(data: dict) -> dict:
     return out
 
 
+def toy_splits(cfg: dict) -> tuple[str, ...]:
+    """The miniature's evaluation splits for the run's task family (a config written before
+    families existed is the list family)."""
+    return TOY_EVAL_SPLITS[cfg.get("toy", {}).get("family", "lists")]
+
+
 def evaluations(data: dict, summary: dict) -> list[str]:
-    """The evaluation names in report order: the miniature's seen and held-out splits, or a
-    real run's benchmarks in config order."""
+    """The evaluation names in report order: the miniature's splits (seen and held-out, or
+    validation and test), or a real run's benchmarks in config order."""
     present = {e for splits in summary.values() for e in splits}
     if data["config"].get("toy", {}).get("enabled"):
-        order = ["seen", "held_out"]
+        order = list(toy_splits(data["config"]))
     else:
         order = [b[0] for b in data["config"].get("evaluate", {}).get("benchmarks", [])]
     return [e for e in order if e in present] + sorted(present - set(order))
 
 
 def verdict_evaluations(data: dict, summary: dict) -> list[str]:
-    """What the verdict is about: held-out tasks in the miniature (the seen ones are the
-    policy's own sampled prompts), every benchmark in a real run."""
+    """What the verdict is about: the miniature's last split (held-out or test tasks; the
+    seen ones are the policy's own sampled prompts, validation picks settings), every
+    benchmark in a real run."""
     names = evaluations(data, summary)
     if data["config"].get("toy", {}).get("enabled"):
-        return ["held_out"]
+        return [toy_splits(data["config"])[-1]]
     return names
 
 
@@ -190,7 +198,11 @@ def render(data: dict, summary: dict, images: list[str]) -> str:
             f"- codes are sampled at temperature {s['temperature']} (the paper's 1.5 destroys a "
             "tiny model's samples);",
             f"- held-out tasks are unseen combinations of seen parts "
-            f"({t['held_out_fraction']:.0%} of combinations).", ""]
+            f"({t['held_out_fraction']:.0%} of combinations)."
+            if t.get("family", "lists") == "lists" else
+            f"- the decision family: trap phrasings are written with the wrong operator in "
+            f"{t['trap_rate']:.0%} of the warm start's data, the others in "
+            f"{t['noise_rate']:.0%}; validation and test are unseen combinations.", ""]
     names = evaluations(data, summary)
     start = "warm start" if cfg.get("warm_start", {}).get("enabled") else "initial policy"
     lines += ["## Verdict", ""]

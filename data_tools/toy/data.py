@@ -35,17 +35,22 @@ from data_tools.toy import tasks as toy_tasks
 EOS = "<|endoftext|>"
 
 
-def train_tokenizer(out_dir: pathlib.Path, tasks: list[toy_tasks.Task], vocab_size: int) -> None:
+def train_tokenizer(out_dir: pathlib.Path, corpus: list[str], vocab_size: int,
+                    individual_digits: bool = False) -> None:
+    """A byte-level BPE tokenizer trained on `corpus` (the family's programs), saved in HF
+    format in `out_dir`; `individual_digits`: every digit its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    corpus = [t.prompt + t.solution for t in tasks]
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
     fast.save_pretrained(out_dir)
@@ -77,7 +82,7 @@ def write(out: pathlib.Path, *, seed: int = 0, held_out_fraction: float = 0.2,
           vocab_size: int = 384, eval_seen: int = 64, sft_fraction: float = 0.5) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seen, held = toy_tasks.split_tasks(held_out_fraction, seed=seed)
-    train_tokenizer(out / "tokenizer", seen + held, vocab_size)
+    train_tokenizer(out / "tokenizer", [t.prompt + t.solution for t in seen + held], vocab_size)
     rng = random.Random(seed)
     # The warm start sees half of the seen combinations; the policy then samples on the
     # other half, where it has generalised only partly (a mix of right and wrong programs).

@@ -103,7 +103,15 @@ def test_toy_data_config_defaults_are_the_library_defaults():
 
     from configs import toy_data as toy_data_config
     from data_tools.toy import data as toy_data
+    from data_tools.toy import decision
 
-    params = inspect.signature(toy_data.write).parameters
-    assert toy_data_config.get_config().to_dict() == {
-        k: p.default for k, p in params.items() if k != "out"}
+    # Every field but the family is a parameter of one family's writer or both, with the
+    # same default.
+    config = toy_data_config.get_config().to_dict()
+    assert config.pop("family") == "lists"
+    defaults = {}
+    for write in (toy_data.write, decision.write):
+        for k, p in inspect.signature(write).parameters.items():
+            if k != "out":
+                assert defaults.setdefault(k, p.default) == p.default, k
+    assert config == defaults

@@ -143,3 +143,13 @@ def test_cli_writes_statistics_and_names_an_unpaired_task(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert (f"warm start '{dirs[1]}': task 'T/3' has a result for focused_dpo but not for dpo"
             in proc.stderr)
+
+
+def test_split_names_come_from_the_reports():
+    # The decision family's splits, in KNOWN_SPLITS order, beside the list family's.
+    rep = {"config": {"toy": {"enabled": True, "family": "decision"}},
+           "summary": {"dpo": {"validation": {"mean": 1.0}, "test": {"mean": 2.0}}}}
+    assert replicates.splits_of({"a": rep}) == ["validation", "test"]
+    s = replicates.summarise({"a": rep, "b": rep}, "dpo")
+    assert s["pass_at_1"] == {"test": {"dpo": [2.0, 2.0]}, "validation": {"dpo": [1.0, 1.0]}}
+    assert replicates.splits_of({"a": report(1.0, 2.0, 3.0)}) == ["held_out", "seen"]

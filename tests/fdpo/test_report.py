@@ -44,6 +44,22 @@ def test_miniature_verdict_is_on_held_out_tasks_only():
     assert missing == ["Focused-DPO was not evaluated on held-out."]
 
 
+def test_decision_family_reports_validation_and_test_with_the_verdict_on_test():
+    data = data_for(True, {"warm_start": {"test": 60.0, "validation": 62.0},
+                           "focused_dpo-s0": {"test": 70.0, "validation": 75.0},
+                           "dpo-s0": {"test": 65.0, "validation": 80.0}})
+    data["config"]["toy"].update(family="decision", trap_rate=0.65, noise_rate=0.05)
+    summary = report.summarise(data)
+    assert report.evaluations(data, summary) == ["validation", "test"]
+    lines = report.verdicts(summary, report.verdict_evaluations(data, summary))
+    assert [line.split(":")[0] for line in lines] == [
+        "Focused-DPO beat dpo on test pass@1", "Focused-DPO beat warm_start on test pass@1"]
+    text = report.render(data, summary, [])
+    assert "| method | seeds | validation (mean, min-max) | test (mean, min-max) |" in text
+    assert "| dpo | 1 | 80.0 (80.0-80.0) | 65.0 (65.0-65.0) |" in text
+    assert "wrong operator in 65% of the warm start's data, the others in 5%" in text
+
+
 def test_write_reads_what_the_stages_left(tmp_path):
     cfg = data_for(True, {})["config"]
     (tmp_path / "pipeline_config.json").write_text(json.dumps(cfg))

@@ -128,6 +128,8 @@ CASES = [
      "no built dataset"),
     ("toy_data-unknown-flag", lambda w: ("launch.toy_data", f"--out={w}/toy", "--bogus=1"),
      "'bogus'"),
+    ("toy_data-family", lambda w: ("launch.toy_data", f"--out={w}/toy",
+                                   "--config.family=decisions"), "--config.family='decisions'"),
     ("pipeline-only", lambda w: ("launch.pipeline", "--config=configs/toy.py",
                                  f"--workdir={w}/run", "--only=smaple"), "smaple"),
     ("pipeline-prompts", lambda w: ("launch.pipeline",

@@ -94,9 +94,10 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
         metrics = [m for m in lines(w / "train" / run / "metrics.jsonl") if m["split"] == "train"]
         assert metrics[-1]["step"] == cfg["train"]["steps"]
         assert (w / "train" / run / "final" / "fdpo_model.json").is_file()
-    # Evaluation: the start and every run, on both splits.
+    # Evaluation: the start and every run, on both of the task family's splits.
+    splits = pipeline.TOY_EVAL_SPLITS[cfg["toy"]["family"]]
     for model in ["warm_start"] + runs:
-        for split in ("seen", "held_out"):
+        for split in splits:
             res = json.loads((w / "eval" / model / split / "results.json").read_text())
             tasks = [t["task_id"] for t in lines(w / "data" / f"eval_{split}.jsonl")]
             rows = {r["task_id"]: r for r in res["tasks"]}
@@ -112,7 +113,7 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     report = json.loads((w / "report" / "report.json").read_text())
     assert set(report["summary"]) == {"warm_start", *cfg["methods"]}
     for model in ["warm_start"] + runs:  # in percent, as the report speaks
-        for split in ("seen", "held_out"):
+        for split in splits:
             res = json.loads((w / "eval" / model / split / "results.json").read_text())
             assert report["pass_at_1"][model][split] == pytest.approx(
                 100 * res["pass_at_k"]["base"]["pass@1"])
@@ -139,7 +140,7 @@ def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
 def config(name: str, tmp_path: pathlib.Path):
     if name == "real":
         return real.get_config(f"hf_dir={tmp_path / 'hf'},prompts={tmp_path / 'prompts.jsonl'}")
-    return toy.get_config("fast" if name == "toy:fast" else None)
+    return toy.get_config(name.partition(":")[2] or None)  # "toy:fast,decision"
 
 
 def field_types(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type]:
@@ -211,7 +212,8 @@ def program_config(module: str, args: list[str]):
     return values.config
 
 
-@pytest.mark.parametrize("name", ["toy", "toy:fast", "real"])
+@pytest.mark.parametrize("name", ["toy", "toy:fast", "toy:decision", "toy:fast,decision",
+                                  "real"])
 def test_every_config_override_a_stage_passes_names_a_field_of_its_program(name, tmp_path,
                                                                            monkeypatch):
     # Without this, a renamed field of configs/focused_dpo.py (say) stops a run at its train
