@@ -26,7 +26,7 @@ import statistics
 
 from matplotlib import figure
 
-from fdpo import stats
+from fdpo import report, stats
 
 # Known evaluation names in table order (the miniature's lists family, then the decision
 # family's); any other name (a real run's benchmarks) follows in sorted order.
