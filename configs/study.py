@@ -98,7 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Each warm start's pipeline (configs/toy.py), run up to its reference stage; the study
     # sets init.seed, toy.seed, sample.seed, toy.family and the train section per warm start.
-    c.pipeline = toy.get_config("fast" if arg.fast else None)
+    # The miniature's decision-family variant (configs/toy.py:decision: its tokenizer and
+    # warm-start length), shrunk by :fast for the test suite.
+    c.pipeline = toy.get_config("fast,decision" if arg.fast else "decision")
     for unused in ("methods", "seeds", "w_focused_ablation", "method_train", "train"):
         del c.pipeline[unused]  # the study's arms and `train` replace these
     # The task family with localised wrong beliefs (configs/toy_data.py `family`); its eval

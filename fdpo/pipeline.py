@@ -152,7 +152,8 @@ def check_inputs(cfg) -> None:
     """What a real run reads from outside the workdir, read before any stage runs (a
     bad prompts file should not wait for the model import), and the method names. Raises
     ValueError."""
-    unknown = [m for m in cfg.methods if m not in METHOD_PRESETS]
+    # A study's warm starts (fdpo.study) carry no methods: the study's arms replace them.
+    unknown = [m for m in cfg.get("methods", ()) if m not in METHOD_PRESETS]
     if unknown:
         raise ValueError(f"config.methods: unknown method(s) {', '.join(map(repr, unknown))}; "
                          f"the methods are {', '.join(sorted(METHOD_PRESETS))}")
