@@ -241,7 +241,7 @@ class Pipeline:
             if group in out:
                 out[group].pop(key, None)
         if name == "pairs":  # whether the stage also builds the rft records
-            out["sft_data_methods"] = sorted(set(c.methods) & set(SFT_DATA_METHODS))
+            out["sft_data_methods"] = sorted(set(c.get("methods", ())) & set(SFT_DATA_METHODS))
         if name == "sample" and not c.toy.enabled:
             out["prompts_file"] = fingerprint.file_digest(c.prompts)
         if name == "evaluate" and not c.toy.enabled:  # the miniature's come from `data`
@@ -457,7 +457,7 @@ class Pipeline:
                   f"--config.val_fraction={b.val_fraction}", f"--config.truncated={b.truncated}",
                   f"--config.response={b.response}", f"--config.append_eos={b.append_eos}",
                   *self.prompt_format(), "--noprogress"]
-        for method in sorted(set(self.cfg.methods) & set(SFT_DATA_METHODS)):
+        for method in sorted(set(self.cfg.get("methods", ())) & set(SFT_DATA_METHODS)):
             # The same ranking and verdicts as the pairs: every correct sample, no selection.
             rft_dir = self.w / SFT_DATA_METHODS[method]
             if rft_dir.exists():
