@@ -41,5 +41,7 @@ def get_config(arg=None):
         compute_dtype=config_dict.placeholder(str),
         remat_policy=config_dict.placeholder(str),  # none | full | dots
         scan_layers=config_dict.placeholder(bool),
+        attention=config_dict.placeholder(str),  # einsum | dot_product | cudnn
+        attention_block=config_dict.placeholder(int),  # dot_product: query block (0: whole)
     ))
     return c
