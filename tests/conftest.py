@@ -43,14 +43,3 @@ def run_program(module: str, *args, env: dict | None = None, cwd=REPO, timeout: 
 def program():
     """`run_program` as a fixture: `program("launch.build", "--out", d, check=False)`."""
     return run_program
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files holding a `long` test run first. `make test` runs each file on one of two
-    xdist workers (`--dist loadfile`) in collection order: a several-minute run collected
-    late kept one worker busy for minutes after the other had finished the rest (the study's
-    `:fast` run, 368 s, was the last 5 minutes of a 23-minute suite). A stable sort keeps
-    each file's tests together and in their order."""
-    del config
-    first = {item.path for item in items if item.get_closest_marker("long")}
-    items.sort(key=lambda item: item.path not in first)

@@ -345,7 +345,6 @@ STAND_IN = [] if HAVE_DECISION else ["--config.family=lists", "--config.splits.t
                                      "--config.splits.test=held_out"]
 
 
-@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.sandbox
 def test_the_fast_study_end_to_end(tmp_path):

@@ -50,7 +50,6 @@ def lines(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
-@pytest.mark.long
 @pytest.mark.slow
 def test_fast_pipeline_end_to_end_skip_and_resume(tmp_path):
     w = tmp_path / "run"
