@@ -58,15 +58,21 @@ def train_tokenizer(out_dir: pathlib.Path, corpus: list[str], vocab_size: int,
 
 def wrong_variant(task: toy_tasks.Task, rng: random.Random) -> str:
     """A plausible wrong body: the canonical one with the condition or update changed, and
-    checked to differ from the reference on some input (`>=` for `>` can be equivalent)."""
+    checked to differ from the reference on some input (a changed operator can be
+    equivalent on the task's inputs).
+
+    Every change replaces tokens rather than only inserting some (`>` -> `>=`, `total` ->
+    `total + 1` were insertions): an insertion leaves the chosen side's middle empty, and
+    launch.build drops such a pair, so a third of the warm start's SFT examples (88 of 258)
+    were lost before."""
     body = task.solution
-    swaps = [(" > ", " >= "), (" < ", " <= "), ("== 0", "== 1"), ("== 1", "== 0"),
+    swaps = [(" > ", " < "), (" < ", " > "), ("== 0", "== 1"), ("== 1", "== 0"),
              ("x * ", "x + "), ("x + ", "x * "), ("x - ", "x + "), ("+= 1", "+= x")]
     rng.shuffle(swaps)
     probe = toy_tasks.random_inputs(random.Random(0), 300) + [list(range(-3, 16))]
     candidates = [body.replace(old, new, 1) for old, new in swaps if old in body]
-    candidates += [body.replace("return total", "return total + 1"),
-                   body.replace("return out", "return out[1:] + out[:1]")]
+    candidates += [body.replace("return total", "return 0"),
+                   body.replace("return out", "return []")]
     for wrong in candidates:
         if wrong == body:
             continue

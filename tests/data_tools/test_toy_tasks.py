@@ -96,6 +96,15 @@ def test_toy_data_files(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     text = sft[0]["prompt"] + sft[0]["chosen"]
     assert tok.decode(tok(text)["input_ids"]) == text and tok.eos_token == "<|endoftext|>"
+    # Every SFT pair keeps a non-empty chosen middle in tokens, so launch.build drops none
+    # (an insertion-only wrong variant, `>` -> `>=`, lost a third of them once).
+    for pair in sft:
+        a, b = (tok(pair[side])["input_ids"] for side in ("chosen", "rejected"))
+        pre = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        suf = 0
+        while suf < min(len(a), len(b)) - pre and a[-1 - suf] == b[-1 - suf]:
+            suf += 1
+        assert len(a) - pre - suf > 0, pair
 
 
 def test_toy_data_config_defaults_are_the_library_defaults():
