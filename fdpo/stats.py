@@ -62,13 +62,14 @@ def paired_differences(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Map
 class Bootstrap:
     """The result of :func:`hierarchical_bootstrap`, in the units of the differences."""
     estimate: float            # mean over warm starts of the mean per-task difference
-    ci: tuple[float, float]    # equal-tailed percentile interval at `level`
+    ci: tuple[float, float]    # the interval at `level` (see `interval`)
     p_value: float             # two-sided, see hierarchical_bootstrap
-    se: float                  # standard deviation of the resampled statistic
+    se: float                  # the standard error the interval uses
     per_warm_start: tuple[float, ...]   # each warm start's mean difference (no resampling)
     n_tasks: tuple[int, ...]
     level: float
     n_boot: int
+    interval: str = "cluster_t"   # "cluster_t" or "percentile", see hierarchical_bootstrap
 
     @property
     def ci_excludes_zero(self) -> bool:
@@ -91,8 +92,12 @@ def sign_holds(per_warm_start: Sequence[float]) -> bool:
     return bool(v.size) and (bool(np.all(v > 0)) or bool(np.all(v < 0)))
 
 
+INTERVALS = ("cluster_t", "percentile")
+
+
 def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Sequence[np.ndarray],
-                           n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> Bootstrap:
+                           n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                           interval: str = "cluster_t") -> Bootstrap:
     """Two-level bootstrap of the mean paired difference.
 
     Each of `n_boot` resamples draws W warm starts with replacement from the W given, then,
@@ -118,6 +123,11 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
         raise StatsError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise StatsError(f"n_boot must be >= 1, got {n_boot}")
+    if interval not in INTERVALS:
+        raise StatsError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
+    if interval == "cluster_t" and len(diffs) < 2:
+        raise StatsError("the cluster_t interval needs at least 2 warm starts (it estimates "
+                         "their spread), got 1; use interval='percentile' for one")
     rng = np.random.default_rng(seed)
     w = len(diffs)
     drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
@@ -126,15 +136,48 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
         slots = drawn == j
         means[slots] = _resampled_means(d, int(slots.sum()), rng)
     resampled = means.mean(axis=1)
-    alpha = 1 - level
-    lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
-    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
-    p = min(1.0, 2 * (1 + tail) / (n_boot + 1))
     per = tuple(float(d.mean()) for d in diffs)
+    alpha = 1 - level
+    if interval == "cluster_t":
+        (lo, hi), p, se = _cluster_t(np.array(per), level)
+        # The floor: the interval from task noise alone (warm starts fixed, each one's tasks
+        # resampled). The t interval estimates the warm starts' spread from W means; when
+        # they happen to agree (or are copies) that estimate is near 0, but the warm-start
+        # means still carry their tasks' noise.
+        tasks_only = np.column_stack([_resampled_means(d, n_boot, rng) for d in diffs]).mean(1)
+        t_lo, t_hi = np.quantile(tasks_only, [alpha / 2, 1 - alpha / 2])
+        lo, hi = min(lo, float(t_lo)), max(hi, float(t_hi))
+        p, se = max(p, _percentile_p(tasks_only)), max(se, float(np.std(tasks_only)))
+    else:
+        lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+        p, se = _percentile_p(resampled), float(np.std(resampled))
     return Bootstrap(estimate=float(np.mean(per)), ci=(float(lo), float(hi)), p_value=p,
-                     se=float(np.std(resampled)),
-                     per_warm_start=per, n_tasks=tuple(d.size for d in diffs), level=level,
-                     n_boot=n_boot)
+                     se=se, per_warm_start=per, n_tasks=tuple(d.size for d in diffs),
+                     level=level, n_boot=n_boot, interval=interval)
+
+
+def _percentile_p(resampled: np.ndarray) -> float:
+    """The smallest alpha at which the equal-tailed percentile interval of `resampled`
+    reaches 0 (two-sided; the +1 keeps it above 0 with finitely many resamples)."""
+    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
+    return min(1.0, 2 * (1 + tail) / (resampled.size + 1))
+
+
+def _cluster_t(means: np.ndarray, level: float) -> tuple[tuple[float, float], float, float]:
+    """CI, p-value and standard error of the mean of W warm-start means from Student's t on
+    W - 1 degrees of freedom: se = sd(means) / sqrt(W). Exact when the means are normal with
+    one variance (between-warm-start spread plus task noise, which 500 tasks make close to
+    normal); the t quantile pays for estimating that variance from W values."""
+    from scipy import stats as sps     # here: the percentile path needs only numpy
+
+    w = means.size
+    est = float(means.mean())
+    se = float(means.std(ddof=1) / np.sqrt(w))
+    if se == 0:     # identical means: the floor decides (see hierarchical_bootstrap)
+        return (est, est), (1.0 if est == 0 else 0.0), 0.0
+    q = float(sps.t.ppf(0.5 + level / 2, w - 1))
+    p = float(2 * sps.t.sf(abs(est) / se, w - 1))
+    return (est - q * se, est + q * se), p, se
 
 
 def _resampled_means(d: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
