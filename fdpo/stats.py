@@ -1,5 +1,5 @@
-"""Statistics of the study: paired per-task differences, a hierarchical bootstrap over
-(warm start, task), the claim rule, Holm's correction and a forest plot.
+"""Statistics of the study: paired per-task differences, a CI over (warm start, task), the
+claim rule, Holm's correction and a forest plot.
 
     diffs = stats.paired_differences(pass_a, pass_b)      # {warm start: {task: pass}} each
     res = stats.hierarchical_bootstrap(diffs)             # estimate, CI, p, per-warm-start means
@@ -7,11 +7,14 @@
 
 Why this design: a method's lead on the miniature moves with the warm start (float rounding
 alone changes it, docs/results/miniature.md), and a test split of a few hundred tasks is
-itself a sample. Both sources of variation are resampled: warm starts with replacement, then
-the tasks of each drawn warm start with replacement. The statistic is the mean over warm
-starts of the mean per-task difference, so every warm start weighs the same whatever its
-task count. NumPy only, no JAX (the data stage may use it); matplotlib only in
-:func:`forest_plot`.
+itself a sample. The statistic is the mean over warm starts of the mean per-task difference,
+so every warm start weighs the same whatever its task count. Its default interval
+(`cluster_t`) is Student's t on W - 1 degrees of freedom over the W warm-start means, never
+narrower than the interval from task noise alone (a bootstrap of each warm start's tasks):
+with 3-5 warm starts the two-level percentile bootstrap (`percentile`: warm starts, then
+their tasks, resampled) is too narrow when warm starts differ by more than their task noise
+(coverage 0.87 at 95%, docs/analysis.md#statistics). NumPy, and SciPy for the t quantile;
+no JAX (the data stage may use it); matplotlib only in :func:`forest_plot`.
 """
 
 from __future__ import annotations
@@ -98,16 +101,25 @@ INTERVALS = ("cluster_t", "percentile")
 def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                            n_boot: int = 10000, seed: int = 0, level: float = 0.95,
                            interval: str = "cluster_t") -> Bootstrap:
-    """Two-level bootstrap of the mean paired difference.
+    """CI and p-value of the mean over warm starts of the mean paired difference.
 
-    Each of `n_boot` resamples draws W warm starts with replacement from the W given, then,
-    for every drawn warm start independently, its T_w per-task differences with replacement;
-    the resampled statistic is the mean over the W draws of their task means. The CI is the
-    equal-tailed percentile interval at `level` (numpy's linear quantiles). The p-value is
-    two-sided: p = min(1, 2 (1 + min(#{stat* <= 0}, #{stat* >= 0})) / (n_boot + 1)), the
-    smallest alpha at which the equal-tailed percentile interval would reach 0 (so p < 1 -
-    level goes with a CI that excludes 0, up to quantile interpolation); the +1 keeps it
-    above 0 with a finite number of resamples. Deterministic given `seed`.
+    `interval="percentile"`: each of `n_boot` resamples draws W warm starts with replacement
+    from the W given, then, for every drawn warm start independently, its T_w per-task
+    differences with replacement; the resampled statistic is the mean over the W draws of
+    their task means. The CI is its equal-tailed percentile interval at `level` (numpy's
+    linear quantiles), the p-value two-sided, p = min(1, 2 (1 + min(#{stat* <= 0},
+    #{stat* >= 0})) / (n_boot + 1)): the smallest alpha at which that interval would reach 0
+    (the +1 keeps it above 0 with finitely many resamples); `se` the resamples' sd.
+
+    `interval="cluster_t"` (default; W >= 2): the warm-start means m_w give
+    mean(m) +- t(W - 1) sd(m) / sqrt(W), p from the same t, se = sd(m) / sqrt(W): exact
+    for normal means of one variance whatever the spread between warm starts, where the
+    percentile interval, which learns that spread from W draws, is too narrow. Its floor is
+    the task-noise interval: each warm start fixed, its tasks resampled `n_boot` times, the
+    percentile interval of the mean over warm starts. The CI is the hull of the two, the
+    p-value and se the larger of the two: warm starts that agree by chance (or are copies)
+    leave the task noise in every mean, which a zero spread would hide.
+    Deterministic given `seed`.
     """
     diffs = list(diffs_by_warm_start.values()) if isinstance(diffs_by_warm_start, Mapping) \
         else list(diffs_by_warm_start)
@@ -284,7 +296,8 @@ def forest_plot(rows: Sequence[Row], path: pathlib.Path, xlabel: str, title: str
 
 
 def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: str,
-            baseline: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+            baseline: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+            interval: str = "cluster_t") -> dict:
     """The study's comparisons from {warm start: {method: {task id: pass}}}.
 
     Primary: `focus` minus `baseline`, claimed by :attr:`Bootstrap.claim`. Secondary: `focus`
@@ -303,7 +316,8 @@ def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: st
     def boot(other):
         d = paired_differences({w: per_task[w][focus] for w in warm},
                                {w: per_task[w][other] for w in warm}, (focus, other))
-        return hierarchical_bootstrap(d, n_boot=n_boot, seed=seed, level=level)
+        return hierarchical_bootstrap(d, n_boot=n_boot, seed=seed, level=level,
+                                      interval=interval)
 
     def entry(other, res, p_adj=None):
         e = {"a": focus, "b": other, "estimate": res.estimate, "ci": list(res.ci),
@@ -318,7 +332,8 @@ def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: st
         return e
 
     out = {"warm_starts": warm, "focus": focus, "baseline": baseline, "level": level,
-           "n_boot": n_boot, "seed": seed, "primary": None, "secondary": [],
+           "interval": interval, "n_boot": n_boot, "seed": seed, "primary": None,
+           "secondary": [],
            "skipped": skipped}
     if focus in everywhere and baseline in everywhere and focus != baseline:
         out["primary"] = entry(baseline, boot(baseline))
