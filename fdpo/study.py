@@ -693,7 +693,11 @@ def machine() -> dict:
         jax_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax_version,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _commit()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _commit(),
+            # What decides the bits besides the CPU (fdpo.runtime, docs/pipeline.md#determinism).
+            "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else None,
+            "cpu_pins": {k: os.environ.get(k, "") for k in ("FDPO_CPU_ISA", "FDPO_CPU_THREADS")}}
 
 
 def _commit() -> str | None:
@@ -754,6 +758,9 @@ def render(cfg, data: dict) -> str:
     lines += ["", "## Machine and stage times", "",
               f"- CPU: {m['cpu']} ({m['cores']} cores), {m['platform']}",
               f"- Python {m['python']}, jax {m['jax']}, XLA_FLAGS `{m['xla_flags'] or '(none)'}`",
+              f"- CPUs allowed {m.get('cpus_allowed')}; pins "
+              + (", ".join(f"{k}={v}" for k, v in m.get("cpu_pins", {}).items() if v) or "none")
+              + " (docs/pipeline.md#determinism)",
               f"- commit {m['commit']}", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in data["stage_seconds"].items()]
