@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_program
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("FDPO_CPU_")}
 ENV.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -108,3 +108,15 @@ def test_the_thread_pin_decides_the_bits_of_a_large_contraction():
     assert all(r.returncode == 0 for r in runs), "".join(r.stderr for r in runs)[-3000:]
     one, two, two_again = (r.stdout.strip() for r in runs)
     assert two == two_again and one != two
+
+
+@pytest.mark.slow   # the data and init stages: ~75 s on the shared 2-core machine
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="needs an x86 CPU with AVX2")
+def test_the_pipeline_stages_apply_the_pins(tmp_path):
+    # The pipeline starts each stage as its own program with the pipeline's environment;
+    # each program's runtime.init applies the pins and logs them.
+    run_program("launch.pipeline", "--config=configs/toy.py:fast", f"--workdir={tmp_path}",
+                "--only=data,init", env={**ENV, "FDPO_CPU_ISA": "AVX2", "FDPO_CPU_THREADS": "1"},
+                timeout=600)
+    log = (tmp_path / "logs" / "init.log").read_text()
+    assert "CPU pinned: FDPO_CPU_ISA=AVX2, FDPO_CPU_THREADS=1" in log
