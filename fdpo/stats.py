@@ -141,13 +141,6 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
         raise StatsError("the cluster_t interval needs at least 2 warm starts (it estimates "
                          "their spread), got 1; use interval='percentile' for one")
     rng = np.random.default_rng(seed)
-    w = len(diffs)
-    drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
-    means = np.empty((n_boot, w))
-    for j, d in enumerate(diffs):
-        slots = drawn == j
-        means[slots] = _resampled_means(d, int(slots.sum()), rng)
-    resampled = means.mean(axis=1)
     per = tuple(float(d.mean()) for d in diffs)
     alpha = 1 - level
     if interval == "cluster_t":
@@ -161,6 +154,13 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
         lo, hi = min(lo, float(t_lo)), max(hi, float(t_hi))
         p, se = max(p, _percentile_p(tasks_only)), max(se, float(np.std(tasks_only)))
     else:
+        w = len(diffs)
+        drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
+        means = np.empty((n_boot, w))
+        for j, d in enumerate(diffs):
+            slots = drawn == j
+            means[slots] = _resampled_means(d, int(slots.sum()), rng)
+        resampled = means.mean(axis=1)
         lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
         p, se = _percentile_p(resampled), float(np.std(resampled))
     return Bootstrap(estimate=float(np.mean(per)), ci=(float(lo), float(hi)), p_value=p,
