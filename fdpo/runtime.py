@@ -35,6 +35,10 @@ ISA_FLAGS = {"SSE4_2": ("sse4_2",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
 _ISA_ORDER = tuple(ISA_FLAGS)
 
 
+class PinError(Exception):
+    """A pin that is malformed, that this machine cannot honour, or that comes too late."""
+
+
 def _cpu_flags() -> set[str] | None:
     try:
         text = open("/proc/cpuinfo", encoding="utf-8").read()
@@ -57,11 +61,11 @@ def pin_cpu(env: dict | None = None) -> dict:
     from jax._src import xla_bridge  # the one place that knows whether a backend exists
 
     if xla_bridge.backends_are_initialized():
-        raise RuntimeError(f"{ISA_ENV}/{THREADS_ENV} must be applied before JAX starts its "
+        raise PinError(f"{ISA_ENV}/{THREADS_ENV} must be applied before JAX starts its "
                            "backend (something computed before runtime.init)")
     if isa is not None:
         if isa not in ISA_FLAGS:
-            raise ValueError(f"{ISA_ENV}={isa}: not one of {', '.join(ISA_FLAGS)}")
+            raise PinError(f"{ISA_ENV}={isa}: not one of {', '.join(ISA_FLAGS)}")
         have = _cpu_flags()
         if have is not None:
             # XLA orders the ISAs linearly; a cap includes every one below it.
@@ -69,10 +73,11 @@ def pin_cpu(env: dict | None = None) -> dict:
                       for f in ISA_FLAGS[name]]
             missing = [f for f in needed if f not in have]
             if missing:
-                raise ValueError(f"{ISA_ENV}={isa}: this CPU lacks {', '.join(missing)}, so "
+                raise PinError(f"{ISA_ENV}={isa}: this CPU lacks {', '.join(missing)}, so "
                                  f"it cannot reproduce {isa} bits; pin a lower ISA on every "
                                  "machine")
-        flags = re.sub(r"--xla_cpu_max_isa=\S*", "", env.get("XLA_FLAGS", "")).split()
+        # XLA reads the process environment, whatever `env` the pins came from.
+        flags = re.sub(r"--xla_cpu_max_isa=\S*", "", os.environ.get("XLA_FLAGS", "")).split()
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_cpu_max_isa={isa}"])
     if threads is not None:
         try:
@@ -80,37 +85,15 @@ def pin_cpu(env: dict | None = None) -> dict:
             if n < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{THREADS_ENV}={threads}: must be a whole number >= 1") from None
+            raise PinError(f"{THREADS_ENV}={threads}: must be a whole number >= 1") from None
         allowed = sorted(os.sched_getaffinity(0))
         if len(allowed) < n:
-            raise ValueError(f"{THREADS_ENV}={n}: only {len(allowed)} CPUs are allowed here "
+            raise PinError(f"{THREADS_ENV}={n}: only {len(allowed)} CPUs are allowed here "
                              f"(a different pool size gives different bits)")
         os.sched_setaffinity(0, allowed[:n])
         threads = n
     log.info("CPU pinned: %s=%s, %s=%s", ISA_ENV, isa, THREADS_ENV, threads)
     return {"isa": isa, "threads": threads}
-
-
-def cpu_facts() -> dict:
-    """What decides a CPU run's bits here, for reports: the CPU model, its widest ISA that
-    XLA knows, the CPUs this process may use, XLA_FLAGS and the pins."""
-    model = ""
-    try:
-        m = re.search(r"^model name\s*:(.*)$", open("/proc/cpuinfo", encoding="utf-8").read(),
-                      re.M)
-        model = m.group(1).strip() if m else ""
-    except OSError:
-        pass
-    have = _cpu_flags() or set()
-    widest = ""
-    for name in _ISA_ORDER:     # the longest run of the linear order this CPU has
-        if not all(f in have for f in ISA_FLAGS[name]):
-            break
-        widest = name
-    return {"cpu": model, "widest_isa": widest,
-            "cpus_allowed": len(os.sched_getaffinity(0)),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            ISA_ENV: os.environ.get(ISA_ENV, ""), THREADS_ENV: os.environ.get(THREADS_ENV, "")}
 
 
 def init(mesh_shape: Sequence[int | str], *, distributed: bool = False,

@@ -40,7 +40,7 @@ for bad in ({"FDPO_CPU_ISA": "AVX3"}, {"FDPO_CPU_THREADS": "two"},
     try:
         runtime.pin_cpu(bad)
         print("accepted", bad)
-    except ValueError as e:
+    except runtime.PinError as e:
         print("error:", e)
 print(runtime.pin_cpu())
 print(os.environ["XLA_FLAGS"], len(os.sched_getaffinity(0)))
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 jnp.ones(3).sum()       # the backend starts: a pin now would change nothing
 try:
     runtime.pin_cpu({"FDPO_CPU_THREADS": "1"})
-except RuntimeError as e:
+except runtime.PinError as e:
     print("late:", e)
 """
     r = python(code, FDPO_CPU_ISA="sse4_2", FDPO_CPU_THREADS="1",
@@ -120,3 +120,11 @@ def test_the_pipeline_stages_apply_the_pins(tmp_path):
                 timeout=600)
     log = (tmp_path / "logs" / "init.log").read_text()
     assert "CPU pinned: FDPO_CPU_ISA=AVX2, FDPO_CPU_THREADS=1" in log
+
+
+def test_a_program_reports_a_bad_pin_in_one_line(tmp_path):
+    r = run_program("launch.init_model", f"--out={tmp_path / 'm'}", check=False,
+                    env={**ENV, "FDPO_CPU_THREADS": "many"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "launch.init_model: error: FDPO_CPU_THREADS=many: must be a whole number >= 1 (see --help)")
