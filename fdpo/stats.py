@@ -1,5 +1,5 @@
-"""Statistics of the study: paired per-task differences, a hierarchical bootstrap over
-(warm start, task), the claim rule, Holm's correction and a forest plot.
+"""Statistics of the study: paired per-task differences, a CI over (warm start, task), the
+claim rule, Holm's correction and a forest plot.
 
     diffs = stats.paired_differences(pass_a, pass_b)      # {warm start: {task: pass}} each
     res = stats.hierarchical_bootstrap(diffs)             # estimate, CI, p, per-warm-start means
@@ -7,11 +7,14 @@
 
 Why this design: a method's lead on the miniature moves with the warm start (float rounding
 alone changes it, docs/results/miniature.md), and a test split of a few hundred tasks is
-itself a sample. Both sources of variation are resampled: warm starts with replacement, then
-the tasks of each drawn warm start with replacement. The statistic is the mean over warm
-starts of the mean per-task difference, so every warm start weighs the same whatever its
-task count. NumPy only, no JAX (the data stage may use it); matplotlib only in
-:func:`forest_plot`.
+itself a sample. The statistic is the mean over warm starts of the mean per-task difference,
+so every warm start weighs the same whatever its task count. Its default interval
+(`cluster_t`) is Student's t on W - 1 degrees of freedom over the W warm-start means, never
+narrower than the interval from task noise alone (a bootstrap of each warm start's tasks):
+with 3-5 warm starts the two-level percentile bootstrap (`percentile`: warm starts, then
+their tasks, resampled) is too narrow when warm starts differ by more than their task noise
+(coverage 0.87 at 95%, docs/analysis.md#statistics). NumPy, and SciPy for the t quantile;
+no JAX (the data stage may use it); matplotlib only in :func:`forest_plot`.
 """
 
 from __future__ import annotations
@@ -62,13 +65,14 @@ def paired_differences(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Map
 class Bootstrap:
     """The result of :func:`hierarchical_bootstrap`, in the units of the differences."""
     estimate: float            # mean over warm starts of the mean per-task difference
-    ci: tuple[float, float]    # equal-tailed percentile interval at `level`
+    ci: tuple[float, float]    # the interval at `level` (see `interval`)
     p_value: float             # two-sided, see hierarchical_bootstrap
-    se: float                  # standard deviation of the resampled statistic
+    se: float                  # the standard error the interval uses
     per_warm_start: tuple[float, ...]   # each warm start's mean difference (no resampling)
     n_tasks: tuple[int, ...]
     level: float
     n_boot: int
+    interval: str = "cluster_t"   # "cluster_t" or "percentile", see hierarchical_bootstrap
 
     @property
     def ci_excludes_zero(self) -> bool:
@@ -91,18 +95,31 @@ def sign_holds(per_warm_start: Sequence[float]) -> bool:
     return bool(v.size) and (bool(np.all(v > 0)) or bool(np.all(v < 0)))
 
 
-def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Sequence[np.ndarray],
-                           n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> Bootstrap:
-    """Two-level bootstrap of the mean paired difference.
+INTERVALS = ("cluster_t", "percentile")
 
-    Each of `n_boot` resamples draws W warm starts with replacement from the W given, then,
-    for every drawn warm start independently, its T_w per-task differences with replacement;
-    the resampled statistic is the mean over the W draws of their task means. The CI is the
-    equal-tailed percentile interval at `level` (numpy's linear quantiles). The p-value is
-    two-sided: p = min(1, 2 (1 + min(#{stat* <= 0}, #{stat* >= 0})) / (n_boot + 1)), the
-    smallest alpha at which the equal-tailed percentile interval would reach 0 (so p < 1 -
-    level goes with a CI that excludes 0, up to quantile interpolation); the +1 keeps it
-    above 0 with a finite number of resamples. Deterministic given `seed`.
+
+def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+                           n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                           interval: str = "cluster_t") -> Bootstrap:
+    """CI and p-value of the mean over warm starts of the mean paired difference.
+
+    `interval="percentile"`: each of `n_boot` resamples draws W warm starts with replacement
+    from the W given, then, for every drawn warm start independently, its T_w per-task
+    differences with replacement; the resampled statistic is the mean over the W draws of
+    their task means. The CI is its equal-tailed percentile interval at `level` (numpy's
+    linear quantiles), the p-value two-sided, p = min(1, 2 (1 + min(#{stat* <= 0},
+    #{stat* >= 0})) / (n_boot + 1)): the smallest alpha at which that interval would reach 0
+    (the +1 keeps it above 0 with finitely many resamples); `se` the resamples' sd.
+
+    `interval="cluster_t"` (default; W >= 2): the warm-start means m_w give
+    mean(m) +- t(W - 1) sd(m) / sqrt(W), p from the same t, se = sd(m) / sqrt(W): exact
+    for normal means of one variance whatever the spread between warm starts, where the
+    percentile interval, which learns that spread from W draws, is too narrow. Its floor is
+    the task-noise interval: each warm start fixed, its tasks resampled `n_boot` times, the
+    percentile interval of the mean over warm starts. The CI is the hull of the two, the
+    p-value and se the larger of the two: warm starts that agree by chance (or are copies)
+    leave the task noise in every mean, which a zero spread would hide.
+    Deterministic given `seed`.
     """
     diffs = list(diffs_by_warm_start.values()) if isinstance(diffs_by_warm_start, Mapping) \
         else list(diffs_by_warm_start)
@@ -118,23 +135,61 @@ def hierarchical_bootstrap(diffs_by_warm_start: Mapping[str, np.ndarray] | Seque
         raise StatsError(f"level must be in (0, 1), got {level}")
     if n_boot < 1:
         raise StatsError(f"n_boot must be >= 1, got {n_boot}")
+    if interval not in INTERVALS:
+        raise StatsError(f"interval must be one of {', '.join(INTERVALS)}, got {interval!r}")
+    if interval == "cluster_t" and len(diffs) < 2:
+        raise StatsError("the cluster_t interval needs at least 2 warm starts (it estimates "
+                         "their spread), got 1; use interval='percentile' for one")
     rng = np.random.default_rng(seed)
-    w = len(diffs)
-    drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
-    means = np.empty((n_boot, w))
-    for j, d in enumerate(diffs):
-        slots = drawn == j
-        means[slots] = _resampled_means(d, int(slots.sum()), rng)
-    resampled = means.mean(axis=1)
-    alpha = 1 - level
-    lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
-    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
-    p = min(1.0, 2 * (1 + tail) / (n_boot + 1))
     per = tuple(float(d.mean()) for d in diffs)
+    alpha = 1 - level
+    if interval == "cluster_t":
+        (lo, hi), p, se = _cluster_t(np.array(per), level)
+        # The floor: the interval from task noise alone (warm starts fixed, each one's tasks
+        # resampled). The t interval estimates the warm starts' spread from W means; when
+        # they happen to agree (or are copies) that estimate is near 0, but the warm-start
+        # means still carry their tasks' noise.
+        tasks_only = np.column_stack([_resampled_means(d, n_boot, rng) for d in diffs]).mean(1)
+        t_lo, t_hi = np.quantile(tasks_only, [alpha / 2, 1 - alpha / 2])
+        lo, hi = min(lo, float(t_lo)), max(hi, float(t_hi))
+        p, se = max(p, _percentile_p(tasks_only)), max(se, float(np.std(tasks_only)))
+    else:
+        w = len(diffs)
+        drawn = rng.integers(w, size=(n_boot, w))       # which warm start fills each slot
+        means = np.empty((n_boot, w))
+        for j, d in enumerate(diffs):
+            slots = drawn == j
+            means[slots] = _resampled_means(d, int(slots.sum()), rng)
+        resampled = means.mean(axis=1)
+        lo, hi = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+        p, se = _percentile_p(resampled), float(np.std(resampled))
     return Bootstrap(estimate=float(np.mean(per)), ci=(float(lo), float(hi)), p_value=p,
-                     se=float(np.std(resampled)),
-                     per_warm_start=per, n_tasks=tuple(d.size for d in diffs), level=level,
-                     n_boot=n_boot)
+                     se=se, per_warm_start=per, n_tasks=tuple(d.size for d in diffs),
+                     level=level, n_boot=n_boot, interval=interval)
+
+
+def _percentile_p(resampled: np.ndarray) -> float:
+    """The smallest alpha at which the equal-tailed percentile interval of `resampled`
+    reaches 0 (two-sided; the +1 keeps it above 0 with finitely many resamples)."""
+    tail = min(int(np.sum(resampled <= 0)), int(np.sum(resampled >= 0)))
+    return min(1.0, 2 * (1 + tail) / (resampled.size + 1))
+
+
+def _cluster_t(means: np.ndarray, level: float) -> tuple[tuple[float, float], float, float]:
+    """CI, p-value and standard error of the mean of W warm-start means from Student's t on
+    W - 1 degrees of freedom: se = sd(means) / sqrt(W). Exact when the means are normal with
+    one variance (between-warm-start spread plus task noise, which 500 tasks make close to
+    normal); the t quantile pays for estimating that variance from W values."""
+    from scipy import stats as sps     # here: the percentile path needs only numpy
+
+    w = means.size
+    est = float(means.mean())
+    se = float(means.std(ddof=1) / np.sqrt(w))
+    if se == 0:     # identical means: the floor decides (see hierarchical_bootstrap)
+        return (est, est), (1.0 if est == 0 else 0.0), 0.0
+    q = float(sps.t.ppf(0.5 + level / 2, w - 1))
+    p = float(2 * sps.t.sf(abs(est) / se, w - 1))
+    return (est - q * se, est + q * se), p, se
 
 
 def _resampled_means(d: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -241,7 +296,8 @@ def forest_plot(rows: Sequence[Row], path: pathlib.Path, xlabel: str, title: str
 
 
 def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: str,
-            baseline: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+            baseline: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+            interval: str = "cluster_t") -> dict:
     """The study's comparisons from {warm start: {method: {task id: pass}}}.
 
     Primary: `focus` minus `baseline`, claimed by :attr:`Bootstrap.claim`. Secondary: `focus`
@@ -260,7 +316,8 @@ def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: st
     def boot(other):
         d = paired_differences({w: per_task[w][focus] for w in warm},
                                {w: per_task[w][other] for w in warm}, (focus, other))
-        return hierarchical_bootstrap(d, n_boot=n_boot, seed=seed, level=level)
+        return hierarchical_bootstrap(d, n_boot=n_boot, seed=seed, level=level,
+                                      interval=interval)
 
     def entry(other, res, p_adj=None):
         e = {"a": focus, "b": other, "estimate": res.estimate, "ci": list(res.ci),
@@ -275,7 +332,8 @@ def compare(per_task: Mapping[str, Mapping[str, Mapping[str, float]]], focus: st
         return e
 
     out = {"warm_starts": warm, "focus": focus, "baseline": baseline, "level": level,
-           "n_boot": n_boot, "seed": seed, "primary": None, "secondary": [],
+           "interval": interval, "n_boot": n_boot, "seed": seed, "primary": None,
+           "secondary": [],
            "skipped": skipped}
     if focus in everywhere and baseline in everywhere and focus != baseline:
         out["primary"] = entry(baseline, boot(baseline))

@@ -633,7 +633,7 @@ class Study:
             out.append({"arm": a, "baseline": b, "estimate": res.estimate, "ci": list(res.ci),
                         "p_value": res.p_value, "p_holm": None if adj is None else float(adj),
                         "per_warm_start": list(res.per_warm_start),
-                        "n_tasks": list(res.n_tasks),
+                        "n_tasks": list(res.n_tasks), "interval": res.interval,
                         "claim": res.claim if adj is None else stats.secondary_claim(res, adj),
                         "outcome": stats.outcome(res, f"{a} - {b}", p_adjusted=adj)})
         rows = [stats.Row(f"{e['arm']} - {e['baseline']}" + (" (Holm)" if i else " (primary)"),
@@ -641,8 +641,8 @@ class Study:
                 for i, e in enumerate(out)]
         stats.forest_plot(rows, self.w / "forest.png",
                           xlabel="test greedy pass@1 difference (points)",
-                          title=f"{len(results)} warm starts, {100 * c.level:.0f}% "
-                                "hierarchical bootstrap CI")
+                          title=f"{len(results)} warm starts, {100 * c.level:.0f}% CI "
+                                "(t over warm starts, floored at task noise)")
         return out
 
     # ------------------------------------------------------------------ all
@@ -693,7 +693,11 @@ def machine() -> dict:
         jax_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax_version,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _commit()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": _commit(),
+            # What decides the bits besides the CPU (fdpo.runtime, docs/pipeline.md#determinism).
+            "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else None,
+            "cpu_pins": {k: os.environ.get(k, "") for k in ("FDPO_CPU_ISA", "FDPO_CPU_THREADS")}}
 
 
 def _commit() -> str | None:
@@ -714,9 +718,10 @@ def render(cfg, data: dict) -> str:
     n_ws = len(cfg.warm_starts)
     lines = [f"# Study report (protocol {data['protocol']})", "", "## Outcome", "",
              f"Primary comparison, test greedy pass@1 of {first['arm']} minus "
-             f"{first['baseline']} (points, paired by task, {n_ws} warm starts, hierarchical "
-             f"bootstrap over warm starts and tasks; a claim needs the CI to exclude 0 and the "
-             f"sign to hold in every warm start):", "", f"**{first['outcome']}**", "",
+             f"{first['baseline']} (points, paired by task, {n_ws} warm starts; CI: Student's t "
+             f"on {n_ws - 1} df over the warm-start means, never narrower than the task-noise "
+             f"bootstrap interval; a claim needs the CI to exclude 0 and the sign to hold in "
+             f"every warm start):", "", f"**{first['outcome']}**", "",
              "![comparisons](forest.png)", "",
              "## Test greedy pass@1 (%) per warm start", "",
              "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))
@@ -753,6 +758,9 @@ def render(cfg, data: dict) -> str:
     lines += ["", "## Machine and stage times", "",
               f"- CPU: {m['cpu']} ({m['cores']} cores), {m['platform']}",
               f"- Python {m['python']}, jax {m['jax']}, XLA_FLAGS `{m['xla_flags'] or '(none)'}`",
+              f"- CPUs allowed {m.get('cpus_allowed')}; pins "
+              + (", ".join(f"{k}={v}" for k, v in m.get("cpu_pins", {}).items() if v) or "none")
+              + " (docs/pipeline.md#determinism)",
               f"- commit {m['commit']}", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in data["stage_seconds"].items()]

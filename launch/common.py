@@ -242,6 +242,8 @@ def init_jax(mesh_shape=None):
                             distributed=DISTRIBUTED.value,
                             coordinator_address=COORDINATOR.value,
                             num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
+    except runtime.PinError as e:  # the environment's FDPO_CPU_* pins
+        raise UsageError(str(e)) from e
     except ValueError as e:
         raise UsageError(f"--mesh_shape: {e}") from e
 

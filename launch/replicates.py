@@ -5,9 +5,10 @@
 
 Reads each workdir's `report/report.json` (written by `launch.report`) and writes
 `replicates.md`, `replicates.json` and `replicates.png` in --out; with per-task evaluation
-results in the workdirs also `statistics.json` and `forest.png`: the paired, hierarchically
-bootstrapped difference of --focus minus --baseline (primary) and minus every other method
-(secondary, Holm) on --split (:mod:`fdpo.replicates`, :mod:`fdpo.stats`).
+results in the workdirs also `statistics.json` and `forest.png`: the paired difference of
+--focus minus --baseline (primary) and minus every other method (secondary, Holm) on
+--split, with the cluster-t CI over warm starts (:mod:`fdpo.replicates`, :mod:`fdpo.stats`;
+at least 2 workdirs).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """fdpo.stats: the hierarchical bootstrap against its closed-form variance and simulated
-coverage, the claim rule, Holm against hand-computed values, paired inputs."""
+coverage (the percentile interval and the default cluster-t interval), the claim rule, Holm
+against hand-computed values, paired inputs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_bootstrap_spread_matches_the_closed_form(kind):
         diffs = simulate(rng, 4, 300, 0.02, 0.03)
     else:
         diffs = [rng.normal(loc, 1.0, size=n) for loc, n in ((0.1, 200), (-0.2, 300), (0.3, 250))]
-    res = stats.hierarchical_bootstrap(diffs, n_boot=20000, seed=1)
+    res = stats.hierarchical_bootstrap(diffs, n_boot=20000, seed=1, interval="percentile")
     # The sd of an sd estimated from 20,000 draws is ~0.5%: 3% is > 5 sigma.
     assert res.se == pytest.approx(two_level_se(diffs), rel=0.03)
     assert res.estimate == pytest.approx(np.mean([d.mean() for d in diffs]), abs=1e-12)
@@ -52,11 +53,12 @@ def test_bootstrap_is_deterministic_and_accepts_a_mapping():
     assert a == b
 
 
-def coverage_and_claims(mu, tau, n_data, w=5, t=500):
+def coverage_and_claims(mu, tau, n_data, w=5, t=500, interval="percentile", n_boot=2000):
     rng = np.random.default_rng(2024)
     cover = claims = 0
     for i in range(n_data):
-        res = stats.hierarchical_bootstrap(simulate(rng, w, t, mu, tau), n_boot=2000, seed=i)
+        res = stats.hierarchical_bootstrap(simulate(rng, w, t, mu, tau), n_boot=n_boot, seed=i,
+                                           interval=interval)
         cover += res.ci[0] <= mu <= res.ci[1]
         claims += res.claim
     return cover / n_data, claims / n_data
@@ -67,6 +69,7 @@ def coverage_and_claims(mu, tau, n_data, w=5, t=500):
 N_DATA, TOL = 400, 3 * np.sqrt(0.95 * 0.05 / 400)
 
 
+# The percentile interval (interval="percentile", the study's before 2026-12-07).
 def test_coverage_is_nominal_when_warm_start_and_task_noise_are_alike():
     # tau = 0.02 equals one warm start's task standard error (sqrt(2 * 0.1 / 500) = 0.02).
     # In this regime the two errors of the two-level percentile bootstrap cancel: resampling
@@ -87,6 +90,49 @@ def test_a_zero_effect_claims_at_most_at_the_nominal_rate():
     # rate under no effect is at most the CI's miss rate, 0.05 (+ the binomial tolerance).
     _, claims = coverage_and_claims(mu=0.0, tau=0.02, n_data=N_DATA)
     assert claims <= 0.05 + TOL, claims
+
+
+# The default cluster-t interval, where the percentile one fails: 3 warm starts whose effects
+# spread by tau = 4 points, twice one warm start's task standard error (percentile: coverage
+# 0.87, null claims 0.13; docs/analysis.md#statistics). The t part is closed-form, so few
+# resamples (for the task-noise floor) suffice.
+def test_cluster_t_covers_with_three_heterogeneous_warm_starts():
+    cover, _ = coverage_and_claims(mu=0.03, tau=0.04, n_data=N_DATA, w=3,
+                                   interval="cluster_t", n_boot=500)
+    assert cover >= 0.95 - TOL, cover
+
+
+def test_cluster_t_does_not_claim_a_zero_effect_with_heterogeneous_warm_starts():
+    _, claims = coverage_and_claims(mu=0.0, tau=0.04, n_data=N_DATA, w=3,
+                                    interval="cluster_t", n_boot=500)
+    assert claims <= 0.05 + TOL, claims
+
+
+def test_cluster_t_is_the_t_interval_of_the_warm_start_means():
+    # Warm-start means 1, 2, 6 (spread far above the task noise): mean 3, sd sqrt(7), and
+    # t(0.975, 2 df) = 4.3027 from a t table.
+    diffs = [np.full(50, m) + np.tile([0.01, -0.01], 25) for m in (1.0, 2.0, 6.0)]
+    res = stats.hierarchical_bootstrap(diffs, n_boot=500)
+    half = 4.3027 * np.sqrt(7.0) / np.sqrt(3)
+    assert res.interval == "cluster_t" and res.estimate == pytest.approx(3.0)
+    assert res.ci == pytest.approx((3.0 - half, 3.0 + half), abs=2e-4)
+    assert res.se == pytest.approx(np.sqrt(7.0 / 3))
+    # p: P(|T_2| > 3 / se) with T_2's closed form P(|T_2| > x) = 1 - x / sqrt(2 + x^2).
+    x = 3.0 / np.sqrt(7.0 / 3)
+    assert res.p_value == pytest.approx(1 - x / np.sqrt(2 + x * x), rel=1e-6)
+
+
+def test_cluster_t_is_never_narrower_than_the_task_noise():
+    # Three copies of one warm start: their means agree exactly (sd 0), but each still has
+    # its tasks' noise; the interval is then the task-only one, half-width about
+    # 1.96 sqrt(s^2 / (T W)).
+    d = np.array([1.0] * 25 + [-1.0] * 20 + [0.0] * 455)
+    res = stats.hierarchical_bootstrap([d, d, d], n_boot=20000, seed=0)
+    half = 1.96 * np.sqrt(d.var() / (d.size * 3))
+    assert res.ci[0] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert res.ci[1] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    # +1 point against a half-width of 1.5 points: no claim (a zero-width t interval would).
+    assert res.p_value > 0.05 and not res.ci_excludes_zero and not res.claim
 
 
 def test_the_sign_rule_blocks_a_claim_the_ci_alone_would_make():
@@ -150,6 +196,10 @@ def test_bad_bootstrap_inputs_raise():
         stats.hierarchical_bootstrap([np.ones(3), np.array([])])
     with pytest.raises(stats.StatsError, match="not finite"):
         stats.hierarchical_bootstrap([np.array([1.0, np.nan])])
+    with pytest.raises(stats.StatsError, match="needs at least 2 warm starts"):
+        stats.hierarchical_bootstrap([np.ones(3)])
+    with pytest.raises(stats.StatsError, match="interval must be one of cluster_t, percentile"):
+        stats.hierarchical_bootstrap([np.ones(3)] * 2, interval="bca")
 
 
 def test_compare_primary_secondary_and_skipped():
