@@ -241,7 +241,10 @@ def run_statistics(workdirs: list[str], focus: str, baseline: str, split: str | 
 
 
 def render_statistics(st: dict) -> str:
-    lines = ["## Statistics: paired per-task differences, hierarchical bootstrap", ""]
+    # The interval's name (fdpo.stats.INTERVALS; cluster_t by default) heads the section.
+    interval = st.get("interval") or "cluster_t"
+    lines = [f"## Statistics: paired per-task differences, {interval} interval over warm "
+             "starts and tasks", ""]
     if st["split"] is None:
         return "\n".join(lines + [f"No statistics: {st['note']}.", ""]) + "\n"
     names = [pathlib.Path(w).name for w in st["warm_starts"]]
