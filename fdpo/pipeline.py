@@ -204,6 +204,7 @@ class Pipeline:
         self.hosts = hosts if cfg.distributed else multihost.Hosts()
         self.host_timeout = host_timeout
         self.sync: multihost.Sync | None = None  # set by `all` when there are several hosts
+        self._alone = False  # process 0 runs a stage of its own (HOST_ROLES "primary")
         (workdir / "stages").mkdir(parents=True, exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
         self.timings: dict[str, float] = {}
@@ -327,8 +328,14 @@ class Pipeline:
             self.timings[name] = (self.marker(name) or {}).get("seconds", 0.0)
             return
         start = time.time()
-        if self.role(name) != "primary" or self.hosts.primary:
+        if self.role(name) != "primary":
             fn()
+        elif self.hosts.primary:
+            self._alone = True  # the others are not there to meet at a barrier
+            try:
+                fn()
+            finally:
+                self._alone = False
         self.sync.sync(f"{name}.end", lambda: self._end(name, time.time() - start))
 
     def role(self, name: str) -> str:
@@ -380,7 +387,7 @@ class Pipeline:
     # ------------------------------------------------------------------ several hosts
     def barrier(self, tag: str, work=None) -> None:
         """All hosts meet; process 0 runs `work` (shared outputs) before releasing them."""
-        if self.sync is None:
+        if self.sync is None or self._alone:
             if work is not None:
                 work()
         else:
