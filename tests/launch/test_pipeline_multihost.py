@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import time
 
 import pytest
 
-from fdpo import multihost
+from configs import toy
+from fdpo import multihost, pipeline
 
 from tests.conftest import REPO
 
@@ -159,6 +161,72 @@ def test_a_busy_host_with_a_heartbeat_is_waited_for(tmp_path):
     assert on_hosts(2, host) == ["done", "done"]
 
 
+# ---------------------------------------------------------------- the pipeline's stages
+
+class FakeRuns(pipeline.Pipeline):
+    """The pipeline with launch.execute replaced by a stand-in that marks every cell passed
+    (and, while `crash` names this host, dies instead): the stage logic around it is real."""
+    crash: set = set()
+    calls: list = []
+
+    def run(self, stage, module, *args):
+        args = [str(a) for a in args]
+        self.calls.append((self.hosts.index, module))
+        if module != "launch.execute":
+            raise AssertionError(f"unexpected program {module}")
+        if self.hosts.index in self.crash:
+            raise pipeline.StageFailed(f"stage {stage}: host {self.hosts.index} died")
+        src, dst = args[args.index("--input") + 1], args[args.index("--output") + 1]
+        with open(dst, "a") as f:
+            for line in open(src):
+                f.write(json.dumps({**json.loads(line), "passed": [[True]]}) + "\n")
+
+
+def _execute_on_hosts(workdir, cfg, n=2):
+    def host(i):
+        p = FakeRuns(cfg, workdir, hosts=multihost.Hosts(i, n), host_timeout=10)
+        p.sync = multihost.connect(workdir, p.hosts, host_timeout=10, poll=0.05)
+        try:
+            p.stage("execute", p.execute)
+            return "ok"
+        except Exception as e:  # noqa: BLE001 - what a dying host does (Pipeline.all)
+            p.sync.fail(str(e))
+            raise
+        finally:
+            p.sync.close()
+    return on_hosts(n, host)
+
+
+def test_execute_is_split_by_process_index_and_a_restart_reruns_only_the_dead_share(tmp_path):
+    cfg = toy.get_config("fast")
+    cfg.distributed = True
+    ids = [f"p{k}" for k in range(5)]
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps({"id": i, "codes": ["pass"], "tests": ["pass"]}) + "\n"
+                for i in ids))
+    FakeRuns.calls, FakeRuns.crash = [], {1}
+    out = _execute_on_hosts(tmp_path, cfg)
+    assert isinstance(out[0], multihost.HostError) and "host 1 died" in str(out[0]), out
+    assert not (tmp_path / "executed.jsonl").exists()
+    marker = json.loads((tmp_path / "stages" / "execute.json").read_text())
+    assert marker["state"] == "started"
+    shard0 = tmp_path / "execute_shards" / "executed-00000-of-00002.jsonl"
+    assert [json.loads(l)["id"] for l in shard0.read_text().splitlines()] == ids[0::2]
+
+    # The job restarts: process 0's share is done (its share marker), only process 1's runs.
+    FakeRuns.calls, FakeRuns.crash = [], set()
+    assert _execute_on_hosts(tmp_path, cfg) == ["ok", "ok"]
+    assert FakeRuns.calls == [(1, "launch.execute")]
+    merged = [json.loads(l) for l in (tmp_path / "executed.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in merged] == ids and all(r["passed"] == [[True]] for r in merged)
+    assert json.loads((tmp_path / "stages" / "execute.json").read_text())["state"] == "done"
+
+    # Once more: the stage is done, nobody runs anything.
+    FakeRuns.calls = []
+    assert _execute_on_hosts(tmp_path, cfg) == ["ok", "ok"]
+    assert FakeRuns.calls == []
+
+
 # ---------------------------------------------------------------- the program
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -171,6 +239,7 @@ def _pipeline(workdir, *extra, env=ENV):
                             text=True)
 
 
+@pytest.mark.slow  # two program starts (about 25 s on a loaded 2-core machine)
 def test_pipeline_on_a_host_without_the_shared_workdir_fails_fast(tmp_path):
     """The same command on two "hosts" whose --workdir are different directories: each
     stops before any stage, naming the path (and process 1 its index)."""
@@ -186,7 +255,166 @@ def test_pipeline_on_a_host_without_the_shared_workdir_fails_fast(tmp_path):
         assert not list((tmp_path / f"w{i}" / "stages").glob("*.json"))
 
 
-def test_pipeline_refuses_the_distributed_flag_for_the_config_field(tmp_path):
-    proc = _pipeline(tmp_path / "w", "--distributed")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "--config.distributed=True" in err
+
+# ---------------------------------------------------------------- the miniature, 2 x 4 vs 1 x 8
+
+# configs/toy.py:fast, with one method (the pipeline's coordination does not depend on how
+# many), a training batch that divides over 8 devices, and one executor worker so that
+# executed.jsonl is in input order on one host too (several workers append as problems
+# finish; the multi-host merge writes input order).
+OVERRIDES = ("--config=configs/toy.py:fast", "--config.execute.workers=1",
+             "--config.train.batch_size=8", "--config.methods=('focused_dpo',)")
+# The stages the 2-process run takes over from the 1-process run's workdir, as a restarted
+# job finds them: their markers match, so it skips them. They are process 0's alone (data,
+# init, sft_data) or launch.train (warm_start), whose 2-process run test_train.py compares;
+# a warm start trained apart would differ by Adam's rounding noise (see below) and so give
+# other samples, and the comparison after it would compare nothing.
+TAKEN_OVER = ("data", "init", "sft_data", "warm_start")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices):
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _start(workdir, *extra, devices, umask):
+    def child():
+        os.umask(umask)
+    return subprocess.Popen([sys.executable, "-m", "launch.pipeline", *OVERRIDES,
+                             f"--workdir={workdir}", *extra], cwd=REPO, env=_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=child)
+
+
+def _finish(procs, timeout=1500):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    one, two = base / "one", base / "two"
+    # 1 process x 8 devices up to the warm start, then its copy goes on in both ways.
+    _finish([_start(one, "--only=" + ",".join(TAKEN_OVER), devices=8, umask=0o022)])
+    two.mkdir()
+    for name in TAKEN_OVER:
+        src = one / ("data" if name == "data" else name)
+        if src.is_dir():
+            shutil.copytree(src, two / name, symlinks=True)
+    (two / "stages").mkdir()
+    for name in TAKEN_OVER:
+        shutil.copy2(one / "stages" / f"{name}.json", two / "stages" / f"{name}.json")
+    port = _free_port()
+    # Process 1 creates its files with mode 0600 (umask 077), process 0 with 0644: what each
+    # host wrote can be told apart afterwards.
+    hosts = [_start(two, "--config.distributed=True", f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={i}", "--host_timeout=120",
+                    devices=4, umask=0o022 if i == 0 else 0o077) for i in range(2)]
+    single = _start(one, devices=8, umask=0o022)
+    outs = _finish(hosts + [single])
+    return one, two, outs
+
+
+def _pairs(dataset):
+    """{pair_id: the record's bytes} of every split (the shards' order differs with the
+    number of builders, the records must not)."""
+    from array_record.python import array_record_data_source
+
+    from fdpo import records
+
+    out = {}
+    manifest = dataset / "manifest.json"
+    for split in records.read_manifest(manifest)["splits"]:
+        src = records.PairDataSource.from_manifest(manifest, split)
+        raw = array_record_data_source.ArrayRecordDataSource(src._paths)
+        for i in range(len(raw)):
+            out[(split, int(src[i]["pair_id"]))] = raw[i]
+    return out
+
+
+def _params(path):
+    import jax
+    from flax import nnx
+
+    from fdpo import sharding
+    from fdpo.models import checkpoint
+
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    _, _, state = checkpoint.load_model(path, mesh)
+    return jax.device_get(nnx.to_pure_dict(state))
+
+
+@pytest.mark.slow
+def test_two_processes_of_4_devices_give_the_pipeline_of_one_of_8(runs):
+    import jax
+    import numpy as np
+
+    one, two, outs = runs
+    assert "process 0 of 2" in outs[0][0] and "process 1 of 2" in outs[1][0]
+    for name in TAKEN_OVER:
+        assert f"[pipeline] {name}: done earlier, skipped" in outs[0][0]
+    # Sampling: the same records in the same order.
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    # Execution: the shares merged in input order, the same verdicts.
+    def verdicts(w):
+        return [(r["id"], r["passed"], r["status"])
+                for r in map(json.loads, (w / "executed.jsonl").read_text().splitlines())]
+    assert verdicts(two) == verdicts(one)
+    # Pairs: 2 shards merged hold exactly the records of the 1-shard build, byte for byte.
+    want = _pairs(one / "pairs")
+    assert want and _pairs(two / "pairs") == want
+    # Reference sums (launch.precompute_ref over the two meshes): to float32 rounding.
+    from fdpo import records
+    for split in ("train", "validation"):
+        a, b = (records.PairDataSource.from_manifest(w / "pairs_ref" / "manifest.json", split)
+                for w in (one, two))
+        by_id = {int(b[i]["pair_id"]): b[i]["ref_logps"] for i in range(len(b))}
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            np.testing.assert_allclose(by_id[int(a[i]["pair_id"])], a[i]["ref_logps"],
+                                       rtol=1e-5, atol=1e-5)
+    # Training: Adam turns rounding noise in near-zero gradients into up to +-lr per step
+    # (lr 5e-5, 4 steps), so parameters agree to a fraction of that, not to float32 rounding
+    # (as in test_train.py's 2-process test).
+    run = "train/focused_dpo-s0/final"
+    for a, b in zip(jax.tree.leaves(_params(one / run)), jax.tree.leaves(_params(two / run))):
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    # Report numbers: pass@1 of every model and split, the Phi table, the data counts.
+    rep = [json.loads((w / "report" / "report.json").read_text()) for w in (one, two)]
+    for key in rep[0]:
+        if "time" not in key:
+            assert rep[1][key] == rep[0][key], key
+
+
+@pytest.mark.slow
+def test_two_processes_write_each_output_once(runs):
+    """Process 1 (umask 077) created only its own files: its barrier files, logs, and its
+    share of execution and of the pair build; process 0 every shared output."""
+    _, two, outs = runs
+    own = []
+    for path in sorted(two.rglob("*")):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077 == 0:
+            own.append(str(path.relative_to(two)))
+    allowed = ("hosts/seen-1.json", "logs/", "-00001-of-00002")
+    stray = [p for p in own if not any(a in p for a in allowed)
+             and not (p.startswith("hosts/") and (p.endswith("-1") or ".arrived-1" in p))]
+    assert not stray, stray
+    assert any("execute_shards/executed-00001-of-00002.jsonl" == p for p in own), own
+    assert any(p.startswith("pairs/pairs-00001-of-00002") for p in own), own
+    # Markers, merged files and the report: process 0's (mode 0644).
+    for rel in ("stages/execute.json", "executed.jsonl", "pairs/manifest.json",
+                "report/report.json", "pipeline_config.json", "timings.json"):
+        assert (two / rel).stat().st_mode & 0o077, rel
+    # Each host ran every JAX stage's program once, and no program of process 0's stages.
+    log1 = {p.name for p in (two / "logs").glob("*.p1.log")}
+    assert log1 == {"sample.p1.log", "execute.p1.log", "pairs.p1.log", "reference.p1.log",
+                    "train.p1.log", "evaluate.p1.log"}, log1
