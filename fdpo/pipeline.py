@@ -40,6 +40,13 @@ same records with their verdicts) from launch.execute, read as it is by launch.b
 launch.analyze. The pipeline writes only the sampler's input, `sample_prompts.jsonl` (the
 prompts of the run; for the miniature with its oracle tests and which of them are right,
 fields the sampler passes through).
+
+Several hosts (`config.distributed`, the same command on every host, `hosts` saying which
+one this is): the JAX stages run on every host over the global mesh, execution and the pair
+build are split by process index and merged by process 0, the rest runs on process 0 alone
+(`HOST_ROLES`); process 0 alone writes markers and shared outputs, and the hosts meet at
+file barriers in the shared workdir (fdpo.multihost, which says why files). A restarted job
+reruns only the shares of an interrupted stage that did not finish (`stages/shares/`).
 """
 
 from __future__ import annotations
