@@ -398,22 +398,25 @@ def test_two_processes_of_4_devices_give_the_pipeline_of_one_of_8(runs):
         for i in range(len(a)):
             np.testing.assert_allclose(by_id[int(a[i]["pair_id"])], a[i]["ref_logps"],
                                        rtol=1e-5, atol=1e-5)
-    # Training: Adam turns rounding noise in near-zero gradients into up to +-lr per step
-    # (lr 5e-5, 4 steps), so parameters agree to a fraction of that, not to float32 rounding
-    # (as in test_train.py's 2-process test).
+    # Training: the same batches (the pairs in the same order), so the same parameters to
+    # 1e-5; 4 steps of lr <= 2e-5 (warm-up) move them by up to about 5e-5, so the check is
+    # not vacuous: some parameter moved further than the tolerance.
     run = "train/focused_dpo-s0/final"
-    for a, b in zip(jax.tree.leaves(_params(one / run)), jax.tree.leaves(_params(two / run))):
-        np.testing.assert_allclose(b, a, atol=1e-4)
+    start = jax.tree.leaves(_params(one / "warm_start" / "final"))
+    want, got = (jax.tree.leaves(_params(w / run)) for w in (one, two))
+    assert max(float(np.abs(a - s).max()) for a, s in zip(want, start)) > 1e-5
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-5)
     # Report numbers: pass@1 of every model and split, the Phi table, the data counts and the
-    # continuation experiment exactly; training curves as the parameters (config and
-    # timings differ: `distributed`, and the clock).
+    # continuation experiment exactly; the training curves (loss, rewards, mechanism metrics)
+    # to float32 rounding (config and timings differ: `distributed`, and the clock).
     rep = [json.loads((w / "report" / "report.json").read_text()) for w in (one, two)]
     for key in ("pass_at_1", "summary", "counts", "phi", "continuation"):
         assert rep[1][key] == rep[0][key], key
     for key in ("curves", "mechanism"):
         flat = [jax.tree.leaves(r[key]) for r in rep]
         assert len(flat[0]) == len(flat[1]) > 0
-        np.testing.assert_allclose(flat[1], flat[0], rtol=1e-3, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(flat[1], flat[0], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
