@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
-import pathlib
 import shutil
 import socket
 import subprocess
@@ -248,7 +247,7 @@ def test_pipeline_on_a_host_without_the_shared_workdir_fails_fast(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode != 0, out + err
-    assert f"process 1: cannot see the work directory" in outs[1][1]
+    assert "process 1: cannot see the work directory" in outs[1][1]
     assert str(tmp_path / "w1" / "hosts" / "token") in outs[1][1]
     assert "process(es) [1] did not read the token" in outs[0][1]
     for i in range(2):  # no stage started
