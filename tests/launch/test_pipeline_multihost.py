@@ -408,14 +408,16 @@ def test_two_processes_of_4_devices_give_the_pipeline_of_one_of_8(runs):
         np.testing.assert_allclose(b, a, atol=1e-5)
     # Report numbers: pass@1 of every model and split, the Phi table, the data counts and the
     # continuation experiment exactly; the training curves (loss, rewards, mechanism metrics)
-    # to float32 rounding (config and timings differ: `distributed`, and the clock).
+    # to float32 rounding: the mechanism metrics are small differences of log-prob sums of
+    # size ~30, whose rounding (~2e-6) is their absolute error (config and timings differ:
+    # `distributed`, and the clock).
     rep = [json.loads((w / "report" / "report.json").read_text()) for w in (one, two)]
     for key in ("pass_at_1", "summary", "counts", "phi", "continuation"):
         assert rep[1][key] == rep[0][key], key
     for key in ("curves", "mechanism"):
         flat = [jax.tree.leaves(r[key]) for r in rep]
         assert len(flat[0]) == len(flat[1]) > 0
-        np.testing.assert_allclose(flat[1], flat[0], rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(flat[1], flat[0], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow
@@ -428,7 +430,9 @@ def test_two_processes_write_each_output_once(runs):
     for path in sorted(two.rglob("*")):
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077 == 0:
             own.append(str(path.relative_to(two)))
-    allowed = ("hosts/seen-1.json", "logs/", "-00001-of-00002")
+    # Orbax checkpoints (launch.train) are written by every process: each its own part of
+    # the arrays (`ocdbt.process_1/`, `array_metadatas/process_1`), process 0 the rest.
+    allowed = ("hosts/seen-1.json", "logs/", "-00001-of-00002", "process_1")
     stray = [p for p in own if not any(a in p for a in allowed)
              and not (p.startswith("hosts/") and (p.endswith("-1") or ".arrived-1" in p))]
     assert not stray, stray
