@@ -1020,7 +1020,10 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     Keeps per split the ``train_pairs`` / ``val_pairs`` records of highest Diff (0: all), ties
     broken by problem id, then pair_id: a total order on values that do not depend on the
     sharding (pair_id is the input line's), so any number of shards keeps the same pairs. A
-    split that is cut is rewritten, in pair_id order, to ``SPLIT-selected.array_record``.
+    split that is cut, or comes from several shards, is rewritten in pair_id order to
+    ``SPLIT-selected.array_record``: the one shard of a single build is in that order too, so
+    every number of shards gives the same records in the same order (a training run's
+    batches depend on the order).
     """
     config = manifests[0]["config"]
     tags = [BuildConfig(**{**config, "shard_index": m["config"]["shard_index"]}).shard_tag()
@@ -1045,8 +1048,8 @@ def select(out_dir: str, manifests: list[dict[str, Any]]) -> dict[str, Any]:
         selection[split] = {"candidates": len(ranked), "kept": len(kept), "limit": limit,
                             "cut": len(ranked) - len(kept),
                             "min_diff_kept": kept[-1][1]["diff"] if kept else None}
-        if len(kept) == len(ranked):
-            continue  # nothing cut: the shards are the split
+        if len(kept) == len(ranked) and len(tags) == 1:
+            continue  # nothing cut, one shard: the shard is the split
         path = os.path.join(out_dir, f"{split}-selected.array_record")
         sources = {}
         with records.RecordWriter(path) as w:

@@ -40,6 +40,13 @@ same records with their verdicts) from launch.execute, read as it is by launch.b
 launch.analyze. The pipeline writes only the sampler's input, `sample_prompts.jsonl` (the
 prompts of the run; for the miniature with its oracle tests and which of them are right,
 fields the sampler passes through).
+
+Several hosts (`config.distributed`, the same command on every host, `hosts` saying which
+one this is): the JAX stages run on every host over the global mesh, execution and the pair
+build are split by process index and merged by process 0, the rest runs on process 0 alone
+(`HOST_ROLES`); process 0 alone writes markers and shared outputs, and the hosts meet at
+file barriers in the shared workdir (fdpo.multihost, which says why files). A restarted job
+reruns only the shares of an interrupted stage that did not finish (`stages/shares/`).
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from typing import Sequence
 
 import ml_collections
 
-from fdpo import atomic, fingerprint, jsonl
+from fdpo import atomic, fingerprint, jsonl, multihost
 from fdpo.tokenization import PROMPT_FORMATS
 
 # The checkout whose programs (`python -m launch.NAME`) and configs the stages run.
@@ -126,6 +133,20 @@ UNTRACKED_FIELDS = ("name", "mesh_shape", "distributed", "sample.batch_size",
 STALE_OUTPUTS = {"warm_start": ("warm_start",), "train": ("train",), "evaluate": ("eval",),
                  "analyze": ("analysis",), "report": ("report",)}
 
+# Several hosts (`--config.distributed=True`, the same command on every host): who runs each
+# stage. "all": a JAX program over the global mesh, started on every host (it writes its
+# outputs once itself); "shares": CPU work split by process index (host i takes problems
+# i, i + n, ...; docs/pipeline.md#multi-host), then process 0 merges; "primary": process 0
+# alone (small work, or work no program splits yet: the continuation runs of `analyze` use
+# host 0's devices only), the others wait. Process 0 alone writes markers and shared files.
+HOST_ROLES = {"data": "primary", "init": "primary", "sft_data": "primary",
+              "warm_start": "all", "sample": "all", "execute": "shares", "pairs": "shares",
+              "reference": "all", "train": "all", "evaluate": "all", "analyze": "primary",
+              "report": "primary"}
+# Outputs a sharded stage starts afresh (a resumed one keeps them: hosts whose share is done
+# skip it, the others rewrite their own shard files).
+SHARE_OUTPUTS = {"pairs": ("pairs",) + tuple(SFT_DATA_METHODS.values())}
+
 
 def _field(cfg, dotted: str):
     value = cfg
@@ -182,9 +203,15 @@ class Pipeline:
     ignored (`--only`)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-                 only: Sequence[str] = ()):
+                 only: Sequence[str] = (), hosts: multihost.Hosts = multihost.Hosts(),
+                 host_timeout: float = 300.0):
         self.cfg, self.w = cfg, workdir
         self.only = tuple(only)
+        # One host unless the config says distributed (then `hosts` says which one this is).
+        self.hosts = hosts if cfg.distributed else multihost.Hosts()
+        self.host_timeout = host_timeout
+        self.sync: multihost.Sync | None = None  # set by `all` when there are several hosts
+        self._alone = False  # process 0 runs a stage of its own (HOST_ROLES "primary")
         (workdir / "stages").mkdir(parents=True, exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
         self.timings: dict[str, float] = {}
@@ -193,7 +220,9 @@ class Pipeline:
     # ------------------------------------------------------------------ plumbing
     def run(self, stage: str, module: str, *args: str) -> None:
         """Runs `python -m module args` with its output in logs/stage.log (appended)."""
-        log = self.w / "logs" / f"{stage}.log"
+        # Several hosts: process 0 writes logs/STAGE.log, process I logs/STAGE.pI.log.
+        log = self.w / "logs" / (f"{stage}.log" if self.hosts.primary
+                                 else f"{stage}.p{self.hosts.index}.log")
         cmd = [sys.executable, "-m", module, *map(str, args)]
         with open(log, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
@@ -294,14 +323,53 @@ class Pipeline:
         atomic.write_text(self.w / "stages" / f"{name}.json", json.dumps(record, indent=1) + "\n")
 
     def stage(self, name: str, fn) -> None:
+        if self.sync is None:
+            if self._begin(name):
+                start = time.time()
+                fn()
+                self._end(name, time.time() - start)
+            return
+        # Several hosts: process 0 decides and prepares (markers, stale outputs), every
+        # host does its part, process 0 marks the stage done once all have finished.
+        if not self.sync.sync(f"{name}.begin", lambda: self._begin(name)):
+            self.timings[name] = (self.marker(name) or {}).get("seconds", 0.0)
+            return
+        start = time.time()
+        if self.role(name) != "primary":
+            fn()
+        elif self.hosts.primary:
+            self._alone = True  # the others are not there to meet at a barrier
+            try:
+                fn()
+            finally:
+                self._alone = False
+        self.sync.sync(f"{name}.end", lambda: self._end(name, time.time() - start))
+
+    def role(self, name: str) -> str:
+        """Who runs stage `name` on several hosts (HOST_ROLES)."""
+        if name == "init" and self.cfg.init.hf_dir:
+            return "all"  # launch.import_hf runs over the global mesh
+        return HOST_ROLES[name]
+
+    def _begin(self, name: str) -> bool:
+        """Whether `name` runs; when it does, its stale outputs are gone and its marker says
+        started."""
         marker = self.marker(name)
         if self.current(name) and (not self.only or name not in self.only):
             print(f"[pipeline] {name}: done earlier, skipped")
             self.timings[name] = marker["seconds"]
-            return
+            return False
         if self.only and name not in self.only:
             print(f"[pipeline] {name}: not run (--only={','.join(self.only)})")
-            return
+            return False
+        resuming = (marker is not None and marker.get("state") == "started"
+                    and marker.get("fingerprint") == self.fingerprint(name))
+        if not resuming:  # the hosts' shares start afresh too
+            shutil.rmtree(self.w / "stages" / "shares" / name, ignore_errors=True)
+            if self.sync is not None:
+                for rel in SHARE_OUTPUTS.get(name, ()):
+                    if (self.w / rel).exists():
+                        shutil.rmtree(self.w / rel)
         changed = self.changed(name)
         if changed:
             # Its outputs came from other inputs: nothing of them may be resumed or skipped.
@@ -316,12 +384,42 @@ class Pipeline:
             print(f"[pipeline] {name}: resuming (interrupted earlier)")
         print(f"[pipeline] {name} ...", flush=True)
         self._write_marker(name, state="started", started=time.ctime())
-        start = time.time()
-        fn()
-        seconds = time.time() - start
+        return True
+
+    def _end(self, name: str, seconds: float) -> None:
         self.timings[name] = seconds
         self._write_marker(name, state="done", seconds=seconds, finished=time.ctime())
         print(f"[pipeline] {name}: {seconds:.0f} s", flush=True)
+
+    # ------------------------------------------------------------------ several hosts
+    def barrier(self, tag: str, work=None) -> None:
+        """All hosts meet; process 0 runs `work` (shared outputs) before releasing them."""
+        if self.sync is None or self._alone:
+            if work is not None:
+                work()
+        else:
+            self.sync.sync(tag, work)
+
+    def clear(self, stage: str, path: pathlib.Path) -> None:
+        """Removes `path` (an output the stage replaces whole) before every host's program
+        writes it anew: process 0 alone, the others wait."""
+        def remove():
+            if path.exists():
+                shutil.rmtree(path)
+        self.barrier(f"{stage}.clear.{path.name}", remove)
+
+    def share_marker(self, stage: str, part: str) -> pathlib.Path:
+        return self.w / "stages" / "shares" / stage / f"{part}-{self.hosts.tag}.json"
+
+    def my_share_done(self, stage: str, part: str) -> bool:
+        """Whether this host finished its share of `part` of `stage` in an earlier,
+        interrupted run with the same inputs (a restarted job reruns only the shares not
+        done; `_begin` removes the share markers when the stage starts afresh)."""
+        return multihost.share_done(self.share_marker(stage, part), self.fingerprint(stage))
+
+    def mark_share_done(self, stage: str, part: str) -> None:
+        self.share_marker(stage, part).parent.mkdir(parents=True, exist_ok=True)
+        multihost.write_share_marker(self.share_marker(stage, part), self.fingerprint(stage))
 
     # ------------------------------------------------------------------ paths
     @property
@@ -336,8 +434,20 @@ class Pipeline:
 
     def jax_flags(self):
         """Mesh and multi-host flags passed to every JAX program."""
-        flags_ = ["--mesh_shape", ",".join(map(str, self.cfg.mesh_shape))]
-        return flags_ + (["--distributed"] if self.cfg.distributed else [])
+        return ["--mesh_shape", ",".join(map(str, self.cfg.mesh_shape)), *self.process_flags()]
+
+    def process_flags(self) -> list[str]:
+        """--distributed, and this host's place in the job where the pipeline was given it
+        (else each program detects it from the cluster, as the pipeline did)."""
+        if not self.cfg.distributed:
+            return []
+        h = self.hosts
+        out = ["--distributed"]
+        if h.coordinator:
+            out.append(f"--coordinator_address={h.coordinator}")
+        if h.count > 1 or h.coordinator:
+            out += [f"--num_processes={h.count}", f"--process_id={h.index}"]
+        return out
 
     @property
     def start_model(self):
@@ -364,8 +474,7 @@ class Pipeline:
 
     def init(self):
         out = self.w / "init"
-        if out.exists():
-            shutil.rmtree(out)
+        self.clear("init", out)
         if self.cfg.init.hf_dir:
             self.run("init", "launch.import_hf", "--hf_dir", self.cfg.init.hf_dir, "--out", out,
                      *self.jax_flags())
@@ -404,7 +513,7 @@ class Pipeline:
                  f"--config.log.eval_every_steps={steps if steps > 0 else 200}",
                  f"--config.checkpoint.every_steps={max(steps // 2, 1) if steps > 0 else 200}",
                  f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}",
-                 f"--distributed={self.cfg.distributed}", *extra)
+                 f"--distributed={self.cfg.distributed}", *self.process_flags()[1:], *extra)
 
     def sample(self):
         s = self.cfg.sample
@@ -423,7 +532,8 @@ class Pipeline:
             rows = [{**r, "tests": oracle[r["id"]]["tests"],
                      "tests_correct": oracle[r["id"]]["tests_correct"]} for r in rows]
         prompts = self.w / "sample_prompts.jsonl"
-        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.barrier("sample.prompts", lambda: atomic.write_text(
+            prompts, "".join(json.dumps(r) + "\n" for r in rows)))
         mode = "code" if self.cfg.tests_source == "oracle" else "both"
         self.run("sample", "launch.sample", "--checkpoint", self.start_model, "--input", prompts,
                  "--output", self.w / "samples.jsonl", "--config=configs/sample.py",
@@ -445,9 +555,42 @@ class Pipeline:
 
     def execute(self):
         e = self.cfg.execute
-        self.run("execute", "launch.execute", "--input", self.w / "samples.jsonl",
-                 "--output", self.w / "executed.jsonl", f"--config.timeout={e.timeout}",
-                 *([f"--config.workers={e.workers}"] if e.workers else []))  # 0: all cores
+        limits = [f"--config.timeout={e.timeout}",
+                  *([f"--config.workers={e.workers}"] if e.workers else [])]  # 0: all cores
+        if self.sync is None:
+            self.run("execute", "launch.execute", "--input", self.w / "samples.jsonl",
+                     "--output", self.w / "executed.jsonl", *limits)
+            return
+        # Several hosts: host i executes problems i, i + n, ... into its own file (resumed
+        # by content like executed.jsonl), then process 0 merges them in input order.
+        shards = self.w / "execute_shards"
+        if not self.my_share_done("execute", "execute"):
+            shards.mkdir(exist_ok=True)
+            lines = (self.w / "samples.jsonl").read_text().splitlines(keepends=True)
+            share_in = shards / f"input-{self.hosts.tag}.jsonl"
+            atomic.write_text(share_in, "".join(self.hosts.share(lines)))
+            self.run("execute", "launch.execute", "--input", share_in,
+                     "--output", shards / f"executed-{self.hosts.tag}.jsonl", *limits)
+            self.mark_share_done("execute", "execute")
+        self.barrier("execute.merge", self._merge_executed)
+
+    def _merge_executed(self) -> None:
+        """executed.jsonl from the hosts' shares, in samples.jsonl's order."""
+        done = {}  # id -> the line as launch.execute wrote it
+        for i in range(self.hosts.count):
+            tag = multihost.Hosts(i, self.hosts.count).tag
+            with open(self.w / "execute_shards" / f"executed-{tag}.jsonl") as f:
+                for line in f:
+                    if line.strip():
+                        done[json.loads(line)["id"]] = line if line.endswith("\n") \
+                            else line + "\n"
+        order = [r["id"] for r in jsonl.records(self.w / "samples.jsonl")]
+        missing = [pid for pid in order if pid not in done]
+        if missing:
+            raise StageFailed(f"stage execute: {len(missing)} problems of samples.jsonl have no "
+                              f"result in {self.w / 'execute_shards'} (first: {missing[0]!r})")
+        atomic.write_text(self.w / "executed.jsonl",
+                          "".join(done[pid] for pid in order))
 
     def pairs(self):
         out_dir = self.w / "pairs"
@@ -460,21 +603,15 @@ class Pipeline:
         for method in sorted(set(self.cfg.get("methods", ())) & set(SFT_DATA_METHODS)):
             # The same ranking and verdicts as the pairs: every correct sample, no selection.
             rft_dir = self.w / SFT_DATA_METHODS[method]
-            if rft_dir.exists():
-                shutil.rmtree(rft_dir)
-            self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
-                     "--out", rft_dir, "--config.emit=rft", *shared)
+            self._build(method, rft_dir, "--config.emit=rft", *shared)
             built = json.loads((rft_dir / "manifest.json").read_text())["counts"]
             if built["records_out"]["train"] < self.cfg.train.batch_size:
                 raise StageFailed(
                     f"stage pairs: {built['records_out']['train']} {method} training records "
                     f"(correct samples), fewer than one batch ({self.cfg.train.batch_size}); "
                     f"details: {rft_dir}/manifest.json, {rft_dir}/drops-*.jsonl")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
-                 "--out", out_dir, f"--config.train_pairs={b.train_pairs}",
-                 f"--config.val_pairs={b.val_pairs}", *shared)
+        self._build("pairs", out_dir, f"--config.train_pairs={b.train_pairs}",
+                    f"--config.val_pairs={b.val_pairs}", *shared)
         # Training needs a batch of pairs; say why there are too few here rather than let
         # every training run fail on it (a policy that writes no program, or no mixed
         # verdicts, gives none).
@@ -490,17 +627,35 @@ class Pipeline:
                 f"{dict(drops)}, filtered candidate pairs {counts['candidate_pairs_filtered']} "
                 f"(details: {out_dir}/drops-*.jsonl, {self.w / 'executed.jsonl'})")
 
+    def _build(self, part: str, out: pathlib.Path, *args) -> None:
+        """launch.build of executed.jsonl into `out`; on several hosts each builds its shard
+        (input lines i, i + n, ...) into `out` and process 0 merges the shards' manifests
+        (the global selection: the same pairs whatever the number of shards)."""
+        if self.sync is None:
+            if out.exists():
+                shutil.rmtree(out)
+            self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
+                     "--out", out, *args)
+            return
+        if not self.my_share_done("pairs", part):  # `_begin` removed `out` unless resuming
+            h = self.hosts
+            self.run("pairs", "launch.build", "--input", self.w / "executed.jsonl",
+                     "--out", out, *args, f"--config.shard_index={h.index}",
+                     f"--config.num_shards={h.count}")
+            self.mark_share_done("pairs", part)
+        self.barrier(f"pairs.{part}.merge",
+                     lambda: self.run("pairs", "launch.build", "--out", out, "--merge"))
+
     def reference(self):
         out = self.w / "pairs_ref"
-        if out.exists():
-            shutil.rmtree(out)
+        self.clear("reference", out)
         # The train stage's config (model, compute dtype, chunk, mesh): launch.train checks
         # the provenance this writes against its own.
         self.run("reference", "launch.precompute_ref", "--out", out,
                  f"--config=configs/focused_dpo.py:model={self.start_model},"
                  f"data={self.w / 'pairs'}",
                  f"--config.model.compute_dtype={COMPUTE_DTYPE}",
-                 f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}")
+                 f"--config.mesh_shape={tuple(self.cfg.mesh_shape)}", *self.process_flags())
 
     def train(self):
         t = self.cfg.train
@@ -581,16 +736,35 @@ class Pipeline:
 
     def all(self):
         """Every stage in order (skipping those done earlier with the same fingerprint); the
-        config beside them once every stage matches it."""
+        config beside them once every stage matches it. On several hosts, first the check
+        that they all see this work directory (multihost.connect)."""
         self.check_inputs()
+        if self.hosts.count == 1:
+            return self._all()
+        print(f"[pipeline] process {self.hosts.index} of {self.hosts.count}: checking that "
+              f"every host sees {self.w}", flush=True)
+        self.sync = multihost.connect(self.w, self.hosts, host_timeout=self.host_timeout)
+        try:
+            self._all()
+        except BaseException as e:
+            self.sync.fail(f"{type(e).__name__}: {e}")  # the others stop waiting for us
+            raise
+        finally:
+            self.sync.close()
+
+    def _all(self):
         config_file = self.w / "pipeline_config.json"
         config_text = self.cfg.to_json(indent=2) + "\n"
-        stale = [n for n in self.enabled() if not self.current(n)]
-        if stale and config_file.exists() and config_file.read_text() != config_text:
-            # Until those stages ran with this config, neither config describes the workdir.
-            config_file.unlink()
-            print(f"[pipeline] {config_file.name} removed until {', '.join(stale)} match "
-                  "the new config")
+
+        def drop_stale_config():
+            stale = [n for n in self.enabled() if not self.current(n)]
+            if stale and config_file.exists() and config_file.read_text() != config_text:
+                # Until those stages ran with this config, neither config describes the
+                # workdir.
+                config_file.unlink()
+                print(f"[pipeline] {config_file.name} removed until {', '.join(stale)} match "
+                      "the new config")
+        self.barrier("config", drop_stale_config)
         start = time.time()
         for name in self.enabled()[:-1]:
             self.stage(name, getattr(self, name))
@@ -599,8 +773,11 @@ class Pipeline:
             print(f"[pipeline] report: not run, and {config_file.name} not written: "
                   f"{', '.join(behind)} did not run with this config")
             return
-        atomic.write_text(config_file, config_text)
-        (self.w / "timings.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+
+        def write_config():
+            atomic.write_text(config_file, config_text)
+            atomic.write_text(self.w / "timings.json", json.dumps(self.timings, indent=2) + "\n")
+        self.barrier("finish", write_config)
         self.stage("report", self.report)
         print(f"[pipeline] finished in {time.time() - start:.0f} s; report: "
               f"{self.w / 'report' / 'report.md'}")

@@ -8,16 +8,18 @@
 # HF_DIR, PROMPTS and WORKDIR must be on storage every host sees (a shared filesystem or a
 # gcsfuse mount). On a multi-GPU host, run the same pipeline command directly (one process
 # drives all local GPUs; --config.mesh_shape picks the layout); on a SLURM GPU cluster, run
-# it under srun with --config.distributed=True (jax.distributed detects SLURM).
+# it with launch/slurm_gpu.sh (the same command under srun).
 #
-# Known gap: launch.pipeline runs every stage on every host. The JAX programs (import,
-# sample, precompute_ref, train, evaluate's generation) are multi-host; the CPU-only stages
-# (execute, build, analyze, report) should run on host 0 alone while the others wait, which
-# the pipeline does not coordinate yet: until it does, run those stages on one host with
-# `--only=execute,pairs` etc. between the JAX stages.
+# Every host runs the same pipeline command (docs/pipeline.md#multi-host): the JAX stages
+# (import, warm start, sample, precompute_ref, train, evaluate) run over the global mesh on
+# every host; execution and the pair build are split by process index over the hosts' CPUs
+# and merged by process 0, which alone writes markers, merged files and the report. The
+# pipeline first checks that every host sees WORKDIR (a token process 0 writes there).
+# jax.distributed detects the pod (process index, count, coordinator) in the pipeline and in
+# every program: no --process_id flags are needed here.
 #
-# Untested here: this project's machines have no TPU or GPU; the distributed code path is
-# exercised only by the 2-process CPU test in tests/test_train_launch.py.
+# Untested here: this project's machines have no TPU; the same coordination is exercised by
+# 2 local CPU processes in tests/launch/test_pipeline_multihost.py.
 set -euo pipefail
 : "${TPU:?}" "${ZONE:?}" "${HF_DIR:?}" "${PROMPTS:?}" "${WORKDIR:?}"
 REPO_URL=${REPO_URL:-$(git config --get remote.origin.url)}
