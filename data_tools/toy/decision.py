@@ -71,8 +71,8 @@ OPERATORS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
 # is plain from the tokens, for a tiny model to learn in a short warm start (how far it gets:
 # docs/results/miniature.md).
 THRESHOLDS = tuple(range(10, 20))
-TAIL_LENGTHS = (0, 2, 4)
-TIMES = {2: "twice", 4: "four times"}
+TAIL_LENGTHS = (0, 2, 4)  # K: the default of `write(tail_lengths=...)`
+TIMES = {1: "", 2: " twice", 3: " three times", 4: " four times"}
 STEP_OPS = {"+": lambda v, k: v + k, "-": lambda v, k: v - k, "*": lambda v, k: v * k}
 FIRST_WORDS = {"+": "add {k} to each", "-": "subtract {k} from each", "*": "multiply each by {k}"}
 TAIL_WORDS = {"+": "increase by {k}", "-": "decrease by {k}", "*": "scale by {k}"}
@@ -121,7 +121,7 @@ class Task:
         (op, k), tail = self.steps[0], self.steps[1:]
         first = FIRST_WORDS[op].format(k=k)
         if tail:  # the tail repeats one step: "then increase by 7 twice"
-            first += f", then {TAIL_WORDS[tail[0][0]].format(k=tail[0][1])} {TIMES[len(tail)]}"
+            first += f", then {TAIL_WORDS[tail[0][0]].format(k=tail[0][1])}{TIMES[len(tail)]}"
         return (f"Keep the numbers that are {self.phrase.format(c=self.threshold)}; "
                 f"{first}; {AGGREGATES[self.aggregate][0]}.")
 
@@ -170,15 +170,16 @@ class Task:
             self.reference([self.threshold], self.wrong_operator)
 
 
-def random_task(rng: random.Random, phrasing: int) -> Task:
-    k = rng.choice(TAIL_LENGTHS)
+def random_task(rng: random.Random, phrasing: int, tail_lengths=TAIL_LENGTHS) -> Task:
+    k = rng.choice(tuple(tail_lengths))
     first = (rng.choice(tuple(STEP_OPS)), rng.choice(FIRST_CONSTANTS))
     tail = (rng.choice(tuple(STEP_OPS)), rng.choice(TAIL_CONSTANTS))
     steps = (first,) + (tail,) * k
     return Task(phrasing, rng.choice(THRESHOLDS), steps, rng.choice(tuple(AGGREGATES)))
 
 
-def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Task]]:
+def make_splits(sizes: dict[str, int], seed: int = 0, tail_lengths=TAIL_LENGTHS
+                ) -> dict[str, list[Task]]:
     """Disjoint sets of tasks per split, each with every phrasing equally often (round
     robin), drawn at random by combination; no task id is in two splits."""
     rng = random.Random(f"decision-splits-{seed}")
@@ -187,7 +188,7 @@ def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Task]]:
     for split in SPLITS:
         tasks = []
         while len(tasks) < sizes[split]:
-            task = random_task(rng, len(tasks) % len(PHRASINGS))
+            task = random_task(rng, len(tasks) % len(PHRASINGS), tail_lengths)
             if task.task_id in taken or not task.decidable():
                 continue
             taken.add(task.task_id)
@@ -259,7 +260,8 @@ def planted_operator(body: str) -> str:
 def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: int = 16,
           corrupt_fraction: float = 0.25, vocab_size: int = 384, trap_rate: float = 0.65,
           noise_rate: float = 0.05, tail_noise: float = 0.05, num_sft: int = 3000,
-          num_dpo: int = 800, num_validation: int = 320, num_test: int = 512) -> dict:
+          num_dpo: int = 800, num_validation: int = 320, num_test: int = 512,
+          tail_lengths=TAIL_LENGTHS) -> dict:
     """The family's files in `out`, with the list family's names and fields (see
     data_tools/toy/data.py), prompt lines carrying `phrasing`, `trap` and `oracle_focus`,
     SFT pairs carrying `planted_wrong` and `tail_noise_steps`, and EvalPlus files
@@ -268,7 +270,9 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
 
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"sft": num_sft, "dpo": num_dpo, "validation": num_validation, "test": num_test}
-    splits = make_splits(sizes, seed)
+    if not set(tail_lengths) <= set(TIMES) | {0}:
+        raise ValueError(f"tail_lengths={tuple(tail_lengths)}: each K must be in 0-{max(TIMES)}")
+    splits = make_splits(sizes, seed, tail_lengths)
     every = [t for s in SPLITS for t in splits[s]]
     toy_data.train_tokenizer(out / "tokenizer", [t.prompt + t.solution for t in every]
                              + [t.prompt + t.body(t.wrong_operator) for t in every], vocab_size,
@@ -324,7 +328,7 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
     meta = {"family": "decision", "seed": seed, "num_tests": num_tests,
             "eval_tests": eval_tests, "corrupt_fraction": corrupt_fraction,
             "vocab_size": vocab_size, "trap_rate": trap_rate, "noise_rate": noise_rate,
-            "tail_noise": tail_noise, "counts": counts,
+            "tail_noise": tail_noise, "tail_lengths": list(tail_lengths), "counts": counts,
             "traps": [p[0] for p in PHRASINGS if p[2]],
             "program": "prompt + response (function body completion)"}
     (out / "toy_data.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -24,7 +24,8 @@ def stated_steps(doc):
     words = doc.split(";")[1]
     found = [(ops[w], int(k)) for w, k in re.findall(
         r"(add|subtract|multiply|increase|decrease|scale)\D*?(\d+)", words)]
-    times = 2 if words.endswith("twice") else 4 if words.endswith("four times") else 0
+    times = {"twice": 2, "three times": 3, "four times": 4}
+    times = next((n for w, n in times.items() if words.endswith(w)), 1)  # no word: once
     return found[:1] + found[1:] * times
 
 
@@ -60,8 +61,12 @@ def test_phrase_meanings_written_independently():
 
 def test_canonical_programs_match_the_reference_and_the_words():
     rng = random.Random(0)
-    tasks = dt.make_splits({"sft": 200, "dpo": 50, "validation": 50, "test": 50}, seed=1)
-    for task in (t for split in tasks.values() for t in split):
+    # The default tails and every tail length the family can state.
+    tasks = [t for lengths in (dt.TAIL_LENGTHS, (0, 1, 2, 3, 4)) for split in dt.make_splits(
+        {"sft": 200, "dpo": 50, "validation": 50, "test": 50}, 1, lengths).values()
+        for t in split]
+    assert {len(t.steps) - 1 for t in tasks} == {0, 1, 2, 3, 4}
+    for task in tasks:
         # An independent reading of the docstring: threshold, operator, steps, aggregate.
         doc = task.description
         c = int(re.search(r"\d+", doc).group())
