@@ -212,3 +212,13 @@ def test_files_for_the_pipeline(files):
     assert tok.decode(tok(text)["input_ids"]) == text
     assert meta["counts"]["sft_planted_wrong"]["trap"]["of"] == sum(
         p["trap"] for p in prompts if p["split"] == "sft")
+
+
+@pytest.mark.parametrize("bad", [dict(tail_lengths=(0, 5)), dict(tail_constants=(7,)),
+                                 dict(first_constants=(1, 2))])
+def test_family_settings_out_of_range_are_refused(tmp_path, bad):
+    # Before any file is written: a K with no words, one tail constant (tail noise needs
+    # another to swap in), a constant outside the digits 2-9 the slots use.
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        dt.write(tmp_path / "out", **bad)
+    assert not (tmp_path / "out" / "prompts.jsonl").exists()
