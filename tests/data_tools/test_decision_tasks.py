@@ -44,7 +44,7 @@ def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("decision")
     settings = dict(seed=3, num_sft=1200, num_dpo=160, num_validation=64, num_test=96,
                     trap_rate=0.65, noise_rate=0.05, tail_noise=0.1, num_tests=6,
-                    corrupt_fraction=0.5, eval_tests=8)
+                    corrupt_fraction=0.5, eval_tests=8, tail_lengths=(0, 1, 2))  # :decision's K
     meta = dt.write(out, **settings)
     return out, meta, settings
 
