@@ -102,8 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Tails of K in {0, 1, 2} steps and 6000 warm-start tasks: with K in {0, 2, 4} and
         # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%);
         # with these, every part but the operator is right and the operator is the planted
-        # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). A wider model
-        # (hidden 128) did worse in the same steps (r11, r12).
+        # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). Not yet
+        # robust: a redrawn SFT set (r13) reached non-trap 57% in the same 900 steps. A wider
+        # model (hidden 128) did worse in the same steps (r11, r12).
         c.toy.tail_lengths = (0, 1, 2)
         c.toy.num_sft = 6000
         c.max_len = 96  # its programs are up to 84 tokens (prompt + response)

@@ -140,9 +140,11 @@ def test_splits_cover_every_phrasing_and_share_no_combination(files):
     assert not test_prompts & {p["prompt"] for p in by_split["validation"]}
     # Deterministic for a seed, different for another.
     again = dt.make_splits({"sft": s["num_sft"], "dpo": s["num_dpo"],
-                            "validation": s["num_validation"], "test": s["num_test"]}, s["seed"])
+                            "validation": s["num_validation"], "test": s["num_test"]}, s["seed"],
+                           s["tail_lengths"])
     assert [t.task_id for t in again["test"]] == [p["id"] for p in by_split["test"]]
-    other = dt.make_splits({"sft": 10, "dpo": 10, "validation": 10, "test": 10}, s["seed"] + 1)
+    other = dt.make_splits({"sft": 10, "dpo": 10, "validation": 10, "test": 10}, s["seed"] + 1,
+                           s["tail_lengths"])
     assert [t.task_id for t in other["test"]] != [p["id"] for p in by_split["test"]][:10]
 
 
@@ -191,7 +193,7 @@ def test_files_for_the_pipeline(files):
     # program.
     tasks = {t.task_id: t for split in dt.make_splits(
         {"sft": s["num_sft"], "dpo": s["num_dpo"], "validation": s["num_validation"],
-         "test": s["num_test"]}, s["seed"]).values() for t in split}
+         "test": s["num_test"]}, s["seed"], s["tail_lengths"]).values() for t in split}
     for p in prompts[::20]:
         t = tests[p["id"]]
         assert sum(not ok for ok in t["tests_correct"]) == round(s["corrupt_fraction"] *
