@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%);
         # with these, every part but the operator is right and the operator is the planted
         # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). Not yet
-        # robust: a redrawn SFT set (r13) reached non-trap 57% in the same 900 steps. A wider
+        # robust: a redrawn SFT set (r13) reached non-trap 57%, seed 1 (r15) 17%. A wider
         # model (hidden 128) did worse in the same steps (r11, r12).
         c.toy.tail_lengths = (0, 1, 2)
         c.toy.num_sft = 6000
