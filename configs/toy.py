@@ -96,13 +96,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg.decision:
         c.toy.family = "decision"
-        c.max_len = 104  # its programs are up to 95 tokens
         # Enough merges that each comparison operator is one token (the family's tokenizer
         # splits digits): the decision point is one token.
         c.toy.vocab_size = 448
-        # 300 steps leave the model not yet reading the docstring (greedy pass@1 on
-        # validation 0-1%); at 900 the operator is the planted belief
-        # (docs/results/miniature.md).
+        # Tails of K in {0, 1, 2} steps and 6000 warm-start tasks: with K in {0, 2, 4} and
+        # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%);
+        # with these, every part but the operator is right and the operator is the planted
+        # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). Not yet
+        # robust: a redrawn SFT set (r13) reached non-trap 57%, seed 1 (r15) 17%. A wider
+        # model (hidden 128) did worse in the same steps (r11, r12).
+        c.toy.tail_lengths = (0, 1, 2)
+        c.toy.num_sft = 6000
+        c.max_len = 96  # its programs are up to 84 tokens (prompt + response)
         c.warm_start.update(steps=900, warmup_steps=50)
 
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method

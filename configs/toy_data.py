@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.trap_rate = 0.65  # trap phrasings written with the wrong operator in the SFT data
     c.noise_rate = 0.05  # every other phrasing written with the wrong operator
     c.tail_noise = 0.05  # per tail step: a replaced constant in the SFT data
+    c.tail_lengths = (0, 2, 4)  # K: steps repeated after the first transform
+    c.first_constants = (2, 3, 4, 5)  # digits of the first step
+    c.tail_constants = (6, 7, 8, 9)  # and of the repeated step (>= 2: tail noise swaps them)
     c.num_sft = 3000  # tasks (combinations) per split: warm start,
     c.num_dpo = 800  # preference prompts,
     c.num_validation = 320  # validation (eval_validation.jsonl),

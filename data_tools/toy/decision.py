@@ -71,12 +71,12 @@ OPERATORS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
 # is plain from the tokens, for a tiny model to learn in a short warm start (how far it gets:
 # docs/results/miniature.md).
 THRESHOLDS = tuple(range(10, 20))
-TAIL_LENGTHS = (0, 2, 4)
-TIMES = {2: "twice", 4: "four times"}
+TAIL_LENGTHS = (0, 2, 4)  # K: the default of `write(tail_lengths=...)`
+TIMES = {1: "", 2: " twice", 3: " three times", 4: " four times"}
 STEP_OPS = {"+": lambda v, k: v + k, "-": lambda v, k: v - k, "*": lambda v, k: v * k}
 FIRST_WORDS = {"+": "add {k} to each", "-": "subtract {k} from each", "*": "multiply each by {k}"}
 TAIL_WORDS = {"+": "increase by {k}", "-": "decrease by {k}", "*": "scale by {k}"}
-FIRST_CONSTANTS = (2, 3, 4, 5)
+FIRST_CONSTANTS = (2, 3, 4, 5)  # defaults of `write(first_constants=..., tail_constants=...)`
 TAIL_CONSTANTS = (6, 7, 8, 9)
 AGGREGATES = {"sum": ("return their sum", "total = 0", "total += y", "total"),
               "list": ("return them as a list", "out = []", "out.append(y)", "out")}
@@ -121,7 +121,7 @@ class Task:
         (op, k), tail = self.steps[0], self.steps[1:]
         first = FIRST_WORDS[op].format(k=k)
         if tail:  # the tail repeats one step: "then increase by 7 twice"
-            first += f", then {TAIL_WORDS[tail[0][0]].format(k=tail[0][1])} {TIMES[len(tail)]}"
+            first += f", then {TAIL_WORDS[tail[0][0]].format(k=tail[0][1])}{TIMES[len(tail)]}"
         return (f"Keep the numbers that are {self.phrase.format(c=self.threshold)}; "
                 f"{first}; {AGGREGATES[self.aggregate][0]}.")
 
@@ -170,15 +170,18 @@ class Task:
             self.reference([self.threshold], self.wrong_operator)
 
 
-def random_task(rng: random.Random, phrasing: int) -> Task:
-    k = rng.choice(TAIL_LENGTHS)
-    first = (rng.choice(tuple(STEP_OPS)), rng.choice(FIRST_CONSTANTS))
-    tail = (rng.choice(tuple(STEP_OPS)), rng.choice(TAIL_CONSTANTS))
+def random_task(rng: random.Random, phrasing: int, tail_lengths=TAIL_LENGTHS,
+                first_constants=FIRST_CONSTANTS, tail_constants=TAIL_CONSTANTS) -> Task:
+    k = rng.choice(tuple(tail_lengths))
+    first = (rng.choice(tuple(STEP_OPS)), rng.choice(tuple(first_constants)))
+    tail = (rng.choice(tuple(STEP_OPS)), rng.choice(tuple(tail_constants)))
     steps = (first,) + (tail,) * k
     return Task(phrasing, rng.choice(THRESHOLDS), steps, rng.choice(tuple(AGGREGATES)))
 
 
-def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Task]]:
+def make_splits(sizes: dict[str, int], seed: int = 0, tail_lengths=TAIL_LENGTHS,
+                first_constants=FIRST_CONSTANTS, tail_constants=TAIL_CONSTANTS
+                ) -> dict[str, list[Task]]:
     """Disjoint sets of tasks per split, each with every phrasing equally often (round
     robin), drawn at random by combination; no task id is in two splits."""
     rng = random.Random(f"decision-splits-{seed}")
@@ -187,7 +190,8 @@ def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Task]]:
     for split in SPLITS:
         tasks = []
         while len(tasks) < sizes[split]:
-            task = random_task(rng, len(tasks) % len(PHRASINGS))
+            task = random_task(rng, len(tasks) % len(PHRASINGS), tail_lengths, first_constants,
+                               tail_constants)
             if task.task_id in taken or not task.decidable():
                 continue
             taken.add(task.task_id)
@@ -232,7 +236,7 @@ def oracle_tests(task: Task, rng: random.Random, n: int, corrupt_fraction: float
 
 
 def sft_target(task: Task, rng: random.Random, trap_rate: float, noise_rate: float,
-               tail_noise: float) -> tuple[str, bool, int]:
+               tail_noise: float, tail_constants=TAIL_CONSTANTS) -> tuple[str, bool, int]:
     """The warm start's (possibly wrong) program for `task`: (body, operator planted wrong,
     tail steps with a replaced constant)."""
     wrong = rng.random() < (trap_rate if task.trap else noise_rate)
@@ -240,7 +244,7 @@ def sft_target(task: Task, rng: random.Random, trap_rate: float, noise_rate: flo
     for i in range(1, len(steps)):
         if rng.random() < tail_noise:
             op, k = steps[i]
-            steps[i] = (op, rng.choice([c for c in TAIL_CONSTANTS if c != k]))
+            steps[i] = (op, rng.choice([c for c in tail_constants if c != k]))
             noisy += 1
     return task.body(task.wrong_operator if wrong else None, tuple(steps)), wrong, noisy
 
@@ -259,16 +263,26 @@ def planted_operator(body: str) -> str:
 def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: int = 16,
           corrupt_fraction: float = 0.25, vocab_size: int = 384, trap_rate: float = 0.65,
           noise_rate: float = 0.05, tail_noise: float = 0.05, num_sft: int = 3000,
-          num_dpo: int = 800, num_validation: int = 320, num_test: int = 512) -> dict:
+          num_dpo: int = 800, num_validation: int = 320, num_test: int = 512,
+          tail_lengths=TAIL_LENGTHS, first_constants=FIRST_CONSTANTS,
+          tail_constants=TAIL_CONSTANTS) -> dict:
     """The family's files in `out`, with the list family's names and fields (see
     data_tools/toy/data.py), prompt lines carrying `phrasing`, `trap` and `oracle_focus`,
     SFT pairs carrying `planted_wrong` and `tail_noise_steps`, and EvalPlus files
     eval_validation.jsonl and eval_test.jsonl."""
     from data_tools.toy import data as toy_data  # the tokenizer trainer (no JAX)
 
-    out.mkdir(parents=True, exist_ok=True)
     sizes = {"sft": num_sft, "dpo": num_dpo, "validation": num_validation, "test": num_test}
-    splits = make_splits(sizes, seed)
+    if not set(tail_lengths) <= set(TIMES) | {0}:
+        raise ValueError(f"tail_lengths={tuple(tail_lengths)}: each K must be in 0-{max(TIMES)}")
+    if len(set(tail_constants)) < 2 or not set(first_constants) | set(tail_constants) <= set(
+            range(2, 10)):
+        raise ValueError(f"first_constants={tuple(first_constants)}, tail_constants="
+                         f"{tuple(tail_constants)}: digits 2-9, at least two tail constants "
+                         "(tail noise replaces one by another; 0 and 1 make steps that change "
+                         "nothing or, x * 0, hide the decision)")
+    out.mkdir(parents=True, exist_ok=True)
+    splits = make_splits(sizes, seed, tail_lengths, first_constants, tail_constants)
     every = [t for s in SPLITS for t in splits[s]]
     toy_data.train_tokenizer(out / "tokenizer", [t.prompt + t.solution for t in every]
                              + [t.prompt + t.body(t.wrong_operator) for t in every], vocab_size,
@@ -292,7 +306,7 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
                 evals.write(json.dumps({"id": task.task_id, "tests": t}) + "\n")
                 if split == "sft":
                     body, wrong, noisy = sft_target(task, rng, trap_rate, noise_rate,
-                                                    tail_noise)
+                                                    tail_noise, tail_constants)
                     row = planted["trap" if task.trap else "other"]
                     row[0] += wrong
                     row[1] += 1
@@ -324,7 +338,9 @@ def write(out: pathlib.Path, *, seed: int = 0, num_tests: int = 8, eval_tests: i
     meta = {"family": "decision", "seed": seed, "num_tests": num_tests,
             "eval_tests": eval_tests, "corrupt_fraction": corrupt_fraction,
             "vocab_size": vocab_size, "trap_rate": trap_rate, "noise_rate": noise_rate,
-            "tail_noise": tail_noise, "counts": counts,
+            "tail_noise": tail_noise, "tail_lengths": list(tail_lengths),
+            "first_constants": list(first_constants), "tail_constants": list(tail_constants),
+            "counts": counts,
             "traps": [p[0] for p in PHRASINGS if p[2]],
             "program": "prompt + response (function body completion)"}
     (out / "toy_data.json").write_text(json.dumps(meta, indent=2) + "\n")

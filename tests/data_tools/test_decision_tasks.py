@@ -24,7 +24,8 @@ def stated_steps(doc):
     words = doc.split(";")[1]
     found = [(ops[w], int(k)) for w, k in re.findall(
         r"(add|subtract|multiply|increase|decrease|scale)\D*?(\d+)", words)]
-    times = 2 if words.endswith("twice") else 4 if words.endswith("four times") else 0
+    times = {"twice": 2, "three times": 3, "four times": 4}
+    times = next((n for w, n in times.items() if words.endswith(w)), 1)  # no word: once
     return found[:1] + found[1:] * times
 
 
@@ -43,7 +44,7 @@ def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("decision")
     settings = dict(seed=3, num_sft=1200, num_dpo=160, num_validation=64, num_test=96,
                     trap_rate=0.65, noise_rate=0.05, tail_noise=0.1, num_tests=6,
-                    corrupt_fraction=0.5, eval_tests=8)
+                    corrupt_fraction=0.5, eval_tests=8, tail_lengths=(0, 1, 2))  # :decision's K
     meta = dt.write(out, **settings)
     return out, meta, settings
 
@@ -60,8 +61,12 @@ def test_phrase_meanings_written_independently():
 
 def test_canonical_programs_match_the_reference_and_the_words():
     rng = random.Random(0)
-    tasks = dt.make_splits({"sft": 200, "dpo": 50, "validation": 50, "test": 50}, seed=1)
-    for task in (t for split in tasks.values() for t in split):
+    # The default tails and every tail length the family can state.
+    tasks = [t for lengths in (dt.TAIL_LENGTHS, (0, 1, 2, 3, 4)) for split in dt.make_splits(
+        {"sft": 200, "dpo": 50, "validation": 50, "test": 50}, 1, lengths).values()
+        for t in split]
+    assert {len(t.steps) - 1 for t in tasks} == {0, 1, 2, 3, 4}
+    for task in tasks:
         # An independent reading of the docstring: threshold, operator, steps, aggregate.
         doc = task.description
         c = int(re.search(r"\d+", doc).group())
@@ -135,9 +140,11 @@ def test_splits_cover_every_phrasing_and_share_no_combination(files):
     assert not test_prompts & {p["prompt"] for p in by_split["validation"]}
     # Deterministic for a seed, different for another.
     again = dt.make_splits({"sft": s["num_sft"], "dpo": s["num_dpo"],
-                            "validation": s["num_validation"], "test": s["num_test"]}, s["seed"])
+                            "validation": s["num_validation"], "test": s["num_test"]}, s["seed"],
+                           s["tail_lengths"])
     assert [t.task_id for t in again["test"]] == [p["id"] for p in by_split["test"]]
-    other = dt.make_splits({"sft": 10, "dpo": 10, "validation": 10, "test": 10}, s["seed"] + 1)
+    other = dt.make_splits({"sft": 10, "dpo": 10, "validation": 10, "test": 10}, s["seed"] + 1,
+                           s["tail_lengths"])
     assert [t.task_id for t in other["test"]] != [p["id"] for p in by_split["test"]][:10]
 
 
@@ -186,7 +193,7 @@ def test_files_for_the_pipeline(files):
     # program.
     tasks = {t.task_id: t for split in dt.make_splits(
         {"sft": s["num_sft"], "dpo": s["num_dpo"], "validation": s["num_validation"],
-         "test": s["num_test"]}, s["seed"]).values() for t in split}
+         "test": s["num_test"]}, s["seed"], s["tail_lengths"]).values() for t in split}
     for p in prompts[::20]:
         t = tests[p["id"]]
         assert sum(not ok for ok in t["tests_correct"]) == round(s["corrupt_fraction"] *
@@ -207,3 +214,13 @@ def test_files_for_the_pipeline(files):
     assert tok.decode(tok(text)["input_ids"]) == text
     assert meta["counts"]["sft_planted_wrong"]["trap"]["of"] == sum(
         p["trap"] for p in prompts if p["split"] == "sft")
+
+
+@pytest.mark.parametrize("bad", [dict(tail_lengths=(0, 5)), dict(tail_constants=(7,)),
+                                 dict(first_constants=(1, 2))])
+def test_family_settings_out_of_range_are_refused(tmp_path, bad):
+    # Before any file is written: a K with no words, one tail constant (tail noise needs
+    # another to swap in), a constant outside the digits 2-9 the slots use.
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        dt.write(tmp_path / "out", **bad)
+    assert not (tmp_path / "out" / "prompts.jsonl").exists()
