@@ -171,3 +171,40 @@ def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     axes = dict(rules).get("batch") or ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return math.prod(mesh.shape[a] for a in axes)
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes (jax.distributed: one per host). Every process runs the same program on
+# the same inputs: it makes the same calls on global arrays, reads the results back whole
+# (`to_host`), takes the same decisions, and process 0 alone writes shared outputs
+# (`is_writer`).
+# ----------------------------------------------------------------------------------------
+
+
+def to_host(x) -> np.ndarray:
+    """A jax.Array's whole value as numpy, on every process: an array that spans other
+    processes' devices is gathered (a collective: every process must call this for the
+    same array), others are copied as they are."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds whole, placed on `sharding`: each process
+    puts only the shards of its own devices (works when the sharding spans processes)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def is_writer() -> bool:
+    """Whether this process writes the outputs every process computed alike (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached `sync(name)` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

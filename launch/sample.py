@@ -99,8 +99,12 @@ def main(argv):
                  f"{files.source}, prompts padded to --config.length_bucket="
                  f"{cfg_s.length_bucket})")
 
+    # JAX (and jax.distributed) first: with several processes, sample_file coordinates
+    # reading and writing the output before the weights are read.
+    mesh = common.init_jax()
+
     def load_policy():
-        return Policy.load(common.init_jax(), files=files, compute_dtype=cfg_s.compute_dtype,
+        return Policy.load(mesh, files=files, compute_dtype=cfg_s.compute_dtype,
                            prompt_format=cfg_s.prompt_format or None,
                            length_bucket=cfg_s.length_bucket,
                            stop_check_steps=cfg_s.stop_check_steps, refill=cfg_s.refill)
