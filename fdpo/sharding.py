@@ -203,8 +203,22 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """Waits until every process has reached `sync(name)` (a no-op with one process)."""
-    if jax.process_count() > 1:
+_SYNCS = iter(range(1 << 62))  # barrier ids are used once: every call gets its own
+
+
+def sync(name: str, timeout_s: float = 3600) -> None:
+    """Waits until every process has reached `sync(name)` (a no-op with one process); every
+    process must make the same sequence of calls. A barrier of jax.distributed's
+    coordination service, not a device collective: a process may wait at it for as long
+    as `timeout_s` (another's long CPU work) while its heartbeats keep it alive."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize made
+
+    key = f"fdpo.sync.{next(_SYNCS)}.{name}"
+    client = distributed.global_state.client
+    if client is None:  # processes set up another way: a collective over every device
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(key)
+        return
+    client.wait_at_barrier(key, int(timeout_s * 1000))

@@ -183,8 +183,9 @@ def test_precompute_ref(setup):
 
 
 def test_evaluate_checkpoint(setup):
-    """Greedy generation for two HumanEval+ tasks, then the sandbox: equal samples and
-    results; process 1 writes nothing (process 0 writes samples and results)."""
+    """Greedy generation (the plain loop, no refill) for three HumanEval+ tasks, then the
+    sandbox: equal samples and results; process 1 writes nothing (process 0 writes samples
+    and results)."""
     base, _ = setup
     with gzip.open(SHARED / "data/evalplus/HumanEvalPlus-v0.1.10.jsonl.gz", "rt") as f:
         rows = [row for row in map(json.loads, f)
@@ -195,7 +196,7 @@ def test_evaluate_checkpoint(setup):
         "--benchmark=humaneval+", f"--dataset={dataset}", f"--checkpoint={base / 'ckpt'}",
         f"--out={out}", "--config.response_format=completion", "--config.n=2",
         "--config.max_new_tokens=6", "--config.workers=1", "--config.k=(1,)",
-        "--config.min_time_limit=1", "--config.isolation=none"])
+        "--config.min_time_limit=1", "--config.refill=False"])
     assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
     want, got = (json.loads((d / "results.json").read_text()) for d in (one, two))
     for key in ("pass_at_k", "status_counts", "num_samples"):
