@@ -102,8 +102,11 @@ def run_both(setup, name, module, args_for, timeout=300):
 
 
 def under(paths, root) -> list[str]:
+    """The paths under `root`, except orbax's temporary checkpoint directory, where every
+    process writes its own part by orbax's protocol (merged and renamed by process 0)."""
     root = str(pathlib.Path(root).absolute())
-    return [p for p in paths if p == root or p.startswith(root + os.sep)]
+    return [p for p in paths if (p == root or p.startswith(root + os.sep))
+            and ".orbax-checkpoint-tmp" not in p]
 
 
 def files(root) -> list[str]:
