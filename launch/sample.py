@@ -41,6 +41,10 @@ naming it, the file unchanged and nothing run, exit status 2. Lines are appended
 prompts finish. Each sample's random stream is fixed by
 (--config.seed, id, code/test, sample index), so a resumed run writes what an
 uninterrupted one would have.
+
+Many hosts: the same command on every host with `--distributed`. Every process samples
+every prompt with the others over the global mesh and gets every token back; process 0
+alone repairs, rewrites and appends to OUTPUT (the same lines as one process writes).
 """
 
 from __future__ import annotations
