@@ -49,7 +49,10 @@ same shapes: bit-identical; the tests find refill and the plain loop identical).
 
 Sharding. Parameters stay where they are (the training mesh and rules); batch rows are
 split over the rules' `batch` axes (rows are padded up to a multiple of that size with
-dummy rows that start finished), the cache's kv heads over `act_heads`.
+dummy rows that start finished), the cache's kv heads over `act_heads`. With several
+processes (jax.distributed) every process passes the same prompts: each places its own
+devices' rows (`sharding.global_array`) and reads every row back (`sharding.to_host`), so
+all take the same host-side decisions (tests/launch/test_multiprocess_programs.py).
 """
 
 from __future__ import annotations
