@@ -76,10 +76,10 @@ def evaluate_dir(benchmark: str, out_dir, c, *, samples_path=None, model: str | 
     returns the summary. With several processes (jax.distributed) every process generates
     with the others over the global mesh; process 0 alone writes the samples, runs them in
     the sandbox and writes the outputs, while the others wait for it (up to
-    `WAIT_FOR_WRITER_S`) and return None. Raises tk.DataError (the benchmark file), rn.SampleError (the
-    samples: unreadable, malformed, or missing tasks without `c.partial`) and
-    policy.PromptTooLong (task prompts longer than the sampler has room for, before any
-    generation)."""
+    `WAIT_FOR_WRITER_S`) and return None. Raises tk.DataError (the benchmark file),
+    rn.SampleError (the samples: unreadable, malformed, or missing tasks without
+    `c.partial`) and policy.PromptTooLong (task prompts longer than the sampler has room
+    for, before any generation)."""
     tasks, _ = tk.load_tasks(benchmark, dataset, data_dir)
     out = pathlib.Path(out_dir)
     samples = None
