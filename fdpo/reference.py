@@ -188,7 +188,9 @@ def pair_scorer(model_cfg, params, mesh, rules, chunk: int, shared_length: int =
         micro = {k: np.asarray(pairs[k]) for k in train.BATCH_KEYS[:4]}
         if shared_length:
             micro = train.pack_shared_prompt(micro, shared_length)
-        return np.asarray(jax.device_get(jitted(params, micro)))
+        # Several processes: each holds the whole batch and places its own devices' rows.
+        micro = {k: shd.global_array(v, rows) for k, v in micro.items()}
+        return shd.to_host(jitted(params, micro))
 
     return call
 
@@ -209,12 +211,11 @@ def shared_length_of(config) -> int:
     return data.longest_shared_row(*sources)
 
 
-def precompute(config, out_dir, mesh, *, batch_size: int = 16, shard_index: int = 0,
-               num_shards: int = 1) -> dict:
+def precompute(config, out_dir, mesh, *, batch_size: int = 16) -> dict:
     """Copies `config.data.dir` to `out_dir` with `ref_logps` from the run's reference,
     computed as the run's train step would compute them (its model settings, chunk, sharding
-    rules and row layout), and the provenance record in the manifest. Returns that
-    manifest."""
+    rules and row layout, on `mesh`: the global mesh with several processes, of which
+    process 0 writes), and the provenance record in the manifest. Returns that manifest."""
     ckpt, hf_dir, _ = source(config)
     model_cfg, params = load(config, mesh, ckpt, hf_dir)
     record = provenance(config, params, ckpt or hf_dir)
@@ -224,5 +225,4 @@ def precompute(config, out_dir, mesh, *, batch_size: int = 16, shard_index: int 
                         shared_length_of(config))
     return scoring.precompute_reference(
         score, config.data.dir, out_dir, batch_multiple=shd.data_parallel_size(mesh, rules),
-        provenance=record, batch_size=batch_size, shard_index=shard_index,
-        num_shards=num_shards)
+        provenance=record, batch_size=batch_size)

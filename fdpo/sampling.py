@@ -49,7 +49,10 @@ same shapes: bit-identical; the tests find refill and the plain loop identical).
 
 Sharding. Parameters stay where they are (the training mesh and rules); batch rows are
 split over the rules' `batch` axes (rows are padded up to a multiple of that size with
-dummy rows that start finished), the cache's kv heads over `act_heads`.
+dummy rows that start finished), the cache's kv heads over `act_heads`. With several
+processes (jax.distributed) every process passes the same prompts: each places its own
+devices' rows (`sharding.global_array`) and reads every row back (`sharding.to_host`), so
+all take the same host-side decisions (tests/launch/test_multiprocess_programs.py).
 """
 
 from __future__ import annotations
@@ -510,9 +513,17 @@ class Sampler:
             return ()
         return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
+    @staticmethod
+    def _host(*arrays) -> list[np.ndarray]:
+        """The arrays' whole values on this process (gathered from the others' devices
+        with several processes: every process reads the same values, so all take the same
+        decisions)."""
+        return [sharding.to_host(a) for a in arrays]
+
     def _put(self, x: np.ndarray):
         spec = P(*self._row_spec, *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        # Every process holds the whole host array: each places its own devices' rows.
+        return sharding.global_array(x, NamedSharding(self.mesh, spec))
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  seed: int = 0, row_seeds: Sequence[int] | None = None,
@@ -605,12 +616,12 @@ class Sampler:
             carry = self._decode(params, eos, window)(self.state, carry, jnp.int32(limit),
                                                       jnp.int32(first))
             step = int(carry.step)
-            finished = np.array(carry.finished)  # a writable copy
+            finished = sharding.to_host(carry.finished).copy()  # a writable copy
             if step >= total or not (finished == RUNNING).any():
                 break
             if params.stop and step >= next_check:
                 next_check = step + chunk
-                tokens, counts = np.asarray(carry.tokens), np.asarray(carry.num_tokens)
+                tokens, counts = self._host(carry.tokens, carry.num_tokens)
                 newly = self._check_stops(tokens, counts, np.flatnonzero(finished[:n] == RUNNING),
                                           params.stop)
                 for r, cut in newly.items():
@@ -619,8 +630,8 @@ class Sampler:
                     carry = carry._replace(finished=self._put(finished))
                     if not (finished == RUNNING).any():
                         break
-        tokens, counts = np.asarray(carry.tokens), np.asarray(carry.num_tokens)
-        return (list(tokens[:n]), list(counts[:n]), list(np.asarray(carry.finished)[:n]),
+        tokens, counts, finished = self._host(carry.tokens, carry.num_tokens, carry.finished)
+        return (list(tokens[:n]), list(counts[:n]), list(finished[:n]),
                 stop_at)
 
     def _generate_refill(self, prompts, params: SamplingParams, seed: int, row_seeds,
@@ -647,18 +658,18 @@ class Sampler:
             limit = next_check if chunk else np.iinfo(np.int32).max
             carry = self._refill_decode(params, eos, window)(
                 self.state, carry, queue, jnp.uint32(seed), jnp.int32(limit))
-            finished = np.array(carry.finished)
-            steps = np.asarray(carry.steps)
+            finished, steps = self._host(carry.finished, carry.steps)
+            finished = finished.copy()
             running = finished == RUNNING
             if not running.any() and int(carry.next) >= n:
                 break
             if chunk and int(carry.step) >= next_check:
                 next_check = int(carry.step) + chunk
-                sample = np.asarray(carry.sample)
-                tokens, counts = np.asarray(carry.tokens), np.asarray(carry.num_tokens)
+                sample, tokens, counts = self._host(carry.sample, carry.tokens,
+                                                    carry.num_tokens)
                 newly = self._check_stops(tokens, counts, sample[running], params.stop)
                 if newly:
-                    finish = np.array(carry.finish)
+                    finish = self._host(carry.finish)[0].copy()
                     for q, cut in newly.items():
                         stop_at[q], finish[q] = cut, STOP
                     finished[np.isin(sample, list(newly))] = STOP
@@ -667,8 +678,7 @@ class Sampler:
                     running = finished == RUNNING
             fill = int((plen + steps[running]).max()) if running.any() else plen
             window = self.cache_window(fill, 0, slots)
-        tokens, counts = np.asarray(carry.tokens), np.asarray(carry.num_tokens)
-        finish = np.asarray(carry.finish)
+        tokens, counts, finish = self._host(carry.tokens, carry.num_tokens, carry.finish)
         assert (finish[:n] != RUNNING).all(), "refill loop ended with samples running"
         return list(tokens[:n]), list(counts[:n]), list(finish[:n]), stop_at
 

@@ -100,6 +100,7 @@ class Scorer:
         self._score = make_score_fn(cfg, mesh, rules, chunk,
                                     values=range(MAX_SEGMENT_LABELS + 1))
         self.batch_multiple = shd.data_parallel_size(mesh, rules)
+        self._rows = shd.data_sharding(mesh, rules)
 
     def score(self, sequences: Sequence[Sequence[int]],
               labels: Sequence[Sequence[int]] | None = None,
@@ -117,7 +118,10 @@ class Scorer:
             row = np.asarray(labels[i][1:] if labels is not None else [], np.int32)
             lab[i, 1:len(s)] = np.where((row >= 0) & (row < MAX_SEGMENT_LABELS), row,
                                         MAX_SEGMENT_LABELS) if row.size else MAX_SEGMENT_LABELS
-        sums = np.asarray(jax.device_get(self._score(self.params, ids, lab)))[:n]
+        # Several processes: each holds the whole batch, places its own devices' rows, and
+        # reads every row's sums back.
+        sums = shd.to_host(self._score(self.params, shd.global_array(ids, self._rows),
+                                       shd.global_array(lab, self._rows)))[:n]
         counts = (lab[:n, :, None] == np.arange(MAX_SEGMENT_LABELS)).sum(1)
         return ScoreResult(sums.sum(-1), np.maximum(lengths - 1, 0),
                            sums[:, :MAX_SEGMENT_LABELS], counts.astype(np.int64))
@@ -129,10 +133,10 @@ class NonFiniteReference(ValueError):
 
 
 def _reference_shard(score_pairs, path, out_path, max_len: int, batch: int, bar) -> None:
-    """One shard of pair records -> `out_path` with ref_logps set; NonFiniteReference naming
-    the first record whose sums are not finite."""
+    """One shard of pair records -> `out_path` with ref_logps set (None: computed, not
+    written); NonFiniteReference naming the first record whose sums are not finite."""
     source = rec.PairDataSource(path, max_len=max_len)
-    with rec.RecordWriter(out_path) as writer:
+    with (rec.RecordWriter(out_path) if out_path is not None else _Discard()) as writer:
         for start in range(0, len(source), batch):
             records = [source.record(i) for i in range(start, min(start + batch, len(source)))]
             n = len(records)
@@ -154,18 +158,33 @@ def _reference_shard(score_pairs, path, out_path, max_len: int, batch: int, bar)
             bar.update(n)
 
 
+class _Discard:
+    """The shard writer of a process other than 0: records are computed, not written."""
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, record) -> None:
+        del record
+
+
 def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int = 1,
-                         provenance: dict | None = None, batch_size: int = 16,
-                         shard_index: int = 0, num_shards: int = 1) -> dict:
+                         provenance: dict | None = None, batch_size: int = 16) -> dict:
     """Copies the pair dataset `data_dir` to `out_dir` with `ref_logps[side, segment]` set
     by `score_pairs` (numpy pair arrays `chosen_ids`, ... [b, L] -> [b, 2, 3] sums;
     `fdpo.reference.pair_scorer`), in batches of `batch_size` pairs rounded up to
-    `batch_multiple` (the last one padded). This invocation scores the shard files
-    `shard_index`, `shard_index + num_shards`, ...; every invocation writes the same
-    manifest, whose `reference` entry is `provenance` (the reference's identity, path,
-    compute dtype and chunk) plus the layout. Returns that manifest. Raises
-    NonFiniteReference, naming the record, when a sum is NaN or infinite; then the shards
-    this call wrote are removed (and `out_dir` when this call made it and it is empty)."""
+    `batch_multiple` (the last one padded), and writes the manifest, whose `reference`
+    entry is `provenance` (the reference's identity, path, compute dtype and chunk) plus
+    the layout. Returns that manifest. Raises NonFiniteReference, naming the record, when
+    a sum is NaN or infinite; then the shards this call wrote are removed (and `out_dir`
+    when this call made it and it is empty).
+
+    Several processes (jax.distributed): every process runs every batch with the others
+    (`score_pairs` over the global mesh) and gets every sum back; process 0 alone writes
+    `out_dir`."""
     data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
     if data_dir.resolve() == out_dir.resolve():
         raise ValueError("the output directory must differ from the data directory (shards "
@@ -175,27 +194,30 @@ def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int 
 
     shards = [(split, s["path"]) for split, info in manifest["splits"].items()
               for s in info["shards"]]
-    mine = shards[shard_index::num_shards]
-    total = sum(len(rec.PairDataSource(data_dir / p)) for _, p in mine)
+    total = sum(len(rec.PairDataSource(data_dir / p)) for _, p in shards)
+    writer = shd.is_writer()
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []  # shard files this call wrote: removed again when it fails
     try:
         with tqdm(total=total, desc="reference", unit="pair") as bar:
-            for _, path in mine:
-                tmp = out_dir / (path + ".tmp")
-                written.append(tmp)
+            for _, path in shards:
+                tmp = out_dir / (path + ".tmp") if writer else None
+                if writer:
+                    written.append(tmp)
                 _reference_shard(score_pairs, data_dir / path, tmp, manifest["max_len"],
                                  batch, bar)
-                os.replace(tmp, out_dir / path)
-                written[-1] = out_dir / path
-                log.info("%s: -> %s", path, out_dir / path)
+                if writer:
+                    os.replace(tmp, out_dir / path)
+                    written[-1] = out_dir / path
+                    log.info("%s: -> %s", path, out_dir / path)
     except BaseException:
         # No half-made dataset under the output (it has no manifest yet): what this call
         # wrote goes, and the directory too when this call made it and nothing else is there.
         for p in written:
             p.unlink(missing_ok=True)
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+        if writer and created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
     out_manifest = dict(manifest)
@@ -203,5 +225,6 @@ def precompute_reference(score_pairs, data_dir, out_dir, *, batch_multiple: int 
         **(provenance or {}), "source_dataset": str(data_dir.absolute()),
         "layout": "ref_logps[side, segment]: (chosen, rejected) x (prefix, mid, suffix, lead, "
                   "trail)"}
-    rec.write_manifest(out_dir / "manifest.json", out_manifest)
+    if writer:
+        rec.write_manifest(out_dir / "manifest.json", out_manifest)
     return out_manifest

@@ -18,7 +18,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from fdpo import extract, fingerprint, jsonl, problem, reference
+from fdpo import extract, fingerprint, jsonl, problem, reference, sharding
 from fdpo.models.checkpoint import HF_EXTRA_FILES
 from fdpo.policy import Policy
 
@@ -123,12 +123,23 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     Raises InputError (every malformed input line), jsonl.JsonlError (a malformed output
     line before the last) and policy.PromptTooLong (every prompt longer than the sampler
     has room for, found before anything is sampled or written). Returns {"prompts", "done"
-    (kept), "redone", "new", "dropped", "sampled"}."""
+    (kept), "redone", "new", "dropped", "sampled"}.
+
+    Several processes (jax.distributed, initialised before this call): every process
+    reads the same input and output, samples every prompt with the others over the global
+    mesh and computes the same records; process 0 alone writes the output."""
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
     locations: dict[str, str] = {}
     items = read_prompts(in_path, locations)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    existing = {str(pid): row for pid, row in jsonl.resume(out_path, key="id").items()}
+    writer = sharding.is_writer()
+    if writer:  # resume repairs an interrupted last line: process 0 alone, before the others read
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        existing = jsonl.resume(out_path, key="id")
+    sharding.sync("selfgen.sample_file: output repaired")
+    if not writer:
+        existing = jsonl.resume(out_path, key="id")
+    sharding.sync("selfgen.sample_file: output read")  # process 0 may rewrite it now
+    existing = {str(pid): row for pid, row in existing.items()}
     num = samples_per_prompt(config)
     rows_per_prompt = num["code"] + num["test"]
     if items and rows_per_prompt == 0:
@@ -139,7 +150,8 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     expected = {pid: record_fingerprint(prompt, line, model, settings)
                 for pid, prompt, line in items}
     plan = fingerprint.plan(existing, expected, FINGERPRINT_FIELD)
-    fingerprint.drop_stale(out_path, existing, plan)
+    if writer:
+        fingerprint.drop_stale(out_path, existing, plan)
     todo = plan.todo()
     pending = [item for item in items if item[0] in todo]
     summary = {"prompts": len(items), "done": len(plan.keep), "redone": len(plan.redo),
@@ -170,7 +182,7 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
     # Every call padded to one row count (one compiled shape), no more than the job needs.
     pad_rows_to = min(batch, len(pending) * rows_per_prompt)
 
-    with jsonl.Appender(out_path) as out, \
+    with (jsonl.Appender(out_path) if writer else _NoOutput()) as out, \
             tqdm(total=len(pending), desc="sample", unit="prompt") as bar:
         for start in range(0, len(pending), prompts_per_call):
             group = pending[start:start + prompts_per_call]
@@ -198,6 +210,19 @@ def sample_file(in_path, out_path, config, load_policy: Callable[[], Policy]) ->
             bar.update(len(group))
     print(f"sampled {len(pending)} prompts ({len(plan.keep)} were done) -> {out_path}")
     return {**summary, "sampled": len(pending)}
+
+
+class _NoOutput:
+    """The output of a process other than 0: it computes every record, writes none."""
+
+    def __enter__(self) -> _NoOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, record: dict) -> None:
+        del record
 
 
 def _message(kind: str, prompt: str, config) -> str:

@@ -171,3 +171,54 @@ def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     axes = dict(rules).get("batch") or ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return math.prod(mesh.shape[a] for a in axes)
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes (jax.distributed: one per host). Every process runs the same program on
+# the same inputs: it makes the same calls on global arrays, reads the results back whole
+# (`to_host`), takes the same decisions, and process 0 alone writes shared outputs
+# (`is_writer`).
+# ----------------------------------------------------------------------------------------
+
+
+def to_host(x) -> np.ndarray:
+    """A jax.Array's whole value as numpy, on every process: an array that spans other
+    processes' devices is gathered (a collective: every process must call this for the
+    same array), others are copied as they are."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds whole, placed on `sharding`: each process
+    puts only the shards of its own devices (works when the sharding spans processes)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def is_writer() -> bool:
+    """Whether this process writes the outputs every process computed alike (process 0)."""
+    return jax.process_index() == 0
+
+
+_SYNCS = iter(range(1 << 62))  # barrier ids are used once: every call gets its own
+
+
+def sync(name: str, timeout_s: float = 3600) -> None:
+    """Waits until every process has reached `sync(name)` (a no-op with one process); every
+    process must make the same sequence of calls. A barrier of jax.distributed's
+    coordination service, not a device collective: a process may wait at it for as long
+    as `timeout_s` (another's long CPU work) while its heartbeats keep it alive."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize made
+
+    key = f"fdpo.sync.{next(_SYNCS)}.{name}"
+    client = distributed.global_state.client
+    if client is None:  # processes set up another way: a collective over every device
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(key)
+        return
+    client.wait_at_barrier(key, int(timeout_s * 1000))

@@ -18,6 +18,10 @@ docs/evaluation.md for oracles and time limits. The work is
 Refused with exit status 2 and one line, before any generation: a malformed samples or
 benchmark line (FILE:LINE), a model whose tokenizer has more tokens than its embedding rows,
 and task prompts longer than the sampler has room for (each named by task id).
+
+Many hosts (with --checkpoint/--hf_dir): the same command on every host with
+`--distributed`; every process generates with the others over the global mesh, process 0
+alone writes OUT and runs the samples in the sandbox while the others wait for it.
 """
 from __future__ import annotations
 

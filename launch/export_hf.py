@@ -5,6 +5,8 @@
 Writes safetensors (sharded with an index above the size threshold, as transformers does)
 in the checkpoint's original dtype, config.json (the original one when the checkpoint kept
 it), generation_config.json and the tokenizer files (`fdpo.models.checkpoint.export_hf`).
+Many hosts: the same command on every host with `--distributed`; every process takes part
+in gathering each tensor, process 0 alone writes OUT.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 
 Reads tensors one at a time (single or sharded safetensors), places each on its target
 sharding, and writes an orbax checkpoint with the model config, the original config.json
-and the tokenizer files (`fdpo.models.checkpoint.import_hf`).
+and the tokenizer files (`fdpo.models.checkpoint.import_hf`). Many hosts: the same command
+on every host with `--distributed`; orbax writes the parameters with every process taking
+part, process 0 the rest, and renames the whole checkpoint into place.
 """
 
 from __future__ import annotations

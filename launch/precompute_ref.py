@@ -3,12 +3,12 @@ as the training run given by `--config` would compute them.
 
     python -m launch.precompute_ref --out=DATA_REF \
         --config=configs/focused_dpo.py:model=CKPT,data=DATA [--config.reference.checkpoint=REF] \
-        [--batch_size=16 --shard_index=I --num_shards=N]
+        [--batch_size=16]
 
 `--config` is the training config, with the same overrides as `launch.train`: the reference
 is its `reference.checkpoint` / `reference.hf_dir`, or the initial policy when neither is
 set; it runs with the config's `model` settings (compute dtype) and `train.logprob_chunk`,
-on the config's mesh. Every shard of `data.dir` is scored with the train step's own log-prob
+on the config's mesh (`--config.mesh_shape`, as launch.train). Every shard of `data.dir` is scored with the train step's own log-prob
 function (`fdpo.scoring.make_score_fn`) and written, with `ref_logps[side, (prefix, mid,
 suffix, lead, trail)]` set, to DATA_REF, whose manifest records the provenance (reference
 identity and path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF` and
@@ -20,18 +20,18 @@ reference's embedding table (both sizes named, before any weights are read), and
 log-probs that come out NaN or infinite (the shard and record named; the shards this
 invocation wrote are removed, so no dataset with NaN references is left behind).
 
-Several hosts: give each a `--shard_index` of `--num_shards`; each scores the shard files
-`i, i+n, ...` on its own devices (no jax.distributed needed) and writes the same manifest.
+Several hosts: the same command on every host with `--distributed` (as launch.train; one
+process per host): every batch runs over the global mesh of all hosts' devices, every
+process gets every sum back, and process 0 alone writes DATA_REF (shards and manifest).
 """
 
 from __future__ import annotations
 
 import pathlib
 
-import jax
 from absl import flags
 
-from fdpo import reference, scoring, sharding
+from fdpo import reference, scoring
 from launch import common
 
 CONFIG = common.define_config("config", None, "The training run's config file (with :arg), "
@@ -39,10 +39,6 @@ CONFIG = common.define_config("config", None, "The training run's config file (w
 OUT = flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Pairs per compiled call (rounded up to "
                                   "the data-parallel devices).", lower_bound=1)
-SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This invocation scores the shard files "
-                                   "shard_index, + num_shards, ...", lower_bound=0)
-NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Invocations sharing the work (one per "
-                                  "host).", lower_bound=1)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -59,19 +55,15 @@ def main(argv):
     common.check_choice("--config.model.compute_dtype", c.model.compute_dtype, COMPUTE_DTYPES)
     common.check_number("--config.train.logprob_chunk", c.train.logprob_chunk, lo=1,
                         integer=True)
-    common.check(SHARD_INDEX.value < NUM_SHARDS.value,
-                 f"--shard_index={SHARD_INDEX.value} must be below "
-                 f"--num_shards={NUM_SHARDS.value}")
     common.check_mesh_shape(c.mesh_shape)
     try:
         reference.source(c)
         reference.check_vocab(c)
     except (OSError, ValueError) as e:
         raise common.UsageError(f"--config: {e}") from None
-    mesh = sharding.make_mesh([int(s) for s in c.mesh_shape], jax.local_devices())
+    mesh = common.init_jax(c.mesh_shape)  # the training run's mesh, --distributed honoured
     try:
-        reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value,
-                             shard_index=SHARD_INDEX.value, num_shards=NUM_SHARDS.value)
+        reference.precompute(c, OUT.value, mesh, batch_size=BATCH_SIZE.value)
     except scoring.NonFiniteReference as e:
         raise common.UsageError(f"{e}; what this run wrote to --out is removed") from None
     print(f"reference log-probs: {c.data.dir} -> {OUT.value}")

@@ -41,6 +41,10 @@ naming it, the file unchanged and nothing run, exit status 2. Lines are appended
 prompts finish. Each sample's random stream is fixed by
 (--config.seed, id, code/test, sample index), so a resumed run writes what an
 uninterrupted one would have.
+
+Many hosts: the same command on every host with `--distributed`. Every process samples
+every prompt with the others over the global mesh and gets every token back; process 0
+alone repairs, rewrites and appends to OUTPUT (the same lines as one process writes).
 """
 
 from __future__ import annotations
@@ -99,8 +103,12 @@ def main(argv):
                  f"{files.source}, prompts padded to --config.length_bucket="
                  f"{cfg_s.length_bucket})")
 
+    # JAX (and jax.distributed) first: with several processes, sample_file coordinates
+    # reading and writing the output before the weights are read.
+    mesh = common.init_jax()
+
     def load_policy():
-        return Policy.load(common.init_jax(), files=files, compute_dtype=cfg_s.compute_dtype,
+        return Policy.load(mesh, files=files, compute_dtype=cfg_s.compute_dtype,
                            prompt_format=cfg_s.prompt_format or None,
                            length_bucket=cfg_s.length_bucket,
                            stop_check_steps=cfg_s.stop_check_steps, refill=cfg_s.refill)

@@ -10,7 +10,10 @@ line adds `logp_sum` = sum over t >= 1 of log p(x_t | x_<t) (float32 log-softmax
 `num_tokens` (tokens scored, length - 1), and with segments `segment_logp_sums` and
 `segment_num_tokens`, keyed by label: token t's log-prob counts in the segment of token t.
 Output lines are in input order. The model and its tokenizer are a `fdpo.policy.Policy`;
-scoring is `Policy.score`, batched and chunked as configs/score.py says.
+scoring is `Policy.score`, batched and chunked as configs/score.py says. With several
+processes (`--distributed`, one per host) every process reads the whole input, the batches
+run over the global mesh, every process gets every sum back, and process 0 alone writes
+OUTPUT (tests/launch/test_multiprocess_programs.py).
 
 Every input is checked before the weights are read, and a bad one stops the run with exit
 status 2, one line naming it, and nothing written: a malformed line (bad JSON or UTF-8, a
@@ -32,7 +35,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 import configs
-from fdpo import jsonl
+from fdpo import jsonl, sharding
 from fdpo.policy import ModelFiles, Policy, VocabError, encode_text
 from launch import common
 
@@ -104,11 +107,7 @@ def main(argv):
     if not in_path.is_file():
         raise app.UsageError(f"--input={in_path}: no such file")
     # The output is written after all the compute: check it can be, before.
-    try:
-        pathlib.Path(OUTPUT.value).absolute().parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise common.UsageError(f"--output={OUTPUT.value}: {e}") from None
-    common.check_output("--output", OUTPUT.value)
+    common.check_output("--output", OUTPUT.value, make_parents=True)
     common.check_mesh_shape()
     files = common.model_files(CHECKPOINT.value, HF_DIR.value)
     # Parse everything first, so a malformed line fails before the weights are read.
@@ -144,8 +143,11 @@ def main(argv):
             f"{files.source}; nothing written)")
 
     out_path = pathlib.Path(OUTPUT.value)
+    if not sharding.is_writer():  # every process computed the same results; process 0 writes
+        return
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     try:
+        out_path.absolute().parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
             for rec in results:
                 f.write(json.dumps(rec) + "\n")

@@ -19,10 +19,13 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from fdpo import extract
+from fdpo import extract, sharding
 from fdpo.evaluation import runner as rn
 from fdpo.evaluation import tasks as tk
 from fdpo.policy import Policy
+
+
+WAIT_FOR_WRITER_S = 7 * 24 * 3600
 
 
 def generate(policy: Policy, tasks: dict[str, tk.Task], benchmark: str,
@@ -70,16 +73,25 @@ def evaluate_dir(benchmark: str, out_dir, c, *, samples_path=None, model: str | 
     """Evaluates `samples_path`, or (with `model`, its name for the report, and
     `load_policy`) `c.n` samples per task generated first and written to
     OUT/samples.jsonl. Writes results.json, tasks.md and tasks.csv to `out_dir` and
-    returns the summary. Raises tk.DataError (the benchmark file), rn.SampleError (the
-    samples: unreadable, malformed, or missing tasks without `c.partial`) and
-    policy.PromptTooLong (task prompts longer than the sampler has room for, before any
-    generation)."""
+    returns the summary. With several processes (jax.distributed) every process generates
+    with the others over the global mesh; process 0 alone writes the samples, runs them in
+    the sandbox and writes the outputs, while the others wait for it (up to
+    `WAIT_FOR_WRITER_S`) and return None. Raises tk.DataError (the benchmark file),
+    rn.SampleError (the samples: unreadable, malformed, or missing tasks without
+    `c.partial`) and policy.PromptTooLong (task prompts longer than the sampler has room
+    for, before any generation)."""
     tasks, _ = tk.load_tasks(benchmark, dataset, data_dir)
     out = pathlib.Path(out_dir)
     samples = None
     if model is not None:
         policy = load_policy()
         samples = generate(policy, tasks, benchmark, c)
+        if not sharding.is_writer():
+            # Held until process 0 is done: a process that ended now would wait for the
+            # others in jax.distributed's shutdown, which times out long before a real
+            # benchmark's executions are finished.
+            sharding.sync("evaluate_dir: results written", timeout_s=WAIT_FOR_WRITER_S)
+            return None
         out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no --out
         samples_path = out / "samples.jsonl"
         with open(samples_path, "w", encoding="utf-8") as f:
@@ -113,4 +125,6 @@ def evaluate_dir(benchmark: str, out_dir, c, *, samples_path=None, model: str | 
     for sp, counts in summary["status_counts"].items():
         logging.info("%s statuses: %s", sp, {k: v for k, v in counts.items() if v})
     logging.info("wrote %s", ", ".join(paths.values()))
+    if model is not None:
+        sharding.sync("evaluate_dir: results written", timeout_s=WAIT_FOR_WRITER_S)
     return summary

@@ -62,11 +62,17 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, *,
     path = pathlib.Path(path).absolute()
     if (path / PARAMS_DIR).exists():
         raise FileExistsError(f"{path}: a checkpoint already exists there")
-    path.mkdir(parents=True, exist_ok=True)
+    # Several processes: orbax writes the parameters with every process taking part; the
+    # rest is written once, by process 0.
+    writer = jax.process_index() == 0
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / PARAMS_DIR, nnx.to_pure_dict(state))
     checkpointer.wait_until_finished()
-    extras = copy_hf_extras(pathlib.Path(extras_from), path / EXTRAS_DIR) if extras_from else []
+    extras = []
+    if extras_from and writer:
+        extras = copy_hf_extras(pathlib.Path(extras_from), path / EXTRAS_DIR)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_config": cfg.to_json(),
@@ -77,7 +83,7 @@ def save_model(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, *,
         "hf_extras": extras,
         **(metadata or {}),
     }
-    if jax.process_index() == 0:
+    if writer:
         (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
@@ -86,20 +92,29 @@ def save_model_whole(path: str | pathlib.Path, cfg: ModelConfig, state: nnx.Stat
                      **kwargs) -> pathlib.Path:
     """`save_model` into a temporary sibling (fdpo.atomic), renamed to `path` when complete:
     a save that is killed or interrupted leaves no `path` (never params without metadata),
-    and the next save removes its temporary. One process only; a multi-process writer
-    (the training run's final model) names its own shared temporary."""
+    and the next save removes its temporary. Several processes: every process saves into
+    one temporary all of them name alike, and process 0 cleans, renames and removes."""
     path = pathlib.Path(path).absolute()
-    if jax.process_count() > 1:
-        return save_model(path, cfg, state, **kwargs)
     if (path / PARAMS_DIR).exists():
         raise FileExistsError(f"{path}: a checkpoint already exists there")
-    atomic.clean(path, _SAVING)
-    tmp = atomic.temp_sibling(path, _SAVING)
+    writer = jax.process_index() == 0
+    if writer:
+        atomic.clean(path, _SAVING)
+    if jax.process_count() > 1:
+        # temp_sibling's name holds the pid; the processes must agree on one (and `clean`
+        # still finds it after a kill).
+        tmp = path.parent / f".{path.name}.{_SAVING}-shared"
+        shd.sync("save_model_whole: old temporaries removed")
+    else:
+        tmp = atomic.temp_sibling(path, _SAVING)
     try:
         save_model(tmp, cfg, state, **kwargs)
-        atomic.replace_dir(tmp, path)
+        if writer:
+            atomic.replace_dir(tmp, path)
+        shd.sync("save_model_whole: in place")
     except BaseException:  # also KeyboardInterrupt: leave no temporary behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
