@@ -31,7 +31,7 @@ from fdpo.testing import build_tiny_tokenizer, make_hf_model, random_pairs, writ
 
 from tests.conftest import REPO, SHARED
 
-pytestmark = [pytest.mark.slow, pytest.mark.torch]
+pytestmark = [pytest.mark.slow, pytest.mark.torch, pytest.mark.pod]
 
 AUDIT = REPO / "tests" / "helpers" / "write_audit.py"
 # Less LLVM optimisation: compiles faster; both sides of every comparison run under it.

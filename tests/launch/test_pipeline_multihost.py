@@ -369,6 +369,7 @@ def _params(path):
 
 
 @pytest.mark.slow
+@pytest.mark.pod
 def test_two_processes_of_4_devices_give_the_pipeline_of_one_of_8(runs):
     import jax
     import numpy as np
@@ -422,6 +423,7 @@ def test_two_processes_of_4_devices_give_the_pipeline_of_one_of_8(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.pod
 def test_two_processes_write_each_output_once(runs):
     """Process 1 (umask 077) created only its own files: its barrier files, logs, and its
     share of execution and of the pair build; process 0 every shared output."""
