@@ -17,7 +17,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from fdpo.records import PairDataSource, shared_row_lengths
+from fdpo.records import PairDataSource, shared_row_lengths, trunk_lengths
 
 
 def train_dataset(source: PairDataSource, *, global_batch: int, seed: int,
@@ -64,15 +64,20 @@ def eval_batches(source: PairDataSource, *, global_batch: int, process_index: in
         yield {key: np.stack([r[key] for r in records]) for key in records[0]}, mask
 
 
-def longest_shared_row(*sources: PairDataSource, chunk: int = 4096) -> int:
-    """The most tokens any pair of `sources` needs as a shared-prompt row (one pass over
-    the records' segment ids)."""
+def longest_shared_row(*sources: PairDataSource, chunk: int = 4096,
+                       trunk: bool = True) -> int:
+    """The most tokens any pair of `sources` needs as a shared row (`fdpo.train`: prompt +
+    common prefix once, or the prompt only when `trunk` is False), in one pass over the
+    records."""
     longest = 0
     for source in sources:
         for start in range(0, len(source), chunk):
             records = source.__getitems__(range(start, min(start + chunk, len(source))))
-            lengths = shared_row_lengths(np.stack([r["chosen_segments"] for r in records]),
-                                         np.stack([r["rejected_segments"] for r in records]))
+            arrays = {k: np.stack([r[k] for r in records]) for k in
+                      ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")}
+            shared = trunk_lengths(**arrays) if trunk else None
+            lengths = shared_row_lengths(arrays["chosen_segments"],
+                                         arrays["rejected_segments"], shared)
             longest = max(longest, int(lengths.max()))
     return longest
 

@@ -66,13 +66,41 @@ class Segment(enum.IntEnum):
     TRAIL = 6  # after the code span: the closing fence, trailing prose, the EOS
 
 
-def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
-                       ) -> np.ndarray:
-    """Tokens each pair needs as one shared-prompt row (prompt + both responses;
-    `fdpo.train.pack_shared_prompt`), from its segment ids [..., L]."""
-    prompt = (chosen_segments == Segment.PROMPT).sum(-1)
+# What a pair's two sides can share in one row (`fdpo.train.pack_shared_prompt`): the
+# prompt, then every token that is the same id with the same label on both sides in the same
+# context, from the prompt on: the common prefix, and before it the lead when the two leads
+# are identical (a completion pair has none; an instruct pair's prose usually differs, and
+# then its prefix follows different contexts and only the prompt is shared).
+TRUNK_SEGMENTS = (Segment.PROMPT, Segment.LEAD, Segment.PREFIX)
+
+
+def trunk_lengths(chosen_ids: np.ndarray, rejected_ids: np.ndarray,
+                  chosen_segments: np.ndarray, rejected_segments: np.ndarray) -> np.ndarray:
+    """Tokens at the start of each pair [..., L] that both sides share (the trunk): the
+    longest run of equal ids with equal labels in `TRUNK_SEGMENTS`. Their log-probs are
+    equal on both sides (same tokens, same context), so a shared row computes them once."""
+    same = ((np.asarray(chosen_ids) == np.asarray(rejected_ids)) &
+            (np.asarray(chosen_segments) == np.asarray(rejected_segments)) &
+            np.isin(chosen_segments, np.asarray(TRUNK_SEGMENTS, np.int8)))
+    return np.cumprod(same, axis=-1).sum(-1)
+
+
+def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray,
+                       trunk: np.ndarray | None = None) -> np.ndarray:
+    """Tokens each pair needs as one shared row (`fdpo.train.pack_shared_prompt`), from its
+    segment ids [..., L]: both sides' tokens less the `trunk` tokens they share (default:
+    the prompt alone; `trunk_lengths` for the prompt and the common prefix)."""
+    if trunk is None:
+        trunk = (chosen_segments == Segment.PROMPT).sum(-1)
     return ((chosen_segments != Segment.PAD).sum(-1) +
-            (rejected_segments != Segment.PAD).sum(-1) - prompt)
+            (rejected_segments != Segment.PAD).sum(-1) - trunk)
+
+
+def side_labels(labels, branch, side: int):
+    """One side's labels in shared rows [..., S] (numpy or jax arrays): `side` 1 (chosen) or
+    2 (rejected) keeps its own branch and the trunk (branch 0, counted for both sides),
+    PAD elsewhere (PAD is 0)."""
+    return labels * ((branch == side) | (branch == 0))
 
 
 # Row/column order of ``ref_logps[side, segment]``.

@@ -11,12 +11,16 @@ sharded `P(None, <batch axes>)`: every micro-batch is spread over all data-paral
 devices. Chosen and rejected run in one forward, interleaved on the batch axis (row 2i is
 pair i's chosen, 2i+1 its rejected, so a pair stays on one device).
 
-Shared-prompt rows (`Trainer(shared_length=S)`): each pair becomes one row of S tokens,
-`[prompt | chosen response | rejected response | pad]`, and the model sees the prompt once.
-The rejected response attends to the prompt and to itself only (`branch_ids`), its rope
-positions continue from the prompt as the chosen response's do, and its first token is
-scored from the prompt's last hidden state: the same log-probs as two separate sequences,
-for prompt + chosen + rejected tokens instead of 2 x L. The batch then holds `ids`,
+Shared rows (`Trainer(shared_length=S)`): each pair becomes one row of S tokens,
+`[trunk | chosen rest | rejected rest | pad]`, where the trunk is what both sides share
+(`fdpo.records.trunk_lengths`: the prompt and the common prefix, with the lead when it is
+identical; `trunk=False`: the prompt only) and the model sees it once. The rejected rest
+attends to the trunk and to itself only (`branch_ids`), its rope positions continue from
+the trunk's end as the chosen rest's do, and its first token is scored from the trunk's
+last hidden state: the same log-probs as two separate sequences. The trunk's response
+tokens (the prefix) are scored once and their sums count for both sides
+(`fdpo.records.side_labels`); they are equal on both sides by construction. A row holds
+chosen + rejected - trunk tokens instead of 2 x L. The batch then holds `ids`,
 `positions`, `branch`, `labels` (`Segment` ids), `parents` (the index of the hidden state
 that scores each token), int32 [M, b, S], packed on the host by `pack_shared_prompt`. Gradients are summed
 over micro-batches by `lax.scan` with normalisers (pairs, chosen tokens) of the whole
@@ -47,7 +51,7 @@ from fdpo import scoring
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
-from fdpo.records import Segment, shared_row_lengths
+from fdpo.records import Segment, shared_row_lengths, side_labels, trunk_lengths
 
 Array = jax.Array
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
@@ -187,8 +191,11 @@ def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
 # ----------------------------------------------------------------------------------------
 
 
-def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Pairs (the record layout, [b, L]) -> shared-prompt rows [b, length] (module docstring).
+def pack_shared_prompt(examples: dict[str, np.ndarray], length: int,
+                       trunk: bool = True) -> dict[str, np.ndarray]:
+    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (module docstring): the
+    trunk (prompt + common prefix; the prompt only when `trunk` is False) once, then the
+    chosen rest, then the rejected rest.
 
     Raises ValueError naming the pair when its two prompts differ, it has no prompt token
     (its first response token would have no hidden state to be scored from), or it does not
@@ -199,7 +206,9 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
     b = c_ids.shape[0]
     out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
     out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
-    needed = shared_row_lengths(c_seg, r_seg)
+    shared = (trunk_lengths(c_ids, r_ids, c_seg, r_seg) if trunk
+              else (c_seg == Segment.PROMPT).sum(-1))
+    needed = shared_row_lengths(c_seg, r_seg, shared)
     for i in range(b):
         p = int((c_seg[i] == Segment.PROMPT).sum())
         nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
@@ -209,15 +218,16 @@ def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str
                              f"or are empty; shared-prompt rows need one common prompt")
         if needed[i] > length:
             raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
-                             f"shared-prompt row; shared_length is {length}")
-        rejected = slice(nc, nc + nr - p)
-        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, p:nr]
-        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, p:nr]
-        out["branch"][i, p:nc], out["branch"][i, rejected] = 1, 2
+                             f"shared row; shared_length is {length}")
+        t = int(shared[i])  # trunk tokens, prompt included
+        rejected = slice(nc, nc + nr - t)
+        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, t:nr]
+        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, t:nr]
+        out["branch"][i, t:nc], out["branch"][i, rejected] = 1, 2
         out["positions"][i, :nc] = np.arange(nc)
-        out["positions"][i, rejected] = np.arange(p, nr)
-        if nr > p:
-            out["parents"][i, nc] = p - 1  # the first rejected token follows the prompt
+        out["positions"][i, rejected] = np.arange(t, nr)
+        if nr > t:
+            out["parents"][i, nc] = t - 1  # the first rejected token follows the trunk
     return out
 
 
@@ -235,7 +245,7 @@ def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
     parents = jnp.take_along_axis(hidden, parents[..., None], axis=1)
     lp = logprobs.target_logprobs(parents, model.unembedding(), targets, chunk, recompute)
     side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
-        lp, jnp.where(branch == k, labels, int(Segment.PAD)))
+        lp, side_labels(labels, branch, k))
     return jnp.stack([side(1), side(2)], axis=1)
 
 
@@ -260,7 +270,7 @@ def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, 
 
     def sides(x):
         side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
-            x, jnp.where(branch == k, labels, int(Segment.PAD)))
+            x, side_labels(labels, branch, k))
         return jnp.stack([side(1), side(2)], axis=1)
 
     return tuple(sides(x) for x in outs)
@@ -292,7 +302,7 @@ class Trainer:
                  reference: str = "frozen", chunk: int = 256,
                  schedule: optax.Schedule | None = None, shared_length: int = 0,
                  response_capacity: int = 0, logprob_recompute: bool = True,
-                 mechanism: bool = False):
+                 mechanism: bool = False, trunk: bool = True):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         if loss_cfg.is_tdpo and reference != "frozen":
@@ -303,6 +313,7 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in rules)
         self.reference, self.chunk, self.schedule = reference, chunk, schedule
         self.shared_length = shared_length  # 0: chosen and rejected as separate rows
+        self.trunk = trunk  # shared rows share prompt + common prefix (False: the prompt)
         # Response positions per row that reach the LM head (0: all positions); whether the
         # backward recomputes each log-prob chunk's logits (`fdpo.logprobs`).
         self.response_capacity, self.logprob_recompute = response_capacity, logprob_recompute
@@ -377,7 +388,7 @@ class Trainer:
                              f"micro-batches")
         local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
         if self.shared_length:
-            local = pack_shared_prompt(local, self.shared_length)
+            local = pack_shared_prompt(local, self.shared_length, self.trunk)
         self._check_capacity(local)
         if "ref_logps" in examples:
             ref = np.asarray(examples["ref_logps"], np.float32)
@@ -461,7 +472,7 @@ class Trainer:
         mask = micro["pair_mask"]
         sums = loss_lib.masked_sums(terms | (extra_terms or {}), mask)
         loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
-        # Tokens the model ran on (shared-prompt rows count the prompt once).
+        # Tokens the model ran on (shared rows count the trunk once).
         if self.shared_length:
             ran = (micro["labels"] != 0).sum(-1)
         else:
@@ -489,7 +500,7 @@ class Trainer:
     def _response_lengths(self, micro):
         """[b, 2] response tokens of (chosen, rejected) per pair (length-normalised IPO)."""
         if self.shared_length:
-            sides = [jnp.where(micro["branch"] == k, micro["labels"], 0) for k in (1, 2)]
+            sides = [side_labels(micro["labels"], micro["branch"], k) for k in (1, 2)]
         else:
             sides = [micro["chosen_segments"], micro["rejected_segments"]]
         return jnp.stack([_response_tokens(s) for s in sides], -1)
@@ -497,7 +508,7 @@ class Trainer:
     def _normalisers(self, batch):
         mask = batch["pair_mask"]
         if self.shared_length:
-            chosen = jnp.where(batch["branch"] == 1, batch["labels"], 0)
+            chosen = side_labels(batch["labels"], batch["branch"], 1)
         else:
             chosen = batch["chosen_segments"]
         return mask.sum(), jnp.sum(mask * _response_tokens(chosen))
