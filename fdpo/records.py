@@ -103,6 +103,50 @@ def side_labels(labels, branch, side: int):
     return labels * ((branch == side) | (branch == 0))
 
 
+# The arrays of a shared row [b, S] (int32), as `pack_shared_prompt` writes them.
+SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
+
+
+def pack_shared_prompt(examples: dict[str, np.ndarray], length: int,
+                       trunk: bool = True) -> dict[str, np.ndarray]:
+    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (`fdpo.train` module docstring): the
+    trunk (prompt + common prefix; the prompt only when `trunk` is False) once, then the
+    chosen rest, then the rejected rest.
+
+    Raises ValueError naming the pair when its two prompts differ, it has no prompt token
+    (its first response token would have no hidden state to be scored from), or it does not
+    fit in `length`.
+    """
+    c_ids, r_ids = examples["chosen_ids"], examples["rejected_ids"]
+    c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
+    b = c_ids.shape[0]
+    out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
+    out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
+    shared = (trunk_lengths(c_ids, r_ids, c_seg, r_seg) if trunk
+              else (c_seg == Segment.PROMPT).sum(-1))
+    needed = shared_row_lengths(c_seg, r_seg, shared)
+    for i in range(b):
+        p = int((c_seg[i] == Segment.PROMPT).sum())
+        nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
+        if p == 0 or int((r_seg[i] == Segment.PROMPT).sum()) != p or \
+                not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
+            raise ValueError(f"pair {i} of the batch: the chosen and rejected prompts differ "
+                             f"or are empty; shared-prompt rows need one common prompt")
+        if needed[i] > length:
+            raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
+                             f"shared row; shared_length is {length}")
+        t = int(shared[i])  # trunk tokens, prompt included
+        rejected = slice(nc, nc + nr - t)
+        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, t:nr]
+        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, t:nr]
+        out["branch"][i, t:nc], out["branch"][i, rejected] = 1, 2
+        out["positions"][i, :nc] = np.arange(nc)
+        out["positions"][i, rejected] = np.arange(t, nr)
+        if nr > t:
+            out["parents"][i, nc] = t - 1  # the first rejected token follows the trunk
+    return out
+
+
 # Row/column order of ``ref_logps[side, segment]``.
 SIDES = ("chosen", "rejected")
 RESPONSE_SEGMENTS = (Segment.PREFIX, Segment.MID, Segment.SUFFIX, Segment.LEAD, Segment.TRAIL)

@@ -22,7 +22,9 @@ tokens (the prefix) are scored once and their sums count for both sides
 (`fdpo.records.side_labels`); they are equal on both sides by construction. A row holds
 chosen + rejected - trunk tokens instead of 2 x L. The batch then holds `ids`,
 `positions`, `branch`, `labels` (`Segment` ids), `parents` (the index of the hidden state
-that scores each token), int32 [M, b, S], packed on the host by `pack_shared_prompt`. Gradients are summed
+that scores each token), int32 [M, b, S], packed on the host by
+`fdpo.records.pack_shared_prompt` (in `make_batch`, or before it: the data loader's
+`fdpo.data.train_dataset(shared_length=S)`). Gradients are summed
 over micro-batches by `lax.scan` with normalisers (pairs, chosen tokens) of the whole
 batch, so the accumulated gradient is exactly that of the full batch.
 
@@ -51,12 +53,11 @@ from fdpo import scoring
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
-from fdpo.records import Segment, shared_row_lengths, side_labels, trunk_lengths
+from fdpo.records import SHARED_KEYS, Segment, pack_shared_prompt, side_labels
 
 Array = jax.Array
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
               "ref_logps", "pair_mask")
-SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
 REFERENCE_MODES = ("frozen", "precomputed")
 # Names of the logged per-pair means (TRL's names where TRL has the quantity).
 METRIC_NAMES = {
@@ -189,46 +190,6 @@ def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
 # ----------------------------------------------------------------------------------------
 # Shared-prompt rows
 # ----------------------------------------------------------------------------------------
-
-
-def pack_shared_prompt(examples: dict[str, np.ndarray], length: int,
-                       trunk: bool = True) -> dict[str, np.ndarray]:
-    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (module docstring): the
-    trunk (prompt + common prefix; the prompt only when `trunk` is False) once, then the
-    chosen rest, then the rejected rest.
-
-    Raises ValueError naming the pair when its two prompts differ, it has no prompt token
-    (its first response token would have no hidden state to be scored from), or it does not
-    fit in `length`.
-    """
-    c_ids, r_ids = examples["chosen_ids"], examples["rejected_ids"]
-    c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
-    b = c_ids.shape[0]
-    out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
-    out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
-    shared = (trunk_lengths(c_ids, r_ids, c_seg, r_seg) if trunk
-              else (c_seg == Segment.PROMPT).sum(-1))
-    needed = shared_row_lengths(c_seg, r_seg, shared)
-    for i in range(b):
-        p = int((c_seg[i] == Segment.PROMPT).sum())
-        nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
-        if p == 0 or int((r_seg[i] == Segment.PROMPT).sum()) != p or \
-                not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
-            raise ValueError(f"pair {i} of the batch: the chosen and rejected prompts differ "
-                             f"or are empty; shared-prompt rows need one common prompt")
-        if needed[i] > length:
-            raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
-                             f"shared row; shared_length is {length}")
-        t = int(shared[i])  # trunk tokens, prompt included
-        rejected = slice(nc, nc + nr - t)
-        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, t:nr]
-        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, t:nr]
-        out["branch"][i, t:nc], out["branch"][i, rejected] = 1, 2
-        out["positions"][i, :nc] = np.arange(nc)
-        out["positions"][i, rejected] = np.arange(t, nr)
-        if nr > t:
-            out["parents"][i, nc] = t - 1  # the first rejected token follows the trunk
-    return out
 
 
 def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
@@ -380,15 +341,24 @@ class Trainer:
         """Host examples (this process's `b` pairs, numpy [b, ...]) -> the global batch.
 
         Each process passes its own pairs; the global batch concatenates them in process
-        order. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
+        order. With shared rows, examples that already hold the packed arrays
+        (`fdpo.records.SHARED_KEYS`, from `fdpo.data.train_dataset(shared_length=...)`) are
+        used as they are; others are packed here. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
         """
         b = examples["chosen_ids"].shape[0]
         if b % micro_batches:
             raise ValueError(f"{b} pairs per process do not split into {micro_batches} "
                              f"micro-batches")
-        local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
-        if self.shared_length:
-            local = pack_shared_prompt(local, self.shared_length, self.trunk)
+        if self.shared_length and "ids" in examples:  # packed by the data loader
+            local = {k: np.asarray(examples[k], np.int32) for k in SHARED_KEYS}
+            if local["ids"].shape[1] != self.shared_length:
+                raise ValueError(f"packed rows of {local['ids'].shape[1]} tokens; this "
+                                 f"trainer's shared_length is {self.shared_length}")
+        elif self.shared_length:
+            local = pack_shared_prompt({k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]},
+                                       self.shared_length, self.trunk)
+        else:
+            local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
         self._check_capacity(local)
         if "ref_logps" in examples:
             ref = np.asarray(examples["ref_logps"], np.float32)

@@ -222,3 +222,28 @@ def test_trunk_rows_give_the_same_step_and_mechanism_metrics(arch, preset, pairs
 @pytest.mark.parametrize("preset", PRESETS)
 def test_trunk_rows_give_the_same_step_for_every_preset(arch, preset, pairs):
     assert_same_step(*step_both_ways(arch, preset, pairs, mechanism=False))
+
+
+def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
+    """`data.train_dataset(shared_length=S)` packs in the loader; the trainer then uses the
+    packed rows as they are, and its batch equals the one it packs itself."""
+    from fdpo import data
+    from fdpo.testing import write_dataset
+
+    recs = random_pairs(8, LENGTH, vocab=211, seed=7,
+                        lengths=((2, 6), (0, 8), (1, 4), (0, 4), (0, 5)))
+    src = records.PairDataSource.from_manifest(
+        write_dataset(tmp_path / "data", {"train": recs}), "train")
+    S = data.longest_shared_row(src)
+    trainer = train.Trainer(MODELS["qwen2"], loss_lib.preset("dpo"), optax.sgd(0.1),
+                            ONE_DEVICE, shared_length=S)
+    plain = data.train_dataset(src, global_batch=4, seed=0)[0]
+    packed = data.train_dataset(src, global_batch=4, seed=0, shared_length=S)[0]
+    assert set(records.SHARED_KEYS) <= set(packed) and "ids" not in plain
+    a, b = trainer.make_batch(packed, 2), trainer.make_batch(plain, 2)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    with pytest.raises(ValueError, match="packed rows of"):
+        train.Trainer(MODELS["qwen2"], loss_lib.preset("dpo"), optax.sgd(0.1), ONE_DEVICE,
+                      shared_length=S + 1).make_batch(packed, 2)
