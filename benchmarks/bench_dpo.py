@@ -268,14 +268,20 @@ def table(results: list[dict]) -> str:
         by.setdefault(r["name"], []).append(r)
     med = {n: statistics.median(r["median_s_per_step"] for r in rs) for n, rs in by.items()}
     bases = [b for b in ("separate", "trl", "tunix") if b in med]
+    cpu = {n: statistics.median(r["own_cpu_s_per_step_median"] for r in rs)
+           for n, rs in by.items()}
+    # With foreign load, the CPU seconds a step takes from this process compare layouts
+    # better than wall time (the scheduler's share moves between runs).
     head = ("| implementation | runs | s/step | pairs/s | " +
             " | ".join(f"vs {b}" for b in bases) +
+            " | own CPU s/step | " + " | ".join(f"CPU vs {b}" for b in bases) +
             " | tokens/step (real / given) | peak RSS GiB | XLA temp MiB | step-0 loss "
             "| foreign cores |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n, rs in by.items():
         r0 = rs[0]
         ratios = " | ".join(f"{med[b] / med[n]:.2f}x" for b in bases)
+        ratios += f" | {cpu[n]:.1f} | " + " | ".join(f"{cpu[b] / cpu[n]:.2f}x" for b in bases)
         tokens = (f"{r0['tokens_real_per_step']:.0f} / {r0['tokens_padded_per_step']:.0f}"
                   if "tokens_real_per_step" in r0 else
                   f"{r0.get('nonpad_tokens_per_step', 0):.0f} / "
