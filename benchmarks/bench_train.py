@@ -97,6 +97,56 @@ def measured_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / min(times)
 
 
+def timed_steps(trainer, state, batch, ref, steps: int) -> dict:
+    """Compiles `trainer.train_step` for this batch, runs one warm-up step, then `steps`
+    steps, each waited for -> compile_s, step_s (median), temp_GiB (XLA's temp buffers),
+    loss and the final state. The one timing loop of a single step (device_check too)."""
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, ref).compile()
+    compile_s = time.perf_counter() - t
+    state, m = compiled(state, batch, ref)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch, ref)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return {"compile_s": compile_s, "step_s": statistics.median(times), "loss": float(m["loss"]),
+            "temp_GiB": compiled.memory_analysis().temp_size_in_bytes / GiB, "state": state}
+
+
+def alternate(trainers: dict, params, examples, ref, rounds: int) -> dict:
+    """Several trainers' steps on the same pairs, each compiled once, then timed in turn
+    for `rounds` rounds after a warm-up round (load changes hit every variant alike) ->
+    {name: step_s (median), temp_GiB, loss (last step)}."""
+    runs = {}
+    for name, trainer in trainers.items():
+        state = trainer.init_state(train.copy_params(params))
+        batch = trainer.make_batch(examples, 1)
+        step = trainer.train_step.lower(state, batch, ref).compile()
+        runs[name] = {"state": state, "batch": batch, "step": step, "times": [],
+                      "temp_GiB": step.memory_analysis().temp_size_in_bytes / GiB}
+    for _ in range(rounds + 1):  # the first round warms up
+        for r in runs.values():
+            t = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["batch"], ref)
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t)
+            r["loss"] = float(m["loss"])
+    return {name: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
+                   "loss": r["loss"]} for name, r in runs.items()}
+
+
+def args_shape(args, vocab: int | None = None) -> ModelConfig:
+    """The Qwen2 shape of the --hidden/--layers/--mlp/--vocab flags."""
+    return ModelConfig(architecture="qwen2", vocab_size=vocab or args.vocab,
+                       hidden_size=args.hidden, intermediate_size=args.mlp,
+                       num_layers=args.layers, num_heads=8, num_kv_heads=2,
+                       head_dim=args.hidden // 8, rms_norm_eps=1e-6, rope_theta=1e6,
+                       qkv_bias=True, tie_embeddings=False, compute_dtype=args.compute_dtype)
+
+
 def bench_step(args) -> dict:
     cfg = bench_shape(args.compute_dtype, args.remat)
     pairs, length = args.pairs, args.length
@@ -119,25 +169,14 @@ def bench_step(args) -> dict:
         "rejected_segments": np.tile(seg, (pairs, 1)),
         "ref_logps": np.zeros((pairs, 2, 5), np.float32),
     }
-    batch = trainer.make_batch(examples, 1)
-    t = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch, ref).compile()
-    compile_s = time.perf_counter() - t
-    state, m = compiled(state, batch, ref)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch, ref)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    step = statistics.median(times)
+    r = timed_steps(trainer, state, trainer.make_batch(examples, 1), ref, args.steps)
+    step = r["step_s"]
     tokens = 2 * pairs * length
     passes = 4 if args.reference == "frozen" else 3
     flops = passes * tokens * forward_flops_per_token(cfg, length)
-    return {"params_M": cfg.num_params / 1e6, "compile_s": compile_s, "step_s": step,
+    return {"params_M": cfg.num_params / 1e6, "compile_s": r["compile_s"], "step_s": step,
             "pairs_per_s": pairs / step, "tokens_per_s": tokens / step,
-            "model_flops_per_s": flops / step, "loss": float(m["loss"])}
+            "model_flops_per_s": flops / step, "loss": r["loss"]}
 
 
 def bench_shared(steps: int) -> dict:
@@ -159,29 +198,22 @@ def bench_shared(steps: int) -> dict:
                 "rejected_segments": np.tile(seg, (pairs, 1))}
     need = int(records.shared_row_lengths(examples["chosen_segments"],
                                         examples["rejected_segments"]).max())
+    trunk = records.trunk_lengths(*(examples[k] for k in (
+        "chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")))
+    trunk_need = int(records.shared_row_lengths(examples["chosen_segments"],
+                                                examples["rejected_segments"], trunk).max())
     params = random_params(cfg, 0, scale=0.02)
-    runs = {}
-    for name, shared_length in (("separate rows", 0), ("shared-prompt rows", need)):
-        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
-        trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.1), tx, mesh,
-                                shared_length=shared_length)
-        state = trainer.init_state(train.copy_params(params))
-        batch = trainer.make_batch(examples, 1)
-        step = trainer.train_step.lower(state, batch, params).compile()
-        temp = step.memory_analysis().temp_size_in_bytes
-        runs[name] = {"state": state, "batch": batch, "step": step, "times": [],
-                      "temp_GiB": temp / GiB, "row_tokens": batch["pair_mask"].shape[1] * (
-                          2 * length if not shared_length else need)}
-    for _ in range(steps + 1):  # the first round warms up
-        for r in runs.values():
-            t = time.perf_counter()
-            r["state"], m = r["step"](r["state"], r["batch"], params)
-            jax.block_until_ready(m)
-            r["times"].append(time.perf_counter() - t)
-            r["loss"] = float(m["loss"])
-    return {name: {"step_s": statistics.median(r["times"][1:]), "loss": r["loss"],
-                   "temp_GiB": r["temp_GiB"], "row_tokens": r["row_tokens"]}
-            for name, r in runs.items()}
+    layouts = {"separate rows": (0, True, 2 * length), "shared-prompt rows": (need, False, need),
+               "trunk rows": (trunk_need, True, trunk_need)}
+    trainers = {name: train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.1),
+                                    train.make_optimizer(train.OptimizerConfig(lr=1e-5),
+                                                         1000)[0], mesh,
+                                    shared_length=shared_length, trunk=trunk)
+                for name, (shared_length, trunk, _) in layouts.items()}
+    out = alternate(trainers, params, examples, params, steps)
+    for name, (_, _, tokens) in layouts.items():
+        out[name]["row_tokens"] = pairs * tokens
+    return out
 
 
 def bench_loop(args) -> dict:
@@ -265,11 +297,7 @@ def logprob_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
 
 
 def bench_tdpo(args) -> dict:
-    cfg = ModelConfig(architecture="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
-                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
-                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
-                      compute_dtype=args.compute_dtype)
+    cfg = args_shape(args)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     examples = stack(random_pairs(args.pairs, args.length, cfg.vocab_size, seed=0, lengths=(
         (128, 128), (192, 192), (32, 32), (32, 32), (96, 96))))
@@ -277,37 +305,19 @@ def bench_tdpo(args) -> dict:
     need = int(records.shared_row_lengths(examples["chosen_segments"],
                                         examples["rejected_segments"]).max())
     params = random_params(cfg, 0, scale=0.02)
-    ref = train.copy_params(params)
-    runs = {}
-    for name in ("dpo", "tdpo2"):
-        tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
-        trainer = train.Trainer(cfg, loss_lib.preset(name, beta=0.1), tx, mesh,
-                                chunk=args.chunk, shared_length=need)
-        state = trainer.init_state(train.copy_params(params))
-        batch = trainer.make_batch(examples, 1)
-        step = trainer.train_step.lower(state, batch, ref).compile()
-        runs[name] = {"state": state, "batch": batch, "step": step, "times": [],
-                      "temp_GiB": step.memory_analysis().temp_size_in_bytes / GiB}
-    for _ in range(args.steps + 1):  # the first round warms up
-        for r in runs.values():
-            t = time.perf_counter()
-            r["state"], m = r["step"](r["state"], r["batch"], ref)
-            jax.block_until_ready(m)
-            r["times"].append(time.perf_counter() - t)
-            r["loss"] = float(m["loss"])
-    out = {name: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
-                  "loss": r["loss"]} for name, r in runs.items()}
+    trainers = {name: train.Trainer(cfg, loss_lib.preset(name, beta=0.1),
+                                    train.make_optimizer(train.OptimizerConfig(lr=1e-5),
+                                                         1000)[0], mesh, chunk=args.chunk,
+                                    shared_length=need)
+                for name in ("dpo", "tdpo2")}
+    out = alternate(trainers, params, examples, train.copy_params(params), args.steps)
     out["params_M"] = cfg.num_params / 1e6
     return out
 
 
 def step_memory(args, vocab: int = 152064) -> dict:
     """XLA temp memory of the compiled dpo and tdpo2 train steps (separate rows), not run."""
-    cfg = ModelConfig(architecture="qwen2", vocab_size=vocab, hidden_size=args.hidden,
-                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
-                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
-                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
-                      compute_dtype=args.compute_dtype)
+    cfg = args_shape(args, vocab)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     examples = stack(random_pairs(args.pairs, args.length, 1000, seed=0, lengths=(
         (128, 128), (192, 192), (32, 32), (32, 32), (96, 96))))
@@ -359,11 +369,7 @@ def kl_memory(vocab: int = 152064, sequences: int = 8, length: int = 512,
 def bench_logprobs(args):
     """Yields (layout, row tokens, largest response count, {(capacity, recompute): result})
     per layout, as each finishes."""
-    cfg = ModelConfig(architecture="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=args.mlp, num_layers=args.layers, num_heads=8,
-                      num_kv_heads=2, head_dim=args.hidden // 8, rms_norm_eps=1e-6,
-                      rope_theta=1e6, qkv_bias=True, tie_embeddings=False,
-                      compute_dtype=args.compute_dtype)
+    cfg = args_shape(args)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     examples = stack(random_pairs(args.pairs, args.length, cfg.vocab_size, seed=0, lengths=(
         (96, 96), (192, 192), (24, 64), (24, 64), (64, 64))))
@@ -379,31 +385,15 @@ def bench_logprobs(args):
         else:
             responses = int(max((examples[f"{s}_segments"] >= records.Segment.PREFIX)
                                 .sum(-1).max() for s in ("chosen", "rejected")))
-        runs = {}
-        for capacity in (0, responses):
-            for recompute in (True, False):
-                tx = train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0]
-                trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.1), tx,
-                                        mesh, chunk=args.chunk, shared_length=shared_length,
-                                        response_capacity=capacity,
-                                        logprob_recompute=recompute)
-                state = trainer.init_state(train.copy_params(params))
-                batch = trainer.make_batch(examples, 1)
-                step = trainer.train_step.lower(state, batch, ref).compile()
-                runs[(capacity, recompute)] = {
-                    "state": state, "batch": batch, "step": step, "times": [],
-                    "temp_GiB": step.memory_analysis().temp_size_in_bytes / GiB}
-        for _ in range(args.steps + 1):  # the first round warms up
-            for r in runs.values():
-                t = time.perf_counter()
-                r["state"], m = r["step"](r["state"], r["batch"], ref)
-                jax.block_until_ready(m)
-                r["times"].append(time.perf_counter() - t)
-                r["loss"] = float(m["loss"])
-        yield layout, shared_length or args.length, responses, {
-            k: {"step_s": statistics.median(r["times"][1:]), "temp_GiB": r["temp_GiB"],
-                "loss": r["loss"]} for k, r in runs.items()}
-        runs.clear()
+        trainers = {
+            (capacity, recompute): train.Trainer(
+                cfg, loss_lib.preset("focused_dpo", beta=0.1),
+                train.make_optimizer(train.OptimizerConfig(lr=1e-5), 1000)[0], mesh,
+                chunk=args.chunk, shared_length=shared_length, response_capacity=capacity,
+                logprob_recompute=recompute)
+            for capacity in (0, responses) for recompute in (True, False)}
+        yield layout, shared_length or args.length, responses, alternate(
+            trainers, params, examples, ref, args.steps)
 
 
 def main() -> None:

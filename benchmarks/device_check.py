@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.bench_train import forward_flops_per_token  # noqa: E402
+from benchmarks.bench_train import forward_flops_per_token, timed_steps  # noqa: E402
 from fdpo import sampling, sharding, train  # noqa: E402
 from fdpo import loss as loss_lib  # noqa: E402
 from fdpo.models import convert  # noqa: E402
@@ -134,25 +134,14 @@ def train_row(name: str, args, mesh, peak: float) -> dict:
         "rejected_ids": rng.integers(0, cfg.vocab_size, (pairs, length)).astype(np.int32),
         "chosen_segments": np.tile(seg, (pairs, 1)), "rejected_segments": np.tile(seg, (pairs, 1)),
         "ref_logps": np.zeros((pairs, 2, 5), np.float32)}
-    batch = trainer.make_batch(examples, 1)
-    t = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch, ref).compile()
-    compile_s = time.perf_counter() - t
-    state, m = compiled(state, batch, ref)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch, ref)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    step = statistics.median(times)
+    r = timed_steps(trainer, state, trainer.make_batch(examples, 1), ref, args.steps)
+    step = r["step_s"]
     tokens = 2 * pairs * length
     flops = 4 * tokens * forward_flops_per_token(cfg, length)
     return {"part": "train", "shape": name, "params_M": round(cfg.num_params / 1e6, 1),
-            "pairs": pairs, "length": length, "remat": args.remat, "compile_s": compile_s,
+            "pairs": pairs, "length": length, "remat": args.remat, "compile_s": r["compile_s"],
             "step_s": step, "tokens_per_s": tokens / step, "mfu": flops / step / peak,
-            "loss": float(m["loss"]), "peak_memory_gib": peak_memory_gib(jax.devices()[0])}
+            "loss": r["loss"], "peak_memory_gib": peak_memory_gib(jax.devices()[0])}
 
 
 def sampler_rows(name: str, args, mesh) -> list[dict]:

@@ -12,18 +12,26 @@ Evaluation: the split in order, once, in global batches padded with masked pairs
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import grain
 import numpy as np
 
-from fdpo.records import PairDataSource, shared_row_lengths
+from fdpo.records import (PairDataSource, pack_shared_prompt, shared_row_lengths,
+                          trunk_lengths)
 
 
 def train_dataset(source: PairDataSource, *, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
-                  shuffle: bool = True) -> grain.MapDataset:
-    """This process's infinite sequence of [global_batch / process_count] batches."""
+                  shuffle: bool = True, shared_length: int = 0,
+                  trunk: bool = True) -> grain.MapDataset:
+    """This process's infinite sequence of [global_batch / process_count] batches.
+
+    `shared_length` > 0: each batch also holds its pairs packed as shared rows of that many
+    tokens (`fdpo.records.pack_shared_prompt`, `trunk` as there), packed by the loader's
+    read-ahead threads instead of the train step's host code (`Trainer.make_batch` uses
+    them as they are)."""
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} does not split over {process_count} "
                          f"processes")
@@ -35,7 +43,14 @@ def train_dataset(source: PairDataSource, *, global_batch: int, seed: int,
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None)  # each epoch reshuffled with (seed, epoch)
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    return ds[process_index::process_count]
+    ds = ds[process_index::process_count]
+    if shared_length:
+        ds = ds.map(functools.partial(_with_shared_rows, length=shared_length, trunk=trunk))
+    return ds
+
+
+def _with_shared_rows(batch: dict, length: int, trunk: bool) -> dict:
+    return batch | pack_shared_prompt(batch, length, trunk)
 
 
 def train_iterator(ds: grain.MapDataset, *, num_threads: int = 2,
@@ -64,15 +79,20 @@ def eval_batches(source: PairDataSource, *, global_batch: int, process_index: in
         yield {key: np.stack([r[key] for r in records]) for key in records[0]}, mask
 
 
-def longest_shared_row(*sources: PairDataSource, chunk: int = 4096) -> int:
-    """The most tokens any pair of `sources` needs as a shared-prompt row (one pass over
-    the records' segment ids)."""
+def longest_shared_row(*sources: PairDataSource, chunk: int = 4096,
+                       trunk: bool = True) -> int:
+    """The most tokens any pair of `sources` needs as a shared row (`fdpo.train`: prompt +
+    common prefix once, or the prompt only when `trunk` is False), in one pass over the
+    records."""
     longest = 0
     for source in sources:
         for start in range(0, len(source), chunk):
             records = source.__getitems__(range(start, min(start + chunk, len(source))))
-            lengths = shared_row_lengths(np.stack([r["chosen_segments"] for r in records]),
-                                         np.stack([r["rejected_segments"] for r in records]))
+            arrays = {k: np.stack([r[k] for r in records]) for k in
+                      ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")}
+            shared = trunk_lengths(**arrays) if trunk else None
+            lengths = shared_row_lengths(arrays["chosen_segments"],
+                                         arrays["rejected_segments"], shared)
             longest = max(longest, int(lengths.max()))
     return longest
 

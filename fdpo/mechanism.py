@@ -41,7 +41,7 @@ from flax import nnx
 from fdpo import logprobs
 from fdpo import loss as loss_lib
 from fdpo import sharding as shd
-from fdpo.records import Segment
+from fdpo.records import Segment, side_labels
 
 Array = jax.Array
 SIDES = ("chosen", "rejected")
@@ -56,7 +56,7 @@ FAMILIES = ("dlogp", "dlogp_per_token", "first_margin", "kl", "grad")
 def pair_pass(graphdef, params, ref_params, micro: dict[str, Array], chunk: int,
               shared: bool) -> dict[str, Array]:
     """The policy (and the frozen reference, unless ref_params is None) on a micro-batch of
-    pairs, in either layout (`fdpo.train`: separate rows or shared-prompt rows), in one
+    pairs, in either layout (`fdpo.train`: separate rows or shared rows), in one
     chunked pass -> dict of
 
         policy, reference, kl   [b, 2, 5]  per side x segment sums (reference, kl: frozen
@@ -81,7 +81,8 @@ def pair_pass(graphdef, params, ref_params, micro: dict[str, Array], chunk: int,
             return jnp.take_along_axis(hidden, micro["parents"][..., None], axis=1)
 
         targets = ids
-        sides = jnp.stack([jnp.where(branch == k, labels, pad) for k in (1, 2)], 1)
+        # The trunk's tokens (prompt, common prefix) count for both sides.
+        sides = jnp.stack([side_labels(labels, branch, k) for k in (1, 2)], 1)
         to_sides = lambda x: jnp.broadcast_to(x[:, None], sides.shape)  # noqa: E731
         chosen_rows = rejected_rows = lambda x: x  # noqa: E731
     else:

@@ -66,13 +66,85 @@ class Segment(enum.IntEnum):
     TRAIL = 6  # after the code span: the closing fence, trailing prose, the EOS
 
 
-def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray
-                       ) -> np.ndarray:
-    """Tokens each pair needs as one shared-prompt row (prompt + both responses;
-    `fdpo.train.pack_shared_prompt`), from its segment ids [..., L]."""
-    prompt = (chosen_segments == Segment.PROMPT).sum(-1)
+# What a pair's two sides can share in one row (`fdpo.train.pack_shared_prompt`): the
+# prompt, then every token that is the same id with the same label on both sides in the same
+# context, from the prompt on: the common prefix, and before it the lead when the two leads
+# are identical (a completion pair has none; an instruct pair's prose usually differs, and
+# then its prefix follows different contexts and only the prompt is shared).
+TRUNK_SEGMENTS = (Segment.PROMPT, Segment.LEAD, Segment.PREFIX)
+
+
+def trunk_lengths(chosen_ids: np.ndarray, rejected_ids: np.ndarray,
+                  chosen_segments: np.ndarray, rejected_segments: np.ndarray) -> np.ndarray:
+    """Tokens at the start of each pair [..., L] that both sides share (the trunk): the
+    longest run of equal ids with equal labels in `TRUNK_SEGMENTS`. Their log-probs are
+    equal on both sides (same tokens, same context), so a shared row computes them once."""
+    same = ((np.asarray(chosen_ids) == np.asarray(rejected_ids)) &
+            (np.asarray(chosen_segments) == np.asarray(rejected_segments)) &
+            np.isin(chosen_segments, np.asarray(TRUNK_SEGMENTS, np.int8)))
+    return np.cumprod(same, axis=-1).sum(-1)
+
+
+def shared_row_lengths(chosen_segments: np.ndarray, rejected_segments: np.ndarray,
+                       trunk: np.ndarray | None = None) -> np.ndarray:
+    """Tokens each pair needs as one shared row (`fdpo.train.pack_shared_prompt`), from its
+    segment ids [..., L]: both sides' tokens less the `trunk` tokens they share (default:
+    the prompt alone; `trunk_lengths` for the prompt and the common prefix)."""
+    if trunk is None:
+        trunk = (chosen_segments == Segment.PROMPT).sum(-1)
     return ((chosen_segments != Segment.PAD).sum(-1) +
-            (rejected_segments != Segment.PAD).sum(-1) - prompt)
+            (rejected_segments != Segment.PAD).sum(-1) - trunk)
+
+
+def side_labels(labels, branch, side: int):
+    """One side's labels in shared rows [..., S] (numpy or jax arrays): `side` 1 (chosen) or
+    2 (rejected) keeps its own branch and the trunk (branch 0, counted for both sides),
+    PAD elsewhere (PAD is 0)."""
+    return labels * ((branch == side) | (branch == 0))
+
+
+# The arrays of a shared row [b, S] (int32), as `pack_shared_prompt` writes them.
+SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
+
+
+def pack_shared_prompt(examples: dict[str, np.ndarray], length: int,
+                       trunk: bool = True) -> dict[str, np.ndarray]:
+    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (`fdpo.train` module docstring): the
+    trunk (prompt + common prefix; the prompt only when `trunk` is False) once, then the
+    chosen rest, then the rejected rest.
+
+    Raises ValueError naming the pair when its two prompts differ, it has no prompt token
+    (its first response token would have no hidden state to be scored from), or it does not
+    fit in `length`.
+    """
+    c_ids, r_ids = examples["chosen_ids"], examples["rejected_ids"]
+    c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
+    b = c_ids.shape[0]
+    out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
+    out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
+    shared = (trunk_lengths(c_ids, r_ids, c_seg, r_seg) if trunk
+              else (c_seg == Segment.PROMPT).sum(-1))
+    needed = shared_row_lengths(c_seg, r_seg, shared)
+    for i in range(b):
+        p = int((c_seg[i] == Segment.PROMPT).sum())
+        nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
+        if p == 0 or int((r_seg[i] == Segment.PROMPT).sum()) != p or \
+                not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
+            raise ValueError(f"pair {i} of the batch: the chosen and rejected prompts differ "
+                             f"or are empty; shared-prompt rows need one common prompt")
+        if needed[i] > length:
+            raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
+                             f"shared row; shared_length is {length}")
+        t = int(shared[i])  # trunk tokens, prompt included
+        rejected = slice(nc, nc + nr - t)
+        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, t:nr]
+        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, t:nr]
+        out["branch"][i, t:nc], out["branch"][i, rejected] = 1, 2
+        out["positions"][i, :nc] = np.arange(nc)
+        out["positions"][i, rejected] = np.arange(t, nr)
+        if nr > t:
+            out["parents"][i, nc] = t - 1  # the first rejected token follows the trunk
+    return out
 
 
 # Row/column order of ``ref_logps[side, segment]``.

@@ -11,14 +11,20 @@ sharded `P(None, <batch axes>)`: every micro-batch is spread over all data-paral
 devices. Chosen and rejected run in one forward, interleaved on the batch axis (row 2i is
 pair i's chosen, 2i+1 its rejected, so a pair stays on one device).
 
-Shared-prompt rows (`Trainer(shared_length=S)`): each pair becomes one row of S tokens,
-`[prompt | chosen response | rejected response | pad]`, and the model sees the prompt once.
-The rejected response attends to the prompt and to itself only (`branch_ids`), its rope
-positions continue from the prompt as the chosen response's do, and its first token is
-scored from the prompt's last hidden state: the same log-probs as two separate sequences,
-for prompt + chosen + rejected tokens instead of 2 x L. The batch then holds `ids`,
+Shared rows (`Trainer(shared_length=S)`): each pair becomes one row of S tokens,
+`[trunk | chosen rest | rejected rest | pad]`, where the trunk is what both sides share
+(`fdpo.records.trunk_lengths`: the prompt and the common prefix, with the lead when it is
+identical; `trunk=False`: the prompt only) and the model sees it once. The rejected rest
+attends to the trunk and to itself only (`branch_ids`), its rope positions continue from
+the trunk's end as the chosen rest's do, and its first token is scored from the trunk's
+last hidden state: the same log-probs as two separate sequences. The trunk's response
+tokens (the prefix) are scored once and their sums count for both sides
+(`fdpo.records.side_labels`); they are equal on both sides by construction. A row holds
+chosen + rejected - trunk tokens instead of 2 x L. The batch then holds `ids`,
 `positions`, `branch`, `labels` (`Segment` ids), `parents` (the index of the hidden state
-that scores each token), int32 [M, b, S], packed on the host by `pack_shared_prompt`. Gradients are summed
+that scores each token), int32 [M, b, S], packed on the host by
+`fdpo.records.pack_shared_prompt` (in `make_batch`, or before it: the data loader's
+`fdpo.data.train_dataset(shared_length=S)`). Gradients are summed
 over micro-batches by `lax.scan` with normalisers (pairs, chosen tokens) of the whole
 batch, so the accumulated gradient is exactly that of the full batch.
 
@@ -47,12 +53,11 @@ from fdpo import scoring
 from fdpo import sharding as shd
 from fdpo.models import convert
 from fdpo.models.config import ModelConfig
-from fdpo.records import Segment, shared_row_lengths
+from fdpo.records import SHARED_KEYS, Segment, pack_shared_prompt, side_labels
 
 Array = jax.Array
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments",
               "ref_logps", "pair_mask")
-SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
 REFERENCE_MODES = ("frozen", "precomputed")
 # Names of the logged per-pair means (TRL's names where TRL has the quantity).
 METRIC_NAMES = {
@@ -187,40 +192,6 @@ def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
 # ----------------------------------------------------------------------------------------
 
 
-def pack_shared_prompt(examples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Pairs (the record layout, [b, L]) -> shared-prompt rows [b, length] (module docstring).
-
-    Raises ValueError naming the pair when its two prompts differ, it has no prompt token
-    (its first response token would have no hidden state to be scored from), or it does not
-    fit in `length`.
-    """
-    c_ids, r_ids = examples["chosen_ids"], examples["rejected_ids"]
-    c_seg, r_seg = examples["chosen_segments"], examples["rejected_segments"]
-    b = c_ids.shape[0]
-    out = {k: np.zeros((b, length), np.int32) for k in SHARED_KEYS}
-    out["parents"][:] = np.maximum(np.arange(length) - 1, 0)  # the token before
-    needed = shared_row_lengths(c_seg, r_seg)
-    for i in range(b):
-        p = int((c_seg[i] == Segment.PROMPT).sum())
-        nc, nr = int((c_seg[i] != Segment.PAD).sum()), int((r_seg[i] != Segment.PAD).sum())
-        if p == 0 or int((r_seg[i] == Segment.PROMPT).sum()) != p or \
-                not np.array_equal(c_ids[i, :p], r_ids[i, :p]):
-            raise ValueError(f"pair {i} of the batch: the chosen and rejected prompts differ "
-                             f"or are empty; shared-prompt rows need one common prompt")
-        if needed[i] > length:
-            raise ValueError(f"pair {i} of the batch needs {needed[i]} tokens as a "
-                             f"shared-prompt row; shared_length is {length}")
-        rejected = slice(nc, nc + nr - p)
-        out["ids"][i, :nc], out["ids"][i, rejected] = c_ids[i, :nc], r_ids[i, p:nr]
-        out["labels"][i, :nc], out["labels"][i, rejected] = c_seg[i, :nc], r_seg[i, p:nr]
-        out["branch"][i, p:nc], out["branch"][i, rejected] = 1, 2
-        out["positions"][i, :nc] = np.arange(nc)
-        out["positions"][i, rejected] = np.arange(p, nr)
-        if nr > p:
-            out["parents"][i, nc] = p - 1  # the first rejected token follows the prompt
-    return out
-
-
 def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
                               chunk: int = 256, capacity: int = 0,
                               recompute: bool = True) -> Array:
@@ -235,7 +206,7 @@ def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
     parents = jnp.take_along_axis(hidden, parents[..., None], axis=1)
     lp = logprobs.target_logprobs(parents, model.unembedding(), targets, chunk, recompute)
     side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
-        lp, jnp.where(branch == k, labels, int(Segment.PAD)))
+        lp, side_labels(labels, branch, k))
     return jnp.stack([side(1), side(2)], axis=1)
 
 
@@ -260,7 +231,7 @@ def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, 
 
     def sides(x):
         side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
-            x, jnp.where(branch == k, labels, int(Segment.PAD)))
+            x, side_labels(labels, branch, k))
         return jnp.stack([side(1), side(2)], axis=1)
 
     return tuple(sides(x) for x in outs)
@@ -292,7 +263,7 @@ class Trainer:
                  reference: str = "frozen", chunk: int = 256,
                  schedule: optax.Schedule | None = None, shared_length: int = 0,
                  response_capacity: int = 0, logprob_recompute: bool = True,
-                 mechanism: bool = False):
+                 mechanism: bool = False, trunk: bool = True):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         if loss_cfg.is_tdpo and reference != "frozen":
@@ -303,6 +274,7 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in rules)
         self.reference, self.chunk, self.schedule = reference, chunk, schedule
         self.shared_length = shared_length  # 0: chosen and rejected as separate rows
+        self.trunk = trunk  # shared rows share prompt + common prefix (False: the prompt)
         # Response positions per row that reach the LM head (0: all positions); whether the
         # backward recomputes each log-prob chunk's logits (`fdpo.logprobs`).
         self.response_capacity, self.logprob_recompute = response_capacity, logprob_recompute
@@ -369,15 +341,24 @@ class Trainer:
         """Host examples (this process's `b` pairs, numpy [b, ...]) -> the global batch.
 
         Each process passes its own pairs; the global batch concatenates them in process
-        order. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
+        order. With shared rows, examples that already hold the packed arrays
+        (`fdpo.records.SHARED_KEYS`, from `fdpo.data.train_dataset(shared_length=...)`) are
+        used as they are; others are packed here. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
         """
         b = examples["chosen_ids"].shape[0]
         if b % micro_batches:
             raise ValueError(f"{b} pairs per process do not split into {micro_batches} "
                              f"micro-batches")
-        local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
-        if self.shared_length:
-            local = pack_shared_prompt(local, self.shared_length)
+        if self.shared_length and "ids" in examples:  # packed by the data loader
+            local = {k: np.asarray(examples[k], np.int32) for k in SHARED_KEYS}
+            if local["ids"].shape[1] != self.shared_length:
+                raise ValueError(f"packed rows of {local['ids'].shape[1]} tokens; this "
+                                 f"trainer's shared_length is {self.shared_length}")
+        elif self.shared_length:
+            local = pack_shared_prompt({k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]},
+                                       self.shared_length, self.trunk)
+        else:
+            local = {k: np.asarray(examples[k]) for k in BATCH_KEYS[:4]}
         self._check_capacity(local)
         if "ref_logps" in examples:
             ref = np.asarray(examples["ref_logps"], np.float32)
@@ -461,7 +442,7 @@ class Trainer:
         mask = micro["pair_mask"]
         sums = loss_lib.masked_sums(terms | (extra_terms or {}), mask)
         loss = loss_lib.loss_from_sums(sums, num_pairs, num_chosen_tokens, self.loss_cfg)
-        # Tokens the model ran on (shared-prompt rows count the prompt once).
+        # Tokens the model ran on (shared rows count the trunk once).
         if self.shared_length:
             ran = (micro["labels"] != 0).sum(-1)
         else:
@@ -489,7 +470,7 @@ class Trainer:
     def _response_lengths(self, micro):
         """[b, 2] response tokens of (chosen, rejected) per pair (length-normalised IPO)."""
         if self.shared_length:
-            sides = [jnp.where(micro["branch"] == k, micro["labels"], 0) for k in (1, 2)]
+            sides = [side_labels(micro["labels"], micro["branch"], k) for k in (1, 2)]
         else:
             sides = [micro["chosen_segments"], micro["rejected_segments"]]
         return jnp.stack([_response_tokens(s) for s in sides], -1)
@@ -497,7 +478,7 @@ class Trainer:
     def _normalisers(self, batch):
         mask = batch["pair_mask"]
         if self.shared_length:
-            chosen = jnp.where(batch["branch"] == 1, batch["labels"], 0)
+            chosen = side_labels(batch["labels"], batch["branch"], 1)
         else:
             chosen = batch["chosen_segments"]
         return mask.sum(), jnp.sum(mask * _response_tokens(chosen))

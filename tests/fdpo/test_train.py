@@ -21,6 +21,7 @@ from fdpo.testing import random_params, random_pairs, stack, write_dataset
 from tests.helpers.numerics import assert_close_at_scale
 
 from tests.conftest import REPO
+BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")
 ONE_DEVICE = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 TINY = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -37,9 +38,10 @@ def pairs8():
 
 
 def run_steps(mesh, tx, pairs, steps, cfg=TINY, loss_cfg=None, micro=2, ref_seed=1,
-              shared_length=0):
+              shared_length=0, trunk=True):
     loss_cfg = loss_cfg or loss_lib.preset("focused_dpo", beta=0.5, nll_weight=0.1)
-    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, chunk=8, shared_length=shared_length)
+    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, chunk=8, shared_length=shared_length,
+                            trunk=trunk)
     params = jax.device_put(init_params(cfg), trainer.param_shardings)
     ref = jax.device_put(init_params(cfg, ref_seed), trainer.param_shardings)
     state = trainer.init_state(params)
@@ -113,22 +115,25 @@ def test_micro_batches_accumulate_the_full_batch_gradient(pairs8, one_device_run
     assert_params_close(s2["params"], s1["params"], rtol=1e-5)
 
 
-def test_shared_prompt_rows_give_the_same_step(pairs8, one_device_run):
-    """Prompt once, the rejected response branching off it: the same losses and SGD
-    updates as chosen and rejected as separate rows (frozen reference in the step too)."""
+@pytest.mark.parametrize("trunk", [False, True], ids=["prompt", "trunk"])
+def test_shared_prompt_rows_give_the_same_step(trunk, pairs8, one_device_run):
+    """Prompt (and common prefix) once, the rejected rest branching off it: the same losses
+    and SGD updates as chosen and rejected as separate rows (frozen reference in the step
+    too)."""
     s0, l0 = one_device_run
-    need = int(records.shared_row_lengths(pairs8["chosen_segments"],
-                                        pairs8["rejected_segments"]).max())
+    shared = (records.trunk_lengths(*(pairs8[k] for k in BATCH_KEYS)) if trunk else None)
+    lengths = records.shared_row_lengths(pairs8["chosen_segments"],
+                                         pairs8["rejected_segments"], shared)
+    need = int(lengths.max())
     assert need < 2 * pairs8["chosen_ids"].shape[1]
-    trainer, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, shared_length=need)
+    trainer, s1, l1 = run_steps(ONE_DEVICE, optax.sgd(0.5), pairs8, 2, shared_length=need,
+                                trunk=trunk)
     # float32; the shared rows sum attention and log-probs over other shapes.
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     assert_params_close(s0["params"], s1["params"], rtol=1e-4)
-    # The token count is what the model ran on: each prompt once.
+    # The token count is what the model ran on: each trunk once.
     metrics = trainer.eval_step(s1["params"], trainer.make_batch(pairs8, 2), s1["params"])
-    expected = int(records.shared_row_lengths(pairs8["chosen_segments"],
-                                            pairs8["rejected_segments"]).sum())
-    assert int(metrics["tokens"]) == expected
+    assert int(metrics["tokens"]) == int(lengths.sum())
 
 
 def test_shared_prompt_rows_on_8_devices(pairs8, one_device_run):
@@ -147,7 +152,7 @@ def test_pack_shared_prompt_layout_and_errors():
             "chosen_segments": np.array([[P_, P_, X, M, S, 0]]),
             "rejected_ids": np.array([[7, 8, 1, 4, 0, 0]]),
             "rejected_segments": np.array([[P_, P_, X, M, 0, 0]])}
-    rows = train.pack_shared_prompt(pair, 8)
+    rows = train.pack_shared_prompt(pair, 8, trunk=False)
     np.testing.assert_array_equal(rows["ids"][0], [7, 8, 1, 2, 3, 1, 4, 0])
     np.testing.assert_array_equal(rows["labels"][0], [P_, P_, X, M, S, X, M, 0])
     np.testing.assert_array_equal(rows["branch"][0], [0, 0, 1, 1, 1, 2, 2, 0])
@@ -156,7 +161,7 @@ def test_pack_shared_prompt_layout_and_errors():
     np.testing.assert_array_equal(rows["parents"][0], [0, 0, 1, 2, 3, 1, 5, 6])
     assert records.shared_row_lengths(pair["chosen_segments"], pair["rejected_segments"])[0] == 7
     with pytest.raises(ValueError, match="pair 0 of the batch needs 7 tokens"):
-        train.pack_shared_prompt(pair, 6)
+        train.pack_shared_prompt(pair, 6, trunk=False)
     other = dict(pair, rejected_ids=np.array([[7, 9, 1, 4, 0, 0]]))
     with pytest.raises(ValueError, match="pair 0 of the batch: the chosen and rejected prompts"):
         train.pack_shared_prompt(other, 8)
