@@ -136,7 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.fast:  # the test suite's run: checks the plumbing, not the method
         c.warm_starts = ((0, 0), (1, 1))
         c.train.update(steps=4, batch_size=4, warmup_steps=1)
-        c.tuning.update(points=2, max_extensions=1)
+        # One lr per arm and no extension: one tuning run per arm, which is also warm start
+        # 0's test run (the grid rule itself is tested on planted scores).
+        c.tuning.update(points=1, max_extensions=0)
         c.stats.n_boot = 200
         chosen = ("focused_dpo", "dpo")
     c.arms = ml_collections.ConfigDict({name: arms[name] for name in chosen})

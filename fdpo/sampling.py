@@ -230,6 +230,23 @@ def _prefill(state, cache, ids, positions, segment_ids, lengths, seed, row_seeds
                        finished=finished, keys=keys, step=jnp.zeros((), jnp.int32))
 
 
+def _next_token(logits: Array, keys: Array, samples: Array, steps: Array, running: Array, *,
+                params: SamplingParams, eos: Array, pad_id: int,
+                logits_hook: LogitsHook | None) -> tuple[Array, Array, Array]:
+    """One decode step's choice for every row, shared by the plain and the refill loop:
+    logits [B, V] of row r's sample `samples[r]` at its own step `steps[r]` (the step
+    seeds the row's key, so a sample draws the same tokens in either loop) -> (token [B],
+    pad where the row is not kept; is_eos [B]; keep [B]: running and not EOS)."""
+    keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    if logits_hook is not None:
+        logits = logits_hook(logits, samples, steps)
+    token = sample_logits(logits, keys, temperature=params.temperature, top_k=params.top_k,
+                          top_p=params.top_p)
+    is_eos = running & jnp.isin(token, eos)
+    keep = running & ~is_eos
+    return jnp.where(keep, token, pad_id), is_eos, keep
+
+
 def _decode(state, carry: DecodeState, limit, first_sample, *, graphdef, mesh, rules,
             params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int, window: int,
             logits_hook: LogitsHook | None) -> DecodeState:
@@ -245,16 +262,11 @@ def _decode(state, carry: DecodeState, limit, first_sample, *, graphdef, mesh, r
         return (c.step < limit) & jnp.any(c.finished == RUNNING)
 
     def body(c: DecodeState) -> DecodeState:
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(c.keys, c.step)
-        logits = c.logits
-        if logits_hook is not None:
-            logits = logits_hook(logits, samples, jnp.broadcast_to(c.step, (b,)))
-        token = sample_logits(logits, keys, temperature=params.temperature,
-                              top_k=params.top_k, top_p=params.top_p)
         running = c.finished == RUNNING
-        is_eos = running & jnp.isin(token, eos)
-        keep = running & ~is_eos
-        token = jnp.where(keep, token, pad_id)
+        token, is_eos, keep = _next_token(c.logits, c.keys, samples,
+                                          jnp.broadcast_to(c.step, (b,)), running,
+                                          params=params, eos=eos, pad_id=pad_id,
+                                          logits_hook=logits_hook)
         tokens = jax.lax.dynamic_update_slice_in_dim(c.tokens, token[:, None], c.step, axis=1)
         num_tokens = c.num_tokens + keep
         finished = jnp.where(is_eos, EOS, c.finished)
@@ -377,16 +389,10 @@ def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, *, grap
             finished=c.finished.at[r].set(RUNNING), keys=c.keys.at[r].set(key), next=q + 1)
 
     def decode(c: RefillState) -> RefillState:
-        keys = jax.vmap(jax.random.fold_in)(c.keys, c.steps)
-        logits = c.logits
-        if logits_hook is not None:
-            logits = logits_hook(logits, c.sample, c.steps)
-        token = sample_logits(logits, keys, temperature=params.temperature,
-                              top_k=params.top_k, top_p=params.top_p)
         running = c.finished == RUNNING
-        is_eos = running & jnp.isin(token, eos)
-        keep = running & ~is_eos
-        token = jnp.where(keep, token, pad_id)
+        token, is_eos, keep = _next_token(c.logits, c.keys, c.sample, c.steps, running,
+                                          params=params, eos=eos, pad_id=pad_id,
+                                          logits_hook=logits_hook)
         q = jnp.where(running, c.sample, queue_len)  # out of range: dropped
         steps = c.steps + running
         finished = jnp.where(is_eos, EOS, c.finished)

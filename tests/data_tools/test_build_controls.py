@@ -13,7 +13,7 @@ import pytest
 from data_tools import build, tokenized
 from fdpo import extract, records
 from fdpo.records import Segment
-from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401  (fixture)
+from tests.helpers.tokenizer import tiny_tokenizer_dirs, tok, tok_dir  # noqa: F401, F811
 
 SUM = "def f(xs):\n    return sum(xs)\n"
 SUM_LOOP = "def f(xs):\n    t = 0\n    for x in xs:\n        t += x\n    return t\n"
@@ -22,17 +22,6 @@ OTHER = "class Stack:\n    def __init__(self):\n        self.items = []\n"
 # Focused-DPO's table (METHOD.md section 3), written here: side -> segment -> weight.
 FOCUSED = {"chosen": {Segment.PREFIX: 1, Segment.MID: 2, Segment.SUFFIX: 1},
            "rejected": {Segment.PREFIX: 1, Segment.MID: 1, Segment.SUFFIX: 0}}
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tiny_tokenizer_dirs):  # noqa: F811
-    return tiny_tokenizer_dirs["chat"]
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def _problem(pid, codes, passed, finish=None, responses=None, **extra):

@@ -9,7 +9,7 @@ import pytest
 from data_tools import build
 from fdpo import extract, problem, records
 from fdpo.records import Segment
-from tests.helpers.tokenizer import tiny_tokenizer_dirs  # noqa: F401  (fixture)
+from tests.helpers.tokenizer import tiny_tokenizer_dirs, tok, tok_dir  # noqa: F401, F811
 
 SUM = "def total(xs):\n    out = 0\n    for x in xs:\n        out += x\n    return out"
 BAD = "def total(xs):\n    out = 1\n    for x in xs:\n        out += x\n    return out"
@@ -17,17 +17,6 @@ BAD = "def total(xs):\n    out = 1\n    for x in xs:\n        out += x\n    retu
 GOOD_1 = f"Here is a solution that adds the numbers one by one.\n\n```python\n{SUM}\n```\n\nIt runs in O(n)."
 GOOD_2 = f"Sure! The function below loops over the list.\n```python\n{SUM}\n```\nThat's it."
 WRONG = f"We start from the neutral element:\n\n```python\n{BAD}\n```\n\nThis handles empty lists too."
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tiny_tokenizer_dirs):  # noqa: F811
-    return tiny_tokenizer_dirs["chat"]
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tok_dir)
 
 
 def _problem(pid, samples, passed, response_format="code_block", prompt="Sum a list."):

@@ -17,10 +17,10 @@ from fdpo import logprobs, scoring, sharding
 from fdpo import loss as loss_lib
 from fdpo import train
 from fdpo.models import convert
-from fdpo.models.config import ModelConfig
 from fdpo.records import Segment, shared_row_lengths
 from fdpo.testing import random_pairs, stack
-from fdpo.testing import make_hf_model, torch_token_logprobs
+from fdpo.testing import torch_token_logprobs
+from tests.helpers.models import models  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.torch
 
@@ -36,21 +36,6 @@ LOSS_ATOL, LOSS_RTOL = 2e-5, 1e-4
 
 def log_sigmoid(x):
     return -np.logaddexp(0.0, -x)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Policy and reference: two tiny random Qwen2 models (different seeds), in torch and
-    imported into fdpo."""
-    out = {}
-    for name, seed in (("policy", 0), ("reference", 1)):
-        d = tmp_path_factory.mktemp(name)
-        torch_model = make_hf_model(d, "qwen2", seed=seed)
-        cfg = ModelConfig.from_hf_dir(d)
-        _, state = convert.load_hf_params(d, cfg, ONE_DEVICE)
-        out[name] = (torch_model, nnx.to_pure_dict(state))
-    out["cfg"] = cfg
-    return out
 
 
 @pytest.fixture(scope="module")

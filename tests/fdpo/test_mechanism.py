@@ -24,6 +24,7 @@ from fdpo.models import checkpoint, convert
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment, shared_row_lengths
 from fdpo.testing import make_hf_model, random_pairs, stack, write_dataset
+from tests.helpers.models import models  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.torch
 
@@ -35,19 +36,6 @@ SEGS = loss_lib.SEGMENT_NAMES
 # float32 on both sides: per-token log-probs agree to ~1e-6, so sums over <= 20 tokens and
 # their means to 1e-4 relative (plus 1e-5 absolute for changes that are near 0).
 RTOL, ATOL = 1e-4, 1e-5
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    out = {}
-    for name, seed in (("policy", 0), ("reference", 1)):
-        d = tmp_path_factory.mktemp(name)
-        torch_model = make_hf_model(d, "qwen2", seed=seed)
-        cfg = ModelConfig.from_hf_dir(d)
-        _, state = convert.load_hf_params(d, cfg, ONE_DEVICE)
-        out[name] = (torch_model, nnx.to_pure_dict(state))
-    out["cfg"] = cfg
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +114,22 @@ def numpy_mechanism(policy, reference, pairs):
     return out
 
 
-def trainer_for(models, loss_cfg, shared_length=0, reference="frozen"):
-    tx, _ = train.make_optimizer(train.OptimizerConfig(), 10)
-    return train.Trainer(models["cfg"], loss_cfg, tx, ONE_DEVICE, chunk=8,
-                         shared_length=shared_length, reference=reference, mechanism=True)
+@pytest.fixture(scope="module")
+def trainer_for(models):
+    """`trainer_for(preset, shared_length=0, reference="frozen")`: one Trainer per setting
+    for the whole module, so the tests of one setting share its compiled steps."""
+    made = {}
+
+    def get(preset, shared_length=0, reference="frozen"):
+        key = (preset, shared_length, reference)
+        if key not in made:
+            tx, _ = train.make_optimizer(train.OptimizerConfig(), 10)
+            made[key] = train.Trainer(models["cfg"], loss_lib.preset(preset), tx, ONE_DEVICE,
+                                      chunk=8, shared_length=shared_length,
+                                      reference=reference, mechanism=True)
+        return made[key]
+
+    return get
 
 
 def shared_length(pairs):
@@ -145,10 +145,9 @@ def fdpo_eval(trainer, params, ref_params, pairs, micro_batches=2):
 
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared"])
 @pytest.mark.parametrize("preset", ["focused_dpo", "sft", "tdpo1"])
-def test_mechanism_metrics_match_full_logits(preset, shared, models, pairs):
+def test_mechanism_metrics_match_full_logits(preset, shared, models, pairs, trainer_for):
     want = numpy_mechanism(models["policy"][0], models["reference"][0], pairs)
-    trainer = trainer_for(models, loss_lib.preset(preset),
-                          shared_length(pairs) if shared else 0)
+    trainer = trainer_for(preset, shared_length(pairs) if shared else 0)
     got = fdpo_eval(trainer, models["policy"][1], models["reference"][1], pairs)
     assert got["pairs"] == 7
     for s, side in enumerate(("chosen", "rejected")):
@@ -178,7 +177,7 @@ def test_mechanism_metrics_match_full_logits(preset, shared, models, pairs):
     assert abs(got["mech/first_margin/change"]) > 0.1
 
 
-def test_first_margin_skips_pairs_without_a_token_after_the_prefix(models, pairs):
+def test_first_margin_skips_pairs_without_a_token_after_the_prefix(models, pairs, trainer_for):
     """A pair whose chosen response ends with the common prefix (no EOS) has no first
     divergent token: it is counted out of the margin, and the others keep their values."""
     cut = {k: v.copy() for k, v in pairs.items()}
@@ -187,7 +186,7 @@ def test_first_margin_skips_pairs_without_a_token_after_the_prefix(models, pairs
     seg[after], cut["chosen_ids"][0][after] = Segment.PAD, 0
     want = numpy_mechanism(models["policy"][0], models["reference"][0], cut)
     assert want["found"].tolist() == [0] + [1] * 6
-    got = fdpo_eval(trainer_for(models, loss_lib.preset("dpo")), models["policy"][1],
+    got = fdpo_eval(trainer_for("dpo"), models["policy"][1],
                     models["reference"][1], cut)
     assert got["mech/first_margin/pairs"] == 6
     assert got["mech/first_margin/policy"] == pytest.approx(
@@ -195,10 +194,10 @@ def test_first_margin_skips_pairs_without_a_token_after_the_prefix(models, pairs
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared"])
-def test_policy_equal_to_reference_gives_zero_change_and_kl(shared, models, pairs):
+def test_policy_equal_to_reference_gives_zero_change_and_kl(shared, models, pairs,
+                                                            trainer_for):
     """Step 0: the policy is its own reference."""
-    trainer = trainer_for(models, loss_lib.preset("focused_dpo"),
-                          shared_length(pairs) if shared else 0)
+    trainer = trainer_for("focused_dpo", shared_length(pairs) if shared else 0)
     p = models["policy"][1]
     got = fdpo_eval(trainer, p, train.copy_params(p), pairs)
     changes = [k for k in got if k.startswith(("mech/dlogp", "mech/kl"))]
@@ -209,18 +208,18 @@ def test_policy_equal_to_reference_gives_zero_change_and_kl(shared, models, pair
     assert got["mech/first_margin/policy"] == got["mech/first_margin/reference"] != 0
 
 
-def test_precomputed_reference_uses_the_data_sums_and_skips_kl(models, pairs):
+def test_precomputed_reference_uses_the_data_sums_and_skips_kl(models, pairs, trainer_for):
     """With precomputed sums the changes are policy - ref_logps; the KL and the reference's
     first-token margin need the reference model, so they are absent."""
     want = numpy_mechanism(models["policy"][0], models["reference"][0], pairs)
-    trainer = trainer_for(models, loss_lib.preset("dpo"))
+    trainer = trainer_for("dpo")
     frozen = fdpo_eval(trainer, models["policy"][1], models["reference"][1], pairs)
     with_ref = dict(pairs)  # the reference's sums, as launch.precompute_ref writes them
     score = jax.jit(lambda p, m: train.pair_segment_logps(trainer.graphdef, p, m, 8))
     with_ref["ref_logps"] = np.asarray(jax.device_get(score(
         models["reference"][1], {k: jnp.asarray(pairs[k]) for k in train.BATCH_KEYS[:4]})),
         np.float32)
-    pre = fdpo_eval(trainer_for(models, loss_lib.preset("dpo"), reference="precomputed"),
+    pre = fdpo_eval(trainer_for("dpo", reference="precomputed"),
                     models["policy"][1], None, with_ref)
     for side in ("chosen", "rejected"):
         for seg in SEGS:
@@ -238,32 +237,48 @@ def test_precomputed_reference_uses_the_data_sums_and_skips_kl(models, pairs):
 # ----------------------------------------------------------------------------------------
 
 
-def direct_focused_dpo_grads(trainer, params, ref_params, pairs, mask, stop):
+def direct_focused_dpo_grads(graphdef, params, ref_params, pairs, mask, stops):
     """jax.grad of focused_dpo's loss (beta 0.1, W = ((1,2,1,1,1),(1,1,0,1,0))) written on
-    the full logits of `Decoder` (no chunking), with the log-probs of the tokens whose
-    segment is in `stop` under stop_gradient."""
-    graphdef = trainer.graphdef
+    the full logits of `Decoder` (no chunking), once per entry of `stops`, with the
+    log-probs of the tokens whose segment is in that entry under stop_gradient. (The
+    entries go in as masks over segment ids, so one compiled gradient serves them all.)"""
     w = np.array([[1, 2, 1, 1, 1], [1, 1, 0, 1, 0]], np.float32)
     beta = 0.1
 
-    def side_sums(p, side, grad):
+    def side_sums(p, side, stop):
         ids = jnp.asarray(pairs[f"{side}_ids"])
         seg = jnp.asarray(pairs[f"{side}_segments"])[:, 1:]
         logits = nnx.merge(graphdef, p)(ids).astype(jnp.float32)[:, :-1]
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1)[..., 0]
-        if grad:
-            lp = jnp.where(jnp.isin(seg, jnp.asarray(stop)), jax.lax.stop_gradient(lp), lp)
+        if stop is not None:
+            lp = jnp.where(stop[seg], jax.lax.stop_gradient(lp), lp)
         return jnp.stack([(lp * (seg == int(Segment.PREFIX) + i)).sum(-1)
                           for i in range(5)], -1)  # [B, 5]
 
-    def loss(p):
+    def loss(p, stop):
         h = 0.0
         for s, side in enumerate(("chosen", "rejected")):
-            d = side_sums(p, side, True) - side_sums(ref_params, side, False)
+            d = side_sums(p, side, stop) - side_sums(ref_params, side, None)
             h = h + (1 - 2 * s) * (d * w[s]).sum(-1)
         return -(mask * jax.nn.log_sigmoid(beta * h)).sum() / mask.sum()
 
-    return jax.jit(jax.grad(loss))(params)
+    grad = jax.jit(jax.grad(loss))
+    n_segments = max(int(s) for s in Segment) + 1
+    return [grad(params, jnp.asarray(np.isin(np.arange(n_segments), stop))) for stop in stops]
+
+
+@pytest.fixture(scope="module")
+def direct_grads(models, pairs, trainer_for):
+    """The mid part (every other token's log-prob stopped) and the other part (the mid's
+    stopped) of focused_dpo's gradient on the padded pairs, from
+    `direct_focused_dpo_grads`: the same for any micro-batch count."""
+    batch_pairs, mask = padded(pairs)
+    others = [int(Segment.PROMPT), int(Segment.PREFIX), int(Segment.SUFFIX),
+              int(Segment.LEAD), int(Segment.TRAIL)]
+    g_mid, g_other = direct_focused_dpo_grads(
+        trainer_for("focused_dpo").graphdef, models["policy"][1], models["reference"][1],
+        batch_pairs, mask, [others, [int(Segment.MID)]])
+    return g_mid, g_other
 
 
 def global_norm(tree):
@@ -273,17 +288,14 @@ def global_norm(tree):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_grad_share_matches_jax_grad_of_masked_losses(micro_batches, models, pairs):
-    trainer = trainer_for(models, loss_lib.preset("focused_dpo"))
+def test_grad_share_matches_jax_grad_of_masked_losses(micro_batches, models, pairs,
+                                                      trainer_for, direct_grads):
+    trainer = trainer_for("focused_dpo")
     batch_pairs, mask = padded(pairs)
     batch = trainer.make_batch(batch_pairs, micro_batches, mask)
     params, ref = models["policy"][1], models["reference"][1]
     got = jax.device_get(trainer.grad_share_step(params, batch, ref))
-    others = [int(Segment.PROMPT), int(Segment.PREFIX), int(Segment.SUFFIX),
-              int(Segment.LEAD), int(Segment.TRAIL)]
-    g_mid = direct_focused_dpo_grads(trainer, params, ref, batch_pairs, mask, others)
-    g_other = direct_focused_dpo_grads(trainer, params, ref, batch_pairs, mask,
-                                       [int(Segment.MID)])
+    g_mid, g_other = direct_grads
     n_mid, n_other = global_norm(g_mid), global_norm(g_other)
     assert float(got["mech/grad/norm_mid"]) == pytest.approx(n_mid, rel=1e-4)
     assert float(got["mech/grad/norm_other"]) == pytest.approx(n_other, rel=1e-4)
@@ -291,7 +303,6 @@ def test_grad_share_matches_jax_grad_of_masked_losses(micro_batches, models, pai
     assert 0 < share < 1
     assert share == pytest.approx(n_mid / (n_mid + n_other), rel=1e-4)
     # The two parts add up to the train step's gradient (its norm before clipping).
-    tx, _ = train.make_optimizer(train.OptimizerConfig(), 10)
     state = trainer.init_state(train.copy_params(params))
     _, metrics = trainer.train_step(state, trainer.make_batch(batch_pairs, micro_batches, mask),
                                     ref)
@@ -371,10 +382,10 @@ def test_report_draws_mechanism_curves_per_arm(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tdpo1", "sft"])
-def test_grad_share_parts_add_up_to_the_step_gradient(preset, models, pairs):
+def test_grad_share_parts_add_up_to_the_step_gradient(preset, models, pairs, trainer_for):
     """For a loss with a KL term (its per-segment KL sums are split like the log-prob sums)
     and for one without a reference: g_mid + g_other is the train step's gradient."""
-    trainer = trainer_for(models, loss_lib.preset(preset), shared_length(pairs))
+    trainer = trainer_for(preset, shared_length(pairs))
     batch_pairs, mask = padded(pairs)
     params, ref = models["policy"][1], models["reference"][1]
     got = jax.device_get(trainer.grad_share_step(params, trainer.make_batch(

@@ -5,9 +5,11 @@ to end (on the list family's splits until the decision family lands)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
+import shutil
 
 import pytest
 from absl import flags
@@ -250,8 +252,9 @@ def test_the_fast_plan():
     assert len({w["init_seed"] for w in p["warm_starts"]}) == 2
     assert len({w["data_seed"] for w in p["warm_starts"]}) == 2
     assert sorted(p["arms"]) == ["dpo", "focused_dpo"]
-    assert all(len(a["lr_grid"]) == 2 for a in p["arms"].values())
-    assert p["variants"] == [] and p["tuning_runs"] == 4 and p["test_runs"] == 2
+    assert all(len(a["lr_grid"]) == 1 for a in p["arms"].values())
+    assert p["variants"] == [] and p["tuning_runs"] == p["max_tuning_runs"] == 2
+    assert p["test_runs"] == 2
     assert p["steps"] * p["batch_size"] <= 16
 
 
@@ -365,3 +368,66 @@ def test_the_fast_study_end_to_end(tmp_path):
     for stage in ("ws0", "ws1", "tuning", "runs", "report"):
         assert f"[study] {stage}: done earlier, skipped" in again.stdout
     assert {p: p.stat().st_size for p in logs} == logs  # no program ran again
+
+    # Resume and same-machine determinism at the cost of one arm run: without warm start
+    # 1's DPO run and its evaluation (and the markers of the stages that made them), the
+    # study reruns exactly that run, and what it regenerates is bitwise the first run's.
+    run, evaluated = tmp_path / "ws1" / "runs" / "dpo", tmp_path / "ws1" / "eval" / "runs" / "dpo"
+    first = {"params": params_digest(run / "final"), "eval": eval_outputs(evaluated / "test"),
+             "pass@1": data["test_pass_at_1"], "comparisons": data["comparisons"]}
+    kept = {p: p.stat().st_mtime_ns for p in tmp_path.glob("ws*/**/final/fdpo_model.json")
+            if run not in p.parents}
+    # The warm starts and every other arm run: warm start 0's tuning runs (its test runs
+    # too), warm start 1's focused_dpo run.
+    assert tmp_path / "ws1" / "runs" / "focused_dpo" / "final" / "fdpo_model.json" in kept
+    assert len(kept) == 2 + sum(len(a["scores"]) for a in tuning["arms"].values()) + 1
+    for path in (run, evaluated):
+        shutil.rmtree(path)
+    for stage in ("runs", "report"):
+        (tmp_path / "stages" / f"{stage}.json").unlink()
+    rerun = run_program("launch.study", *args, env=env, timeout=900)
+    for stage in ("ws0", "ws1", "tuning"):
+        assert f"[study] {stage}: done earlier, skipped" in rerun.stdout
+    assert "[study] runs ..." in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # no other run trained again
+    data = json.loads((tmp_path / "report.json").read_text())
+    second = {"params": params_digest(run / "final"), "eval": eval_outputs(evaluated / "test"),
+              "pass@1": data["test_pass_at_1"], "comparisons": data["comparisons"]}
+    for key in first:
+        assert second[key] == first[key], key
+
+
+def params_digest(checkpoint_dir) -> str:
+    """sha256 over a checkpoint's parameter arrays (names, dtypes, shapes and bytes), in
+    key order: the bits of the model, not the checkpoint files (whose metadata carries
+    timestamps)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from fdpo import sharding
+    from fdpo.models import checkpoint
+
+    _, _, state = checkpoint.load_model(
+        checkpoint_dir, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def eval_outputs(out_dir) -> dict:
+    """An evaluation's outputs less its clock readings: the generated programs and the
+    per-task table as bytes, results.json without wall times (`wall_s`, `*_time_s`)."""
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items()
+                    if k != "wall_s" and not k.endswith("_time_s")}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    return {"samples.jsonl": (out_dir / "samples.jsonl").read_bytes(),
+            "tasks.csv": (out_dir / "tasks.csv").read_bytes(),
+            "results.json": untimed(json.loads((out_dir / "results.json").read_text()))}

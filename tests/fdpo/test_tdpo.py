@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from configs import focused_dpo
 from fdpo import logprobs, sharding, train, train_loop
@@ -22,6 +21,7 @@ from fdpo.models import convert
 from fdpo.models.config import ModelConfig
 from fdpo.records import Segment, shared_row_lengths
 from fdpo.testing import make_hf_model, random_pairs, stack
+from tests.helpers.models import models  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.torch
 
@@ -33,21 +33,6 @@ LENGTH = 32
 # sums to well within 1e-4 relative; gradients (summed over tokens and pairs) to 1e-3.
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-6
 GRAD_RTOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Policy and reference: two tiny random Qwen2 models (different seeds), in torch and
-    imported into fdpo."""
-    out = {}
-    for name, seed in (("policy", 0), ("reference", 1)):
-        d = tmp_path_factory.mktemp(name)
-        torch_model = make_hf_model(d, "qwen2", seed=seed)
-        cfg = ModelConfig.from_hf_dir(d)
-        _, state = convert.load_hf_params(d, cfg, ONE_DEVICE)
-        out[name] = (torch_model, nnx.to_pure_dict(state))
-    out["cfg"] = cfg
-    return out
 
 
 @pytest.fixture(scope="module")
