@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The task family with localised wrong beliefs (configs/toy_data.py `family`); its eval
     # files are eval_validation.jsonl and eval_test.jsonl in the warm start's data dir.
     c.family = "decision"
-    c.pipeline.max_len = 104  # the decision family's programs are up to 98 tokens
+    # The record length is `:decision`'s (its programs are up to 84 tokens with the prompt).
     c.splits = ml_collections.ConfigDict(dict(tune="validation", test="test"))
     # The per-task score: pass@1 of greedy decoding on the benchmark's base tests.
     c.metric = "base"

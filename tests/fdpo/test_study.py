@@ -237,7 +237,7 @@ def test_the_variants_are_built_with_their_builder_options(tmp_path):
     assert {"--config.shuffle_labels=True", "--config.focus_seed=2"} <= set(builds["shuffled"])
     for a in builds.values():  # the pipeline's own pairs settings, from the same samples
         assert a[a.index("--input") + 1] == str(tmp_path / "ws2" / "executed.jsonl")
-        assert "--config.ranker=mutual" in a and "--config.max_len=104" in a
+        assert "--config.ranker=mutual" in a and "--config.max_len=96" in a
     refs = [a[a.index("--out") + 1] for _, m, a in calls if m == "launch.precompute_ref"]
     assert sorted(pathlib.Path(r).name for r in refs) == [
         "oracle_focus_ref", "random_focus_ref", "shuffled_ref"]  # RFT trains without one
