@@ -217,11 +217,13 @@ def test_trunk_rows_give_the_same_step_and_mechanism_metrics(arch, preset, pairs
     assert_same_step(*step_both_ways(arch, preset, pairs, mechanism=True))
 
 
+# Every preset on one architecture: a preset changes only how the loss weighs the segment
+# sums the layout gives, while what the layout changes in the model (positions, the branch
+# mask, grouped vs single KV heads, rope types) is covered per architecture above.
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(MODELS))
 @pytest.mark.parametrize("preset", PRESETS)
-def test_trunk_rows_give_the_same_step_for_every_preset(arch, preset, pairs):
-    assert_same_step(*step_both_ways(arch, preset, pairs, mechanism=False))
+def test_trunk_rows_give_the_same_step_for_every_preset(preset, pairs):
+    assert_same_step(*step_both_ways("qwen2", preset, pairs, mechanism=False))
 
 
 def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
