@@ -37,7 +37,7 @@ study: install
 	$(BIN)/python -m launch.study --config=configs/study.py --workdir=runs/study
 
 # Two pytest-xdist workers, each test file on one worker (its module fixtures built once):
-# the serial suite took ~33 min on a 2-core machine at 799 tests, this 22 min 54 s at 915
+# the serial suite took ~33 min on a 2-core machine at 799 tests, this 22 min 12 s at 955
 # (docs/testing.md).
 test: install-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not pod" tests
