@@ -157,7 +157,10 @@ def plots(data: dict, summary: dict, out: pathlib.Path) -> list[str]:
             ax.plot(steps, values, label=run, alpha=0.8)
         ax.set_xlabel("step")
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # e.g. supervised runs only: they log no reward margin
+            ax.text(0.5, 0.5, f"no run logged {key}", ha="center", transform=ax.transAxes)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         made.append(fname)
