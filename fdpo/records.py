@@ -109,9 +109,9 @@ SHARED_KEYS = ("ids", "positions", "branch", "labels", "parents")
 
 def pack_shared_prompt(examples: dict[str, np.ndarray], length: int,
                        trunk: bool = True) -> dict[str, np.ndarray]:
-    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (`fdpo.train` module docstring): the
-    trunk (prompt + common prefix; the prompt only when `trunk` is False) once, then the
-    chosen rest, then the rejected rest.
+    """Pairs (the record layout, [b, L]) -> shared rows [b, length] (`fdpo.train` module
+    docstring): the trunk (prompt + common prefix; the prompt only when `trunk` is False)
+    once, then the chosen rest, then the rejected rest.
 
     Raises ValueError naming the pair when its two prompts differ, it has no prompt token
     (its first response token would have no hidden state to be scored from), or it does not

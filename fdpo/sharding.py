@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -203,7 +204,7 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-_SYNCS = iter(range(1 << 62))  # barrier ids are used once: every call gets its own
+_SYNCS = itertools.count()  # barrier ids are used once: every call gets its own
 
 
 def sync(name: str, timeout_s: float = 3600) -> None:

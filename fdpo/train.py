@@ -343,7 +343,8 @@ class Trainer:
         Each process passes its own pairs; the global batch concatenates them in process
         order. With shared rows, examples that already hold the packed arrays
         (`fdpo.records.SHARED_KEYS`, from `fdpo.data.train_dataset(shared_length=...)`) are
-        used as they are; others are packed here. `ref_logps` is required in `precomputed` mode and zero-filled otherwise.
+        used as they are; others are packed here. `ref_logps` is required in `precomputed`
+        mode and zero-filled otherwise.
         """
         b = examples["chosen_ids"].shape[0]
         if b % micro_batches:

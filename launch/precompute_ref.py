@@ -8,10 +8,11 @@ as the training run given by `--config` would compute them.
 `--config` is the training config, with the same overrides as `launch.train`: the reference
 is its `reference.checkpoint` / `reference.hf_dir`, or the initial policy when neither is
 set; it runs with the config's `model` settings (compute dtype) and `train.logprob_chunk`,
-on the config's mesh (`--config.mesh_shape`, as launch.train). Every shard of `data.dir` is scored with the train step's own log-prob
-function (`fdpo.scoring.make_score_fn`) and written, with `ref_logps[side, (prefix, mid,
-suffix, lead, trail)]` set, to DATA_REF, whose manifest records the provenance (reference
-identity and path, compute dtype, chunk). Train on DATA_REF with `data=DATA_REF` and
+on the config's mesh (`--config.mesh_shape`, as launch.train). Every shard of `data.dir` is
+scored with the train step's own log-prob function (`fdpo.scoring.make_score_fn`) and
+written, with `ref_logps[side, (prefix, mid, suffix, lead, trail)]` set, to DATA_REF, whose
+manifest records the provenance (reference identity and path, compute dtype, chunk). Train
+on DATA_REF with `data=DATA_REF` and
 `--config.loss.reference=precomputed`: `launch.train` refuses data whose provenance differs
 from its own reference, dtype or chunk. The work is `fdpo.reference.precompute`.
 

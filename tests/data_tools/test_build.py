@@ -223,7 +223,8 @@ def test_sharded_build_equals_single(tmp_path, tok_dirs):
     for split in build.SPLITS:
         # The shards' records, rewritten in pair_id order: the single build's, in its order.
         assert merged["splits"][split]["shards"] == [
-            {"path": f"{split}-selected.array_record", "records": single["counts"]["records_out"][split]}]
+            {"path": f"{split}-selected.array_record",
+             "records": single["counts"]["records_out"][split]}]
         one = [records.encode(r) for r in _read_all(str(tmp_path / "one"), split)]
         assert one and [records.encode(r) for r in _read_all(out, split)] == one
 

@@ -59,8 +59,9 @@ def with_same_lead(rec):
 def pairs():
     """8 pairs: completion pairs with prefixes of 0..8 tokens and rejected mids that may be
     empty (a chosen mid is not: an empty pair of mids would make the sides equal, whose
-    reward margin of exactly 0 in separate rows flips the accuracy metric on rounding); two instruct pairs with the same lead on both sides (the trunk runs
-    through it) and one whose leads differ (the trunk is the prompt)."""
+    reward margin of exactly 0 in separate rows flips the accuracy metric on rounding); two
+    instruct pairs with the same lead on both sides (the trunk runs through it) and one
+    whose leads differ (the trunk is the prompt)."""
     recs = random_pairs(5, LENGTH, vocab=211, seed=7,
                         lengths=((2, 6), (0, 8), (1, 4), (0, 4), (0, 5)))
     prose = random_pairs(3, LENGTH, vocab=211, seed=8,
