@@ -214,7 +214,8 @@ def choose_split(workdirs: list[str], split: str | None) -> tuple[str | None, st
 
 
 def run_statistics(workdirs: list[str], focus: str, baseline: str, split: str | None = None,
-                   n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
+                   n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                   interval: str = "cluster_t") -> dict:
     """:func:`fdpo.stats.compare` on the per-task results of `split` in each workdir (one
     warm start each); {"split": None, "note": why} when no split was named and none can be
     chosen; a named split missing from a workdir is a ReportError."""
@@ -225,7 +226,8 @@ def run_statistics(workdirs: list[str], focus: str, baseline: str, split: str | 
         return {"split": None, "note": why}
     per_task = {w: read_per_task(w, chosen) for w in workdirs}
     try:
-        out = stats.compare(per_task, focus, baseline, n_boot=n_boot, seed=seed, level=level)
+        out = stats.compare(per_task, focus, baseline, n_boot=n_boot, seed=seed, level=level,
+                            interval=interval)
     except stats.StatsError as e:
         raise ReportError(f"split {chosen!r}: {e}") from e
     out["split"] = chosen
@@ -296,12 +298,12 @@ def _label(name: str) -> str:
 
 def write(workdirs: list[str], out: pathlib.Path, focus: str = "focused_dpo",
           baseline: str = "dpo", split: str | None = None, n_boot: int = 10000,
-          seed: int = 0, level: float = 0.95) -> str:
+          seed: int = 0, level: float = 0.95, interval: str = "cluster_t") -> str:
     """Writes OUT/{replicates.md, replicates.json, replicates.png}, and with per-task results
     also OUT/{statistics.json, forest.png}; returns the markdown. Raises ReportError for a
     workdir without a readable report or with unusable per-task results."""
     summary = summarise(read_reports(workdirs), focus)
-    st = run_statistics(workdirs, focus, baseline, split, n_boot, seed, level)
+    st = run_statistics(workdirs, focus, baseline, split, n_boot, seed, level, interval)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replicates.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = render(summary) + "\n" + render_statistics(st)

@@ -295,6 +295,16 @@ def check_config(cfg) -> None:
             raise ValueError(f"config.{field}: ({a}, {b}): "
                              + (f"no arm {missing[0]!r}; the arms are {list(arms)}"
                                 if missing else "an arm against itself"))
+    s = cfg.stats
+    if s.interval not in stats.INTERVALS:
+        raise ValueError(f"config.stats.interval={s.interval!r}: expected one of "
+                         f"{', '.join(stats.INTERVALS)}")
+    if s.interval == "cluster_t" and len(ws) < 2:
+        raise ValueError("config.stats.interval='cluster_t' needs at least 2 warm starts (it "
+                         f"estimates their spread), config.warm_starts has {len(ws)}")
+    if s.n_boot < 1 or not 0 < s.level < 1:
+        raise ValueError(f"config.stats: n_boot={s.n_boot} (>= 1), level={s.level} "
+                         "(strictly between 0 and 1)")
     if not cfg.pipeline.toy.enabled or not cfg.pipeline.warm_start.enabled:
         raise ValueError("config.pipeline: the study needs the miniature (toy.enabled) and "
                          "its warm start (warm_start.enabled)")
@@ -625,7 +635,8 @@ class Study:
 
         boots = [stats.hierarchical_bootstrap(
             stats.paired_differences(points(a), points(b), (a, b)),
-            n_boot=c.n_boot, seed=c.seed, level=c.level) for a, b in pairs]
+            n_boot=c.n_boot, seed=c.seed, level=c.level, interval=c.interval)
+            for a, b in pairs]
         adjusted = [None] + list(stats.holm([r.p_value for r in boots[1:]])
                                  if len(boots) > 1 else [])
         out = []
@@ -712,16 +723,22 @@ def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
 
 
+_INTERVAL_TEXT = {
+    "cluster_t": "Student's t on {df} df over the warm-start means, never narrower than the "
+                 "task-noise bootstrap interval",
+    "percentile": "percentile bootstrap over warm starts, then tasks within each"}
+
+
 def render(cfg, data: dict) -> str:
     comps = data["comparisons"]
     first = comps[0]
     n_ws = len(cfg.warm_starts)
     lines = [f"# Study report (protocol {data['protocol']})", "", "## Outcome", "",
              f"Primary comparison, test greedy pass@1 of {first['arm']} minus "
-             f"{first['baseline']} (points, paired by task, {n_ws} warm starts; CI: Student's t "
-             f"on {n_ws - 1} df over the warm-start means, never narrower than the task-noise "
-             f"bootstrap interval; a claim needs the CI to exclude 0 and the sign to hold in "
-             f"every warm start):", "", f"**{first['outcome']}**", "",
+             f"{first['baseline']} (points, paired by task, {n_ws} warm starts; CI: "
+             f"{_INTERVAL_TEXT[cfg.stats.interval].format(df=n_ws - 1)}; a claim needs the CI "
+             f"to exclude 0 and the sign to hold in every warm start):", "",
+             f"**{first['outcome']}**", "",
              "![comparisons](forest.png)", "",
              "## Test greedy pass@1 (%) per warm start", "",
              "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))

@@ -17,7 +17,7 @@ import pathlib
 
 from absl import flags
 
-from fdpo import replicates
+from fdpo import replicates, stats
 from launch import common
 
 WORKDIRS = flags.DEFINE_list("workdirs", None, "Pipeline work directories (report/report.json "
@@ -32,6 +32,10 @@ SPLIT = flags.DEFINE_string("split", None, "Evaluation whose per-task results th
 N_BOOT = flags.DEFINE_integer("n_boot", 10000, "Bootstrap resamples.")
 LEVEL = flags.DEFINE_float("level", 0.95, "Confidence level of the intervals.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap's resampling.")
+INTERVAL = flags.DEFINE_enum("interval", "cluster_t", list(stats.INTERVALS),
+                             "cluster_t: Student t over the warm-start means, floored by the "
+                             "task-noise bootstrap (needs >= 2 workdirs); percentile: the "
+                             "hierarchical percentile bootstrap (docs/analysis.md#statistics).")
 
 
 def main(argv):
@@ -48,7 +52,7 @@ def main(argv):
     try:
         text = replicates.write(WORKDIRS.value, pathlib.Path(OUT.value), FOCUS.value,
                                 BASELINE.value, SPLIT.value, N_BOOT.value, SEED.value,
-                                LEVEL.value)
+                                LEVEL.value, INTERVAL.value)
     except replicates.ReportError as e:
         raise SystemExit(f"error: {e}") from e
     print(text)

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fdpo import replicates
@@ -119,6 +120,31 @@ def test_statistics_state_no_claim_when_a_warm_start_disagrees(tmp_path):
         replicates.run_statistics(dirs, "focused_dpo", "dpo", split="test")
     st = replicates.run_statistics(dirs, "focused_dpo", "rpo", n_boot=100)
     assert st["primary"] is None and "no primary comparison: rpo not evaluated" in st["note"]
+
+
+def test_the_interval_is_chosen_and_named(tmp_path):
+    dirs = study(tmp_path, lead=[6, 8, 7])
+    t = replicates.run_statistics(dirs, "focused_dpo", "dpo", n_boot=2000)
+    pct = replicates.run_statistics(dirs, "focused_dpo", "dpo", n_boot=2000,
+                                    interval="percentile")
+    assert (t["interval"], pct["interval"]) == ("cluster_t", "percentile")
+    # cluster_t: the hull of mean +- t(0.975, 2 df) sd(means) / sqrt(3) over the warm-start
+    # means (12.5, 17.5, 15 points) and the task-noise floor; the t bound binds below here
+    means = [100 * (k - 1) / 40 for k in (6, 8, 7)]
+    half = 4.302652729911275 * float(np.std(means, ddof=1)) / np.sqrt(3)
+    lo, hi = t["primary"]["ci"]
+    assert lo == pytest.approx(np.mean(means) - half, abs=1e-9)
+    assert hi >= np.mean(means) + half - 1e-9
+    # the same estimate, another interval
+    assert pct["primary"]["estimate"] == pytest.approx(np.mean(means))
+    assert pct["primary"]["ci"] != pytest.approx(t["primary"]["ci"], abs=1e-3)
+    assert "percentile interval over warm" in replicates.render_statistics(pct)
+    # one warm start: cluster_t cannot estimate the spread; percentile can be asked for
+    with pytest.raises(replicates.ReportError, match="at least 2 warm starts"):
+        replicates.run_statistics(dirs[:1], "focused_dpo", "dpo", n_boot=100)
+    one = replicates.run_statistics(dirs[:1], "focused_dpo", "dpo", n_boot=100,
+                                    interval="percentile")
+    assert one["primary"]["estimate"] == pytest.approx(means[0])
 
 
 def test_cli_writes_statistics_and_names_an_unpaired_task(tmp_path):

@@ -142,6 +142,9 @@ def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
     ("warm_starts", ((0, 0), (0, 1)), "own init seed"),
     ("secondary", (("focused_dpo", "rft"),), "no arm 'rft'"),
     ("tuning.factor", 1.0, "factor=1.0"),
+    ("stats.interval", "wald", r"stats.interval='wald': expected one of cluster_t, percentile"),
+    ("warm_starts", ((0, 0),), "cluster_t' needs at least 2 warm starts"),
+    ("stats.level", 1.0, "level=1.0"),
 ])
 def test_bad_protocol_values_are_errors_naming_the_field(field, value, message):
     cfg = config("fast")
