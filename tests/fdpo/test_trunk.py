@@ -250,3 +250,44 @@ def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
     with pytest.raises(ValueError, match="packed rows of"):
         train.Trainer(MODELS["qwen2"], loss_lib.preset("dpo"), optax.sgd(0.1), ONE_DEVICE,
                       shared_length=S + 1).make_batch(packed, 2)
+
+
+def test_train_loop_packs_in_the_loader_with_the_losses_of_separate_rows(tmp_path,
+                                                                        monkeypatch):
+    """`fdpo.train_loop` (what launch.train runs) learns the row length before it builds the
+    loader, so the loader packs the trunk rows and the step's host code never does; the
+    run's logged losses equal those of a run on separate chosen/rejected rows."""
+    import json
+
+    from configs import focused_dpo
+    from fdpo import data, train_loop
+    from fdpo.models import checkpoint
+    from fdpo.testing import write_dataset
+
+    ckpt = checkpoint.init_random(tmp_path / "ckpt", fields={"vocab_size": 211})
+    recs = random_pairs(16, LENGTH, vocab=211, seed=9,
+                        lengths=((2, 6), (0, 8), (1, 4), (0, 4), (0, 5)))
+    write_dataset(tmp_path / "data", {"train": recs})
+
+    def losses(shared: bool) -> list[float]:
+        c = focused_dpo.get_config(f"model={ckpt},data={tmp_path / 'data'},runlocal")
+        c.train.num_steps, c.train.micro_batches = 3, 2
+        c.train.shared_prompt = shared
+        c.log.mechanism, c.log.tensorboard, c.checkpoint.use_async = False, False, False
+        workdir = tmp_path / f"shared={shared}"
+        run = train_loop.TrainRun(c, workdir, ONE_DEVICE, handle_sigterm=False)
+        if shared:
+            assert run.trainer.shared_length == data.longest_shared_row(run.train_src)
+        run.train()
+        lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+        return [m["loss"] for m in sorted(lines, key=lambda m: m["step"])
+                if m["split"] == "train"]
+
+    def no_host_packing(*args, **kwargs):
+        raise AssertionError("the train step's host code packed rows")
+
+    monkeypatch.setattr(train, "pack_shared_prompt", no_host_packing)
+    shared = losses(True)
+    separate = losses(False)
+    assert len(shared) == 3
+    np.testing.assert_allclose(shared, separate, rtol=RTOL)
