@@ -227,6 +227,38 @@ def test_trunk_rows_give_the_same_step_for_every_preset(preset, pairs):
     assert_same_step(*step_both_ways("qwen2", preset, pairs, mechanism=False))
 
 
+@pytest.mark.parametrize("arch", ["qwen2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_remat_gives_the_same_trunk_step(arch, pairs):
+    """`model.remat_policy="full"` (configs/focused_dpo.py's default: each decoder layer
+    recomputed in the backward instead of its activations kept, docs/training.md "Memory")
+    on trunk rows, whose branch mask and positions enter every layer: loss, metrics and
+    gradient equal the step without remat to 1e-5 (policy != reference, two
+    micro-batches). `dots` is covered on separate rows (tests/fdpo/test_train.py) and in
+    the model's gradient (tests/fdpo/test_models.py)."""
+    examples = {k: pairs[k] for k in KEYS}
+    need = int(records.shared_row_lengths(
+        examples["chosen_segments"], examples["rejected_segments"],
+        records.trunk_lengths(*(examples[k] for k in KEYS))).max())
+    out = {}
+    for policy in ("none", "full"):
+        cfg = MODELS[arch].replace(remat_policy=policy)
+        trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.5), grad_keeper(),
+                                ONE_DEVICE, chunk=8, shared_length=need)
+        params = jax.device_put(random_params(cfg, 0), trainer.param_shardings)
+        ref = jax.device_put(random_params(cfg, 1), trainer.param_shardings)
+        state, metrics = trainer.train_step(trainer.init_state(params),
+                                            trainer.make_batch(examples, 2), ref)
+        out[policy] = jax.device_get((metrics, state["opt_state"]["grad"]))
+    m0, g0 = out.pop("none")
+    assert sum(float(np.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3
+    for policy, (m1, g1) in out.items():
+        for k in m0:
+            np.testing.assert_allclose(m1[k], m0[k], rtol=RTOL, atol=RTOL,
+                                       err_msg=f"{policy}: {k}")
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            assert_close_at_scale(a, b, RTOL, axis=None, what=f"{policy}: gradient")
+
+
 def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
     """`data.train_dataset(shared_length=S)` packs in the loader; the trainer then uses the
     packed rows as they are, and its batch equals the one it packs itself."""
