@@ -18,6 +18,12 @@ table comes from one window on one machine. Variants of fdpo's step:
     trunk_precomputed  trunk with the reference's log-prob sums computed once before the
                        loop (`reference="precomputed"`; their cost is reported apart)
 
+A variant may carry memory options after slashes, e.g. `trunk/remat=full/micro=2`:
+`remat` (`model.remat_policy`: none, full, dots), `micro` (`train.micro_batches`),
+`attention` (`model.attention`: einsum, dot_product) and `block` (`model.attention_block`);
+unset ones take `configs/focused_dpo.py`'s defaults, so a bare variant measures what a run
+uses.
+
 All but `trunk_precomputed` run the reference inside every step, as the anchors do. A run
 times `--warmup` + `--timed` steps (the spec's 3 + 10 by default): each loop iteration
 builds the host batch, runs the step and reads the loss back; the median interval between
@@ -41,6 +47,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 VARIANTS = ("separate", "prompt", "trunk", "trunk_capacity", "trunk_precomputed")
+OPTIONS = {"remat": ("model", "remat_policy", str), "micro": ("train", "micro_batches", int),
+           "attention": ("model", "attention", str), "block": ("model", "attention_block", int)}
 ANCHORS = {"trl": "trl_dpo.py", "tunix": "tunix_dpo.py"}
 MiB = 1024**2
 
@@ -54,6 +62,25 @@ def load_spec(spec_dir: str):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """"trunk/remat=full/micro=2" -> ("trunk", {"remat_policy": "full", "micro_batches": 2,
+    ...}): every option of `OPTIONS`, unset ones at `configs/focused_dpo.py`'s defaults."""
+    from configs import focused_dpo
+
+    base, *parts = name.split("/")
+    if base not in VARIANTS:
+        raise SystemExit(f"--variants: unknown layout {base!r} in {name!r}; known {VARIANTS}")
+    defaults = focused_dpo.get_config()
+    out = {field: defaults[group].get(field, kind()) for group, field, kind in OPTIONS.values()}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in OPTIONS or not value:
+            raise SystemExit(f"--variants: {part!r} in {name!r}; options are "
+                             f"{sorted(OPTIONS)} as key=value")
+        out[OPTIONS[key][1]] = OPTIONS[key][2](value)
+    return base, out
 
 
 def pair_examples(spec, pairs, b: int) -> dict:
@@ -120,8 +147,8 @@ def run_variant(args) -> None:
     from fdpo.models.config import ModelConfig
 
     rss["after_imports"] = spec.peak_rss_mib()
-    variant = args.run
-    rec = spec.base_record(f"fdpo-{variant}")
+    variant, options = parse_variant(args.run)
+    rec = spec.base_record(f"fdpo-{args.run}")
     pairs = spec.make_pairs()
     steps = args.warmup + args.timed
     if spec.WARMUP_STEPS + spec.TIMED_STEPS < steps:
@@ -129,7 +156,10 @@ def run_variant(args) -> None:
     examples = [pair_examples(spec, pairs, b) for b in range(steps)]
 
     hf_dir = spec_hf_dir(spec)
-    cfg = ModelConfig.from_hf_dir(hf_dir)
+    cfg = ModelConfig.from_hf_dir(hf_dir, remat_policy=options["remat_policy"],
+                                  attention=options["attention"],
+                                  attention_block=options["attention_block"])
+    micro = options["micro_batches"]
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     params = nnx.to_pure_dict(convert.load_hf_params(hf_dir, cfg, mesh)[1])
     ref = nnx.to_pure_dict(convert.load_hf_params(hf_dir, cfg, mesh)[1])
@@ -166,7 +196,8 @@ def run_variant(args) -> None:
     state = trainer.init_state(params)
     del params  # donated into the state by the first step
     t = time.perf_counter()
-    step = trainer.train_step.lower(state, trainer.make_batch(examples[0]), ref).compile()
+    step = trainer.train_step.lower(state, trainer.make_batch(examples[0], micro),
+                                    ref).compile()
     rec["compile_s"] = round(time.perf_counter() - t, 2)
     mem = step.memory_analysis()
     rec["xla_mib"] = {k: round(getattr(mem, f"{k}_size_in_bytes") / MiB, 1)
@@ -177,9 +208,9 @@ def run_variant(args) -> None:
     for b in range(steps):
         starts.append(time.perf_counter())
         snaps.append(spec.cpu_snapshot())
-        state, metrics = step(state, trainer.make_batch(examples[b]), ref)
+        state, metrics = step(state, trainer.make_batch(examples[b], micro), ref)
         losses.append(float(metrics["loss"]))
-        print(f"{variant} step {b}: loss {losses[-1]:.7f} "
+        print(f"{args.run} step {b}: loss {losses[-1]:.7f} "
               f"{time.perf_counter() - starts[-1]:.2f} s", file=sys.stderr, flush=True)
     starts.append(time.perf_counter())
     snaps.append(spec.cpu_snapshot())
@@ -187,7 +218,7 @@ def run_variant(args) -> None:
     intervals = [starts[k + 1] - starts[k] for k in timed]
     median = statistics.median(intervals)
     tokens = row_tokens(examples[args.warmup:], variant)
-    rec.update(variant=variant, median_s_per_step=median,
+    rec.update(variant=args.run, options=options, median_s_per_step=median,
                step_seconds=[round(x, 3) for x in intervals],
                pairs_per_s=spec.PAIRS_PER_STEP / median, warmup_steps=args.warmup,
                timed_steps=args.timed, row_length=length, response_capacity=capacity,
@@ -243,13 +274,14 @@ def run_all(args) -> list[dict]:
     for r in range(args.rounds):
         for name, cmd, cwd in jobs:
             t = time.perf_counter()
-            with open(logs / f"{name}.{r}.err", "w") as err:
+            log = logs / f"{name.replace('/', '+')}.{r}.err"
+            with open(log, "w") as err:
                 proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err,
                                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             res = last_json(proc.stdout) if proc.returncode == 0 else None
             if res is None:
-                print(f"round {r} {name}: failed (exit {proc.returncode}); see "
-                      f"{logs / f'{name}.{r}.err'}", flush=True)
+                print(f"round {r} {name}: failed (exit {proc.returncode}); see {log}",
+                      flush=True)
                 continue
             res.update(name=name, round=r, wall_s=round(time.perf_counter() - t, 1))
             results.append(res)
@@ -275,8 +307,8 @@ def table(results: list[dict]) -> str:
     head = ("| implementation | runs | s/step | pairs/s | " +
             " | ".join(f"vs {b}" for b in bases) +
             " | own CPU s/step | " + " | ".join(f"CPU vs {b}" for b in bases) +
-            " | tokens/step (real / given) | peak RSS GiB | XLA temp MiB | step-0 loss "
-            "| foreign cores |")
+            " | tokens/step (real / given) | peak RSS GiB | RSS GiB after imports / models / "
+            "compile | XLA temp MiB | step-0 loss | foreign cores |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n, rs in by.items():
         r0 = rs[0]
@@ -287,9 +319,12 @@ def table(results: list[dict]) -> str:
                   f"{r0.get('nonpad_tokens_per_step', 0):.0f} / "
                   f"{r0.get('padded_tokens_per_step', 0):.0f}")
         temp = r0.get("xla_mib", {}).get("temp", "")
+        stages = " / ".join(f"{r0['rss_mib'][k] / 1024:.2f}" for k in
+                            ("after_imports", "after_models", "after_compile")
+                            ) if "rss_mib" in r0 else ""
         lines.append(
             f"| {n} | {len(rs)} | {med[n]:.2f} | {4 / med[n]:.3f} | {ratios} | {tokens} "
-            f"| {max(r['peak_rss_mib'] for r in rs) / 1024:.2f} | {temp} "
+            f"| {max(r['peak_rss_mib'] for r in rs) / 1024:.2f} | {stages} | {temp} "
             f"| {r0.get('step0_loss', float('nan')):.7f} "
             f"| {max(r.get('foreign_cores_busy_max', 0) for r in rs):.2f} |")
     return "\n".join(lines)
@@ -344,16 +379,15 @@ def main() -> None:
                     "python") if os.environ.get("VENV_TUNIX") else "",
                     help="the Tunix venv's python (default $VENV_TUNIX/bin/python)")
     ap.add_argument("--log_dir", default="/tmp/bench_dpo")
-    ap.add_argument("--run", choices=VARIANTS, help=argparse.SUPPRESS)  # one child run
+    ap.add_argument("--run", help=argparse.SUPPRESS)  # one child run: a variant
     ap.add_argument("--data", help="only print a built dataset's tokens per layout")
     args = ap.parse_args()
     if args.run:
         return run_variant(args)
     if args.data:
         return data_tokens(args.data)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; known {VARIANTS}")
+    for name in args.variants.split(","):
+        parse_variant(name)  # a misspelt variant or option fails before any run
     print(f"cpus: {os.cpu_count()}; load avg before: {os.getloadavg()}", flush=True)
     results = run_all(args)
     print(f"load avg after: {os.getloadavg()}")

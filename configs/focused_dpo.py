@@ -29,8 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_hf_dir = config_dict.placeholder(str)
     # How the model runs (ModelConfig fields); parameters train in float32. attention:
     # einsum | dot_product (jax.nn.dot_product_attention, XLA) | cudnn (GPU, bf16 only).
+    # remat_policy: full recomputes each decoder layer in the backward instead of keeping
+    # its activations (the attention scores and MLP products): 0.32x the step's XLA
+    # temporaries on the shared bench spec at no measured CPU cost (docs/training.md,
+    # "Memory"); none keeps them (faster where memory is plentiful, e.g. some GPU runs);
+    # dots keeps the matmul outputs.
     c.model = ml_collections.ConfigDict(dict(
-        param_dtype="float32", compute_dtype="bfloat16", remat_policy="none",
+        param_dtype="float32", compute_dtype="bfloat16", remat_policy="full",
         scan_layers=True, attention="einsum"))
 
     # Mesh (data, fsdp, tensor); one -1 takes the remaining devices. Rules map logical axis

@@ -13,7 +13,8 @@ Contracts (docs/training.md):
 - Exactly-once logs: a run resumed from checkpoint M first drops the lines with step > M
   from `metrics.jsonl` (written to a temporary file, then renamed) and opens TensorBoard
   with `purge_step=M+1`, so every (split, step) is logged once however often it is killed.
-- No per-step host sync: the next batch is read and packed while the step runs; metrics
+- No per-step host sync: the next batch is read while the step runs (its shared rows
+  packed by the loader's read-ahead threads, `fdpo.data.train_dataset`); metrics
   stay on the device until a log step. Finiteness is still checked every step, one step
   behind: the host waits for step N's flag only after step N+1 is queued, so the device
   does not idle for it. A non-finite step N is reported as such; its update is not applied
@@ -208,9 +209,18 @@ class TrainRun:
         if self.total_steps <= 0:
             self.total_steps = c.train.num_epochs * data.steps_per_epoch(
                 len(self.train_src), c.train.batch_size)
+        # The row length is known before the loader is built, so its read-ahead threads
+        # pack the shared rows and the step's host code does not (`Trainer.make_batch`).
+        self.shared_length = 0
+        if c.train.shared_prompt:
+            self.shared_length = c.train.shared_length or data.longest_shared_row(
+                *[s for s in (self.train_src, self.eval_src) if s is not None])
+            logging.info("shared-prompt rows of %d tokens (separate rows: 2 x %d)",
+                         self.shared_length, self.train_src[0]["chosen_ids"].shape[-1])
         ds = data.train_dataset(self.train_src, global_batch=c.train.batch_size,
                                 seed=c.data.seed, process_index=jax.process_index(),
-                                process_count=jax.process_count(), shuffle=c.data.shuffle)
+                                process_count=jax.process_count(), shuffle=c.data.shuffle,
+                                shared_length=self.shared_length)
         self.batches = data.train_iterator(ds, num_threads=c.data.num_threads,
                                            prefetch=c.data.prefetch)
 
@@ -218,18 +228,12 @@ class TrainRun:
         c = self.config
         tx, schedule = train.make_optimizer(train.OptimizerConfig(**c.optimizer.to_dict()),
                                             self.total_steps)
-        shared_length = 0
-        if c.train.shared_prompt:
-            shared_length = c.train.shared_length or data.longest_shared_row(
-                *[s for s in (self.train_src, self.eval_src) if s is not None])
-            logging.info("shared-prompt rows of %d tokens (separate rows: 2 x %d)",
-                         shared_length, self.train_src[0]["chosen_ids"].shape[-1])
         logging.info("%s: %d pairs, %d steps of %d pairs; loss %s", c.data.dir,
                      len(self.train_src), self.total_steps, c.train.batch_size,
                      self.loss_cfg)
         return train.Trainer(self.policy.model_cfg, self.loss_cfg, tx, self.mesh, self.rules,
                              reference=c.loss.reference, chunk=c.train.logprob_chunk,
-                             schedule=schedule, shared_length=shared_length,
+                             schedule=schedule, shared_length=self.shared_length,
                              response_capacity=c.train.response_capacity,
                              logprob_recompute=c.train.logprob_recompute,
                              mechanism=c.log.mechanism)
@@ -305,7 +309,7 @@ class TrainRun:
                 self._check_finite(*pending)
             pending = (self.step, metrics)
             counts.append((metrics["tokens"], metrics["pairs"]))
-            if self.step < total:  # read and pack while the step runs
+            if self.step < total:  # read (packed by the loader) while the step runs
                 batch, data_state = self._next_batch()
             else:
                 data_state = self.batches.get_state()

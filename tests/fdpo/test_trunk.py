@@ -227,6 +227,38 @@ def test_trunk_rows_give_the_same_step_for_every_preset(preset, pairs):
     assert_same_step(*step_both_ways("qwen2", preset, pairs, mechanism=False))
 
 
+@pytest.mark.parametrize("arch", ["qwen2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_remat_gives_the_same_trunk_step(arch, pairs):
+    """`model.remat_policy="full"` (configs/focused_dpo.py's default: each decoder layer
+    recomputed in the backward instead of its activations kept, docs/training.md "Memory")
+    on trunk rows, whose branch mask and positions enter every layer: loss, metrics and
+    gradient equal the step without remat to 1e-5 (policy != reference, two
+    micro-batches). `dots` is covered on separate rows (tests/fdpo/test_train.py) and in
+    the model's gradient (tests/fdpo/test_models.py)."""
+    examples = {k: pairs[k] for k in KEYS}
+    need = int(records.shared_row_lengths(
+        examples["chosen_segments"], examples["rejected_segments"],
+        records.trunk_lengths(*(examples[k] for k in KEYS))).max())
+    out = {}
+    for policy in ("none", "full"):
+        cfg = MODELS[arch].replace(remat_policy=policy)
+        trainer = train.Trainer(cfg, loss_lib.preset("focused_dpo", beta=0.5), grad_keeper(),
+                                ONE_DEVICE, chunk=8, shared_length=need)
+        params = jax.device_put(random_params(cfg, 0), trainer.param_shardings)
+        ref = jax.device_put(random_params(cfg, 1), trainer.param_shardings)
+        state, metrics = trainer.train_step(trainer.init_state(params),
+                                            trainer.make_batch(examples, 2), ref)
+        out[policy] = jax.device_get((metrics, state["opt_state"]["grad"]))
+    m0, g0 = out.pop("none")
+    assert sum(float(np.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3
+    for policy, (m1, g1) in out.items():
+        for k in m0:
+            np.testing.assert_allclose(m1[k], m0[k], rtol=RTOL, atol=RTOL,
+                                       err_msg=f"{policy}: {k}")
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            assert_close_at_scale(a, b, RTOL, axis=None, what=f"{policy}: gradient")
+
+
 def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
     """`data.train_dataset(shared_length=S)` packs in the loader; the trainer then uses the
     packed rows as they are, and its batch equals the one it packs itself."""
@@ -250,3 +282,44 @@ def test_loader_packed_batches_equal_host_packed_ones(pairs, tmp_path):
     with pytest.raises(ValueError, match="packed rows of"):
         train.Trainer(MODELS["qwen2"], loss_lib.preset("dpo"), optax.sgd(0.1), ONE_DEVICE,
                       shared_length=S + 1).make_batch(packed, 2)
+
+
+def test_train_loop_packs_in_the_loader_with_the_losses_of_separate_rows(tmp_path,
+                                                                        monkeypatch):
+    """`fdpo.train_loop` (what launch.train runs) learns the row length before it builds the
+    loader, so the loader packs the trunk rows and the step's host code never does; the
+    run's logged losses equal those of a run on separate chosen/rejected rows."""
+    import json
+
+    from configs import focused_dpo
+    from fdpo import data, train_loop
+    from fdpo.models import checkpoint
+    from fdpo.testing import write_dataset
+
+    ckpt = checkpoint.init_random(tmp_path / "ckpt", fields={"vocab_size": 211})
+    recs = random_pairs(16, LENGTH, vocab=211, seed=9,
+                        lengths=((2, 6), (0, 8), (1, 4), (0, 4), (0, 5)))
+    write_dataset(tmp_path / "data", {"train": recs})
+
+    def losses(shared: bool) -> list[float]:
+        c = focused_dpo.get_config(f"model={ckpt},data={tmp_path / 'data'},runlocal")
+        c.train.num_steps, c.train.micro_batches = 3, 2
+        c.train.shared_prompt = shared
+        c.log.mechanism, c.log.tensorboard, c.checkpoint.use_async = False, False, False
+        workdir = tmp_path / f"shared={shared}"
+        run = train_loop.TrainRun(c, workdir, ONE_DEVICE, handle_sigterm=False)
+        if shared:
+            assert run.trainer.shared_length == data.longest_shared_row(run.train_src)
+        run.train()
+        lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+        return [m["loss"] for m in sorted(lines, key=lambda m: m["step"])
+                if m["split"] == "train"]
+
+    def no_host_packing(*args, **kwargs):
+        raise AssertionError("the train step's host code packed rows")
+
+    monkeypatch.setattr(train, "pack_shared_prompt", no_host_packing)
+    shared = losses(True)
+    separate = losses(False)
+    assert len(shared) == 3
+    np.testing.assert_allclose(shared, separate, rtol=RTOL)
