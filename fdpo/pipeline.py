@@ -137,11 +137,13 @@ STALE_OUTPUTS = {"warm_start": ("warm_start",), "train": ("train",), "evaluate":
 # stage. "all": a JAX program over the global mesh, started on every host (it writes its
 # outputs once itself); "shares": CPU work split by process index (host i takes problems
 # i, i + n, ...; docs/pipeline.md#multi-host), then process 0 merges; "primary": process 0
-# alone (small work, or work no program splits yet: the continuation runs of `analyze` use
-# host 0's devices only), the others wait. Process 0 alone writes markers and shared files.
+# alone (small work), the others wait. Process 0 alone writes markers and shared files.
+# `analyze` with the continuation experiment generates over the global mesh and splits its
+# sandbox runs by problem inside launch.analyze; without it, it is a small CPU pass
+# (`Pipeline.role`).
 HOST_ROLES = {"data": "primary", "init": "primary", "sft_data": "primary",
               "warm_start": "all", "sample": "all", "execute": "shares", "pairs": "shares",
-              "reference": "all", "train": "all", "evaluate": "all", "analyze": "primary",
+              "reference": "all", "train": "all", "evaluate": "all", "analyze": "all",
               "report": "primary"}
 # Outputs a sharded stage starts afresh (a resumed one keeps them: hosts whose share is done
 # skip it, the others rewrite their own shard files).
@@ -349,6 +351,8 @@ class Pipeline:
         """Who runs stage `name` on several hosts (HOST_ROLES)."""
         if name == "init" and self.cfg.init.hf_dir:
             return "all"  # launch.import_hf runs over the global mesh
+        if name == "analyze" and not self.cfg.analysis.continuation:
+            return "primary"  # the Phi table alone: no model, a short CPU pass
         return HOST_ROLES[name]
 
     def _begin(self, name: str) -> bool:
@@ -717,7 +721,7 @@ class Pipeline:
                             f"--config.max_new_tokens={self.cfg.sample.max_new_tokens}",
                             f"--config.response_format={self.cfg.sample.response_format}",
                             f"--config.timeout={self.cfg.execute.timeout}",
-                            *self.prompt_format()]
+                            *self.prompt_format(), *self.jax_flags()]
         # The miniature's records name their right tests (tests_correct): correctness is
         # passing all of them, and they judge continuations. A real run has no ground truth:
         # correctness as the data stage decides it (ranked), and continuations judged by the

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import json
 import math
 from typing import Any, Sequence
 
@@ -223,3 +224,23 @@ def sync(name: str, timeout_s: float = 3600) -> None:
         multihost_utils.sync_global_devices(key)
         return
     client.wait_at_barrier(key, int(timeout_s * 1000))
+
+
+def gather(value, name: str, timeout_s: float = 3600) -> list:
+    """Every process's `value` (JSON-serialisable and small: it travels through
+    jax.distributed's key-value store), in process order, on every process ([value] with one
+    process); every process must make the same sequence of `gather` and `sync` calls. Like
+    `sync`, a process may wait here up to `timeout_s` for a slower one (its CPU work) while
+    its heartbeats keep it alive; no device collective is involved."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(f"gather {name!r}: several processes but no jax.distributed "
+                           "client (call jax.distributed.initialize first)")
+    key = f"fdpo.gather.{next(_SYNCS)}.{name}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    return [json.loads(client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000)))
+            for i in range(jax.process_count())]
