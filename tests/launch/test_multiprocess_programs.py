@@ -243,30 +243,27 @@ def test_import_and_export(setup):
 
 def test_sample_with_stop_strings(setup):
     """Stop strings are checked on the host from every row's tokens (gathered from both
-    processes): the same cuts, finish reasons and tokens, refill and the plain loop."""
+    processes): the same cuts, finish reasons and tokens."""
     base, _ = setup
     prompts = base / "prompts_stop.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:3]))
-    # Frequent characters of the tiny tokenizer's random text, checked every 2 steps.
-    stop = "--config.stop=('e', 'a')"
-    args = lambda out, refill: [
+    # Frequent characters of the tiny tokenizer's random text, checked every 2 steps, with
+    # refill (the default: a stopped row takes the next sample).
+    one, two, written = run_both(setup, "sample_stop", "launch.sample", lambda out: [
         "--checkpoint", base / "ckpt", "--input", prompts, "--output", out / "samples.jsonl",
         "--config.num_codes=3", "--config.num_tests=1", "--config.max_new_tokens=12",
         "--config.temperature=1.0", "--config.batch_size=8", "--config.length_bucket=32",
-        "--config.stop_check_steps=2", stop, f"--config.refill={refill}"]
-    for refill in (True, False):
-        one, two, written = run_both(setup, f"sample_stop_{refill}", "launch.sample",
-                                     lambda out: args(out, refill))
-        want, got = jsonl(one / "samples.jsonl"), jsonl(two / "samples.jsonl")
-        assert [r["id"] for r in got] == [p["id"] for p in PROMPTS[:3]]
-        assert got == want
-        finishes = [s["finish"] for r in got for s in r["samples"]]
-        assert "stop" in finishes, finishes  # the stop path ran
-        for r in got:
-            for s in r["samples"]:
-                if s["finish"] == "stop":  # cut before the stop string
-                    assert "e" not in s["response"] and "a" not in s["response"]
-        assert under(written, two) == []
+        "--config.stop_check_steps=2", "--config.stop=('e', 'a')", "--config.refill=True"])
+    want, got = jsonl(one / "samples.jsonl"), jsonl(two / "samples.jsonl")
+    assert [r["id"] for r in got] == [p["id"] for p in PROMPTS[:3]]
+    assert got == want
+    finishes = [s["finish"] for r in got for s in r["samples"]]
+    assert "stop" in finishes, finishes  # the stop path ran
+    for r in got:
+        for s in r["samples"]:
+            if s["finish"] == "stop":  # cut before the stop string
+                assert "e" not in s["response"] and "a" not in s["response"]
+    assert under(written, two) == []
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +329,15 @@ def test_synthesize(setup):
         {"concept": "pattern:binary_search", "kind": "pattern", "count": 30},
         {"concept": "api:collections.Counter", "kind": "api", "count": 100},
         {"concept": "construct:generator_function", "kind": "construct", "count": 5}]))
-    one, two, written = run_both(setup, "synthesize", "launch.synthesize", lambda out: [
-        "--concepts", concepts, "--checkpoint", base / "ckpt", "--out", out / "p.jsonl",
-        "--save_generations", out / "g.jsonl", "--per_concept=1",
-        "--config.samples_per_request=2", "--config.sampling.max_new_tokens=8",
-        "--config.sampling.batch_size=8"])
+
+    def args(out):
+        out.mkdir(parents=True, exist_ok=True)  # launch.synthesize needs an existing one
+        return ["--concepts", concepts, "--checkpoint", base / "ckpt",
+                "--out", out / "p.jsonl", "--save_generations", out / "g.jsonl",
+                "--per_concept=1", "--config.samples_per_request=2",
+                "--config.sampling.max_new_tokens=8", "--config.sampling.batch_size=8"]
+
+    one, two, written = run_both(setup, "synthesize", "launch.synthesize", args)
     assert files(two) == files(one) == sorted(
         ["g.jsonl", "p.jsonl", "p.jsonl.rejected.jsonl", "p.jsonl.report.json"])
     for name in files(one):
