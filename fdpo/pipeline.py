@@ -572,11 +572,38 @@ class Pipeline:
             shards.mkdir(exist_ok=True)
             lines = (self.w / "samples.jsonl").read_text().splitlines(keepends=True)
             share_in = shards / f"input-{self.hosts.tag}.jsonl"
-            atomic.write_text(share_in, "".join(self.hosts.share(lines)))
+            share = self.hosts.share(lines)
+            atomic.write_text(share_in, "".join(share))
+            share_out = shards / f"executed-{self.hosts.tag}.jsonl"
+            self._seed_share(share, share_out)
             self.run("execute", "launch.execute", "--input", share_in,
-                     "--output", shards / f"executed-{self.hosts.tag}.jsonl", *limits)
+                     "--output", share_out, *limits)
             self.mark_share_done("execute", "execute")
         self.barrier("execute.merge", self._merge_executed)
+
+    def _seed_share(self, share: list[str], out: pathlib.Path) -> None:
+        """Gives a host's share output the results executed.jsonl already holds for the
+        share's problems that it lacks (a workdir that ran execute on one host, now run on
+        several): launch.execute resumes by content, so those whose inputs still match are
+        kept and only the rest run."""
+        merged = self.w / "executed.jsonl"
+        if not merged.exists():
+            return
+
+        def parsed(lines):  # (id, line) of the whole JSON lines; launch.execute reports the
+            for line in lines:  # others (and a cut-off last line is redone)
+                try:
+                    yield json.loads(line)["id"], line if line.endswith("\n") else line + "\n"
+                except (ValueError, KeyError, TypeError):
+                    continue
+        lines_of = lambda path: path.read_text().splitlines(keepends=True)  # noqa: E731
+        mine = {pid for pid, _ in parsed(share)}
+        kept = list(parsed(lines_of(out))) if out.exists() else []
+        have = {pid for pid, _ in kept}
+        add = [(pid, line) for pid, line in parsed(lines_of(merged))
+               if pid in mine and pid not in have]
+        if add:
+            atomic.write_text(out, "".join(line for _, line in kept + add))
 
     def _merge_executed(self) -> None:
         """executed.jsonl from the hosts' shares, in samples.jsonl's order."""
