@@ -346,3 +346,42 @@ def test_synthesize(setup):
     assert [g["request"] for g in gens] == [0, 1, 2]
     assert len({t for g in gens for t in g["texts"]}) > 1  # draws differ
     assert under(written, two) == []
+
+
+# Process i of 2: meets the other at a barrier, then process 0 fails while process 1 waits
+# for it at the next one (as launch.evaluate's process 1 waits for process 0's sandbox runs).
+FAILING_JOB = """
+import sys, time
+import jax
+i, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=i)
+from fdpo import sharding
+with sharding.failures_announced():  # what launch.common.run does under --distributed
+    assert sharding.gather(i, "who") == [0, 1]
+    if i == 0:
+        raise RuntimeError("boom on process 0")
+    start = time.monotonic()
+    try:
+        sharding.sync("results written", timeout_s=600)
+    finally:
+        print(f"waited {time.monotonic() - start:.1f} s")
+"""
+
+
+def test_a_failure_on_process_0_stops_a_process_waiting_for_it():
+    """Process 1 waiting at a barrier (up to 600 s) stops within seconds of process 0's
+    error, naming process 0 and the error, instead of waiting for jax.distributed to
+    notice."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_JOB, str(i), str(port)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert procs[0].returncode != 0 and "boom on process 0" in outs[0][1]
+    assert procs[1].returncode != 0, outs[1]
+    assert ("ProcessFailed: sync 'results written': process 0 of 2 failed while process 1 "
+            "waited for it: RuntimeError: boom on process 0") in outs[1][1], outs[1][1][-2000:]
+    waited = float(outs[1][0].split("waited ")[1].split(" s")[0])
+    assert waited < 60, waited
