@@ -475,7 +475,8 @@ def test_two_processes_write_each_output_once(runs):
     for rel in ("stages/execute.json", "executed.jsonl", "pairs/manifest.json",
                 "report/report.json", "pipeline_config.json", "timings.json"):
         assert (two / rel).stat().st_mode & 0o077, rel
-    # Each host ran every JAX stage's program once, and no program of process 0's stages.
+    # Each host ran every JAX stage's program once (analyze: the continuation experiment),
+    # and no program of process 0's stages.
     log1 = {p.name for p in (two / "logs").glob("*.p1.log")}
     assert log1 == {"sample.p1.log", "execute.p1.log", "pairs.p1.log", "reference.p1.log",
-                    "train.p1.log", "evaluate.p1.log"}, log1
+                    "train.p1.log", "evaluate.p1.log", "analyze.p1.log"}, log1
