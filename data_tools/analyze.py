@@ -528,14 +528,16 @@ def write_report(out_dir: str, result: PhiResult, options: Options, inputs: Inpu
 
 
 def analyze_files(samples_path: str, verdicts_path: str | None, out_dir: str,
-                  options: Options) -> PhiResult:
+                  options: Options, write: bool = True) -> PhiResult:
     """What ``launch.analyze`` does without the continuation: reads the inputs
     (:func:`read_inputs`; FileNotFoundError for a missing file), computes the tables, writes
-    the report (:func:`write_report`) and prints the table and the counts."""
+    the report (:func:`write_report`; not with ``write=False``: the other processes of a
+    multi-host run, which compute the same tables) and prints the table and the counts."""
     inputs = read_inputs(samples_path, verdicts_path)
     result = phi_tables(inputs.problems, options)
-    paths = write_report(out_dir, result, options, inputs)
-    log.info("wrote %s", ", ".join(paths.values()))
+    if write:
+        paths = write_report(out_dir, result, options, inputs)
+        log.info("wrote %s", ", ".join(paths.values()))
     print(markdown(result, options, paper=False))
     print(json.dumps({"lines_dropped": inputs.dropped, "problems_used": result.problems_used,
                       "problems_skipped": result.skipped}))

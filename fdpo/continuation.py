@@ -12,9 +12,15 @@ import json
 import pathlib
 from typing import Callable, Sequence
 
-from fdpo import extract
+import jax
+
+from fdpo import extract, sharding
 from fdpo.policy import Policy
 from fdpo.sandbox.executor import Executor, Limits
+
+# How long a host that finished its share of the sandbox runs waits for the slowest one (a
+# real run's share can take hours; a dead host is noticed by jax.distributed before this).
+WAIT_FOR_HOSTS_S = 7 * 24 * 3600
 
 
 def run(jobs: Sequence[dict], skipped: collections.Counter, load_policy: Callable[[], Policy],
@@ -23,7 +29,12 @@ def run(jobs: Sequence[dict], skipped: collections.Counter, load_policy: Callabl
     [{"id", "prompt", "tests", "starts": (chosen text, rejected text)}]; `skipped`: problems
     left out, by reason; `c`: the continuation settings of configs/analyze.py
     (num_continuations, max_new_tokens, temperature, response_format, timeout). Writes
-    continuation.json and continuation.md to `out_dir`; returns the json's content."""
+    continuation.json and continuation.md to `out_dir`; returns the json's content.
+
+    Several processes (jax.distributed, initialised before): every process generates every
+    continuation with the others over the global mesh, runs the programs of problems i,
+    i + n, ... (process i of n) in its sandbox, and receives the others' verdicts; all
+    return the same summary, and process 0 alone writes the files."""
     policy = load_policy()
     by_id = {job["id"]: job for job in jobs}
     rows = []  # (problem id, side, started text, token ids)
@@ -39,19 +50,30 @@ def run(jobs: Sequence[dict], skipped: collections.Counter, load_policy: Callabl
         program = extract.program_from_response(started + cont.text, by_id[pid]["prompt"],
                                                 c.response_format)
         programs.setdefault((pid, side), []).append(program)
+    # Several processes: every one generated every continuation above (the global mesh);
+    # the sandbox work is split by problem, host i running problems i, i + n, ... on its own
+    # CPUs, and the verdicts gathered so that every host holds them all, in input order.
+    me, hosts = jax.process_index(), jax.process_count()
+    mine = {}  # job index -> one verdict per program (chosen continuations, then rejected)
+    with Executor(Limits(timeout_s=c.timeout)) as ex:
+        for k in range(me, len(jobs), hosts):
+            job = jobs[k]
+            codes = programs[(job["id"], "chosen")] + programs[(job["id"], "rejected")]
+            mine[k] = [all(row) for row in ex.run(codes, job["tests"]).passed]
+    verdicts = {}
+    for share in sharding.gather({str(k): v for k, v in mine.items()},
+                                 "continuation.run: executed", timeout_s=WAIT_FOR_HOSTS_S):
+        verdicts.update((int(k), v) for k, v in share.items())
     passed = {"chosen": [], "rejected": []}
     per_problem = []
-    with Executor(Limits(timeout_s=c.timeout)) as ex:
-        for job in jobs:
-            codes = programs[(job["id"], "chosen")] + programs[(job["id"], "rejected")]
-            res = ex.run(codes, job["tests"])
-            ok = [all(row) for row in res.passed]
-            n = c.num_continuations
-            passed["chosen"] += ok[:n]
-            passed["rejected"] += ok[n:]
-            per_problem.append({"id": job["id"], "chosen_passed": sum(ok[:n]),
-                                "rejected_passed": sum(ok[n:]), "continuations": n,
-                                "tests": len(job["tests"])})
+    n = c.num_continuations
+    for k, job in enumerate(jobs):
+        ok = verdicts[k]
+        passed["chosen"] += ok[:n]
+        passed["rejected"] += ok[n:]
+        per_problem.append({"id": job["id"], "chosen_passed": sum(ok[:n]),
+                            "rejected_passed": sum(ok[n:]), "continuations": n,
+                            "tests": len(job["tests"])})
     summary = {side: {"pass@1": 100.0 * sum(v) / len(v) if v else None, "programs": len(v),
                       "passed": sum(v)}
                for side, v in passed.items()}
@@ -62,7 +84,8 @@ def run(jobs: Sequence[dict], skipped: collections.Counter, load_policy: Callabl
                            "response_format": c.response_format,
                            "prompt_format": policy.prompt_format}
     summary["per_problem"] = per_problem
-    _write(pathlib.Path(out_dir), summary, bool(skipped))
+    if sharding.is_writer():
+        _write(pathlib.Path(out_dir), summary, bool(skipped))
     return summary
 
 

@@ -137,11 +137,13 @@ STALE_OUTPUTS = {"warm_start": ("warm_start",), "train": ("train",), "evaluate":
 # stage. "all": a JAX program over the global mesh, started on every host (it writes its
 # outputs once itself); "shares": CPU work split by process index (host i takes problems
 # i, i + n, ...; docs/pipeline.md#multi-host), then process 0 merges; "primary": process 0
-# alone (small work, or work no program splits yet: the continuation runs of `analyze` use
-# host 0's devices only), the others wait. Process 0 alone writes markers and shared files.
+# alone (small work), the others wait. Process 0 alone writes markers and shared files.
+# `analyze` with the continuation experiment generates over the global mesh and splits its
+# sandbox runs by problem inside launch.analyze; without it, it is a small CPU pass
+# (`Pipeline.role`).
 HOST_ROLES = {"data": "primary", "init": "primary", "sft_data": "primary",
               "warm_start": "all", "sample": "all", "execute": "shares", "pairs": "shares",
-              "reference": "all", "train": "all", "evaluate": "all", "analyze": "primary",
+              "reference": "all", "train": "all", "evaluate": "all", "analyze": "all",
               "report": "primary"}
 # Outputs a sharded stage starts afresh (a resumed one keeps them: hosts whose share is done
 # skip it, the others rewrite their own shard files).
@@ -349,6 +351,8 @@ class Pipeline:
         """Who runs stage `name` on several hosts (HOST_ROLES)."""
         if name == "init" and self.cfg.init.hf_dir:
             return "all"  # launch.import_hf runs over the global mesh
+        if name == "analyze" and not self.cfg.analysis.continuation:
+            return "primary"  # the Phi table alone: no model, a short CPU pass
         return HOST_ROLES[name]
 
     def _begin(self, name: str) -> bool:
@@ -568,11 +572,38 @@ class Pipeline:
             shards.mkdir(exist_ok=True)
             lines = (self.w / "samples.jsonl").read_text().splitlines(keepends=True)
             share_in = shards / f"input-{self.hosts.tag}.jsonl"
-            atomic.write_text(share_in, "".join(self.hosts.share(lines)))
+            share = self.hosts.share(lines)
+            atomic.write_text(share_in, "".join(share))
+            share_out = shards / f"executed-{self.hosts.tag}.jsonl"
+            self._seed_share(share, share_out)
             self.run("execute", "launch.execute", "--input", share_in,
-                     "--output", shards / f"executed-{self.hosts.tag}.jsonl", *limits)
+                     "--output", share_out, *limits)
             self.mark_share_done("execute", "execute")
         self.barrier("execute.merge", self._merge_executed)
+
+    def _seed_share(self, share: list[str], out: pathlib.Path) -> None:
+        """Gives a host's share output the results executed.jsonl already holds for the
+        share's problems that it lacks (a workdir that ran execute on one host, now run on
+        several): launch.execute resumes by content, so those whose inputs still match are
+        kept and only the rest run."""
+        merged = self.w / "executed.jsonl"
+        if not merged.exists():
+            return
+
+        def parsed(lines):  # (id, line) of the whole JSON lines; launch.execute reports the
+            for line in lines:  # others (and a cut-off last line is redone)
+                try:
+                    yield json.loads(line)["id"], line if line.endswith("\n") else line + "\n"
+                except (ValueError, KeyError, TypeError):
+                    continue
+        lines_of = lambda path: path.read_text().splitlines(keepends=True)  # noqa: E731
+        mine = {pid for pid, _ in parsed(share)}
+        kept = list(parsed(lines_of(out))) if out.exists() else []
+        have = {pid for pid, _ in kept}
+        add = [(pid, line) for pid, line in parsed(lines_of(merged))
+               if pid in mine and pid not in have]
+        if add:
+            atomic.write_text(out, "".join(line for _, line in kept + add))
 
     def _merge_executed(self) -> None:
         """executed.jsonl from the hosts' shares, in samples.jsonl's order."""
@@ -717,7 +748,7 @@ class Pipeline:
                             f"--config.max_new_tokens={self.cfg.sample.max_new_tokens}",
                             f"--config.response_format={self.cfg.sample.response_format}",
                             f"--config.timeout={self.cfg.execute.timeout}",
-                            *self.prompt_format()]
+                            *self.prompt_format(), *self.jax_flags()]
         # The miniature's records name their right tests (tests_correct): correctness is
         # passing all of them, and they judge continuations. A real run has no ground truth:
         # correctness as the data stage decides it (ranked), and continuations judged by the

@@ -18,7 +18,9 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import json
 import math
+import time
 from typing import Any, Sequence
 
 import jax
@@ -205,21 +207,100 @@ def is_writer() -> bool:
 
 
 _SYNCS = itertools.count()  # barrier ids are used once: every call gets its own
+# Where a failing process leaves its error (`announce_failure`) for the others' waits.
+FAILED_DIR = "fdpo.failed"
+
+
+class ProcessFailed(RuntimeError):
+    """Another process of the job failed while this one waited for it."""
+
+
+def _client():
+    from jax._src import distributed  # the client jax.distributed.initialize made
+
+    return distributed.global_state.client
+
+
+def announce_failure(message: str) -> None:
+    """Tells the job's other processes that this one is failing (`message`): those waiting
+    in `sync` or `gather` stop at once with ProcessFailed naming it, instead of waiting out
+    their timeout or jax.distributed's own detection. A no-op with one process; never
+    raises (it runs while an error is on its way out)."""
+    try:
+        client = _client()  # first: process_count would start a backend before init
+        if client is None or jax.process_count() == 1:
+            return
+        client.key_value_set(f"{FAILED_DIR}/{jax.process_index()}", message[:4000],
+                                allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the coordinator may be gone already
+        pass
+
+
+@contextlib.contextmanager
+def failures_announced():
+    """Runs the block; an exception leaving it is announced to the other processes
+    (`announce_failure`) before it propagates. Programs wrap their main in it."""
+    try:
+        yield
+    except BaseException as e:
+        announce_failure(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _wait(client, prefix: str, what: str, timeout_s: float) -> dict[int, str]:
+    """{process: value} of the keys PREFIX/I once every process has set its own; raises
+    ProcessFailed as soon as a process announces a failure, TimeoutError (naming the
+    missing processes) after `timeout_s`. Polls the coordination service with a growing
+    interval (10 ms to 1 s): a short wait stays short, a long one costs little."""
+    n = jax.process_count()
+    deadline, pause = time.monotonic() + timeout_s, 0.01
+    while True:
+        got = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(prefix + "/")}
+        if len(got) == n:
+            return got
+        failed = client.key_value_dir_get(FAILED_DIR + "/")
+        if failed:
+            k, message = sorted(failed)[0]
+            raise ProcessFailed(f"{what}: process {k.rsplit('/', 1)[1]} of {n} failed while "
+                                f"process {jax.process_index()} waited for it: {message}")
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(n)) - set(got))
+            raise TimeoutError(f"{what}: processes {missing} of {n} did not arrive within "
+                               f"{timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
 
 
 def sync(name: str, timeout_s: float = 3600) -> None:
     """Waits until every process has reached `sync(name)` (a no-op with one process); every
-    process must make the same sequence of calls. A barrier of jax.distributed's
-    coordination service, not a device collective: a process may wait at it for as long
-    as `timeout_s` (another's long CPU work) while its heartbeats keep it alive."""
+    process must make the same sequence of calls. Through jax.distributed's coordination
+    service, not a device collective: a process may wait here for as long as `timeout_s`
+    (another's long CPU work) while its heartbeats keep it alive, and it stops at once
+    (ProcessFailed) when another announces a failure (`announce_failure`)."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client jax.distributed.initialize made
-
-    key = f"fdpo.sync.{next(_SYNCS)}.{name}"
-    client = distributed.global_state.client
+    key = f"fdpo.sync.{next(_SYNCS)}.{name.replace('/', '|')}"  # '/' ends a key's directory
+    client = _client()
     if client is None:  # processes set up another way: a collective over every device
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(key)
         return
-    client.wait_at_barrier(key, int(timeout_s * 1000))
+    client.key_value_set(f"{key}/{jax.process_index()}", "")
+    _wait(client, key, f"sync {name!r}", timeout_s)
+
+
+def gather(value, name: str, timeout_s: float = 3600) -> list:
+    """Every process's `value` (JSON-serialisable and small: it travels through
+    jax.distributed's key-value store), in process order, on every process ([value] with one
+    process); every process must make the same sequence of `gather` and `sync` calls. Waits
+    as `sync` does."""
+    if jax.process_count() == 1:
+        return [value]
+    client = _client()
+    if client is None:
+        raise RuntimeError(f"gather {name!r}: several processes but no jax.distributed "
+                           "client (call jax.distributed.initialize first)")
+    key = f"fdpo.gather.{next(_SYNCS)}.{name.replace('/', '|')}"
+    client.key_value_set(f"{key}/{jax.process_index()}", json.dumps(value))
+    got = _wait(client, key, f"gather {name!r}", timeout_s)
+    return [json.loads(got[i]) for i in range(jax.process_count())]

@@ -108,7 +108,7 @@ def run(main) -> None:
     with one line and exit status 130."""
     def checked_main(argv):
         try:
-            result = main(argv)
+            result = _announced(main, argv)
         except (app.UsageError, flags.ValidationError) as e:
             usage_exit(e)
         except KeyboardInterrupt:
@@ -123,6 +123,18 @@ def run(main) -> None:
         interrupted_exit()
 
     app.run(checked_main, flags_parser=_parse_flags)
+
+
+def _announced(main, argv):
+    """main(argv); with --distributed, an error leaving it is first announced to the job's
+    other processes (fdpo.sharding.announce_failure), so that those waiting for this one at
+    a barrier stop at once, naming it."""
+    if not DISTRIBUTED.value:
+        return main(argv)
+    from fdpo import sharding  # imports jax: only multi-host runs pay for it here
+
+    with sharding.failures_announced():
+        return main(argv)
 
 
 # ---------------------------------------------------------------- checks made before any work

@@ -6,6 +6,10 @@ r"""Problem prompts synthesised by the policy around mined concepts (see
 
 Writes OUT (one problem a line, the format `launch.sample` reads), OUT.rejected.jsonl (every
 rejected generation with its reason) and OUT.report.json (counts, config).
+
+Many hosts: the same command on every host with `--distributed`. Every process generates
+every request with the others over the global mesh and validates the same generations;
+process 0 alone writes the outputs (the same lines, in request order, as one process).
 """
 import json
 import logging
@@ -16,6 +20,7 @@ from absl import app, flags
 import configs
 from data_tools import concepts as concepts_lib
 from data_tools import synthesize
+from fdpo import sharding
 from fdpo.policy import Policy
 from launch import common
 
@@ -42,10 +47,11 @@ DECONTAMINATE = flags.DEFINE_list(
     "e.g. HumanEval+ and MBPP+: problems overlapping their prompts are rejected.")
 
 
-def generate(prompts: list[str], n: int, sampling_cfg) -> list[list[str]]:
-    """`n` policy samples per prompt (the user message, in the policy's prompt format)."""
+def generate(prompts: list[str], n: int, sampling_cfg, mesh=None) -> list[list[str]]:
+    """`n` policy samples per prompt (the user message, in the policy's prompt format), on
+    `mesh` (default: JAX set up from the flags now)."""
     # model_files: the tokenizer against the embedding rows, as a one-line error.
-    policy = Policy.load(common.init_jax(),
+    policy = Policy.load(mesh if mesh is not None else common.init_jax(),
                          files=common.model_files(CHECKPOINT.value, HF_DIR.value))
     outs = policy.generate(prompts, num_samples=n, temperature=sampling_cfg["temperature"],
                            top_p=sampling_cfg["top_p"],
@@ -85,6 +91,12 @@ def main(argv):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --concepts={CONCEPTS.value}: {e}")
     log.info("%d requests from %s", len(requests), CONCEPTS.value)
+    # Several hosts: jax.distributed before anything is written, to know which process
+    # writes (process 0); every process computes the same generations and records.
+    mesh, writer = None, True
+    if common.DISTRIBUTED.value:
+        mesh = common.init_jax()
+        writer = sharding.is_writer()
     benchmarks = None
     if DECONTAMINATE.value:
         # Read before sampling: a wrong path should not cost a generation run.
@@ -100,14 +112,16 @@ def main(argv):
         generations = synthesize.read_generations(GENERATIONS.value, len(requests))
     else:
         generations = generate([r.prompt for r in requests], config.samples_per_request,
-                               dict(config.sampling.to_dict(), seed=config.seed))
-    if SAVE_GENERATIONS.value:
+                               dict(config.sampling.to_dict(), seed=config.seed), mesh)
+    if SAVE_GENERATIONS.value and writer:
         with open(SAVE_GENERATIONS.value, "w", encoding="utf-8") as f:
             for r, texts in zip(requests, generations):
                 f.write(json.dumps({"request": r.index, "concepts": r.concepts,
                                     "texts": texts}) + "\n")
     records, counts, rejected = synthesize.process_generations(requests, generations, config,
                                                                benchmarks)
+    if not writer:
+        return
     out = OUT.value
     with open(out, "w", encoding="utf-8") as f:
         for r in records:

@@ -1,8 +1,10 @@
 """Every JAX program run as 2 processes x 4 CPU devices (jax.distributed on localhost) gives
 what 1 process x 8 devices gives, written once: launch.sample (token for token, at
-temperature with fixed seeds), launch.score and launch.precompute_ref (log-probs to 1e-6),
-launch.evaluate --checkpoint (greedy samples and results equal), launch.import_hf (equal
-parameters) and launch.export_hf (bitwise equal safetensors).
+temperature with fixed seeds; with stop strings too), launch.score and launch.precompute_ref
+(log-probs to 1e-6), launch.evaluate --checkpoint (greedy samples and results equal),
+launch.import_hf (equal parameters), launch.export_hf (bitwise equal safetensors),
+launch.analyze with the continuation experiment and launch.synthesize (bitwise equal
+outputs).
 
 Each process runs under tests/helpers/write_audit.py, which logs the files it opens for
 writing, renames or removes: process 1 must write nothing under an output process 0 owns.
@@ -237,3 +239,149 @@ def test_import_and_export(setup):
     for k in exported:
         np.testing.assert_array_equal(exported[k], source[k])
     assert under(written, two) == []
+
+
+def test_sample_with_stop_strings(setup):
+    """Stop strings are checked on the host from every row's tokens (gathered from both
+    processes): the same cuts, finish reasons and tokens."""
+    base, _ = setup
+    prompts = base / "prompts_stop.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:3]))
+    # Frequent characters of the tiny tokenizer's random text, checked every 2 steps, with
+    # refill (the default: a stopped row takes the next sample).
+    one, two, written = run_both(setup, "sample_stop", "launch.sample", lambda out: [
+        "--checkpoint", base / "ckpt", "--input", prompts, "--output", out / "samples.jsonl",
+        "--config.num_codes=3", "--config.num_tests=1", "--config.max_new_tokens=12",
+        "--config.temperature=1.0", "--config.batch_size=8", "--config.length_bucket=32",
+        "--config.stop_check_steps=2", "--config.stop=('e', 'a')", "--config.refill=True"])
+    want, got = jsonl(one / "samples.jsonl"), jsonl(two / "samples.jsonl")
+    assert [r["id"] for r in got] == [p["id"] for p in PROMPTS[:3]]
+    assert got == want
+    finishes = [s["finish"] for r in got for s in r["samples"]]
+    assert "stop" in finishes, finishes  # the stop path ran
+    for r in got:
+        for s in r["samples"]:
+            if s["finish"] == "stop":  # cut before the stop string
+                assert "e" not in s["response"] and "a" not in s["response"]
+    assert under(written, two) == []
+
+
+@pytest.fixture(scope="module")
+def eos_hf(setup):
+    """A tiny HF model whose greedy continuation is EOS at once: its final norm's weight is
+    0, so every logit is 0 and greedy takes token 0, made the EOS id. A continuation adds
+    nothing and every program's verdict is known."""
+    import torch
+    from transformers import AutoTokenizer
+
+    base, _ = setup
+    d = build_tiny_tokenizer(base / "eos_hf", chat_template=False)
+    assert AutoTokenizer.from_pretrained(str(d)).convert_ids_to_tokens(0) == "<|endoftext|>"
+    model = make_hf_model(d, "qwen2", vocab_size=VOCAB, num_hidden_layers=1,
+                          eos_token_id=0, pad_token_id=0, bos_token_id=None)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(d)
+    return d
+
+
+@pytest.mark.sandbox
+def test_analyze_with_continuations(setup, eos_hf):
+    """The Phi table and the continuation experiment: every process generates, the sandbox
+    runs are split by problem (process 0 takes problems 0 and 2, process 1 problem 1) and
+    merged in input order; every file equal to 1 process's, bitwise, and written by
+    process 0 alone."""
+    base, _ = setup
+
+    def line(pid, codes, passed, tests):
+        return {"id": pid, "prompt": f"# {pid}\n", "codes": codes, "tests": tests,
+                "passed": passed}
+    add = ["def f(x):\n    return x + 1\n", "def f(x):\n    return x + 2\n"]
+    # Verdicts as given: the x + 2 code is called right here, so its continuation (the
+    # program prompt + prefix + its mid) fails the real test and the rejected one passes.
+    lines = [line("add", add, [[True], [False]], ["assert f(1) == 2"]),
+             line("swapped", add, [[False], [True]], ["assert f(1) == 2"]),
+             line("upper", ["def g(s):\n    return s.lower() + 'x'\n",
+                            "def g(s):\n    return s.upper()\n"], [[False, False], [True, True]],
+                  ["assert g('a') == 'A'", "assert g('') == ''"])]
+    samples = base / "analyze_in.jsonl"
+    samples.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    one, two, written = run_both(setup, "analyze", "launch.analyze", lambda out: [
+        "--samples", samples, "--out", out / "analysis", "--hf_dir", eos_hf,
+        "--config.continuation=True", "--config.num_continuations=2",
+        "--config.max_new_tokens=4", "--config.timeout=5"])
+    assert files(two) == files(one)
+    for name in files(one):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    cont = json.loads((two / "analysis" / "continuation.json").read_text())
+    assert [(p["id"], p["chosen_passed"], p["rejected_passed"]) for p in cont["per_problem"]] \
+        == [("add", 2, 0), ("swapped", 0, 2), ("upper", 2, 0)]
+    assert cont["chosen"]["passed"] == 4 and cont["rejected"]["passed"] == 2
+    assert under(written, two) == []
+
+
+def test_synthesize(setup):
+    """Problem synthesis at temperature: the same generations (saved), records, rejections
+    and report, in request order, written by process 0 alone."""
+    base, _ = setup
+    concepts = base / "concepts.jsonl"
+    concepts.write_text("".join(json.dumps(c) + "\n" for c in [
+        {"concept": "pattern:binary_search", "kind": "pattern", "count": 30},
+        {"concept": "api:collections.Counter", "kind": "api", "count": 100},
+        {"concept": "construct:generator_function", "kind": "construct", "count": 5}]))
+
+    def args(out):
+        out.mkdir(parents=True, exist_ok=True)  # launch.synthesize needs an existing one
+        return ["--concepts", concepts, "--checkpoint", base / "ckpt",
+                "--out", out / "p.jsonl", "--save_generations", out / "g.jsonl",
+                "--per_concept=1", "--config.samples_per_request=2",
+                "--config.sampling.max_new_tokens=8", "--config.sampling.batch_size=8"]
+
+    one, two, written = run_both(setup, "synthesize", "launch.synthesize", args)
+    assert files(two) == files(one) == sorted(
+        ["g.jsonl", "p.jsonl", "p.jsonl.rejected.jsonl", "p.jsonl.report.json"])
+    for name in files(one):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    gens = jsonl(two / "g.jsonl")
+    assert [g["request"] for g in gens] == [0, 1, 2]
+    assert len({t for g in gens for t in g["texts"]}) > 1  # draws differ
+    assert under(written, two) == []
+
+
+# Process i of 2: meets the other at a barrier, then process 0 fails while process 1 waits
+# for it at the next one (as launch.evaluate's process 1 waits for process 0's sandbox runs).
+FAILING_JOB = """
+import sys, time
+import jax
+i, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=i)
+from fdpo import sharding
+with sharding.failures_announced():  # what launch.common.run does under --distributed
+    assert sharding.gather(i, "who") == [0, 1]
+    if i == 0:
+        raise RuntimeError("boom on process 0")
+    start = time.monotonic()
+    try:
+        sharding.sync("results written", timeout_s=600)
+    finally:
+        print(f"waited {time.monotonic() - start:.1f} s")
+"""
+
+
+def test_a_failure_on_process_0_stops_a_process_waiting_for_it():
+    """Process 1 waiting at a barrier (up to 600 s) stops within seconds of process 0's
+    error, naming process 0 and the error, instead of waiting for jax.distributed to
+    notice."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_JOB, str(i), str(port)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert procs[0].returncode != 0 and "boom on process 0" in outs[0][1]
+    assert procs[1].returncode != 0, outs[1]
+    assert ("ProcessFailed: sync 'results written': process 0 of 2 failed while process 1 "
+            "waited for it: RuntimeError: boom on process 0") in outs[1][1], outs[1][1][-2000:]
+    waited = float(outs[1][0].split("waited ")[1].split(" s")[0])
+    assert waited < 60, waited

@@ -167,6 +167,8 @@ class FakeRuns(pipeline.Pipeline):
     (and, while `crash` names this host, dies instead): the stage logic around it is real."""
     crash: set = set()
     calls: list = []
+    executed: list = []  # the problem ids the stand-in ran (it resumes by id, as
+    # launch.execute does by content)
 
     def run(self, stage, module, *args):
         args = [str(a) for a in args]
@@ -176,9 +178,14 @@ class FakeRuns(pipeline.Pipeline):
         if self.hosts.index in self.crash:
             raise pipeline.StageFailed(f"stage {stage}: host {self.hosts.index} died")
         src, dst = args[args.index("--input") + 1], args[args.index("--output") + 1]
+        done = ({json.loads(line)["id"] for line in open(dst)} if os.path.exists(dst)
+                else set())
         with open(dst, "a") as f:
             for line in open(src):
-                f.write(json.dumps({**json.loads(line), "passed": [[True]]}) + "\n")
+                record = json.loads(line)
+                if record["id"] not in done:
+                    self.executed.append(record["id"])
+                    f.write(json.dumps({**record, "passed": [[True]]}) + "\n")
 
 
 def _execute_on_hosts(workdir, cfg, n=2):
@@ -224,6 +231,29 @@ def test_execute_is_split_by_process_index_and_a_restart_reruns_only_the_dead_sh
     FakeRuns.calls = []
     assert _execute_on_hosts(tmp_path, cfg) == ["ok", "ok"]
     assert FakeRuns.calls == []
+
+
+def test_distributed_execute_reuses_a_single_host_executed_jsonl(tmp_path):
+    """A workdir whose execute ran on one host (executed.jsonl, no shares) rerun on two: each
+    host's share starts from executed.jsonl's results, so only the problems it lacks run
+    (here the one added since); the merge keeps the others' lines as they were."""
+    cfg = toy.get_config("fast")
+    cfg.distributed = True
+    ids = [f"p{k}" for k in range(5)]
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps({"id": i, "codes": ["pass"], "tests": ["pass"]}) + "\n"
+                for i in ids))
+    # One host's results for the first four (the fifth problem is new), the last line cut off
+    # as an interrupted run leaves it.
+    single = [json.dumps({"id": i, "codes": ["pass"], "tests": ["pass"], "passed": [[True]],
+                          "by": "one host"}) + "\n" for i in ids[:4]]
+    (tmp_path / "executed.jsonl").write_text("".join(single) + single[0][:20])
+    FakeRuns.calls, FakeRuns.crash, FakeRuns.executed = [], set(), []
+    assert _execute_on_hosts(tmp_path, cfg) == ["ok", "ok"]
+    assert FakeRuns.executed == ["p4"]  # host 0's share: p0, p2, p4
+    merged = [json.loads(l) for l in (tmp_path / "executed.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in merged] == ids
+    assert [r.get("by") for r in merged] == ["one host"] * 4 + [None]
 
 
 # ---------------------------------------------------------------- the program
@@ -445,7 +475,8 @@ def test_two_processes_write_each_output_once(runs):
     for rel in ("stages/execute.json", "executed.jsonl", "pairs/manifest.json",
                 "report/report.json", "pipeline_config.json", "timings.json"):
         assert (two / rel).stat().st_mode & 0o077, rel
-    # Each host ran every JAX stage's program once, and no program of process 0's stages.
+    # Each host ran every JAX stage's program once (analyze: the continuation experiment),
+    # and no program of process 0's stages.
     log1 = {p.name for p in (two / "logs").glob("*.p1.log")}
     assert log1 == {"sample.p1.log", "execute.p1.log", "pairs.p1.log", "reference.p1.log",
-                    "train.p1.log", "evaluate.p1.log"}, log1
+                    "train.p1.log", "evaluate.p1.log", "analyze.p1.log"}, log1
