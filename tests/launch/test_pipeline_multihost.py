@@ -353,20 +353,11 @@ def runs(tmp_path_factory):
 
 
 def _two_processes_ran(failed):
-    """Fails the test, or marks it xfail where a JAX program (not the pipeline) fails with
-    2 processes: making each program correct under jax.distributed is the other half of
-    issue 18 (branch mhprogs), not the pipeline's coordination."""
-    if not failed:
-        return
-    i, (out, err) = failed[0]
-    stage = next((line.split("stage ", 1)[1].split(":", 1)[0] for line in err.splitlines()
-                  if line.startswith("error: stage ")), None)
-    # The program itself exited with an error (StageFailed), not the coordination.
-    if stage in ("sample", "reference", "train", "evaluate", "warm_start", "init") \
-            and "` exited with " in err:
-        pytest.xfail(f"the JAX program of stage {stage} fails with 2 processes (issue 18, "
-                     f"programs part): {err.strip().splitlines()[-1][:300]}")
-    pytest.fail(f"process {i} of the 2-process run failed:\n{out[-2000:]}\n{err[-3000:]}")
+    """Fails the test, showing the failing process's output, when a process of the
+    2-process run exited with an error."""
+    if failed:
+        i, (out, err) = failed[0]
+        pytest.fail(f"process {i} of the 2-process run failed:\n{out[-2000:]}\n{err[-3000:]}")
 
 
 def _pairs(dataset):
