@@ -14,8 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # every program a test starts (they inherit this environment): the suite compiles the same
 # tiny models' steps in many processes. A fresh directory each session, so no run depends on
 # an earlier one's entries; entries of any compile time, as most compiles here are short.
-# The cache key does not cover the CPUs a process may use (XLA sizes its CPU code to them),
-# so tests that vary the thread count run without it (CACHE_VARS, `without_jax_cache`).
+# The cache key does not cover the CPUs a process may use, so tests that vary the thread
+# count run their children without it (`without_jax_cache`): what they compare is compiled
+# under the count they test. (The thread-pin contraction of tests/fdpo/test_runtime.py keeps
+# its per-count bits through a shared cache, so the count acts at run time there.)
 # xdist sets PYTEST_XDIST_WORKER before a worker reads this file; workers keep the
 # controller's directory. JAX_COMPILATION_CACHE_DIR= (empty) runs the suite without it.
 CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")

@@ -29,7 +29,7 @@ def test_mesh_comparisons_with_xla_cpu_threads(threads):
     if len(cpus) == threads:
         pytest.skip(f"this process may use exactly {threads} CPUs: the suite's own run of "
                     f"{MESH_TESTS} is the {threads}-thread run")
-    # The session's compilation cache holds code XLA sized to this process's CPUs.
+    # The session's compilation cache holds code compiled under this process's CPUs.
     env = without_jax_cache(os.environ)
     if threads == 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
