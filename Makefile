@@ -38,7 +38,8 @@ study: install
 
 # Two pytest-xdist workers, each test file on one worker (its module fixtures built once):
 # the serial suite took ~33 min on a 2-core machine at 799 tests, this 22 min 12 s at 955
-# (docs/testing.md).
+# (docs/testing.md), before tests/conftest.py's session compilation cache and longest-files-first
+# order.
 test: install-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not pod" tests
 

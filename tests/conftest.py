@@ -1,12 +1,43 @@
 """Test-wide set-up. XLA reads the host device count only before JAX initialises its
 backend, so it is set here, before any test module imports jax."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache per test session, shared by the xdist workers and
+# every program a test starts (they inherit this environment): the suite compiles the same
+# tiny models' steps in many processes. A fresh directory each session, so no run depends on
+# an earlier one's entries; entries of any compile time, as most compiles here are short.
+# The cache key does not cover the CPUs a process may use, so tests that vary the thread
+# count run their children without it (`without_jax_cache`): what they compare is compiled
+# under the count they test. (The thread-pin contraction of tests/fdpo/test_runtime.py keeps
+# its per-count bits through a shared cache, so the count acts at run time there.)
+# xdist sets PYTEST_XDIST_WORKER before a worker reads this file; workers keep the
+# controller's directory. JAX_COMPILATION_CACHE_DIR= (empty) runs the suite without it.
+CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+if "PYTEST_XDIST_WORKER" not in os.environ and os.environ.get(CACHE_VARS[0]) != "":
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdpo-tests-jaxcache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _OWN_CACHE = None
+
+
+def without_jax_cache(env: dict) -> dict:
+    """`env` less the session's compilation cache: for a process whose compiled code must be
+    its own (another CPU count, or a rerun that checks compiling again gives the same bits)."""
+    return {k: v for k, v in env.items() if k not in CACHE_VARS}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -43,3 +74,37 @@ def run_program(module: str, *args, env: dict | None = None, cwd=REPO, timeout: 
 def program():
     """`run_program` as a fixture: `program("launch.build", "--out", d, check=False)`."""
     return run_program
+
+
+# The files with the longest tests, by their seconds in `make test` on 2026-12-07 (the sum of
+# each file's tests among the 40 slowest of `--durations=40`; docs/testing.md). xdist's
+# `--dist loadfile` hands files to whichever worker is free in collection order, so a long
+# file collected last runs alone at the end; these go first, longest first, and the rest
+# keep their order behind them. A stale entry only costs time, never a test.
+SLOW_FILES = {
+    "tests/fdpo/test_study.py": 294,
+    "tests/launch/test_pipeline.py": 168,
+    "tests/fdpo/evaluation/test_benchmarks.py": 105,
+    "tests/launch/test_train.py": 95,
+    "tests/launch/test_reference.py": 68,
+    "tests/launch/test_sample.py": 58,
+    "tests/fdpo/test_mechanism.py": 56,
+    "tests/launch/test_interrupt.py": 55,
+    "tests/launch/test_pipeline_real.py": 51,
+    "tests/launch/test_train_losses.py": 49,
+    "tests/test_portability.py": 48,
+    "tests/fdpo/evaluation/test_humaneval.py": 43,
+    "tests/launch/test_models.py": 38,
+    "tests/fdpo/test_logprobs.py": 33,
+    "tests/fdpo/test_sampling_refill.py": 31,
+    "tests/fdpo/test_trunk.py": 31,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    # A stable sort: each file's tests stay together and in their order.
+    items.sort(key=lambda item: (-SLOW_FILES.get(item.nodeid.split("::")[0], 0),
+                                 first[item.nodeid.split("::")[0]]))

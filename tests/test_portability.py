@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, without_jax_cache
 
 MESH_TESTS = [
     "tests/fdpo/test_models.py::test_mesh_2x2x2_matches_one_device",
@@ -29,7 +29,8 @@ def test_mesh_comparisons_with_xla_cpu_threads(threads):
     if len(cpus) == threads:
         pytest.skip(f"this process may use exactly {threads} CPUs: the suite's own run of "
                     f"{MESH_TESTS} is the {threads}-thread run")
-    env = dict(os.environ)
+    # The session's compilation cache holds code compiled under this process's CPUs.
+    env = without_jax_cache(os.environ)
     if threads == 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     probe = ("import os, jax, jax.numpy as jnp; x = jnp.ones((256, 256)); "

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_program
+from tests.conftest import REPO, run_program, without_jax_cache
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("FDPO_CPU_")}
+# Without the session's compilation cache: its key does not cover the thread count.
+ENV = {k: v for k, v in without_jax_cache(os.environ).items() if not k.startswith("FDPO_CPU_")}
 ENV.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
