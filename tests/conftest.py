@@ -9,6 +9,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The programs the tests start run without torch, as in a user's install
+# (tests/helpers/no_torch/sitecustomize.py says how and why).
+_NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "no_torch")
+if _NO_TORCH not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_NO_TORCH, os.environ.get("PYTHONPATH", "")) if p)
 
 # One persistent XLA compilation cache per test session, shared by the xdist workers and
 # every program a test starts (they inherit this environment): the suite compiles the same

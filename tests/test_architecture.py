@@ -143,3 +143,24 @@ def test_configs_load_without_the_library(config):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_programs_run_without_torch_as_in_a_users_install():
+    """The suite's programs start with torch hidden (tests/helpers/no_torch, a user's install
+    has no torch), and then print nothing about it: transformers' "PyTorch was not found"
+    advice is filtered by fdpo/__init__.py. With the filter removed stderr has that line."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "launch.sample",
+                        "--helpshort"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"fdpo.tokenization", "transformers", "jax"} <= imported
+    assert "torch" not in imported
+    rest = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+    assert not rest, rest
+    # The filter, checked where transformers is imported with torch absent.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import fdpo.tokenization, transformers\n"
+            "assert not transformers.is_torch_available()\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
