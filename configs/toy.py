@@ -103,8 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%);
         # with these, every part but the operator is right and the operator is the planted
         # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). Not yet
-        # robust: a redrawn SFT set (r13) reached non-trap 57%, seed 1 (r15) 17%. A wider
-        # model (hidden 128) did worse in the same steps (r11, r12).
+        # robust: a redrawn SFT set (r13) reached non-trap 57%, seed 1 17% and 83% (r15,
+        # r17); the operator's direction is learned in a late transition. 1100 steps fixed
+        # seeds 0 and 2 but not 1 (43%, r20-r22); lr 1.5e-3 was slower (r18), 5e-3 unstable
+        # (r19). A wider model (hidden 128) did worse in the same steps (r11, r12).
         c.toy.tail_lengths = (0, 1, 2)
         c.toy.num_sft = 6000
         c.max_len = 96  # its programs are up to 84 tokens (prompt + response)
