@@ -100,15 +100,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # splits digits): the decision point is one token.
         c.toy.vocab_size = 448
         # Tails of K in {0, 1, 2} steps and 6000 warm-start tasks: with K in {0, 2, 4} and
-        # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%);
-        # with these, every part but the operator is right and the operator is the planted
-        # belief (non-trap 100%, trap 10%: docs/results/miniature.md, run r9). Not yet
-        # robust: a redrawn SFT set (r13) reached non-trap 57%, seed 1 (r15) 17%. A wider
-        # model (hidden 128) did worse in the same steps (r11, r12).
+        # 3000 tasks 900 steps left the constants uncopied (greedy validation pass@1 1-5%).
         c.toy.tail_lengths = (0, 1, 2)
         c.toy.num_sft = 6000
         c.max_len = 96  # its programs are up to 84 tokens (prompt + response)
-        c.warm_start.update(steps=900, warmup_steps=50)
+        # 8 heads (4 kv heads) and 1100 steps: on each of the study's three warm starts every
+        # part of every validation program is right but the operator on trap phrasings,
+        # which is the planted belief (non-trap 100%, trap 0-1%: docs/results/miniature.md,
+        # runs r24-r26). With 4 heads the operator's direction is learned in a late
+        # transition that missed on warm start 1 at 900 and 1100 steps (83%, 43%: r17, r20);
+        # lr 1.5e-3 was slower (r18), 5e-3 unstable (r19). :fast keeps the 4 heads its
+        # plumbing test was sized with.
+        if not arg.fast:
+            c.init.fields.update(dict(num_heads=8, num_kv_heads=4))
+        c.warm_start.update(steps=1100, warmup_steps=50)
 
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8

@@ -89,6 +89,9 @@ SFT_DATA_METHODS = {"rft": "rft"}  # method -> its data directory in the workdir
 # sums the reference stage precomputes (they must be what the train step would compute).
 COMPUTE_DTYPE = "float32"
 
+# Optional `warm_start` fields passed to the warm start's optimizer (fdpo.train.OptimizerConfig).
+WARM_START_OPTIMIZER = ("decay", "end_lr_ratio", "weight_decay")
+
 # The miniature's evaluation splits per task family (configs/toy_data.py), in report order;
 # the last is what the report's verdict is about (never trained on, nor sampled for pairs).
 TOY_EVAL_SPLITS = {"lists": ("seen", "held_out"), "decision": ("validation", "test")}
@@ -499,9 +502,12 @@ class Pipeline:
 
     def warm_start(self):
         ws = self.cfg.warm_start
+        # Decay, end lr and weight decay when the config sets them; else the train program's
+        # (cosine to 0, no weight decay).
+        extra = [f"--config.optimizer.{k}={ws[k]}" for k in WARM_START_OPTIMIZER if k in ws]
         self._train("warm_start", self.w / "warm_start", self.w / "init", self.w / "sft_data",
                     preset="sft", steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,
-                    warmup=ws.warmup_steps, seed=0, reference="frozen")
+                    warmup=ws.warmup_steps, seed=0, reference="frozen", extra=extra)
 
     def _train(self, stage, workdir, model, data, *, preset, steps, batch_size, lr, warmup,
                seed, reference, extra=()):

@@ -228,6 +228,35 @@ def test_every_arm_gives_launch_train_its_table_nll_and_data(tmp_path, monkeypat
     assert seen_steps == {(cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps)}
 
 
+def test_each_warm_start_trains_with_the_configured_schedule(tmp_path, monkeypatch):
+    """The warm start's launch.train gets `warm_start`'s steps, lr, warmup and (when set)
+    decay and end lr; its lr follows linear warmup, then cosine from lr to lr x end ratio,
+    written out here."""
+    from fdpo import train
+
+    cfg = config()
+    ws = cfg.pipeline.warm_start
+    s = study.Study(cfg, tmp_path)
+    monkeypatch.chdir(REPO)
+    for k in range(len(cfg.warm_starts)):
+        calls = s.commands(s.ws(k).warm_start)
+        assert [(st, m) for st, m, _ in calls] == [("warm_start", "launch.train")]
+        c = program_config(None, calls[0][2])
+        assert c.train.num_steps == ws.steps and c.optimizer.lr == ws.lr
+        assert c.optimizer.warmup_steps == ws.warmup_steps
+        assert c.init_checkpoint == str(tmp_path / f"ws{k}" / "init")
+    assert c.optimizer.decay == ws.get("decay", "cosine")
+    end = ws.get("end_lr_ratio", 0.0)
+    assert c.optimizer.end_lr_ratio == end
+    fields = {f: c.optimizer[f] for f in ("lr", "warmup_steps", "decay", "end_lr_ratio")}
+    schedule = train.make_schedule(train.OptimizerConfig(**fields), ws.steps)
+    w, n, lr = ws.warmup_steps, ws.steps, ws.lr
+    for t in (0, w // 2, w, (w + n) // 2, n - 1, n):
+        want = lr * t / w if t < w else \
+            lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (t - w) / (n - w))))
+        assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=lr * 1e-6), t  # float32
+
+
 def test_the_variants_are_built_with_their_builder_options(tmp_path):
     s = study.Study(config("full"), tmp_path)
     calls = s.commands(s.build_variants, 2)
