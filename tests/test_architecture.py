@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -164,3 +165,23 @@ def test_programs_run_without_torch_as_in_a_users_install():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+
+
+def test_hidden_torch_looks_uninstalled_to_every_library():
+    """The helper hides torch as an uninstalled package looks: not findable, not importable,
+    absent from sys.modules, so libraries that probe for it (scipy.stats reads
+    sys.modules["torch"], transformers calls find_spec) take their no-torch path."""
+    code = ("import importlib.machinery, importlib.util, sys, sitecustomize\n"
+            "sys.meta_path[:] = [sitecustomize._PathFinderWithoutTorch()\n"
+            "                    if f is importlib.machinery.PathFinder else f\n"
+            "                    for f in sys.meta_path]\n"
+            "assert importlib.util.find_spec('torch') is None\n"
+            "try:\n    import torch\nexcept ModuleNotFoundError:\n    pass\n"
+            "else:\n    raise AssertionError('torch imported')\n"
+            "assert 'torch' not in sys.modules\n"
+            "from scipy import stats\n"
+            "assert abs(stats.t.ppf(0.975, 10) - 2.228138851986) < 1e-9\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers" / "no_torch")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
