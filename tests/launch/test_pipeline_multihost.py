@@ -313,12 +313,12 @@ def _env(devices):
 
 
 def _start(workdir, *extra, devices, umask):
-    def child():
-        os.umask(umask)
+    # Popen's umask is set in C between fork and exec; a preexec_fn would run Python in
+    # the forked child of this multithreaded (JAX) process, which JAX warns may deadlock.
     return subprocess.Popen([sys.executable, "-m", "launch.pipeline", *OVERRIDES,
                              f"--workdir={workdir}", *extra], cwd=REPO, env=_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=child)
+                            umask=umask)
 
 
 def _finish(procs, timeout=1500):
