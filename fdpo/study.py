@@ -383,6 +383,36 @@ def _mean(xs):
     return statistics.mean(xs) if xs else None
 
 
+# What a warm start is for (issue 19): the planted belief and nothing else, i.e. greedy
+# decoding right on the non-trap tasks and wrong on the trap ones. The report checks the
+# start model of each warm start against these (test pass@1, points) and says so; the claim
+# rules (config.primary, config.secondary) are not changed by it.
+PREMISE_MIN_NON_TRAP = 85.0
+PREMISE_MAX_TRAP = 20.0
+
+
+def task_kinds(eval_path: pathlib.Path) -> dict[str, bool]:
+    """{task id: trap?} from a decision-family eval file (its records carry "trap"); {} for
+    a family without traps."""
+    if not eval_path.exists():
+        return {}
+    kinds = {}
+    for row in jsonl.records(eval_path):
+        if "trap" not in row:
+            return {}
+        kinds[row["task_id"]] = bool(row["trap"])
+    return kinds
+
+
+def by_kind(per_task: dict[str, float], kinds: dict[str, bool]) -> dict[str, float | None]:
+    """Pass@1 (points) over the trap and the non-trap tasks of `per_task`."""
+    out = {}
+    for name, want in (("non_trap", False), ("trap", True)):
+        vals = [v for t, v in per_task.items() if kinds.get(t) is want]
+        out[name] = None if not vals else 100 * statistics.mean(vals)
+    return out
+
+
 class Study:
     """The study in `workdir`. `check_config` first (the program does)."""
 
@@ -620,6 +650,17 @@ class Study:
             out[name] = {"pairs": t.steps * t.batch_size, "tokens": _mean(per_run)}
         return out
 
+    def kinds_table(self, results: list[dict]) -> dict:
+        """Per arm (and "start"): [per warm start {"non_trap", "trap"} test pass@1 in
+        points]; {} for a family without trap tasks."""
+        test = self.cfg.splits.test
+        kinds = [task_kinds(self.ws(k).toy_dir / f"eval_{test}.jsonl")
+                 for k in range(len(results))]
+        if not all(kinds):
+            return {}
+        return {name: [by_kind(per[name], kd) for per, kd in zip(results, kinds)]
+                for name in results[0]}
+
     def comparisons(self, results: list[dict]) -> list[dict]:
         """The primary comparison (claimed by the CI and the sign in every warm start) and
         the secondary ones (Holm over them; claimed by the adjusted p and the sign), test
@@ -679,6 +720,7 @@ class Study:
                                           for per in results]
                                    for name in ["start", *self.arms]},
                 "comparisons": self.comparisons(results), "tokens": self.tokens(),
+                "by_kind": self.kinds_table(results),
                 "machine": machine(), "stage_seconds": dict(self.timings),
                 "warm_start_stage_seconds": {
                     f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
@@ -729,6 +771,26 @@ _INTERVAL_TEXT = {
     "percentile": "percentile bootstrap over warm starts, then tasks within each"}
 
 
+def _premise_lines(kinds: dict) -> list[str]:
+    """The outcome section's check of each warm start's start model against the planted
+    belief (PREMISE_*); nothing for a family without trap tasks."""
+    start = kinds.get("start")
+    if not start:
+        return []
+    failed = [f"ws{k} (non-trap {_f(v['non_trap'])}%, trap {_f(v['trap'])}%)"
+              for k, v in enumerate(start)
+              if v["non_trap"] is None or v["trap"] is None
+              or v["non_trap"] < PREMISE_MIN_NON_TRAP or v["trap"] > PREMISE_MAX_TRAP]
+    rule = (f"the start model right on >= {PREMISE_MIN_NON_TRAP:g}% of the non-trap test "
+            f"tasks and on <= {PREMISE_MAX_TRAP:g}% of the trap ones")
+    if not failed:
+        return [f"Premise (every warm start holds the planted belief and little else: {rule}): "
+                "holds on every warm start.", ""]
+    return [f"**Premise not met** on {', '.join(failed)} ({rule}): there the start model's "
+            "errors are not the planted belief, so its comparisons do not test focusing on "
+            "a decision point. The claim rules above do not use this check.", ""]
+
+
 def render(cfg, data: dict) -> str:
     comps = data["comparisons"]
     first = comps[0]
@@ -739,6 +801,7 @@ def render(cfg, data: dict) -> str:
              f"{_INTERVAL_TEXT[cfg.stats.interval].format(df=n_ws - 1)}; a claim needs the CI "
              f"to exclude 0 and the sign to hold in every warm start):", "",
              f"**{first['outcome']}**", "",
+             *_premise_lines(data.get("by_kind", {})),
              "![comparisons](forest.png)", "",
              "## Test greedy pass@1 (%) per warm start", "",
              "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))
@@ -762,6 +825,14 @@ def render(cfg, data: dict) -> str:
                      + ("(primary)" if c["p_holm"] is None else f"{c['p_holm']:.3g}")
                      + f" | {'yes' if c['claim'] else 'no'} |")
     lines += [""] + [f"- {c['outcome']}" for c in comps[1:]]
+    kinds = data.get("by_kind", {})
+    if kinds:
+        lines += ["", "## Test greedy pass@1 (%) by task kind: non-trap / trap", "",
+                  "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws)) + " |",
+                  "|---|" + "---|" * n_ws]
+        for name, per in kinds.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_f(v['non_trap'])} / {_f(v['trap'])}" for v in per) + " |")
     lines += ["", f"## Tuning (warm start {cfg.tuning.warm_start}, split {cfg.splits.tune})", "",
               "| arm | lr (/NLL): pass@1 | chosen lr | NLL | extensions | stopped |",
               "|---|---|---|---|---|---|"]

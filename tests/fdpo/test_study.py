@@ -372,6 +372,48 @@ def test_the_report_from_planted_results(tmp_path):
     assert (tmp_path / "forest.png").stat().st_size > 0
 
 
+def test_the_report_splits_trap_tasks_and_checks_the_premise(tmp_path):
+    """Planted per-task results on 10 trap and 30 non-trap tasks: warm start 0's start
+    model fails 12 non-trap tasks (60% right: the premise fails there), warm start 1's
+    passes every non-trap task and no trap one (it holds). The by-kind table has those
+    rates, and the outcome names warm start 0 alone."""
+    cfg = config("fast")
+    s = study.Study(cfg, tmp_path)
+    s.register()
+    trap = {f"t{i}": i < 10 for i in range(40)}
+    setting = {"lr": 1e-4, "nll_weight": 0.0}
+    (tmp_path / "tuning.json").write_text(json.dumps({"arms": {
+        n: {**setting, "extensions": 0, "stopped": "cap", "history": [],
+            "scores": [{"lr": 1e-4, "nll_weight": 0.0, "pass@1": 50.0}]}
+        for n in ("dpo", "focused_dpo")}}))
+    for k, non_trap_wrong in ((0, 12), (1, 0)):
+        ws = tmp_path / f"ws{k}"
+        (ws / "data").mkdir(parents=True)
+        (ws / "data" / "eval_test.jsonl").write_text("".join(
+            json.dumps({"task_id": t, "trap": is_trap}) + "\n" for t, is_trap in trap.items()))
+        start = {t: int(not is_trap and int(t[1:]) >= 10 + non_trap_wrong)
+                 for t, is_trap in trap.items()}
+        fixed = {t: int(v or t in ("t0", "t1")) for t, v in start.items()}  # 2 traps fixed
+        _results(ws / "eval" / "start" / "test", start)
+        for name, passed in (("dpo", start), ("focused_dpo", fixed)):
+            _results(ws / "eval" / s.run_path(s.arms[name], k, setting) / "test", passed)
+    s.report()
+    kinds = json.loads((tmp_path / "report.json").read_text())["by_kind"]
+    assert kinds["start"] == [{"non_trap": pytest.approx(100 * 18 / 30), "trap": 0.0},
+                              {"non_trap": 100.0, "trap": 0.0}]
+    assert kinds["focused_dpo"][1] == {"non_trap": 100.0, "trap": pytest.approx(20.0)}
+    report = (tmp_path / "report.md").read_text()
+    assert "**Premise not met** on ws0 (non-trap 60.0%, trap 0.0%" in report
+    assert "ws1 (" not in report
+    assert "| focused_dpo | 60.0 / 20.0 | 100.0 / 20.0 |" in report
+
+
+def test_task_kinds_of_a_family_without_traps_are_empty(tmp_path):
+    path = tmp_path / "eval_test.jsonl"
+    path.write_text(json.dumps({"task_id": "lists/0"}) + "\n")
+    assert study.task_kinds(path) == {} and study.task_kinds(tmp_path / "absent") == {}
+
+
 # ------------------------------------------------------------------------- end to end
 # Before the decision task family lands, the list family's seen / held-out files stand in
 # for its validation / test splits: the same orchestration on today's miniature.
