@@ -104,16 +104,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.toy.tail_lengths = (0, 1, 2)
         c.toy.num_sft = 6000
         c.max_len = 96  # its programs are up to 84 tokens (prompt + response)
-        # 8 heads (4 kv heads) and 1100 steps: on each of the study's three warm starts every
+        # 8 heads (4 kv heads) and 1500 steps: on each of the study's three warm starts every
         # part of every validation program is right but the operator on trap phrasings,
-        # which is the planted belief (non-trap 100%, trap 0-1%: docs/results/miniature.md,
-        # runs r24-r26). With 4 heads the operator's direction is learned in a late
-        # transition that missed on warm start 1 at 900 and 1100 steps (83%, 43%: r17, r20);
-        # lr 1.5e-3 was slower (r18), 5e-3 unstable (r19). :fast keeps the 4 heads its
-        # plumbing test was sized with.
+        # which is the planted belief (non-trap 100%, trap 0-2.5%: docs/results/study.md).
+        # 1100 steps did it without remat (r24-r26, docs/results/miniature.md) but not with
+        # model.remat_policy=full, the same math rounded otherwise: warm start 0 then left
+        # the first-step constant uncopied (non-trap 26%). With 4 heads the operator's
+        # direction is learned in a late transition that missed on warm start 1 at 900 and
+        # 1100 steps (83%, 43%: r17, r20); lr 1.5e-3 was slower (r18), 5e-3 unstable (r19).
+        # :fast keeps the 4 heads its plumbing test was sized with.
         if not arg.fast:
             c.init.fields.update(dict(num_heads=8, num_kv_heads=4))
-        c.warm_start.update(steps=1100, warmup_steps=50)
+        c.warm_start.update(steps=1500, warmup_steps=50)
 
     if arg.fast:  # a few steps per stage: checks the plumbing, not the method
         c.toy.eval_seen = 8
