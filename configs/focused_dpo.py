@@ -94,9 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
-    # Response positions per row that reach the LM head (0: every position); a batch row
-    # with more response tokens is an error naming the pair (fdpo.train.Trainer).
-    c.train.response_capacity = 0
+    # Response positions per row that reach the LM head, so the prompt and the padding skip
+    # the unembedding and log-softmax: -1 the data's most (found with the row length), 0
+    # every position, N > 0 a fixed count (a batch row with more response tokens is an
+    # error naming the pair: fdpo.train.Trainer).
+    c.train.response_capacity = -1
     c.train.logprob_recompute = True  # the backward recomputes each chunk's logits
     # One row per pair, the trunk (prompt + common prefix) computed once (fdpo.train module
     # docstring, docs/training.md): the same step as separate chosen/rejected rows (tested

@@ -18,7 +18,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from fdpo.records import (PairDataSource, pack_shared_prompt, shared_row_lengths,
+from fdpo.records import (PairDataSource, Segment, pack_shared_prompt, shared_row_lengths,
                           trunk_lengths)
 
 
@@ -84,17 +84,37 @@ def longest_shared_row(*sources: PairDataSource, chunk: int = 4096,
     """The most tokens any pair of `sources` needs as a shared row (`fdpo.train`: prompt +
     common prefix once, or the prompt only when `trunk` is False), in one pass over the
     records."""
-    longest = 0
+    return row_extents(*sources, chunk=chunk, trunk=trunk)[0]
+
+
+def row_extents(*sources: PairDataSource, chunk: int = 4096, shared: bool = True,
+                trunk: bool = True) -> tuple[int, int]:
+    """(longest shared row, most scored positions of any row) over `sources`, in one pass.
+
+    Scored positions are those whose log-probs the loss reads (label >= PREFIX; in separate
+    rows not token 0, which has no context): a row's count with shared rows (`trunk` as in
+    `longest_shared_row`), else the larger side's. `Trainer(response_capacity=...)` sends
+    only that many positions per row to the LM head, so this count sizes it for the data
+    (`train.response_capacity=-1`)."""
+    longest = scored = 0
     for source in sources:
         for start in range(0, len(source), chunk):
             records = source.__getitems__(range(start, min(start + chunk, len(source))))
             arrays = {k: np.stack([r[k] for r in records]) for k in
                       ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")}
-            shared = trunk_lengths(**arrays) if trunk else None
-            lengths = shared_row_lengths(arrays["chosen_segments"],
-                                         arrays["rejected_segments"], shared)
+            cs, rs = arrays["chosen_segments"], arrays["rejected_segments"]
+            shared_tokens = trunk_lengths(**arrays) if trunk else None
+            lengths = shared_row_lengths(cs, rs, shared_tokens)
             longest = max(longest, int(lengths.max()))
-    return longest
+            if shared:
+                # Every prompt token sits in the trunk (both sides share the prompt), so a
+                # row scores all of its tokens but those.
+                n = lengths - (cs == Segment.PROMPT).sum(-1)
+            else:
+                n = np.maximum((cs[:, 1:] >= Segment.PREFIX).sum(-1),
+                               (rs[:, 1:] >= Segment.PREFIX).sum(-1))
+            scored = max(scored, int(n.max()))
+    return longest, scored
 
 
 def steps_per_epoch(num_pairs: int, global_batch: int) -> int:

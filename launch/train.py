@@ -88,7 +88,7 @@ def validate(config) -> None:
     if t.num_steps <= 0:
         num("config.train.num_epochs", t.num_epochs, lo=1, integer=True)
     num("config.train.logprob_chunk", t.logprob_chunk, lo=1, integer=True)
-    num("config.train.response_capacity", t.response_capacity, lo=0, integer=True)
+    num("config.train.response_capacity", t.response_capacity, lo=-1, integer=True)
     for name in ("every_steps", "eval_every_steps"):
         num(f"config.log.{name}", c.log[name], lo=1, integer=True)
     num("config.log.grad_share_every", c.log.grad_share_every, lo=-1, integer=True)

@@ -51,6 +51,31 @@ def response_capacity(examples, shared_length):
                    for s in ("chosen", "rejected")))
 
 
+@pytest.mark.parametrize("layout", ["trunk", "prompt", "separate"])
+def test_row_extents_size_the_capacity_to_the_data(tmp_path, layout):
+    """`data.row_extents` (train.response_capacity=-1) counts, without packing, exactly the
+    positions the packed rows score, and the longest row."""
+    from fdpo import data
+    from fdpo.testing import write_dataset
+
+    recs = random_pairs(24, 48, TINY.vocab_size, seed=5, lengths=(
+        (2, 9), (0, 8), (1, 7), (0, 7), (0, 8)), prose=(0, 3))
+    src = records.PairDataSource.from_manifest(write_dataset(tmp_path, {"train": recs}),
+                                               "train")
+    items = [src[i] for i in range(len(src))]
+    examples = {k: np.stack([r[k] for r in items]) for k in items[0]}
+    trunk = layout == "trunk"
+    longest, scored = data.row_extents(src, chunk=7, shared=layout != "separate",
+                                       trunk=trunk)
+    rows = train.pack_shared_prompt(examples, longest, trunk) if layout != "separate" else {}
+    if rows:
+        assert longest == int((rows["labels"] != Segment.PAD).sum(-1).max())
+        assert scored == int((rows["labels"] >= Segment.PREFIX).sum(-1).max())
+    else:
+        assert scored == response_capacity(examples, 0)
+    assert 0 < scored < (longest if rows else 48) - 1
+
+
 def one_step(examples, shared_length, preset, **options):
     trainer = train.Trainer(TINY, loss_lib.preset(preset, beta=0.5, nll_weight=0.1),
                             optax.sgd(0.5), ONE_DEVICE, chunk=8, shared_length=shared_length,

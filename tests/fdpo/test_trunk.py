@@ -310,6 +310,10 @@ def test_train_loop_packs_in_the_loader_with_the_losses_of_separate_rows(tmp_pat
         run = train_loop.TrainRun(c, workdir, ONE_DEVICE, handle_sigterm=False)
         if shared:
             assert run.trainer.shared_length == data.longest_shared_row(run.train_src)
+        # The default response_capacity=-1: the LM head sees only the data's most scored
+        # positions per row.
+        assert 0 < run.trainer.response_capacity == data.row_extents(
+            run.train_src, shared=shared)[1]
         run.train()
         lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
         return [m["loss"] for m in sorted(lines, key=lambda m: m["step"])
