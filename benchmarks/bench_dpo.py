@@ -13,16 +13,15 @@ table comes from one window on one machine. Variants of fdpo's step:
     separate           chosen and rejected as two rows of 512 (like TRL and Tunix)
     prompt             one row per pair, the prompt once (`Trainer(trunk=False)`)
     trunk              one row per pair, prompt + common prefix once (the default layout)
-    trunk_capacity     trunk, and only the rows' response positions reach the LM head
-                       (`response_capacity` = the most response tokens of any row)
     trunk_precomputed  trunk with the reference's log-prob sums computed once before the
                        loop (`reference="precomputed"`; their cost is reported apart)
 
-A variant may carry memory options after slashes, e.g. `trunk/remat=full/micro=2`:
-`remat` (`model.remat_policy`: none, full, dots), `micro` (`train.micro_batches`),
-`attention` (`model.attention`: einsum, dot_product) and `block` (`model.attention_block`);
-unset ones take `configs/focused_dpo.py`'s defaults, so a bare variant measures what a run
-uses.
+A variant may carry options after slashes, e.g. `trunk/remat=full/micro=2`: `remat`
+(`model.remat_policy`: none, full, dots), `micro` (`train.micro_batches`), `attention`
+(`model.attention`: einsum, dot_product), `block` (`model.attention_block`), `capacity`
+(`train.response_capacity`: -1 the batches' most scored positions per row, 0 every
+position, N) and `recompute` (`train.logprob_recompute`: 1 or 0); unset ones take
+`configs/focused_dpo.py`'s defaults, so a bare variant measures what a run uses.
 
 All but `trunk_precomputed` run the reference inside every step, as the anchors do. A run
 times `--warmup` + `--timed` steps (the spec's 3 + 10 by default): each loop iteration
@@ -46,9 +45,19 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("separate", "prompt", "trunk", "trunk_capacity", "trunk_precomputed")
+VARIANTS = ("separate", "prompt", "trunk", "trunk_precomputed")
+
+
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"{value!r}: 0 or 1")
+    return value == "1"
+
+
 OPTIONS = {"remat": ("model", "remat_policy", str), "micro": ("train", "micro_batches", int),
-           "attention": ("model", "attention", str), "block": ("model", "attention_block", int)}
+           "attention": ("model", "attention", str), "block": ("model", "attention_block", int),
+           "capacity": ("train", "response_capacity", int),
+           "recompute": ("train", "logprob_recompute", _flag)}
 ANCHORS = {"trl": "trl_dpo.py", "tunix": "tunix_dpo.py"}
 MiB = 1024**2
 
@@ -73,13 +82,17 @@ def parse_variant(name: str) -> tuple[str, dict]:
     if base not in VARIANTS:
         raise SystemExit(f"--variants: unknown layout {base!r} in {name!r}; known {VARIANTS}")
     defaults = focused_dpo.get_config()
-    out = {field: defaults[group].get(field, kind()) for group, field, kind in OPTIONS.values()}
+    out = {field: defaults[group][field] if field in defaults[group] else kind()
+           for group, field, kind in OPTIONS.values()}
     for part in parts:
         key, _, value = part.partition("=")
         if key not in OPTIONS or not value:
             raise SystemExit(f"--variants: {part!r} in {name!r}; options are "
                              f"{sorted(OPTIONS)} as key=value")
-        out[OPTIONS[key][1]] = OPTIONS[key][2](value)
+        try:
+            out[OPTIONS[key][1]] = OPTIONS[key][2](value)
+        except ValueError as e:
+            raise SystemExit(f"--variants: {part!r} in {name!r}: {e}") from None
     return base, out
 
 
@@ -142,7 +155,7 @@ def run_variant(args) -> None:
 
     from fdpo import loss as loss_lib
     from fdpo import reference as reference_lib
-    from fdpo import records, sharding, train
+    from fdpo import data, sharding, train
     from fdpo.models import convert
     from fdpo.models.config import ModelConfig
 
@@ -170,10 +183,11 @@ def run_variant(args) -> None:
     shared = variant != "separate"
     trunk = variant != "prompt"
     length = row_tokens(examples, variant).get("row_length", 0)
-    capacity = 0
-    if variant == "trunk_capacity":
-        capacity = int(max((train.pack_shared_prompt(ex, length)["labels"] >=
-                            records.Segment.PREFIX).sum(-1).max() for ex in examples))
+    capacity = options["response_capacity"]
+    if capacity < 0:  # as train_loop sizes it from the data: here, the spec's batches
+        capacity = max(data.batch_extents(ex, shared=shared, trunk=trunk)[1]
+                       for ex in examples)
+        capacity = capacity if capacity < (length or spec.SEQ_LEN) - 1 else 0
     mode = "precomputed" if variant == "trunk_precomputed" else "frozen"
     if mode == "precomputed":  # once per dataset, before training: not in the step time
         t = time.perf_counter()
@@ -192,7 +206,7 @@ def run_variant(args) -> None:
     trainer = train.Trainer(cfg, loss_cfg, tx, mesh, reference=mode, chunk=args.chunk,
                             schedule=schedule, shared_length=length if shared else 0,
                             trunk=trunk, response_capacity=capacity,
-                            logprob_recompute=not args.no_recompute)
+                            logprob_recompute=options["logprob_recompute"])
     state = trainer.init_state(params)
     del params  # donated into the state by the first step
     t = time.perf_counter()
@@ -262,8 +276,7 @@ def run_all(args) -> list[dict]:
     """Every variant and anchor once per round, alternating; results as they arrive."""
     jobs = [(v, [sys.executable, "-m", "benchmarks.bench_dpo", "--run", v, "--spec_dir",
                  args.spec_dir, "--warmup", str(args.warmup), "--timed", str(args.timed),
-                 "--chunk", str(args.chunk)] + (["--no_recompute"] if args.no_recompute
-                                                else []), REPO)
+                 "--chunk", str(args.chunk)], REPO)
             for v in args.variants.split(",")]
     for name, python in (("trl", args.trl_python), ("tunix", args.tunix_python)):
         if python:
@@ -364,14 +377,11 @@ def data_tokens(data_dir: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec_dir", default=str(REPO.parent / "shared" / "bench"))
-    ap.add_argument("--variants", default="separate,prompt,trunk,trunk_capacity,"
-                    "trunk_precomputed")
+    ap.add_argument("--variants", default="separate,prompt,trunk,trunk_precomputed")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed", type=int, default=10)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--no_recompute", action="store_true",
-                    help="logprob_recompute=False (the backward keeps each chunk's logits)")
     ap.add_argument("--trl_python", default=os.path.join(os.environ["VENV_TRL"], "bin",
                     "python") if os.environ.get("VENV_TRL") else "",
                     help="the TRL venv's python (default $VENV_TRL/bin/python); empty: skip")

@@ -89,32 +89,42 @@ def longest_shared_row(*sources: PairDataSource, chunk: int = 4096,
 
 def row_extents(*sources: PairDataSource, chunk: int = 4096, shared: bool = True,
                 trunk: bool = True) -> tuple[int, int]:
-    """(longest shared row, most scored positions of any row) over `sources`, in one pass.
+    """(longest shared row, most scored positions of any row) over `sources`, in one pass
+    (`batch_extents` of each chunk of records)."""
+    longest = scored = 0
+    for source in sources:
+        for start in range(0, len(source), chunk):
+            records = source.__getitems__(range(start, min(start + chunk, len(source))))
+            a, b = batch_extents({k: np.stack([r[k] for r in records]) for k in BATCH_KEYS},
+                                 shared=shared, trunk=trunk)
+            longest, scored = max(longest, a), max(scored, b)
+    return longest, scored
+
+
+def batch_extents(arrays: dict[str, np.ndarray], shared: bool = True,
+                  trunk: bool = True) -> tuple[int, int]:
+    """(longest shared row, most scored positions of any row) of pairs [b, L] (ids and
+    segments of both sides).
 
     Scored positions are those whose log-probs the loss reads (label >= PREFIX; in separate
     rows not token 0, which has no context): a row's count with shared rows (`trunk` as in
     `longest_shared_row`), else the larger side's. `Trainer(response_capacity=...)` sends
     only that many positions per row to the LM head, so this count sizes it for the data
     (`train.response_capacity=-1`)."""
-    longest = scored = 0
-    for source in sources:
-        for start in range(0, len(source), chunk):
-            records = source.__getitems__(range(start, min(start + chunk, len(source))))
-            arrays = {k: np.stack([r[k] for r in records]) for k in
-                      ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")}
-            cs, rs = arrays["chosen_segments"], arrays["rejected_segments"]
-            shared_tokens = trunk_lengths(**arrays) if trunk else None
-            lengths = shared_row_lengths(cs, rs, shared_tokens)
-            longest = max(longest, int(lengths.max()))
-            if shared:
-                # Every prompt token sits in the trunk (both sides share the prompt), so a
-                # row scores all of its tokens but those.
-                n = lengths - (cs == Segment.PROMPT).sum(-1)
-            else:
-                n = np.maximum((cs[:, 1:] >= Segment.PREFIX).sum(-1),
-                               (rs[:, 1:] >= Segment.PREFIX).sum(-1))
-            scored = max(scored, int(n.max()))
-    return longest, scored
+    cs, rs = arrays["chosen_segments"], arrays["rejected_segments"]
+    lengths = shared_row_lengths(cs, rs, trunk_lengths(**arrays) if trunk else None)
+    if shared:
+        # Every prompt token sits in the trunk (both sides share the prompt), so a row
+        # scores all of its tokens but those.
+        scored = lengths - (cs == Segment.PROMPT).sum(-1)
+    else:
+        scored = np.maximum((cs[:, 1:] >= Segment.PREFIX).sum(-1),
+                            (rs[:, 1:] >= Segment.PREFIX).sum(-1))
+    return int(lengths.max()), int(scored.max())
+
+
+# The record arrays that size a batch's rows.
+BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")
 
 
 def steps_per_epoch(num_pairs: int, global_batch: int) -> int:
