@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.micro_batches = 1  # gradient accumulation
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
-    c.train.logprob_chunk = 256  # positions per chunk of the float32 log-softmax
+    c.train.logprob_chunk = 256  # most positions per chunk of the float32 log-softmax
     # Response positions per row that reach the LM head, so the prompt and the padding skip
     # the unembedding and log-softmax: -1 the data's most (found with the row length), 0
     # every position, N > 0 a fixed count (a batch row with more response tokens is an

@@ -4,8 +4,8 @@
 context). Log-softmax is always taken in float32: in bfloat16 it is wrong often enough
 to move DPO rewards.
 
-The chunked path computes logits for `chunk` positions at a time from the final hidden
-states and the unembedding, under `jax.checkpoint` (`recompute=True`), so the forward and
+The chunked path computes logits for at most `chunk` positions at a time (balanced chunks:
+`chunk_plan`) from the final hidden states and the unembedding, under `jax.checkpoint` (`recompute=True`), so the forward and
 the backward pass both hold at most [batch, chunk, vocab] logits; the backward computes each
 chunk's logits again. `recompute=False` keeps every chunk's softmax for the backward
 instead: no second unembedding product, but [batch, length, vocab] float32 held.
@@ -105,11 +105,14 @@ def _by_chunks(fn, arrays: Sequence[Array], chunk: int,
     """fn over slices [B, chunk, ...] of the arrays' axis 1 (all [B, T, ...]), each call under
     `jax.checkpoint` (unless not `recompute`) and walked by `lax.map`; fn returns a tuple of
     [B, chunk] arrays, and the result is their [B, T] concatenations (the tail is padded,
-    then cut)."""
+    then cut).
+
+    The chunks are balanced: as few as `chunk` allows, of equal size, so the padding is
+    less than one position per chunk (534 positions in chunks of at most 256 are 3 x 178,
+    not 3 x 256: every padded position costs a full row of the unembedding)."""
     b, n = arrays[0].shape[:2]
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    num_chunks = (n + pad) // chunk
+    num_chunks, chunk = chunk_plan(n, chunk)
+    pad = num_chunks * chunk - n
 
     def split(x):  # [num_chunks, B, chunk, ...] so lax.map walks the sequence
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -118,6 +121,13 @@ def _by_chunks(fn, arrays: Sequence[Array], chunk: int,
     body = lambda args: fn(*args)  # noqa: E731
     outs = jax.lax.map(jax.checkpoint(body) if recompute else body, tuple(map(split, arrays)))
     return tuple(o.swapaxes(0, 1).reshape(b, num_chunks * chunk)[:, :n] for o in outs)
+
+
+def chunk_plan(n: int, chunk: int) -> tuple[int, int]:
+    """(number of chunks, positions per chunk) for `n` positions in chunks of at most
+    `chunk`: the fewest chunks, balanced (`_by_chunks`)."""
+    num_chunks = max(1, -(-n // max(1, chunk)))
+    return num_chunks, max(1, -(-n // num_chunks))
 
 
 def segment_sums(lp: Array, labels: Array, values: Sequence[int]) -> Array:

@@ -34,6 +34,30 @@ def test_scored_positions_are_the_scored_indices_in_order():
         assert len(set(idx.tolist())) == 16  # fillers are other, distinct positions
 
 
+def test_chunks_are_balanced_to_pad_less_than_one_position_per_chunk():
+    assert logprobs.chunk_plan(534, 256) == (3, 178)  # not 3 x 256: 234 padded positions
+    assert logprobs.chunk_plan(424, 256) == (2, 212)
+    assert logprobs.chunk_plan(256, 256) == (1, 256)
+    assert logprobs.chunk_plan(0, 256) == (1, 1)
+    for n in range(1, 700, 7):
+        for chunk in (1, 5, 64, 256, 1000):
+            num, size = logprobs.chunk_plan(n, chunk)
+            assert size <= chunk and num == -(-n // chunk)
+            assert 0 <= num * size - n < num
+
+
+def test_balanced_chunks_give_the_unchunked_logprobs():
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 53, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 40, size=(2, 53)), jnp.int32)
+    logits = jnp.einsum("btd,vd->btv", hidden, w)
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    for chunk in (1, 10, 17, 52, 53, 64):
+        np.testing.assert_allclose(logprobs.target_logprobs(hidden, w, targets, chunk),
+                                   expected, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+
+
 @pytest.fixture(scope="module")
 def pairs():
     examples = stack(random_pairs(4, 48, TINY.vocab_size, seed=3, lengths=(
