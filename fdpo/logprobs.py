@@ -5,10 +5,11 @@ context). Log-softmax is always taken in float32: in bfloat16 it is wrong often 
 to move DPO rewards.
 
 The chunked path computes logits for at most `chunk` positions at a time (balanced chunks:
-`chunk_plan`) from the final hidden states and the unembedding, under `jax.checkpoint` (`recompute=True`), so the forward and
-the backward pass both hold at most [batch, chunk, vocab] logits; the backward computes each
-chunk's logits again. `recompute=False` keeps every chunk's softmax for the backward
-instead: no second unembedding product, but [batch, length, vocab] float32 held.
+`chunk_plan`) from the final hidden states and the unembedding, under `jax.checkpoint`
+(`recompute=True`), so the forward and the backward pass both hold at most
+[batch, chunk, vocab] logits; the backward computes each chunk's logits again.
+`recompute=False` keeps every chunk's softmax for the backward instead: no second
+unembedding product, but [batch, length, vocab] float32 held.
 
 `scored_positions` picks the positions a loss reads (response tokens) before the
 unembedding, so prompt and padding positions never reach the LM head.
