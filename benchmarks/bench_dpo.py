@@ -183,11 +183,13 @@ def run_variant(args) -> None:
     shared = variant != "separate"
     trunk = variant != "prompt"
     length = row_tokens(examples, variant).get("row_length", 0)
-    capacity = options["response_capacity"]
-    if capacity < 0:  # as train_loop sizes it from the data: here, the spec's batches
-        capacity = max(data.batch_extents(ex, shared=shared, trunk=trunk)[1]
-                       for ex in examples)
-        capacity = capacity if capacity < (length or spec.SEQ_LEN) - 1 else 0
+    loss_cfg = loss_lib.preset("dpo", beta=spec.BETA)  # every weight 1: sigmoid DPO
+    capacity, trunk_capacity = options["response_capacity"], 0
+    if capacity < 0:  # as train_loop sizes them from the data: here, the spec's batches
+        parts = [data.batch_extents(ex, shared=shared, trunk=trunk) for ex in examples]
+        most = data.RowExtents(*map(max, *parts))
+        capacity, trunk_capacity = train.lm_head_capacities(
+            most, length or spec.SEQ_LEN, shared and trunk, loss_cfg)
     mode = "precomputed" if variant == "trunk_precomputed" else "frozen"
     if mode == "precomputed":  # once per dataset, before training: not in the step time
         t = time.perf_counter()
@@ -198,7 +200,6 @@ def run_variant(args) -> None:
         rec["precompute_s_per_pair"] = (time.perf_counter() - t) / (
             len(examples) * spec.PAIRS_PER_STEP)
         ref = None
-    loss_cfg = loss_lib.preset("dpo", beta=spec.BETA)  # every weight 1: sigmoid DPO
     opt = train.OptimizerConfig(lr=spec.LR, decay="constant", b1=spec.ADAM_B1,
                                 b2=spec.ADAM_B2, eps=spec.ADAM_EPS,
                                 weight_decay=spec.WEIGHT_DECAY, clip_norm=0)
@@ -206,6 +207,7 @@ def run_variant(args) -> None:
     trainer = train.Trainer(cfg, loss_cfg, tx, mesh, reference=mode, chunk=args.chunk,
                             schedule=schedule, shared_length=length if shared else 0,
                             trunk=trunk, response_capacity=capacity,
+                            trunk_capacity=trunk_capacity,
                             logprob_recompute=options["logprob_recompute"])
     state = trainer.init_state(params)
     del params  # donated into the state by the first step
@@ -236,6 +238,7 @@ def run_variant(args) -> None:
                step_seconds=[round(x, 3) for x in intervals],
                pairs_per_s=spec.PAIRS_PER_STEP / median, warmup_steps=args.warmup,
                timed_steps=args.timed, row_length=length, response_capacity=capacity,
+               trunk_capacity=trunk_capacity,
                reference=mode, tokens_real_per_step=tokens["real"],
                tokens_padded_per_step=tokens["padded"], step0_loss=losses[0],
                losses=[round(x, 7) for x in losses], peak_rss_mib=spec.peak_rss_mib(),

@@ -13,7 +13,7 @@ Evaluation: the split in order, once, in global batches padded with masked pairs
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import grain
 import numpy as np
@@ -84,47 +84,57 @@ def longest_shared_row(*sources: PairDataSource, chunk: int = 4096,
     """The most tokens any pair of `sources` needs as a shared row (`fdpo.train`: prompt +
     common prefix once, or the prompt only when `trunk` is False), in one pass over the
     records."""
-    return row_extents(*sources, chunk=chunk, trunk=trunk)[0]
-
-
-def row_extents(*sources: PairDataSource, chunk: int = 4096, shared: bool = True,
-                trunk: bool = True) -> tuple[int, int]:
-    """(longest shared row, most scored positions of any row) over `sources`, in one pass
-    (`batch_extents` of each chunk of records)."""
-    longest = scored = 0
-    for source in sources:
-        for start in range(0, len(source), chunk):
-            records = source.__getitems__(range(start, min(start + chunk, len(source))))
-            a, b = batch_extents({k: np.stack([r[k] for r in records]) for k in BATCH_KEYS},
-                                 shared=shared, trunk=trunk)
-            longest, scored = max(longest, a), max(scored, b)
-    return longest, scored
-
-
-def batch_extents(arrays: dict[str, np.ndarray], shared: bool = True,
-                  trunk: bool = True) -> tuple[int, int]:
-    """(longest shared row, most scored positions of any row) of pairs [b, L] (ids and
-    segments of both sides).
-
-    Scored positions are those whose log-probs the loss reads (label >= PREFIX; in separate
-    rows not token 0, which has no context): a row's count with shared rows (`trunk` as in
-    `longest_shared_row`), else the larger side's. `Trainer(response_capacity=...)` sends
-    only that many positions per row to the LM head, so this count sizes it for the data
-    (`train.response_capacity=-1`)."""
-    cs, rs = arrays["chosen_segments"], arrays["rejected_segments"]
-    lengths = shared_row_lengths(cs, rs, trunk_lengths(**arrays) if trunk else None)
-    if shared:
-        # Every prompt token sits in the trunk (both sides share the prompt), so a row
-        # scores all of its tokens but those.
-        scored = lengths - (cs == Segment.PROMPT).sum(-1)
-    else:
-        scored = np.maximum((cs[:, 1:] >= Segment.PREFIX).sum(-1),
-                            (rs[:, 1:] >= Segment.PREFIX).sum(-1))
-    return int(lengths.max()), int(scored.max())
+    return row_extents(*sources, chunk=chunk, trunk=trunk).length
 
 
 # The record arrays that size a batch's rows.
 BATCH_KEYS = ("chosen_ids", "rejected_ids", "chosen_segments", "rejected_segments")
+
+
+class RowExtents(NamedTuple):
+    """The most of each count over a dataset's rows (`batch_extents`)."""
+    length: int  # tokens of a shared row
+    scored: int  # positions whose log-probs the loss reads
+    trunk: int  # of those, in the trunk (shared rows), scored once for both sides
+    branches: int  # of those, in the two branches
+
+
+def row_extents(*sources: PairDataSource, chunk: int = 4096, shared: bool = True,
+                trunk: bool = True) -> RowExtents:
+    """`batch_extents` over every record of `sources`, in one pass."""
+    most = RowExtents(0, 0, 0, 0)
+    for source in sources:
+        for start in range(0, len(source), chunk):
+            records = source.__getitems__(range(start, min(start + chunk, len(source))))
+            part = batch_extents({k: np.stack([r[k] for r in records]) for k in BATCH_KEYS},
+                                 shared=shared, trunk=trunk)
+            most = RowExtents(*map(max, most, part))
+    return most
+
+
+def batch_extents(arrays: dict[str, np.ndarray], shared: bool = True,
+                  trunk: bool = True) -> RowExtents:
+    """The longest shared row and the most scored positions of any row of pairs [b, L]
+    (ids and segments of both sides), in all, in the trunk and in the branches.
+
+    Scored positions are those whose log-probs the loss reads (label >= PREFIX; in separate
+    rows not token 0, which has no context): a row's count with shared rows (`trunk` as in
+    `longest_shared_row`), else the larger side's (and no trunk). `Trainer(
+    response_capacity=..., trunk_capacity=...)` sends only that many positions per row to
+    the LM head, so these counts size them for the data (`train.response_capacity=-1`)."""
+    cs, rs = arrays["chosen_segments"], arrays["rejected_segments"]
+    shared_tokens = trunk_lengths(**arrays) if trunk else (cs == Segment.PROMPT).sum(-1)
+    lengths = shared_row_lengths(cs, rs, shared_tokens)
+    if shared:
+        # Every prompt token sits in the trunk (both sides share the prompt), so a row
+        # scores all of its tokens but those, and its trunk all of the trunk's but those.
+        prompt = (cs == Segment.PROMPT).sum(-1)
+        scored, in_trunk = lengths - prompt, shared_tokens - prompt
+        return RowExtents(int(lengths.max()), int(scored.max()), int(in_trunk.max()),
+                          int((scored - in_trunk).max()))
+    scored = np.maximum((cs[:, 1:] >= Segment.PREFIX).sum(-1),
+                        (rs[:, 1:] >= Segment.PREFIX).sum(-1))
+    return RowExtents(int(lengths.max()), int(scored.max()), 0, int(scored.max()))
 
 
 def steps_per_epoch(num_pairs: int, global_batch: int) -> int:

@@ -118,6 +118,17 @@ class LossConfig:
     def needs_reference(self) -> bool:
         return self.loss_type != "none"
 
+    @property
+    def trunk_cancels(self) -> bool:
+        """The trunk's log-probs (the prompt, lead and common prefix both sides share: equal
+        on both sides) cancel in h and nothing else reads them, so they get no gradient:
+        a preference loss linear in h's sums, the same prefix and lead weight on both sides,
+        no per-side term (NLL, DPOP's penalty, length normalisation, TDPO's KL)."""
+        w = self.weights
+        return (self.loss_type in ("sigmoid", "ipo", "hinge") and self.nll_weight == 0 and
+                self.dpop_lambda == 0 and not self.length_normalize and
+                w[0][0] == w[1][0] and w[0][3] == w[1][3])
+
 
 def full_weights(weights) -> tuple[tuple[float, ...], ...]:
     """A 2 x 3 table (prefix, mid, suffix) extended to 2 x 5: each side's lead (tokens before

@@ -194,20 +194,39 @@ def pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
 
 def shared_pair_segment_logps(graphdef, params, micro: dict[str, Array],
                               chunk: int = 256, capacity: int = 0,
-                              recompute: bool = True) -> Array:
+                              recompute: bool = True, trunk_capacity: int = 0) -> Array:
     """One forward over shared-prompt rows -> [b, 2, 5] (side x segment), as
-    `pair_segment_logps` computes it from separate sequences."""
+    `pair_segment_logps` computes it from separate sequences.
+
+    `trunk_capacity` > 0: the trunk's scored positions (branch 0: the common prefix and
+    lead, at most that many per row) are scored apart, outside the gradient, and
+    `capacity` counts each row's branch positions only. Only for losses in which the
+    trunk's log-probs cancel (`LossConfig.trunk_cancels`, checked by `Trainer`): their
+    gradient is then exactly zero, and the unembedding's backward (and its recompute)
+    skips the common prefix."""
     model = nnx.merge(graphdef, params)
     ids = shd.constrain(micro["ids"], ("batch", "length"))
     real = (micro["labels"] != int(Segment.PAD)).astype(jnp.int32)  # padding: own segment
     hidden = model(ids, micro["positions"], real, micro["branch"], return_hidden=True)
-    labels, parents, targets, branch = _scored(micro["labels"], capacity, micro["parents"],
+    labels = micro["labels"]
+    trunk_sums = 0.0
+    if trunk_capacity:
+        in_trunk = micro["branch"] == 0
+        t_labels, t_parents, t_targets = _scored(jnp.where(in_trunk, labels, int(Segment.PAD)),
+                                                 trunk_capacity, micro["parents"], ids)
+        frozen = jax.lax.stop_gradient
+        t_hidden = jnp.take_along_axis(frozen(hidden), t_parents[..., None], axis=1)
+        t_lp = logprobs.target_logprobs(t_hidden, frozen(model.unembedding()), t_targets,
+                                        chunk, recompute=False)  # no backward to recompute
+        trunk_sums = loss_lib.response_segment_sums(t_lp, t_labels)[:, None]  # both sides
+        labels = jnp.where(in_trunk, int(Segment.PAD), labels)
+    labels, parents, targets, branch = _scored(labels, capacity, micro["parents"],
                                                ids, micro["branch"])
     parents = jnp.take_along_axis(hidden, parents[..., None], axis=1)
     lp = logprobs.target_logprobs(parents, model.unembedding(), targets, chunk, recompute)
     side = lambda k: loss_lib.response_segment_sums(  # noqa: E731
         lp, side_labels(labels, branch, k))
-    return jnp.stack([side(1), side(2)], axis=1)
+    return jnp.stack([side(1), side(2)], axis=1) + trunk_sums
 
 
 def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, Array],
@@ -237,6 +256,17 @@ def shared_pair_segment_logps_kl(graphdef, params, ref_params, micro: dict[str, 
     return tuple(sides(x) for x in outs)
 
 
+def lm_head_capacities(most, row_length: int, shared: bool,
+                       loss_cfg: loss_lib.LossConfig) -> tuple[int, int]:
+    """(response_capacity, trunk_capacity) for data whose rows have at most `most`
+    (`fdpo.data.RowExtents`) scored positions (`train.response_capacity=-1`): the trunk
+    scored apart when the loss lets its log-probs cancel, else every scored position
+    together, or (0, 0), every position, when that would leave out fewer than two."""
+    if shared and most.trunk and loss_cfg.trunk_cancels:
+        return most.branches, most.trunk
+    return (most.scored if most.scored < row_length - 1 else 0), 0
+
+
 def _response_tokens(segments: Array) -> Array:
     return (segments >= int(Segment.PREFIX)).sum(-1).astype(jnp.float32)
 
@@ -263,7 +293,7 @@ class Trainer:
                  reference: str = "frozen", chunk: int = 256,
                  schedule: optax.Schedule | None = None, shared_length: int = 0,
                  response_capacity: int = 0, logprob_recompute: bool = True,
-                 mechanism: bool = False, trunk: bool = True):
+                 mechanism: bool = False, trunk: bool = True, trunk_capacity: int = 0):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference={reference!r}; expected one of {REFERENCE_MODES}")
         if loss_cfg.is_tdpo and reference != "frozen":
@@ -278,6 +308,17 @@ class Trainer:
         # Response positions per row that reach the LM head (0: all positions); whether the
         # backward recomputes each log-prob chunk's logits (`fdpo.logprobs`).
         self.response_capacity, self.logprob_recompute = response_capacity, logprob_recompute
+        # > 0: the trunk's scored positions (at most that many per row) are scored outside
+        # the gradient and response_capacity counts the branches' (shared_pair_segment_logps).
+        self.trunk_capacity = trunk_capacity
+        if trunk_capacity and not (shared_length and trunk and response_capacity and
+                                   loss_cfg.trunk_cancels and not loss_cfg.is_tdpo):
+            raise ValueError(
+                f"trunk_capacity={trunk_capacity} needs trunk rows (shared_length > 0, trunk), "
+                f"a response_capacity and a loss in which the trunk's log-probs cancel "
+                f"(LossConfig.trunk_cancels: no NLL, DPOP, length normalisation or TDPO, "
+                f"equal prefix weights); got shared_length={shared_length}, trunk={trunk}, "
+                f"response_capacity={response_capacity}, loss {loss_cfg}")
         self.mechanism = mechanism
         sequence_keys = SHARED_KEYS if shared_length else BATCH_KEYS[:4]
         self.graphdef, abstract = nnx.split(convert.abstract_model(model_cfg))
@@ -389,24 +430,32 @@ class Trainer:
         """Every row's scored response tokens fit `response_capacity` (else ValueError)."""
         if not self.response_capacity:
             return
-        if self.shared_length:
+        if self.shared_length and self.trunk_capacity:
+            scored, in_trunk = local["labels"] >= Segment.PREFIX, local["branch"] == 0
+            counts = {"shared row's branches": (scored & ~in_trunk).sum(-1),
+                      "shared row's trunk": (scored & in_trunk).sum(-1)}
+        elif self.shared_length:
             counts = {"shared-prompt row": (local["labels"] >= Segment.PREFIX).sum(-1)}
         else:  # token 0 has no context and is never scored
             counts = {side: (local[f"{side}_segments"][:, 1:] >= Segment.PREFIX).sum(-1)
                       for side in ("chosen", "rejected")}
         for what, n in counts.items():
-            if n.max() > self.response_capacity:
+            name, most = (("trunk_capacity", self.trunk_capacity) if what.endswith("trunk")
+                          else ("train.response_capacity", self.response_capacity))
+            if n.max() > most:
                 i = int(n.argmax())
                 raise ValueError(f"pair {i} of the batch: its {what} has {int(n[i])} response "
-                                 f"tokens, more than train.response_capacity="
-                                 f"{self.response_capacity} (0 scores every position)")
+                                 f"tokens, more than {name}={most} (0 scores every position)")
 
     # -- loss ------------------------------------------------------------------------------
 
     def _pair_logps(self, params, micro):
-        fn = shared_pair_segment_logps if self.shared_length else pair_segment_logps
-        return fn(self.graphdef, params, micro, self.chunk, self.response_capacity,
-                  self.logprob_recompute)
+        if self.shared_length:
+            return shared_pair_segment_logps(self.graphdef, params, micro, self.chunk,
+                                             self.response_capacity, self.logprob_recompute,
+                                             self.trunk_capacity)
+        return pair_segment_logps(self.graphdef, params, micro, self.chunk,
+                                  self.response_capacity, self.logprob_recompute)
 
     def _reference(self, micro, ref_params):
         if not self.loss_cfg.needs_reference:

@@ -215,19 +215,20 @@ class TrainRun:
         # positions per row that reach the LM head.
         sources = [s for s in (self.train_src, self.eval_src) if s is not None]
         shared = bool(c.train.shared_prompt)
-        longest, scored = (data.row_extents(*sources, shared=shared)
-                           if shared or c.train.response_capacity < 0 else (0, 0))
-        self.shared_length = (c.train.shared_length or longest) if shared else 0
+        most = (data.row_extents(*sources, shared=shared)
+                if shared or c.train.response_capacity < 0 else None)
+        self.shared_length = (c.train.shared_length or most.length) if shared else 0
         if shared:
             logging.info("shared-prompt rows of %d tokens (separate rows: 2 x %d)",
                          self.shared_length, self.train_src[0]["chosen_ids"].shape[-1])
-        self.response_capacity = int(c.train.response_capacity)
+        self.response_capacity, self.trunk_capacity = int(c.train.response_capacity), 0
         if self.response_capacity < 0:
             row = self.shared_length or self.train_src[0]["chosen_ids"].shape[-1]
-            # Capacity as long as the row would only add the gather: score every position.
-            self.response_capacity = scored if scored < row - 1 else 0
-            logging.info("LM head on %s positions per row of %d (train.response_capacity=-1:"
-                         " the data's most scored)", self.response_capacity or "all", row)
+            self.response_capacity, self.trunk_capacity = train.lm_head_capacities(
+                most, row, shared, self.loss_cfg)
+            logging.info("LM head on %s branch + %d trunk positions per row of %d "
+                         "(train.response_capacity=-1: the data's most scored)",
+                         self.response_capacity or "all", self.trunk_capacity, row)
         ds = data.train_dataset(self.train_src, global_batch=c.train.batch_size,
                                 seed=c.data.seed, process_index=jax.process_index(),
                                 process_count=jax.process_count(), shuffle=c.data.shuffle,
@@ -246,6 +247,7 @@ class TrainRun:
                              reference=c.loss.reference, chunk=c.train.logprob_chunk,
                              schedule=schedule, shared_length=self.shared_length,
                              response_capacity=self.response_capacity,
+                             trunk_capacity=self.trunk_capacity,
                              logprob_recompute=c.train.logprob_recompute,
                              mechanism=c.log.mechanism)
 

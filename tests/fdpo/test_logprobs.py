@@ -89,15 +89,19 @@ def test_row_extents_size_the_capacity_to_the_data(tmp_path, layout):
     items = [src[i] for i in range(len(src))]
     examples = {k: np.stack([r[k] for r in items]) for k in items[0]}
     trunk = layout == "trunk"
-    longest, scored = data.row_extents(src, chunk=7, shared=layout != "separate",
-                                       trunk=trunk)
-    rows = train.pack_shared_prompt(examples, longest, trunk) if layout != "separate" else {}
+    most = data.row_extents(src, chunk=7, shared=layout != "separate", trunk=trunk)
+    rows = train.pack_shared_prompt(examples, most.length, trunk) if layout != "separate" else {}
     if rows:
-        assert longest == int((rows["labels"] != Segment.PAD).sum(-1).max())
-        assert scored == int((rows["labels"] >= Segment.PREFIX).sum(-1).max())
+        scored, in_trunk = rows["labels"] >= Segment.PREFIX, rows["branch"] == 0
+        assert most.length == int((rows["labels"] != Segment.PAD).sum(-1).max())
+        assert most.scored == int(scored.sum(-1).max())
+        assert most.trunk == int((scored & in_trunk).sum(-1).max())
+        assert most.branches == int((scored & ~in_trunk).sum(-1).max())
+        assert (most.trunk > 0) == trunk  # some pairs have a common prefix
     else:
-        assert scored == response_capacity(examples, 0)
-    assert 0 < scored < (longest if rows else 48) - 1
+        assert most.scored == most.branches == response_capacity(examples, 0)
+        assert most.trunk == 0
+    assert 0 < most.scored < (most.length if rows else 48) - 1
 
 
 def one_step(examples, shared_length, preset, **options):
@@ -143,3 +147,64 @@ def test_a_row_over_the_capacity_is_refused_by_name(pairs):
                                          rf"{capacity} response tokens, more than "
                                          rf"train.response_capacity={capacity - 1}"):
         trainer.make_batch(pairs)
+
+
+def trunk_split(examples, preset, **overrides):
+    """The trunk-row step with the trunk scored apart, outside the gradient, against every
+    position scored in one differentiated pass."""
+    S = int(records.shared_row_lengths(examples["chosen_segments"], examples["rejected_segments"],
+                                       records.trunk_lengths(**{k: examples[k] for k in (
+                                           "chosen_ids", "rejected_ids", "chosen_segments",
+                                           "rejected_segments")})).max())
+    rows = train.pack_shared_prompt(examples, S)
+    scored, in_trunk = rows["labels"] >= Segment.PREFIX, rows["branch"] == 0
+    branches, trunk = (int((scored & ~in_trunk).sum(-1).max()),
+                       int((scored & in_trunk).sum(-1).max()))
+    loss_cfg = loss_lib.preset(preset, beta=0.5, **overrides)
+    return S, branches, trunk, loss_cfg
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("focused_dpo", {}),  # the default run's loss
+    pytest.param("dpo", dict(loss_type="ipo"), marks=pytest.mark.slow)])
+def test_the_trunk_scored_outside_the_gradient_gives_the_same_step(preset, overrides):
+    examples = stack(random_pairs(4, 48, TINY.vocab_size, seed=11, lengths=(
+        (3, 6), (4, 12), (1, 7), (0, 7), (0, 8))))
+    examples.pop("ref_logps", None)
+    S, branches, trunk, loss_cfg = trunk_split(examples, preset, **overrides)
+    assert trunk >= 4 and loss_cfg.trunk_cancels
+
+    def step(**options):
+        trainer = train.Trainer(TINY, loss_cfg, optax.sgd(0.5), ONE_DEVICE, chunk=8,
+                                shared_length=S, **options)
+        state = trainer.init_state(random_params(TINY, seed=1))
+        ref = random_params(TINY, seed=2)  # policy != reference: the trunk's ratios are not 0
+        batch = trainer.make_batch(examples)
+        metrics = trainer.eval_step(state["params"], batch, ref)
+        state, step_metrics = trainer.train_step(state, batch, ref)
+        return metrics, float(step_metrics["grad_norm"]), jax.device_get(state["params"])
+
+    m0, n0, p0 = step()
+    m1, n1, p1 = step(response_capacity=branches, trunk_capacity=trunk)
+    assert n0 > 0 and n1 == pytest.approx(n0, rel=1e-5)
+    assert {"dpo_loss", "logps_chosen", "rewards_chosen", "rewards_margin"} <= set(m0)
+    for k in m0:  # the eval step's sums: loss terms, log-probs (trunk included), rewards
+        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p0)):
+        assert_close_at_scale(a, b, 1e-5, axis=None, what=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("dpo", dict(nll_weight=0.5)), ("tdpo2", {}), ("dpo", dict(dpop_lambda=1.0)),
+    ("focused_dpo", dict(weights=((2.0, 2.0, 1.0), (1.0, 1.0, 0.0))))])
+def test_the_trunk_is_scored_in_the_gradient_when_the_loss_reads_it(preset, overrides):
+    examples = stack(random_pairs(2, 48, TINY.vocab_size, seed=11, lengths=(
+        (3, 6), (4, 12), (1, 7), (0, 7), (0, 8))))
+    S, branches, trunk, loss_cfg = trunk_split(examples, preset, **overrides)
+    assert not loss_cfg.trunk_cancels
+    with pytest.raises(ValueError, match="trunk_capacity=.* needs .*trunk's log-probs cancel"):
+        train.Trainer(TINY, loss_cfg, optax.sgd(0.5), ONE_DEVICE, shared_length=S,
+                      response_capacity=branches, trunk_capacity=trunk)
+    from fdpo.data import RowExtents
+    most = RowExtents(S, branches + trunk, trunk, branches)
+    assert train.lm_head_capacities(most, S, True, loss_cfg) == (branches + trunk, 0)

@@ -311,9 +311,13 @@ def test_train_loop_packs_in_the_loader_with_the_losses_of_separate_rows(tmp_pat
         if shared:
             assert run.trainer.shared_length == data.longest_shared_row(run.train_src)
         # The default response_capacity=-1: the LM head sees only the data's most scored
-        # positions per row.
-        assert 0 < run.trainer.response_capacity == data.row_extents(
-            run.train_src, shared=shared)[1]
+        # positions per row; with trunk rows and this loss (Focused-DPO: the trunk's
+        # log-probs cancel), the trunk's apart, outside the gradient.
+        most = data.row_extents(run.train_src, shared=shared)
+        assert run.loss_cfg.trunk_cancels
+        capacities = (run.trainer.response_capacity, run.trainer.trunk_capacity)
+        assert capacities == ((most.branches, most.trunk) if shared else (most.scored, 0))
+        assert min(capacities) > 0 if shared else capacities[0] > 0
         run.train()
         lines = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
         return [m["loss"] for m in sorted(lines, key=lambda m: m["step"])
