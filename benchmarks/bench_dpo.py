@@ -18,8 +18,9 @@ table comes from one window on one machine. Variants of fdpo's step:
 
 A variant may carry options after slashes, e.g. `trunk/remat=full/micro=2`: `remat`
 (`model.remat_policy`: none, full, dots), `micro` (`train.micro_batches`), `attention`
-(`model.attention`: einsum, dot_product), `block` (`model.attention_block`), `capacity`
-(`train.response_capacity`: -1 the batches' most scored positions per row, 0 every
+(`model.attention`: einsum, dot_product), `block` (`model.attention_block`), `chunk`
+(`train.logprob_chunk`), `capacity` (`train.response_capacity`: -1 sized from the spec's
+batches as a run sizes it from its data, with the trunk apart when the loss allows, 0 every
 position, N) and `recompute` (`train.logprob_recompute`: 1 or 0); unset ones take
 `configs/focused_dpo.py`'s defaults, so a bare variant measures what a run uses.
 
@@ -57,6 +58,7 @@ def _flag(value: str) -> bool:
 OPTIONS = {"remat": ("model", "remat_policy", str), "micro": ("train", "micro_batches", int),
            "attention": ("model", "attention", str), "block": ("model", "attention_block", int),
            "capacity": ("train", "response_capacity", int),
+           "chunk": ("train", "logprob_chunk", int),
            "recompute": ("train", "logprob_recompute", _flag)}
 ANCHORS = {"trl": "trl_dpo.py", "tunix": "tunix_dpo.py"}
 MiB = 1024**2
@@ -193,8 +195,8 @@ def run_variant(args) -> None:
     mode = "precomputed" if variant == "trunk_precomputed" else "frozen"
     if mode == "precomputed":  # once per dataset, before training: not in the step time
         t = time.perf_counter()
-        score = reference_lib.pair_scorer(cfg, ref, mesh, sharding.DEFAULT_RULES, args.chunk,
-                                          length)
+        score = reference_lib.pair_scorer(cfg, ref, mesh, sharding.DEFAULT_RULES,
+                                          options["logprob_chunk"], length)
         for ex in examples:
             ex["ref_logps"] = score(ex)
         rec["precompute_s_per_pair"] = (time.perf_counter() - t) / (
@@ -204,7 +206,8 @@ def run_variant(args) -> None:
                                 b2=spec.ADAM_B2, eps=spec.ADAM_EPS,
                                 weight_decay=spec.WEIGHT_DECAY, clip_norm=0)
     tx, schedule = train.make_optimizer(opt, 1000)
-    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, reference=mode, chunk=args.chunk,
+    trainer = train.Trainer(cfg, loss_cfg, tx, mesh, reference=mode,
+                            chunk=options["logprob_chunk"],
                             schedule=schedule, shared_length=length if shared else 0,
                             trunk=trunk, response_capacity=capacity,
                             trunk_capacity=trunk_capacity,
@@ -278,8 +281,7 @@ def last_json(stdout: str) -> dict | None:
 def run_all(args) -> list[dict]:
     """Every variant and anchor once per round, alternating; results as they arrive."""
     jobs = [(v, [sys.executable, "-m", "benchmarks.bench_dpo", "--run", v, "--spec_dir",
-                 args.spec_dir, "--warmup", str(args.warmup), "--timed", str(args.timed),
-                 "--chunk", str(args.chunk)], REPO)
+                 args.spec_dir, "--warmup", str(args.warmup), "--timed", str(args.timed)], REPO)
             for v in args.variants.split(",")]
     for name, python in (("trl", args.trl_python), ("tunix", args.tunix_python)):
         if python:
@@ -384,7 +386,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed", type=int, default=10)
-    ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--trl_python", default=os.path.join(os.environ["VENV_TRL"], "bin",
                     "python") if os.environ.get("VENV_TRL") else "",
                     help="the TRL venv's python (default $VENV_TRL/bin/python); empty: skip")
