@@ -131,6 +131,17 @@ def test_published_tables_have_their_published_names_only():
         study.arm_key("step_dpo_like")
 
 
+def test_warm_starts_argument_sets_only_the_number_of_warm_starts():
+    base, five = config(), config("warm_starts=5")
+    assert five.warm_starts == tuple((k, k) for k in range(5))
+    assert base.warm_starts == five.warm_starts[:3]
+    five.warm_starts = base.warm_starts
+    assert five.to_dict() == base.to_dict()  # nothing else moved
+    assert config("fast,warm_starts=3").warm_starts == ((0, 0), (1, 1), (2, 2))
+    with pytest.raises(ValueError, match="warm_starts=1: the study needs at least 2"):
+        config("warm_starts=1")
+
+
 def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
     cfg = config("fast")
     cfg.arms.dpo.weights = ((1.0, 2.0, 1.0), (1.0, 1.0, 1.0))
