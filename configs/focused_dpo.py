@@ -93,7 +93,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.micro_batches = 1  # gradient accumulation
     c.train.num_epochs = 3
     c.train.num_steps = -1  # > 0 overrides num_epochs
-    c.train.logprob_chunk = 256  # most positions per chunk of the float32 log-softmax
+    # Most positions per chunk of the float32 log-softmax (balanced chunks). 128: on the shared
+    # bench spec (vocab 32k) as fast as 256 or faster and 262 MiB less XLA temp with the
+    # trunk split (docs/results/benchmarks.md); at vocab 152k a chunk holds 4 x 128 x 152k
+    # float32 = 0.29 GiB per logits-sized buffer.
+    c.train.logprob_chunk = 128
     # Response positions per row that reach the LM head, so the prompt and the padding skip
     # the unembedding and log-softmax: -1 the data's most (found with the row length), 0
     # every position, N > 0 a fixed count (a batch row with more response tokens is an
