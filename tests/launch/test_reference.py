@@ -68,7 +68,10 @@ def test_policy_as_its_own_precomputed_reference_starts_at_ln2_and_refuses_misma
         setup, program):
     base, env = setup
     prov = precompute(program, base, env, "data_ref")
-    assert prov["compute_dtype"] == "bfloat16" and prov["logprob_chunk"] == 256
+    from configs import focused_dpo
+    default = focused_dpo.get_config()  # the run's defaults are what the record holds
+    assert prov["compute_dtype"] == default.model.compute_dtype == "bfloat16"
+    assert prov["logprob_chunk"] == default.train.logprob_chunk
     assert prov["checkpoint"] == str(base / "policy") and len(prov["identity"]) == 64
 
     train(program, base, env, "own", "data_ref", "--config.loss.reference=precomputed")
