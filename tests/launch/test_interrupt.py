@@ -103,6 +103,19 @@ def env(world):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def sigint_not_ignored():
+    """A suite started in the background of a script (`make test &`, nohup) inherits SIGINT
+    ignored, and an ignored signal stays ignored across fork and exec: the programs under
+    test would never see the Ctrl-C. A handler in this process is reset to the default in
+    each child instead."""
+    old = signal.getsignal(signal.SIGINT)
+    if old == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def run(cmd, env, log: pathlib.Path):
     with open(log, "w") as out:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
