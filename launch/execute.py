@@ -5,7 +5,8 @@ r"""Run every code of every problem against every test, in sandboxes.
 
 Input lines: problem records from `launch.sample` (fdpo/problem.py, docs/data.md), whose
 samples' programs are run, or the executor's own {"id": str, "codes": [str], "tests": [str]}.
-Output lines, appended as problems finish (not in input order): the input record with
+Output lines, appended as problems finish, the finished file then rewritten in the input's
+order (the same input gives the same file): the input record with
 {"passed": [[bool]] (sample x test, one row per sample), "status", "detail", "time_s",
 "wall_s"} added (for the executor's own format: just "id" and these). The limits and the isolation are configs/execute.py's; see
 fdpo/sandbox/executor.py (and docs/sandbox.md) for the isolation model and the statuses.

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import sys
 import time
 
 from tqdm import tqdm
 
-from fdpo import fingerprint, jsonl, problem
+from fdpo import atomic, fingerprint, jsonl, problem
 from fdpo.sandbox import executor
 
 
@@ -54,6 +55,21 @@ def read_problems(path):
     return problems, [str(e) for e in errors]
 
 
+def _in_input_order(out_path, ids: list[str]) -> None:
+    """Rewrites a complete output (a result for every input id) in the input's order. The
+    results are appended as they finish, in an order that moves with the machine's load,
+    and launch.build numbers pairs and orders training data by line: the same input must
+    give the same file (docs/pipeline.md#determinism)."""
+    lines = {}
+    with open(out_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                lines[json.loads(line)["id"]] = line
+    if set(lines) != set(ids) or list(lines) == ids:
+        return
+    atomic.write_text(out_path, "".join(lines[pid] for pid in ids))
+
+
 def done_outputs(path) -> dict[str, tuple[int, dict]]:
     """{id: (line number, result)} of the results already in the output, read by
     `jsonl.resume`: a last line cut off by an interrupted write is truncated and redone; any
@@ -88,7 +104,7 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
     computed from other codes, tests, record fields or limits (its `execute_fingerprint`
     differs: `problem_fingerprint`), appending one result line per problem as it finishes;
     stale results and those of ids no longer in the input are removed first (the output
-    is rewritten without them). Malformed input lines are reported on stderr and skipped.
+    is rewritten without them), and the finished output is put in the input's order. Malformed input lines are reported on stderr and skipped.
     Prints a summary by status. Raises OSError (unreadable input), ResumeError,
     executor.IsolationUnavailable and ValueError (bad `workers`). Returns {"problems",
     "malformed", "done" (kept), "redone", "new", "dropped", "run", "cells", "counts"
@@ -125,6 +141,7 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
             bar.update(1)
             bar.set_postfix(cells=n_cells, passed=counts["pass"], refresh=False)
         bar.close()
+    _in_input_order(out_path, [p["id"] for p in problems])
     secs = time.monotonic() - start
     print(f"\n{len(todo)} problems, {n_cells} cells in {secs:.1f}s "
           f"({n_cells / max(secs, 1e-9):.1f} verdicts/s, {ex.workers} workers, "

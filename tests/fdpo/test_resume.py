@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from configs import real, sample as sample_config, toy
-from fdpo import fingerprint, pipeline, problem, selfgen, sharding
+from fdpo import fingerprint, jsonl, pipeline, problem, selfgen, sharding
 from fdpo.policy import Policy
 from fdpo.sandbox import executor, files
 from fdpo.testing import build_tiny_tokenizer, make_hf_model
@@ -69,6 +69,34 @@ RECORDS = [record("a", ["def f(x): return x + 1\n", "def f(x): return x\n"],
 def execute(inp, out, timeout=5.0):
     return files.execute_file(inp, out, executor.Limits(timeout_s=timeout), workers=2,
                               progress=False)
+
+
+@pytest.mark.sandbox
+def test_execute_output_is_in_input_order_whatever_the_finishing_order(tmp_path,
+                                                                       monkeypatch):
+    """Results are appended as they finish; the finished file is in the input's order, so
+    the same input gives the same executed.jsonl (launch.build numbers pairs by line)."""
+    slow = record("slow", ["import time\ntime.sleep(1.0)\ndef f(x): return x\n"],
+                  ["assert f(1) == 1"])
+    rows = [slow] + RECORDS  # the first input finishes last on 2 workers
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "executed.jsonl"
+    write_jsonl(inp, rows)
+    appended = []
+    real_write = jsonl.Appender.write
+    monkeypatch.setattr(jsonl.Appender, "write", lambda self, obj: (
+        appended.append(obj["id"]), real_write(self, obj))[1])
+    assert execute(inp, out)["new"] == 4
+    monkeypatch.undo()
+    assert appended[0] != "slow"  # finishing order is not input order...
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert ids == [r["id"] for r in rows]  # ...but the file is
+    # A resumed run that runs only the slow one again ends in input order too.
+    rows[0] = record("slow", ["import time\ntime.sleep(0.5)\ndef f(x): return x\n"],
+                     ["assert f(1) == 1"])
+    write_jsonl(inp, rows)
+    summary = execute(inp, out)
+    assert (summary["done"], summary["redone"]) == (3, 1)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in rows]
 
 
 @pytest.mark.sandbox
