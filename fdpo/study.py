@@ -15,6 +15,8 @@ resumes the others: finished training runs and evaluations inside a stage are ke
                  emit=rft, focus=random|oracle, shuffle_labels), with their reference sums
     tuning       each arm's lr (and NLL weight, where it has several) on warm start
                  `tuning.warm_start`'s tuning split; the choices frozen in tuning.json
+                 (a protocol with `tuning.frozen_lrs` trains nothing here: its lrs are
+                 written to tuning.json as they stand)
     runs         every arm on every warm start at its frozen lr, and every start model,
                  evaluated on the test split
     report       report.md / report.json: the outcome, tuning, per-arm test pass@1, tokens
@@ -264,10 +266,28 @@ def _flat(d, prefix=""):
     return out
 
 
+def frozen_lrs(cfg) -> dict[str, float] | None:
+    """The lrs the protocol fixes in advance (`tuning.frozen_lrs`, a confirmatory run), by
+    arm; None when the study tunes them."""
+    frozen = cfg.tuning.get("frozen_lrs")
+    return None if frozen is None else {k: float(v) for k, v in frozen.items()}
+
+
 def check_config(cfg) -> None:
     """Every protocol value, before any directory is touched. Raises ValueError naming the
     field."""
     arms = {a.name: a for a in arms_of(cfg)}
+    frozen = frozen_lrs(cfg)
+    if frozen is not None:
+        if set(frozen) != set(arms):
+            raise ValueError(f"config.tuning.frozen_lrs: arms {sorted(frozen)}, expected one lr "
+                             f"for each arm of config.arms {sorted(arms)}")
+        for name, lr in frozen.items():
+            if not lr > 0:
+                raise ValueError(f"config.tuning.frozen_lrs.{name}={lr}: expected > 0")
+            if len(arms[name].nll_weights) != 1:
+                raise ValueError(f"config.tuning.frozen_lrs: arm {name!r} has NLL weights "
+                                 f"{arms[name].nll_weights}; a frozen arm needs exactly one")
     keys = [a.key for a in arms.values()]
     if len(set(keys)) != len(keys):
         raise ValueError("config.arms: two arms with the same table, NLL and data")
@@ -583,6 +603,16 @@ class Study:
         path = self.w / "tuning.json"
         if path.exists():  # frozen
             return
+        fixed = frozen_lrs(self.cfg)
+        if fixed is not None:  # fixed by the protocol: nothing is trained or evaluated
+            arms = {name: {"lr": fixed[name], "nll_weight": arm.nll_weights[0],
+                           "extensions": 0, "stopped": "frozen by the protocol",
+                           "history": [], "scores": []} for name, arm in self.arms.items()}
+            if self.ws(0).recorded is None:
+                atomic.write_text(path, json.dumps({"warm_start": None, "split": None,
+                                                    "protocol": self.digest, "arms": arms},
+                                                   indent=1) + "\n")
+            return
         k = self.cfg.tuning.warm_start
         ws = self.ws(k)
         split = self.cfg.splits.tune
@@ -601,7 +631,7 @@ class Study:
     def run_path(self, arm: Arm, k: int, setting: dict) -> str:
         """Warm start k's run of `arm` at its frozen setting, relative to the workdir; on
         the tuning warm start it is the tuning run with that setting (the same command)."""
-        if k == self.cfg.tuning.warm_start:
+        if k == self.cfg.tuning.warm_start and frozen_lrs(self.cfg) is None:
             return f"tuning/{arm.name}/{self.setting(setting['lr'], setting['nll_weight'])}"
         return f"runs/{arm.name}"
 
@@ -833,15 +863,12 @@ def render(cfg, data: dict) -> str:
         for name, per in kinds.items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{_f(v['non_trap'])} / {_f(v['trap'])}" for v in per) + " |")
-    lines += ["", f"## Tuning (warm start {cfg.tuning.warm_start}, split {cfg.splits.tune})", "",
-              "| arm | lr (/NLL): pass@1 | chosen lr | NLL | extensions | stopped |",
-              "|---|---|---|---|---|---|"]
-    for name, t in data["tuning"].items():
-        grid = ", ".join(f"{s['lr']:g}" + (f"/{s['nll_weight']:g}" if len(
-            cfg.arms[name].nll_weights) > 1 else "") + f": {s['pass@1']:.1f}"
-            for s in t["scores"])
-        lines.append(f"| {name} | {grid} | {t['lr']:g} | {t['nll_weight']:g} | "
-                     f"{t['extensions']} | {t['stopped']} |")
+    if frozen_lrs(cfg) is not None:
+        lines += ["", "## Tuning", "", "None: every arm's lr is frozen by the protocol "
+                  "(config.tuning.frozen_lrs): " + ", ".join(
+                      f"{name} {t['lr']:g}" for name, t in data["tuning"].items()) + "."]
+    else:
+        lines += _tuning_lines(cfg, data)
     m = data["machine"]
     lines += ["", "## Machine and stage times", "",
               f"- CPU: {m['cpu']} ({m['cores']} cores), {m['platform']}",
@@ -861,6 +888,19 @@ def render(cfg, data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tuning_lines(cfg, data: dict) -> list[str]:
+    lines = ["", f"## Tuning (warm start {cfg.tuning.warm_start}, split {cfg.splits.tune})", "",
+             "| arm | lr (/NLL): pass@1 | chosen lr | NLL | extensions | stopped |",
+             "|---|---|---|---|---|---|"]
+    for name, t in data["tuning"].items():
+        grid = ", ".join(f"{s['lr']:g}" + (f"/{s['nll_weight']:g}" if len(
+            cfg.arms[name].nll_weights) > 1 else "") + f": {s['pass@1']:.1f}"
+            for s in t["scores"])
+        lines.append(f"| {name} | {grid} | {t['lr']:g} | {t['nll_weight']:g} | "
+                     f"{t['extensions']} | {t['stopped']} |")
+    return lines
+
+
 def plan(cfg) -> dict:
     """What the study will run, before tuning decides the extensions: warm starts, data
     variants, the arms' first grids, and the number of training runs."""
@@ -868,6 +908,9 @@ def plan(cfg) -> dict:
     t = cfg.tuning
     grids = {a.name: lr_grid(a.lr_center, t.points, t.factor) for a in arms}
     n_ws = len(cfg.warm_starts)
+    fixed = frozen_lrs(cfg)
+    if fixed is not None:  # no tuning: each arm trains once per warm start at its lr
+        grids = {a.name: [fixed[a.name]] for a in arms}
     return {
         "warm_starts": [{"init_seed": i, "data_seed": d, "workdir": f"ws{k}"}
                         for k, (i, d) in enumerate(cfg.warm_starts)],
@@ -876,8 +919,10 @@ def plan(cfg) -> dict:
                           "nll_weights": a.nll_weights, "data": a.data,
                           "lr_grid": grids[a.name]} for a in arms},
         "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-        "tuning_runs": sum(len(grids[a.name]) * len(a.nll_weights) for a in arms),
-        "max_tuning_runs": sum((len(grids[a.name]) + t.max_extensions) * len(a.nll_weights)
-                               for a in arms),
-        "test_runs": len(arms) * (n_ws - 1),  # the tuning warm start reuses its tuning runs
+        "tuning_runs": 0 if fixed else sum(len(grids[a.name]) * len(a.nll_weights)
+                                           for a in arms),
+        "max_tuning_runs": 0 if fixed else sum(
+            (len(grids[a.name]) + t.max_extensions) * len(a.nll_weights) for a in arms),
+        # The tuning warm start reuses its tuning runs.
+        "test_runs": len(arms) * (n_ws if fixed else n_ws - 1),
     }

@@ -142,6 +142,44 @@ def test_warm_starts_argument_sets_only_the_number_of_warm_starts():
         config("warm_starts=1")
 
 
+def test_the_confirmatory_run_uses_fresh_warm_starts_and_the_tuned_lrs(tmp_path):
+    """`confirm`: the primary pair only, on warm starts no other variant uses, at the lrs
+    the default protocol's tuning chose; no tuning run, every warm start its own runs."""
+    cfg = config("confirm")
+    study.check_config(cfg)
+    used = {w for arg in (None, "full", "fast", "warm_starts=5") for w in config(arg).warm_starts}
+    assert len(cfg.warm_starts) == 8 and not set(cfg.warm_starts) & used
+    assert config("confirm,warm_starts=3").warm_starts == ((5, 5), (6, 6), (7, 7))
+    assert sorted(cfg.arms) == ["dpo", "focused_dpo"] and cfg.secondary == ()
+    assert study.frozen_lrs(cfg) == {"dpo": 3.33e-5, "focused_dpo": 3.33e-5}
+    assert study.frozen_lrs(config()) is None
+    p = study.plan(cfg)
+    assert p["tuning_runs"] == p["max_tuning_runs"] == 0 and p["test_runs"] == 2 * 8
+    s = study.Study(cfg, tmp_path)
+    assert s.commands(s.tune) == []
+    s.tune()
+    tuned = json.loads((tmp_path / "tuning.json").read_text())["arms"]
+    assert {n: (t["lr"], t["nll_weight"]) for n, t in tuned.items()} == {
+        "dpo": (3.33e-5, 0.0), "focused_dpo": (3.33e-5, 0.0)}
+    trained = [a for _, m, a in s.commands(s.run_all) if m == "launch.train"]
+    assert sorted(a[0] for a in trained) == sorted(
+        f"--workdir={tmp_path}/ws{k}/runs/{n}" for k in range(8) for n in ("dpo", "focused_dpo"))
+    assert all("--config.optimizer.lr=3.33e-05" in a for a in trained)
+    with pytest.raises(ValueError, match="exclude each other"):
+        config("confirm,fast")
+
+
+@pytest.mark.parametrize("frozen, message", [
+    (dict(dpo=3.33e-5), r"frozen_lrs: arms \['dpo'\], expected one lr for each arm"),
+    (dict(dpo=3.33e-5, focused_dpo=0.0), r"frozen_lrs.focused_dpo=0.0: expected > 0"),
+])
+def test_bad_frozen_lrs_are_errors_naming_the_field(frozen, message):
+    cfg = config("confirm")
+    cfg.tuning.frozen_lrs = frozen
+    with pytest.raises(ValueError, match=message):
+        study.check_config(cfg)
+
+
 def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
     cfg = config("fast")
     cfg.arms.dpo.weights = ((1.0, 2.0, 1.0), (1.0, 1.0, 1.0))
