@@ -315,6 +315,31 @@ MECHANISM_FIGURES = (
 )
 
 
+# The values a table shows per run (the study's report too), as (metric, label).
+MECHANISM_COLUMNS = (
+    ("mech/dlogp/chosen_mid", "chosen mid"), ("mech/dlogp/rejected_mid", "rejected mid"),
+    ("mech/dlogp/chosen_suffix", "chosen suffix"),
+    ("mech/dlogp/rejected_suffix", "rejected suffix"),
+    ("mech/dlogp/chosen", "chosen (whole)"), ("mech/first_margin/change", "first margin change"),
+    ("mech/kl/chosen", "KL chosen"), ("mech/grad/share_mid", "grad share mid"))
+
+
+def last_mechanism(metrics: pathlib.Path) -> dict[str, float]:
+    """The `mech/...` values of the last validation line of a run's metrics.jsonl that has
+    any ({} when none does or the file is missing)."""
+    last: dict[str, float] = {}
+    if not metrics.exists():
+        return last
+    for r in jsonl.records(metrics):
+        if r.get("split") != "validation":
+            continue
+        values = {k: v for k, v in r.items()
+                  if k.startswith("mech/") and isinstance(v, (int, float))}
+        if values:
+            last = values
+    return last
+
+
 def mechanism_curves(w: pathlib.Path) -> dict:
     """{run: {metric: [(step, value), ...]}} of the `mech/...` values in the validation
     lines of WORKDIR/train/*/metrics.jsonl, in file order (a line is an event: the file is
@@ -369,12 +394,7 @@ def mechanism_lines(data: dict) -> list[str]:
     runs = data.get("mechanism", {})
     if not runs:
         return []
-    cols = [("mech/dlogp/chosen_mid", "chosen mid"), ("mech/dlogp/rejected_mid", "rejected mid"),
-            ("mech/dlogp/chosen_suffix", "chosen suffix"),
-            ("mech/dlogp/rejected_suffix", "rejected suffix"),
-            ("mech/dlogp/chosen", "chosen (whole)"),
-            ("mech/first_margin/change", "first margin change"),
-            ("mech/kl/chosen", "KL chosen"), ("mech/grad/share_mid", "grad share mid")]
+    cols = MECHANISM_COLUMNS
     last = lambda c, k: f"{c[k][-1][1]:.3g}" if c.get(k) else "-"  # noqa: E731
     lines = ["## Mechanism metrics (validation pairs, last validation step)", "",
              "Log-prob changes from the reference in nats per pair (negative: the policy "

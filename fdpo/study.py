@@ -20,7 +20,8 @@ resumes the others: finished training runs and evaluations inside a stage are ke
     runs         every arm on every warm start at its frozen lr, and every start model,
                  evaluated on the test split
     report       report.md / report.json: the outcome, tuning, per-arm test pass@1, tokens
-                 processed, the machine and the stage times
+                 processed, each arm's mechanism values at the end of training (and
+                 mechanism.png), the machine and the stage times
 
 Training runs and evaluations are the pipeline's own (`Pipeline._train`, `Pipeline.evaluate`):
 the study is a `Pipeline` per warm start whose evaluated models and splits it chooses.
@@ -46,7 +47,10 @@ import time
 
 import ml_collections
 
+from matplotlib import figure
+
 from fdpo import atomic, fingerprint, jsonl, pipeline, stats
+from fdpo import report as run_report
 
 DATA_VARIANTS = ("pairs", "rft", "random_focus", "oracle_focus", "shuffled")
 # The loss presets an arm may name; everything else about the loss is its weight table.
@@ -680,6 +684,21 @@ class Study:
             out[name] = {"pairs": t.steps * t.batch_size, "tokens": _mean(per_run)}
         return out
 
+    def mechanism(self) -> dict:
+        """Per arm: {metric: [value per warm start, None where the run logged none]}, the
+        run's last validation mechanism values (fdpo.mechanism: unweighted log-prob changes
+        from the reference on the validation pairs, the first divergent token's margin, KL,
+        gradient share), for the metrics of `fdpo.report.MECHANISM_COLUMNS`."""
+        frozen = self.frozen()
+        out = {}
+        for name, arm in self.arms.items():
+            per_ws = [run_report.last_mechanism(
+                self.ws(k).w / self.run_path(arm, k, frozen[name]) / "metrics.jsonl")
+                for k in range(len(self.cfg.warm_starts))]
+            out[name] = {key: [v.get(key) for v in per_ws]
+                         for key, _ in run_report.MECHANISM_COLUMNS}
+        return out
+
     def kinds_table(self, results: list[dict]) -> dict:
         """Per arm (and "start"): [per warm start {"non_trap", "trap"} test pass@1 in
         points]; {} for a family without trap tasks."""
@@ -750,13 +769,14 @@ class Study:
                                           for per in results]
                                    for name in ["start", *self.arms]},
                 "comparisons": self.comparisons(results), "tokens": self.tokens(),
-                "by_kind": self.kinds_table(results),
+                "by_kind": self.kinds_table(results), "mechanism": self.mechanism(),
                 "machine": machine(), "stage_seconds": dict(self.timings),
                 "warm_start_stage_seconds": {
                     f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
                                for n in WarmStart.PREPARE if n in self.ws(k).enabled()}
                     for k in range(len(self.cfg.warm_starts))}}
         atomic.write_text(self.w / "report.json", json.dumps(data, indent=1, default=str) + "\n")
+        mechanism_plot(data["mechanism"], self.w / "mechanism.png")
         atomic.write_text(self.w / "report.md", render(self.cfg, data))
 
 
@@ -863,6 +883,7 @@ def render(cfg, data: dict) -> str:
         for name, per in kinds.items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{_f(v['non_trap'])} / {_f(v['trap'])}" for v in per) + " |")
+    lines += _mechanism_lines(data.get("mechanism", {}))
     if frozen_lrs(cfg) is not None:
         lines += ["", "## Tuning", "", "None: every arm's lr is frozen by the protocol "
                   "(config.tuning.frozen_lrs): " + ", ".join(
@@ -886,6 +907,63 @@ def render(cfg, data: dict) -> str:
               "times the steps), mean over warm starts; pairs = steps x batch, equal for "
               "every arm."]
     return "\n".join(lines) + "\n"
+
+
+def _mechanism_lines(mech: dict) -> list[str]:
+    """Each arm's end-of-training mechanism values: mean over warm starts [min, max]."""
+    cols = [(k, label) for k, label in run_report.MECHANISM_COLUMNS
+            if any(v is not None for per in mech.values() for v in per.get(k, []))]
+    if not cols:
+        return []
+
+    def cell(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "-"
+        return f"{_mean(vals):+.3g} [{min(vals):+.3g}, {max(vals):+.3g}]"
+
+    lines = ["", "## Mechanism at the end of training", "",
+             "Validation pairs of each warm start, unweighted: log-prob changes from the "
+             "reference (nats per pair; negative: the policy lost probability there), the "
+             "change of the logit margin at the first divergent token, KL to the reference "
+             "(docs/training.md#mechanism-metrics). Mean over warm starts [min, max].", "",
+             "![mechanism](mechanism.png)", "",
+             "| arm | " + " | ".join(label for _, label in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, per in mech.items():
+        lines.append(f"| {name} | " + " | ".join(cell(per.get(k, [])) for k, _ in cols) + " |")
+    return lines
+
+
+def mechanism_plot(mech: dict, path: pathlib.Path) -> bool:
+    """A panel per mechanism metric: each arm's warm starts as dots and their mean as a
+    bar. False (and nothing written) when no run logged any."""
+    keys = [(k, label) for k, label in run_report.MECHANISM_COLUMNS
+            if any(v is not None for per in mech.values() for v in per.get(k, []))]
+    if not keys:
+        return False
+    arms = list(mech)
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig = figure.Figure(figsize=(3.2 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (key, label) in zip(axes, keys):
+        for i, arm in enumerate(arms):
+            vals = [v for v in mech[arm].get(key, []) if v is not None]
+            if not vals:
+                continue
+            ax.bar(i, _mean(vals), color=f"C{i}", alpha=0.35, width=0.7)
+            ax.plot([i] * len(vals), vals, "o", color=f"C{i}", ms=3)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7, ha="right")
+        ax.set_title(label, fontsize=9)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle("end of training, validation pairs (dots: warm starts; bars: their mean)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def _tuning_lines(cfg, data: dict) -> list[str]:

@@ -404,9 +404,14 @@ def test_the_report_from_planted_results(tmp_path):
             rel = s.run_path(s.arms[name], k, setting)
             _results(ws / "eval" / rel / "test", passed)
             (ws / rel).mkdir(parents=True, exist_ok=True)
+            # Two validation lines: the report takes the last one's mechanism values.
+            mid = {"dpo": 0.5, "focused_dpo": 1.5}[name] + k
             (ws / rel / "metrics.jsonl").write_text(
                 "".join(json.dumps({"step": i, "split": "train", "tokens": 100 + i}) + "\n"
-                        for i in (1, 3)))
+                        for i in (1, 3))
+                + json.dumps({"step": 2, "split": "validation", "mech/dlogp/chosen_mid": -9.0})
+                + "\n" + json.dumps({"step": 3, "split": "validation", "loss": 0.6,
+                                     "mech/dlogp/chosen_mid": mid}) + "\n")
     s.report()
     data = json.loads((tmp_path / "report.json").read_text())
     primary = data["comparisons"][0]
@@ -418,6 +423,11 @@ def test_the_report_from_planted_results(tmp_path):
                                      "tokens": 102 * cfg.train.steps}  # mean(101, 103)
     report = (tmp_path / "report.md").read_text()
     assert primary["outcome"] in report and "## Machine and stage times" in report
+    assert data["mechanism"]["dpo"]["mech/dlogp/chosen_mid"] == [0.5, 1.5]
+    assert data["mechanism"]["focused_dpo"]["mech/dlogp/chosen_mid"] == [1.5, 2.5]
+    assert data["mechanism"]["dpo"]["mech/kl/chosen"] == [None, None]  # not logged
+    assert "| focused_dpo | +2 [+1.5, +2.5] |" in report  # the only column logged
+    assert (tmp_path / "mechanism.png").stat().st_size > 0
     assert (tmp_path / "forest.png").stat().st_size > 0
 
 
