@@ -142,6 +142,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # docs/analysis.md#statistics) or "percentile" (fdpo.stats.INTERVALS).
     c.stats = ml_collections.ConfigDict(dict(n_boot=10000, seed=0, level=0.95,
                                              interval="cluster_t"))
+    # The Phi analysis (METHOD.md section 1) re-run on each arm's own samples on these warm
+    # starts (indices), beside the start model's: where correct and wrong programs differ
+    # after training. The preference prompts, sampled as the warm start sampled them. It
+    # describes, it decides nothing: not part of the protocol's digest
+    # (fdpo.study.UNTRACKED_FIELDS), so it can be added to a finished study.
+    c.phi_warm_starts = (0,)
 
     if arg.full:
         c.warm_starts = tuple((k, k) for k in range(5))
@@ -169,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.warm_starts = tuple((k, k) for k in range(5, 5 + (arg.warm_starts or 8)))
         chosen = ("focused_dpo", "dpo")
         c.tuning.frozen_lrs = ml_collections.ConfigDict(dict(focused_dpo=3.33e-5, dpo=3.33e-5))
+        c.phi_warm_starts = ()  # the primary comparison only
     c.arms = ml_collections.ConfigDict({name: arms[name] for name in chosen})
     # Secondary comparisons (Holm-corrected), as (arm, baseline): every other arm against
     # DPO (w1-rs0-nll0 is DPO with the rejected suffix dropped, w2-rs1-nll0 DPO with the

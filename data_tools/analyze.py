@@ -514,6 +514,11 @@ def write_report(out_dir: str, result: PhiResult, options: Options, inputs: Inpu
                "problems_in": len(inputs.problems) + sum(inputs.dropped.values()),
                "lines_dropped": inputs.dropped, "problems_used": result.problems_used,
                "problems_skipped": result.skipped, "samples_counted": result.samples_counted,
+               # Every sample of every problem read, and how many the verdict calls correct:
+               # the policy's sample pass rate, whether or not its problem has a pair.
+               "samples_in": sum(len(codes) for _, codes, _ in inputs.problems),
+               "samples_correct": sum(int(verdicts(m, options)[0].sum())
+                                      for _, codes, m in inputs.problems if len(codes)),
                "options": dataclasses.asdict(options)}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

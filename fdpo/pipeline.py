@@ -544,9 +544,15 @@ class Pipeline:
         prompts = self.w / "sample_prompts.jsonl"
         self.barrier("sample.prompts", lambda: atomic.write_text(
             prompts, "".join(json.dumps(r) + "\n" for r in rows)))
+        self.sample_files("sample", self.start_model, prompts, self.w / "samples.jsonl")
+
+    def sample_files(self, stage: str, checkpoint, prompts, output) -> None:
+        """launch.sample of `checkpoint` on `prompts` into `output` with the run's sampling
+        settings (resumed by content when `output` exists)."""
+        s = self.cfg.sample
         mode = "code" if self.cfg.tests_source == "oracle" else "both"
-        self.run("sample", "launch.sample", "--checkpoint", self.start_model, "--input", prompts,
-                 "--output", self.w / "samples.jsonl", "--config=configs/sample.py",
+        self.run(stage, "launch.sample", "--checkpoint", checkpoint, "--input", prompts,
+                 "--output", output, "--config=configs/sample.py",
                  f"--config.mode={mode}", f"--config.num_codes={s.num_codes}",
                  f"--config.num_tests={s.num_tests}",
                  f"--config.temperature={s.temperature}", f"--config.top_p={s.top_p}",
@@ -563,10 +569,14 @@ class Pipeline:
         fmt = self.cfg.prompt_format
         return [f"--config.prompt_format={fmt}"] if fmt else []
 
-    def execute(self):
+    def execute_limits(self) -> list[str]:
+        """launch.execute's limits from the run's config."""
         e = self.cfg.execute
-        limits = [f"--config.timeout={e.timeout}",
-                  *([f"--config.workers={e.workers}"] if e.workers else [])]  # 0: all cores
+        return [f"--config.timeout={e.timeout}",
+                *([f"--config.workers={e.workers}"] if e.workers else [])]  # 0: all cores
+
+    def execute(self):
+        limits = self.execute_limits()
         if self.sync is None:
             self.run("execute", "launch.execute", "--input", self.w / "samples.jsonl",
                      "--output", self.w / "executed.jsonl", *limits)
@@ -746,7 +756,6 @@ class Pipeline:
                          *self.prompt_format(), *self.jax_flags())
 
     def analyze(self):
-        b = self.cfg.build
         continuation = []
         if self.cfg.analysis.continuation:
             continuation = ["--checkpoint", self.start_model, "--config.continuation=True",
@@ -760,10 +769,17 @@ class Pipeline:
         # correctness as the data stage decides it (ranked), and continuations judged by the
         # tests its top-ranked code passes (data_tools.analyze.judging_tests), with the
         # build's ranker and lambda, so the reference pair is the one the builder would pick.
+        self.analyze_files("analyze", self.w / "executed.jsonl", self.w / "analysis",
+                           *continuation)
+
+    def analyze_files(self, stage: str, executed, out, *extra) -> None:
+        """launch.analyze (the Phi table) of executed samples into `out`, judged as the
+        run's data stage judges them."""
+        b = self.cfg.build
         verdict = "all_tests" if self.cfg.tests_source == "oracle" else "ranked"
-        self.run("analyze", "launch.analyze", "--samples", self.w / "executed.jsonl",
+        self.run(stage, "launch.analyze", "--samples", executed,
                  f"--config.verdict={verdict}", f"--config.ranker={b.ranker}",
-                 f"--config.lam={b.lam}", "--out", self.w / "analysis", *continuation)
+                 f"--config.lam={b.lam}", "--out", out, *extra)
 
     def report(self):
         self.run("report", "launch.report", "--workdir", self.w)

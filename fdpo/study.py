@@ -19,6 +19,10 @@ resumes the others: finished training runs and evaluations inside a stage are ke
                  written to tuning.json as they stand)
     runs         every arm on every warm start at its frozen lr, and every start model,
                  evaluated on the test split
+    phi          on the warm starts `phi_warm_starts`: each arm samples the preference
+                 prompts as the warm start's policy did, the samples are executed, and the
+                 Phi table (launch.analyze) of every arm and of the start model is written
+                 to ws{k}/phi/NAME/analysis
     report       report.md / report.json: the outcome, tuning, per-arm test pass@1, tokens
                  processed, each arm's mechanism values at the end of training (and
                  mechanism.png), the machine and the stage times
@@ -64,7 +68,9 @@ VARIANT_BUILD = {"rft": lambda seed: ["--config.emit=rft"],
                  "shuffled": lambda seed: ["--config.shuffle_labels=True",
                                            f"--config.focus_seed={seed}"]}
 # Fields that change only speed or device layout: not part of the protocol's digest.
-UNTRACKED_FIELDS = tuple(f"pipeline.{f}" for f in pipeline.UNTRACKED_FIELDS)
+# The Phi re-run on the arms' samples describes and decides nothing (it runs after the test
+# runs), so adding it to a finished study keeps its digest.
+UNTRACKED_FIELDS = (*(f"pipeline.{f}" for f in pipeline.UNTRACKED_FIELDS), "phi_warm_starts")
 
 
 class ProtocolChanged(ValueError):
@@ -302,6 +308,10 @@ def check_config(cfg) -> None:
     if len({w[0] for w in ws}) != len(ws) or len({w[1] for w in ws}) != len(ws):
         raise ValueError(f"config.warm_starts={cfg.warm_starts!r}: every warm start needs its "
                          "own init seed and its own data seed")
+    bad = [k for k in cfg.get("phi_warm_starts", ()) if not 0 <= k < len(ws)]
+    if bad:
+        raise ValueError(f"config.phi_warm_starts={tuple(cfg.phi_warm_starts)}: {bad[0]} is "
+                         f"not an index into config.warm_starts (0..{len(ws) - 1})")
     t = cfg.tuning
     if not 0 <= t.warm_start < len(ws):
         raise ValueError(f"config.tuning.warm_start={t.warm_start}: expected an index into "
@@ -652,6 +662,51 @@ class Study:
                 models.append((rel, ws.w / rel / "final"))
             ws.evaluate_models(models, [test])
 
+    def phi_warm_starts(self) -> list[int]:
+        return [int(k) for k in self.cfg.get("phi_warm_starts", ())]
+
+    def phi(self) -> None:
+        """The Phi table of the start model's samples (the warm start's own) and of each
+        arm's, sampled from the same prompts with the same settings and seed."""
+        frozen = self.frozen()
+        for k in self.phi_warm_starts():
+            ws = self.ws(k)
+            models = [("start", None)] + [
+                (name, ws.w / self.run_path(arm, k, frozen[name]) / "final")
+                for name, arm in self.arms.items()]
+            for name, model in models:
+                out = ws.w / "phi" / name
+                if (out / "analysis" / "phi.json").exists():
+                    continue
+                executed = ws.w / "executed.jsonl"
+                if model is not None:  # sample and execute resume by content
+                    executed = out / "executed.jsonl"
+                    ws.sample_files("phi", model, ws.w / "sample_prompts.jsonl",
+                                    out / "samples.jsonl")
+                    ws.run("phi", "launch.execute", "--input", out / "samples.jsonl",
+                           "--output", executed, *ws.execute_limits())
+                ws.analyze_files("phi", executed, out / "analysis")
+
+    def phi_table(self) -> dict:
+        """{"ws{k}": {model: phi.json's summary}} for the warm starts that have one."""
+        out = {}
+        for k in self.phi_warm_starts():
+            per = {}
+            for name in ("start", *self.arms):
+                path = self.ws(k).w / "phi" / name / "analysis" / "phi.json"
+                if path.exists():
+                    d = json.loads(path.read_text())
+                    per[name] = {
+                        "phi": {seg: t.get("phi") for seg, t in d["tables"].items()},
+                        "problems_in": d.get("problems_in"),
+                        "problems_used": d.get("problems_used"),
+                        "problems_skipped": d.get("problems_skipped", {}),
+                        "samples_in": d.get("samples_in"),
+                        "samples_correct": d.get("samples_correct")}
+            if per:
+                out[f"ws{k}"] = per
+        return out
+
     # ------------------------------------------------------------------ results
     def results(self) -> dict:
         """Per warm start: {arm or "start": {task: pass}} on the test split."""
@@ -758,6 +813,8 @@ class Study:
                 self.stage(f"variants{k}", lambda k=k: self.build_variants(k))
         self.stage("tuning", self.tune)
         self.stage("runs", self.run_all)
+        if self.phi_warm_starts():
+            self.stage("phi", self.phi)
         self.stage("report", self.report)
         print(f"[study] finished in {time.time() - start:.0f} s; report: "
               f"{self.w / 'report.md'}")
@@ -770,6 +827,7 @@ class Study:
                                    for name in ["start", *self.arms]},
                 "comparisons": self.comparisons(results), "tokens": self.tokens(),
                 "by_kind": self.kinds_table(results), "mechanism": self.mechanism(),
+                "phi": self.phi_table(),
                 "machine": machine(), "stage_seconds": dict(self.timings),
                 "warm_start_stage_seconds": {
                     f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
@@ -884,6 +942,7 @@ def render(cfg, data: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{_f(v['non_trap'])} / {_f(v['trap'])}" for v in per) + " |")
     lines += _mechanism_lines(data.get("mechanism", {}))
+    lines += _phi_lines(data.get("phi", {}))
     if frozen_lrs(cfg) is not None:
         lines += ["", "## Tuning", "", "None: every arm's lr is frozen by the protocol "
                   "(config.tuning.frozen_lrs): " + ", ".join(
@@ -964,6 +1023,35 @@ def mechanism_plot(mech: dict, path: pathlib.Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
+
+
+PHI_SEGMENTS = ("common prefix", "prefix + chosen mid", "prefix + rejected mid",
+                "common suffix")
+
+
+def _phi_lines(phi: dict) -> list[str]:
+    """The Phi tables of each model's own samples (start model and arms)."""
+    if not phi:
+        return []
+    lines = ["", "## Phi on each model's own samples (preference prompts)", "",
+             "The paper's analysis (METHOD.md section 1) on samples of the start model and of "
+             "each trained arm, the same prompts, settings and seed: per problem a reference "
+             "pair of the model's own correct and wrong samples gives the segments, and Phi "
+             "is the correlation of containing a segment with being correct, over the other "
+             "samples (docs/analysis.md). A problem needs a correct and a wrong sample; "
+             "`used` counts those.", "",
+             "| warm start | model | samples correct | problems used / in | "
+             + " | ".join(f"Phi {seg}" for seg in PHI_SEGMENTS) + " |",
+             "|---|---|---|---|" + "---|" * len(PHI_SEGMENTS)]
+    for ws, per in phi.items():
+        for name, d in per.items():
+            rate = (f"{100 * d['samples_correct'] / d['samples_in']:.1f}%"
+                    if d.get("samples_in") else "-")
+            lines.append(f"| {ws} | {name} | {rate} | {d['problems_used']} / "
+                         f"{d['problems_in']} | "
+                         + " | ".join(_f(d["phi"].get(seg), "{:.2f}") for seg in PHI_SEGMENTS)
+                         + " |")
+    return lines
 
 
 def _tuning_lines(cfg, data: dict) -> list[str]:

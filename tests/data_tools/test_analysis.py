@@ -185,6 +185,8 @@ def test_cli_end_to_end(tmp_path):
     assert summary["tables"]["common suffix"]["phi"] is None
     assert summary["tables_other_reference_samples"] == "counted"
     assert summary["tables_other"]["prefix + chosen mid"]["n11"] == 2
+    # The sample pass rate over every problem read: codes 0 and 2 of "a" pass all tests.
+    assert (summary["samples_in"], summary["samples_correct"]) == (4, 2)
     drops = [json.loads(x) for x in (out / "drops.jsonl").read_text().splitlines()]
     assert {(d["line"], d["reason"]) for d in drops} == {(2, "malformed"), (3, "no_verdicts"), (2, "malformed")}
     assert any(d["file"] == str(verdicts) and d["id"] == "bad-rows" for d in drops)

@@ -194,6 +194,7 @@ def test_a_misnamed_arm_in_the_config_is_an_error_naming_it():
     ("stats.interval", "wald", r"stats.interval='wald': expected one of cluster_t, percentile"),
     ("warm_starts", ((0, 0),), "cluster_t' needs at least 2 warm starts"),
     ("stats.level", 1.0, "level=1.0"),
+    ("phi_warm_starts", (0, 2), r"phi_warm_starts=\(0, 2\): 2 is not an index"),
 ])
 def test_bad_protocol_values_are_errors_naming_the_field(field, value, message):
     cfg = config("fast")
@@ -361,6 +362,38 @@ def test_the_fast_study_tunes_on_validation_of_warm_start_0_and_tests_everywhere
     assert all(a[a.index("--dataset") + 1].endswith("eval_test.jsonl") for a in evaluated)
 
 
+def test_phi_samples_each_trained_arm_and_analyzes_it_beside_the_start_model(tmp_path):
+    """The phi stage: each arm's final model samples the warm start's prompts with the warm
+    start's settings, its samples are executed, and launch.analyze runs on them; the start
+    model's own samples are analyzed as they are. Not part of the digest."""
+    cfg = config("fast")
+    s = study.Study(cfg, tmp_path)
+    frozen = {name: {"lr": 1e-4, "nll_weight": 0.0} for name in s.arms}
+    (tmp_path / "tuning.json").write_text(json.dumps({"arms": frozen}))
+    cmds = s.commands(s.phi)
+    ws0 = tmp_path / "ws0"
+    sampled = {a[a.index("--checkpoint") + 1]: a for _, m, a in cmds if m == "launch.sample"}
+    assert sorted(sampled) == sorted(f"{ws0}/tuning/{n}/lr0.0001-nll0/final"
+                                     for n in ("dpo", "focused_dpo"))
+    smp = cfg.pipeline.sample
+    for args in sampled.values():  # the warm start's prompts, settings and seed
+        assert args[args.index("--input") + 1] == str(ws0 / "sample_prompts.jsonl")
+        assert {f"--config.temperature={smp.temperature}", f"--config.top_p={smp.top_p}",
+                f"--config.num_codes={smp.num_codes}",
+                f"--config.seed={cfg.warm_starts[0][1]}"} <= set(args)
+    analyzed = [a[a.index("--samples") + 1] for _, m, a in cmds if m == "launch.analyze"]
+    assert sorted(analyzed) == sorted([f"{ws0}/executed.jsonl"] + [
+        f"{ws0}/phi/{n}/executed.jsonl" for n in ("dpo", "focused_dpo")])
+    assert all(f"{tmp_path}/ws1" not in " ".join(map(str, a)) for _, _, a in cmds)  # ws0 only
+    assert study.protocol_digest(cfg) == study.protocol_digest(_without_phi())
+
+
+def _without_phi():
+    c = config("fast")
+    del c["phi_warm_starts"]
+    return c
+
+
 def test_the_program_prints_the_plan_and_touches_nothing(tmp_path):
     r = run_program("launch.study", "--config=configs/study.py:fast", "--plan",
                     f"--workdir={tmp_path / 'study'}", timeout=120)
@@ -412,8 +445,17 @@ def test_the_report_from_planted_results(tmp_path):
                 + json.dumps({"step": 2, "split": "validation", "mech/dlogp/chosen_mid": -9.0})
                 + "\n" + json.dumps({"step": 3, "split": "validation", "loss": 0.6,
                                      "mech/dlogp/chosen_mid": mid}) + "\n")
+    for name, correct, chosen_phi in (("start", 60, 0.9), ("focused_dpo", 95, None)):
+        out = tmp_path / "ws0" / "phi" / name / "analysis"
+        out.mkdir(parents=True)
+        (out / "phi.json").write_text(json.dumps({
+            "tables": {"common prefix": {"phi": 0.25}, "prefix + chosen mid": {"phi": chosen_phi}},
+            "problems_in": 20, "problems_used": 7, "problems_skipped": {"no_wrong_code": 13},
+            "samples_in": 200, "samples_correct": correct}))
     s.report()
     data = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(data["phi"]["ws0"]) == ["focused_dpo", "start"]  # dpo has none
+    assert data["phi"]["ws0"]["start"]["phi"]["prefix + chosen mid"] == 0.9
     primary = data["comparisons"][0]
     assert (primary["arm"], primary["baseline"]) == ("focused_dpo", "dpo")
     assert primary["per_warm_start"] == pytest.approx([100 * 3 / 40, 100 * 5 / 40])
@@ -428,6 +470,8 @@ def test_the_report_from_planted_results(tmp_path):
     assert data["mechanism"]["dpo"]["mech/kl/chosen"] == [None, None]  # not logged
     assert "| focused_dpo | +2 [+1.5, +2.5] |" in report  # the only column logged
     assert (tmp_path / "mechanism.png").stat().st_size > 0
+    assert "| ws0 | start | 30.0% | 7 / 20 | 0.25 | 0.90 | - | - |" in report
+    assert "| ws0 | focused_dpo | 47.5% | 7 / 20 | 0.25 | - | - | - |" in report
     assert (tmp_path / "forest.png").stat().st_size > 0
 
 
