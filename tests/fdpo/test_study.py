@@ -540,9 +540,15 @@ def test_the_fast_study_end_to_end(tmp_path):
     assert primary["outcome"] in (tmp_path / "report.md").read_text()
     for name in ("start", "dpo", "focused_dpo"):
         assert len(data["test_pass_at_1"][name]) == 2
+        # The Phi re-run on warm start 0: every model's own samples, each problem counted.
+        phi = data["phi"]["ws0"][name]
+        assert phi["samples_in"] > 0 and 0 <= phi["samples_correct"] <= phi["samples_in"]
+        assert phi["problems_used"] + sum(phi["problems_skipped"].values()) <= phi["problems_in"]
+    assert (tmp_path / "ws0" / "phi" / "dpo" / "executed.jsonl").exists()
+    assert "## Phi on each model's own samples" in (tmp_path / "report.md").read_text()
     logs = {p: p.stat().st_size for p in tmp_path.glob("ws*/logs/*.log")}
     again = run_program("launch.study", *args, env=env, timeout=600)
-    for stage in ("ws0", "ws1", "tuning", "runs", "report"):
+    for stage in ("ws0", "ws1", "tuning", "runs", "phi", "report"):
         assert f"[study] {stage}: done earlier, skipped" in again.stdout
     assert {p: p.stat().st_size for p in logs} == logs  # no program ran again
 
