@@ -440,12 +440,15 @@ class Trainer:
             counts = {side: (local[f"{side}_segments"][:, 1:] >= Segment.PREFIX).sum(-1)
                       for side in ("chosen", "rejected")}
         for what, n in counts.items():
-            name, most = (("trunk_capacity", self.trunk_capacity) if what.endswith("trunk")
-                          else ("train.response_capacity", self.response_capacity))
+            name, most, hint = (
+                ("trunk_capacity", self.trunk_capacity, "the train loop sizes it from the "
+                 "data: fdpo.train.lm_head_capacities") if what.endswith("trunk")
+                else ("train.response_capacity", self.response_capacity,
+                      "-1 sizes it from the data, 0 scores every position"))
             if n.max() > most:
                 i = int(n.argmax())
                 raise ValueError(f"pair {i} of the batch: its {what} has {int(n[i])} response "
-                                 f"tokens, more than {name}={most} (0 scores every position)")
+                                 f"tokens, more than {name}={most} ({hint})")
 
     # -- loss ------------------------------------------------------------------------------
 

@@ -184,6 +184,12 @@ def test_the_trunk_scored_outside_the_gradient_gives_the_same_step(preset, overr
         state, step_metrics = trainer.train_step(state, batch, ref)
         return metrics, float(step_metrics["grad_norm"]), jax.device_get(state["params"])
 
+    short = train.Trainer(TINY, loss_cfg, optax.sgd(0.5), ONE_DEVICE, chunk=8, shared_length=S,
+                          response_capacity=branches, trunk_capacity=trunk - 1)
+    with pytest.raises(ValueError, match=rf"its shared row's trunk has {trunk} response tokens, "
+                                         rf"more than trunk_capacity={trunk - 1} \(the train "
+                                         "loop sizes it from the data"):
+        short.make_batch(examples)
     m0, n0, p0 = step()
     m1, n1, p1 = step(response_capacity=branches, trunk_capacity=trunk)
     assert n0 > 0 and n1 == pytest.approx(n0, rel=1e-5)
