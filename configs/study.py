@@ -6,6 +6,7 @@ miniature, and which of its ingredients does it.
     python -m launch.study --config=configs/study.py:full --workdir=runs/study-full
     python -m launch.study --config=configs/study.py:warm_starts=5 --workdir=runs/study-ws5
     python -m launch.study --config=configs/study.py:confirm --workdir=runs/study-confirm
+    python -m launch.study --config=configs/study.py:confirm,gate --workdir=runs/study-gated
 
 Everything that decides the outcome is fixed here before any result exists: the study
 writes this config and its digest to WORKDIR/protocol.json first, and refuses to continue a
@@ -27,6 +28,9 @@ directory whose protocol digest differs (fdpo/study.py).
   most `tuning.max_extensions` times; the chosen lrs are then frozen (tuning.json).
 - **Confirmatory run** (`confirm`): the primary pair on fresh warm starts at learning rates
   frozen in the config (`tuning.frozen_lrs`), with no tuning stage.
+- **Premise gate** (`gate`): a warm start whose start model fails the premise (greedy
+  pass@1 >= 85% on non-trap tasks, <= 20% on trap tasks) on the validation split is
+  replaced by the next spare seeds before any arm trains; it reads only the start model.
 - **Primary comparison**: test greedy pass@1 of `primary.arm` minus `primary.baseline`,
   paired by task, hierarchical bootstrap over (warm start, task); a claim only when the CI
   excludes 0 and the sign holds in every warm start. `secondary`: further comparisons,
@@ -97,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # warm_starts=N: N warm starts (seeds (k, k), k < N) instead of the variant's own, the
     # rest of the protocol unchanged (5 give the t interval 4 df instead of 2).
     # confirm: the confirmatory run (below); with warm_starts=N, N fresh warm starts.
-    arg = parse_arg(arg, fast=False, full=False, warm_starts=0, confirm=False)
+    # gate: the premise gate (below), with any variant.
+    arg = parse_arg(arg, fast=False, full=False, warm_starts=0, confirm=False, gate=False)
     if sum((arg.fast, arg.full, arg.confirm)) > 1:
         raise ValueError("config arguments fast, full and confirm exclude each other")
     if arg.warm_starts and arg.warm_starts < 2:
@@ -176,6 +181,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         chosen = ("focused_dpo", "dpo")
         c.tuning.frozen_lrs = ml_collections.ConfigDict(dict(focused_dpo=3.33e-5, dpo=3.33e-5))
         c.phi_warm_starts = ()  # the primary comparison only
+    if arg.gate:
+        # Added after the confirm run, where 3 of 8 fresh warm starts failed the premise
+        # (docs/results/study.md): such a warm start cannot test focusing on a decision, and
+        # the check reads only its start model, so replacing it biases no arm. Spares: the
+        # next unused seeds, twice as many as warm starts. A protocol field (in the digest).
+        first = 1 + max(max(w) for w in c.warm_starts)
+        n = len(c.warm_starts)
+        c.premise_gate = ml_collections.ConfigDict(dict(
+            split="validation", spares=tuple((k, k) for k in range(first, first + 2 * n))))
     c.arms = ml_collections.ConfigDict({name: arms[name] for name in chosen})
     # Secondary comparisons (Holm-corrected), as (arm, baseline): every other arm against
     # DPO (w1-rs0-nll0 is DPO with the rejected suffix dropped, w2-rs1-nll0 DPO with the

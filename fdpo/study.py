@@ -10,7 +10,10 @@ resumes the others: finished training runs and evaluations inside a stage are ke
     protocol     WORKDIR/protocol.json: the config and its digest, before any result
                  exists; a directory pre-registered with another digest is refused
     ws{k}        warm start k: the pipeline (fdpo.pipeline) up to its reference stage in
-                 WORKDIR/ws{k}, with the warm start's init and data seeds
+                 WORKDIR/ws{k}, with the warm start's init and data seeds; with
+                 `premise_gate`, a warm start whose start model fails the premise on the
+                 gate's split is moved to WORKDIR/rejected/ and replaced by the next spare
+                 seeds (WORKDIR/warm_starts.json records both), before any arm trains
     variants{k}  the data variants the arms need besides the pairs (launch.build options
                  emit=rft, focus=random|oracle, shuffle_labels), with their reference sums
     tuning       each arm's lr (and NLL weight, where it has several) on warm start
@@ -45,6 +48,7 @@ import os
 import pathlib
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -308,6 +312,18 @@ def check_config(cfg) -> None:
     if len({w[0] for w in ws}) != len(ws) or len({w[1] for w in ws}) != len(ws):
         raise ValueError(f"config.warm_starts={cfg.warm_starts!r}: every warm start needs its "
                          "own init seed and its own data seed")
+    gate = cfg.get("premise_gate")
+    if gate is not None:
+        spares = [tuple(w) for w in gate.spares]
+        seeds = ws + spares
+        if (len({w[0] for w in seeds}) != len(seeds) or len({w[1] for w in seeds}) != len(seeds)
+                or any(len(w) != 2 for w in spares)):
+            raise ValueError(f"config.premise_gate.spares={gate.spares!r}: expected ((init "
+                             "seed, data seed), ...), every seed unused by config.warm_starts "
+                             "and the other spares")
+        if cfg.family != "decision":
+            raise ValueError(f"config.premise_gate: the premise needs trap tasks, which the "
+                             f"{cfg.family!r} family has not (family 'decision' has)")
     bad = [k for k in cfg.get("phi_warm_starts", ()) if not 0 <= k < len(ws)]
     if bad:
         raise ValueError(f"config.phi_warm_starts={tuple(cfg.phi_warm_starts)}: {bad[0]} is "
@@ -345,12 +361,14 @@ def check_config(cfg) -> None:
     pipeline.check_inputs(cfg.pipeline)
 
 
-def warm_start_config(cfg, k: int) -> ml_collections.ConfigDict:
-    """Warm start k's pipeline config: the protocol's pipeline with its seeds, the task
-    family, and the study's batch size (the pairs stage needs a batch) and beta."""
+def warm_start_config(cfg, k: int, seeds: tuple[int, int] | None = None
+                      ) -> ml_collections.ConfigDict:
+    """Warm start k's pipeline config: the protocol's pipeline with its seeds (`seeds`, else
+    config.warm_starts[k]), the task family, and the study's batch size (the pairs stage
+    needs a batch) and beta."""
     c = copy.deepcopy(cfg.pipeline)
     c.unlock()
-    init_seed, data_seed = cfg.warm_starts[k]
+    init_seed, data_seed = seeds if seeds is not None else cfg.warm_starts[k]
     c.init.seed = init_seed
     c.toy.seed = data_seed
     c.sample.seed = data_seed
@@ -460,8 +478,75 @@ class Study:
     # ------------------------------------------------------------------ plumbing
     def ws(self, k: int) -> WarmStart:
         if k not in self._ws:
-            self._ws[k] = WarmStart(warm_start_config(self.cfg, k), self.w / f"ws{k}")
+            self._ws[k] = WarmStart(warm_start_config(self.cfg, k, self.seeds(k)),
+                                    self.w / f"ws{k}")
         return self._ws[k]
+
+    # ------------------------------------------------------------------ the premise gate
+    def _gate_record(self) -> dict:
+        path = self.w / "warm_starts.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        return {"seeds": {}, "rejected": [], "spares_used": 0}
+
+    def seeds(self, k: int) -> tuple[int, int]:
+        """Warm start k's (init seed, data seed): config.warm_starts[k], or the spare the
+        premise gate put in its place."""
+        got = self._gate_record()["seeds"].get(str(k))
+        return tuple(got) if got else tuple(self.cfg.warm_starts[k])
+
+    def start_premise(self, k: int, split: str) -> dict:
+        """Greedy pass@1 of warm start k's start model on `split`'s non-trap and trap tasks,
+        and whether that meets the premise (PREMISE_MIN_NON_TRAP, PREMISE_MAX_TRAP)."""
+        ws = self.ws(k)
+        ws.evaluate_models([("start", ws.start_model)], [split])
+        kinds = task_kinds(ws.toy_dir / f"eval_{split}.jsonl")
+        if not kinds:
+            raise ValueError(f"{ws.toy_dir / f'eval_{split}.jsonl'}: no trap field, so the "
+                             "premise gate cannot judge this warm start")
+        got = by_kind(pass_rates(ws.w / "eval" / "start" / split / "results.json",
+                                 self.cfg.metric), kinds)
+        holds = got["non_trap"] >= PREMISE_MIN_NON_TRAP and got["trap"] <= PREMISE_MAX_TRAP
+        return {**got, "holds": holds}
+
+    def prepare_warm_start(self, k: int) -> None:
+        """Warm start k up to its reference; with the premise gate, replaced by the next
+        spare seeds while its start model fails the premise (the check reads no arm)."""
+        gate = self.cfg.get("premise_gate")
+        while True:
+            ws = self.ws(k)
+            ws.prepare()
+            if gate is None or ws.recorded is not None:
+                return
+            verdict = self.start_premise(k, gate.split)
+            record = self._gate_record()
+            seeds = list(self.seeds(k))
+            if verdict["holds"]:
+                record["seeds"][str(k)] = seeds
+                atomic.write_text(self.w / "warm_starts.json", json.dumps(record, indent=1))
+                return
+            used = record["spares_used"]
+            if used >= len(gate.spares):
+                raise pipeline.StageFailed(
+                    f"warm start {k} (seeds {seeds}) fails the premise on {gate.split} (non-"
+                    f"trap {verdict['non_trap']:.1f}%, trap {verdict['trap']:.1f}%) and "
+                    f"config.premise_gate.spares are used up ({len(gate.spares)}); "
+                    f"rejected so far: {self.w / 'warm_starts.json'}")
+            moved = self.w / "rejected" / f"ws{k}-seeds{seeds[0]}_{seeds[1]}"
+            moved.parent.mkdir(exist_ok=True)
+            if moved.exists():
+                shutil.rmtree(moved)
+            ws.w.rename(moved)
+            record["rejected"].append({"warm_start": k, "seeds": seeds, "workdir": str(moved),
+                                       "non_trap": verdict["non_trap"],
+                                       "trap": verdict["trap"]})
+            record["seeds"][str(k)] = list(gate.spares[used])
+            record["spares_used"] = used + 1
+            atomic.write_text(self.w / "warm_starts.json", json.dumps(record, indent=1))
+            print(f"[study] ws{k}: seeds {seeds} fail the premise (non-trap "
+                  f"{verdict['non_trap']:.1f}%, trap {verdict['trap']:.1f}% on {gate.split}); "
+                  f"replaced by {list(gate.spares[used])}", flush=True)
+            del self._ws[k]
 
     def commands(self, fn, *args, **kwargs) -> list[tuple[str, str, list[str]]]:
         """The program commands `fn(*args)` would run, recorded instead of run."""
@@ -536,7 +621,7 @@ class Study:
 
     def build_variants(self, k: int) -> None:
         ws = self.ws(k)
-        data_seed = self.cfg.warm_starts[k][1]
+        data_seed = self.seeds(k)[1]
         for variant in self.variants_needed():
             out = ws.w / "variants" / variant
             done = self.data_dir(k, variant) / "manifest.json"
@@ -565,7 +650,7 @@ class Study:
         frozen = arm.preset in pipeline.FROZEN_REFERENCE_METHODS or arm.data == "rft"
         ws._train("study_train", workdir, ws.start_model, self.data_dir(k, arm.data),
                   preset=arm.preset, steps=t.steps, batch_size=t.batch_size, lr=lr,
-                  warmup=t.warmup_steps, seed=self.cfg.warm_starts[k][1],
+                  warmup=t.warmup_steps, seed=self.seeds(k)[1],
                   reference="frozen" if frozen else "precomputed",
                   extra=[f"--config.loss.weights={_table_flag(arm.weights)}",
                          f"--config.loss.nll_weight={nll:g}"])
@@ -807,7 +892,7 @@ class Study:
         start = time.time()
         n = len(self.cfg.warm_starts)
         for k in range(n):
-            self.stage(f"ws{k}", self.ws(k).prepare)
+            self.stage(f"ws{k}", lambda k=k: self.prepare_warm_start(k))
         if self.variants_needed():
             for k in range(n):
                 self.stage(f"variants{k}", lambda k=k: self.build_variants(k))
@@ -827,7 +912,7 @@ class Study:
                                    for name in ["start", *self.arms]},
                 "comparisons": self.comparisons(results), "tokens": self.tokens(),
                 "by_kind": self.kinds_table(results), "mechanism": self.mechanism(),
-                "phi": self.phi_table(),
+                "phi": self.phi_table(), "premise_gate": self._gate_record(),
                 "machine": machine(), "stage_seconds": dict(self.timings),
                 "warm_start_stage_seconds": {
                     f"ws{k}": {n: (self.ws(k).marker(n) or {}).get("seconds")
@@ -899,6 +984,23 @@ def _premise_lines(kinds: dict) -> list[str]:
             "a decision point. The claim rules above do not use this check.", ""]
 
 
+def _gate_lines(cfg, record: dict) -> list[str]:
+    gate = cfg.get("premise_gate")
+    if gate is None:
+        return []
+    rejected = record.get("rejected", [])
+    head = (f"Premise gate (pre-registered: a warm start whose start model fails the premise "
+            f"on the {gate.split} split is replaced by the next spare seeds before any arm "
+            f"trains): ")
+    if not rejected:
+        return [head + "every warm start passed.", ""]
+    return [head + f"{len(rejected)} replaced: " + "; ".join(
+        f"ws{r['warm_start']} seeds {tuple(r['seeds'])} (non-trap {r['non_trap']:.1f}%, trap "
+        f"{r['trap']:.1f}%)" for r in rejected)
+        + ". Seeds used: " + ", ".join(f"ws{k} {tuple(v)}" for k, v in sorted(
+            record.get("seeds", {}).items(), key=lambda kv: int(kv[0]))) + ".", ""]
+
+
 def render(cfg, data: dict) -> str:
     comps = data["comparisons"]
     first = comps[0]
@@ -910,6 +1012,7 @@ def render(cfg, data: dict) -> str:
              f"to exclude 0 and the sign to hold in every warm start):", "",
              f"**{first['outcome']}**", "",
              *_premise_lines(data.get("by_kind", {})),
+             *_gate_lines(cfg, data.get("premise_gate", {})),
              "![comparisons](forest.png)", "",
              "## Test greedy pass@1 (%) per warm start", "",
              "| arm | " + " | ".join(f"ws{k}" for k in range(n_ws))
@@ -1091,4 +1194,7 @@ def plan(cfg) -> dict:
             (len(grids[a.name]) + t.max_extensions) * len(a.nll_weights) for a in arms),
         # The tuning warm start reuses its tuning runs.
         "test_runs": len(arms) * (n_ws if fixed else n_ws - 1),
+        # With the premise gate: the seeds that replace failing warm starts, in order.
+        "premise_gate_spares": ([list(w) for w in cfg.premise_gate.spares]
+                                if cfg.get("premise_gate") is not None else []),
     }

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from configs import study as study_config
 from configs import toy_data
-from fdpo import loss, study
+from fdpo import loss, pipeline, study
 
 from tests.conftest import REPO, run_program
 
@@ -509,6 +509,74 @@ def test_the_report_splits_trap_tasks_and_checks_the_premise(tmp_path):
     assert "**Premise not met** on ws0 (non-trap 60.0%, trap 0.0%" in report
     assert "ws1 (" not in report
     assert "| focused_dpo | 60.0 / 20.0 | 100.0 / 20.0 |" in report
+
+
+def test_the_premise_gate_replaces_a_failing_warm_start_with_the_next_spare(tmp_path,
+                                                                           monkeypatch):
+    """`gate`: warm starts are prepared (here: planted start-model results on the validation
+    split, 10 trap and 30 non-trap tasks) and those whose start model fails the premise are
+    moved to rejected/ and replaced by the next spare seeds; the accepted seeds are what the
+    arms then train with. Seeds 0 and 2 fail (non-trap 60%; trap 50%), 1 and 3 hold."""
+    cfg = config("fast,gate")
+    study.check_config(cfg)
+    assert [tuple(w) for w in cfg.premise_gate.spares] == [(2, 2), (3, 3), (4, 4), (5, 5)]
+    assert study.protocol_digest(cfg) != study.protocol_digest(config("fast"))
+    trap = {f"t{i}": i < 10 for i in range(40)}
+    failing = {0: "non_trap", 2: "trap"}
+
+    def planted_prepare(ws):
+        seed = ws.cfg.init.seed
+        (ws.w / "data").mkdir(parents=True)
+        (ws.w / "data" / "eval_validation.jsonl").write_text("".join(
+            json.dumps({"task_id": t, "trap": is_trap}) + "\n" for t, is_trap in trap.items()))
+        right = {t: int(not is_trap) for t, is_trap in trap.items()}
+        if failing.get(seed) == "non_trap":
+            right.update({f"t{i}": 0 for i in range(10, 22)})
+        elif failing.get(seed) == "trap":
+            right.update({f"t{i}": 1 for i in range(5)})
+        _results(ws.w / "eval" / "start" / "validation", right)
+
+    monkeypatch.setattr(study.WarmStart, "prepare", planted_prepare)
+    s = study.Study(cfg, tmp_path)
+    s.prepare_warm_start(0)
+    s.prepare_warm_start(1)
+    record = json.loads((tmp_path / "warm_starts.json").read_text())
+    assert record["seeds"] == {"0": [3, 3], "1": [1, 1]} and record["spares_used"] == 2
+    assert [(r["warm_start"], r["seeds"], r["non_trap"], r["trap"]) for r in record["rejected"]] \
+        == [(0, [0, 0], 60.0, 0.0), (0, [2, 2], 100.0, 50.0)]
+    assert sorted(p.name for p in (tmp_path / "rejected").iterdir()) == [
+        "ws0-seeds0_0", "ws0-seeds2_2"]
+    assert s.ws(0).cfg.init.seed == 3 and s.ws(0).cfg.toy.seed == 3
+    # The arms train on the accepted warm starts with their data seeds.
+    frozen = {name: {"lr": 1e-4, "nll_weight": 0.0} for name in s.arms}
+    trained = [a for _, m, a in s.commands(s.run_all, frozen) if m == "launch.train"]
+    for k, seed in ((0, 3), (1, 1)):
+        mine = [a for a in trained if a[0].startswith(f"--workdir={tmp_path}/ws{k}/")]
+        assert len(mine) == 2 and all(f"--config.data.seed={seed}" in a for a in mine)
+    lines = study._gate_lines(cfg, record)
+    assert "2 replaced: ws0 seeds (0, 0) (non-trap 60.0%, trap 0.0%); ws0 seeds (2, 2)" in lines[0]
+    # Spares used up: an error naming them.
+    cfg2 = config("fast,gate")
+    cfg2.premise_gate.spares = ((2, 2),)
+    failing[1] = "trap"
+    s2 = study.Study(cfg2, tmp_path / "two")
+    with pytest.raises(pipeline.StageFailed, match=r"warm start 0 \(seeds \[2, 2\]\) fails the "
+                       r"premise on validation .*premise_gate.spares are used up \(1\)"):
+        s2.prepare_warm_start(0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(spares=((1, 1),)), "every seed unused by config.warm_starts"),
+    (dict(family="lists"), "the premise needs trap tasks"),
+])
+def test_bad_premise_gates_are_errors_naming_the_field(change, message):
+    cfg = config("fast,gate")
+    if "spares" in change:
+        cfg.premise_gate.spares = change["spares"]
+    else:
+        cfg.family = change["family"]
+    with pytest.raises(ValueError, match=message):
+        study.check_config(cfg)
 
 
 def test_task_kinds_of_a_family_without_traps_are_empty(tmp_path):
