@@ -239,6 +239,10 @@ class PhiResult:
     # the options exclude them, excluded when they count them), and its sample count.
     tables_other: dict[str, Table] = dataclasses.field(default_factory=dict)
     samples_counted_other: int = 0
+    # Every sample of every problem read, and how many the verdict calls correct: the
+    # policy's sample pass rate, whether or not its problem has a pair.
+    samples_in: int = 0
+    samples_correct: int = 0
 
 
 def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], options: Options = Options()
@@ -250,9 +254,11 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
     skipped: collections.Counter = collections.Counter()
     per_problem = []
     kept_segments = []
-    used = samples = samples_other = 0
+    used = samples = samples_other = samples_in = samples_correct = 0
     for pid, codes, passed in problems:
         correct, ranks = verdicts(passed, options)
+        samples_in += len(codes)
+        samples_correct += int(correct.sum())
         seg = problem_segments(pid, codes, correct, ranks, options)
         if isinstance(seg, str):
             skipped[seg] += 1
@@ -275,7 +281,7 @@ def phi_tables(problems: Iterable[tuple[str, Sequence[str], np.ndarray]], option
                             "correct": int(sum(seg.correct)), "incorrect": len(seg.correct) - int(sum(seg.correct)),
                             "contains": {n: [int(b) for b in v] for n, v in seg.contains.items()}})
     return PhiResult(tables, used, samples, dict(sorted(skipped.items())), per_problem,
-                     kept_segments, tables_other, samples_other)
+                     kept_segments, tables_other, samples_other, samples_in, samples_correct)
 
 
 def continuation_prefixes(codes: Sequence[str], seg: ProblemSegments, unit: str) -> tuple[str, str]:
@@ -514,11 +520,7 @@ def write_report(out_dir: str, result: PhiResult, options: Options, inputs: Inpu
                "problems_in": len(inputs.problems) + sum(inputs.dropped.values()),
                "lines_dropped": inputs.dropped, "problems_used": result.problems_used,
                "problems_skipped": result.skipped, "samples_counted": result.samples_counted,
-               # Every sample of every problem read, and how many the verdict calls correct:
-               # the policy's sample pass rate, whether or not its problem has a pair.
-               "samples_in": sum(len(codes) for _, codes, _ in inputs.problems),
-               "samples_correct": sum(int(verdicts(m, options)[0].sum())
-                                      for _, codes, m in inputs.problems if len(codes)),
+               "samples_in": result.samples_in, "samples_correct": result.samples_correct,
                "options": dataclasses.asdict(options)}
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

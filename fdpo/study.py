@@ -1071,10 +1071,15 @@ def render(cfg, data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _logged_columns(mech: dict) -> list[tuple[str, str]]:
+    """The (metric, label) of `fdpo.report.MECHANISM_COLUMNS` some run logged."""
+    return [(k, label) for k, label in run_report.MECHANISM_COLUMNS
+            if any(v is not None for per in mech.values() for v in per.get(k, []))]
+
+
 def _mechanism_lines(mech: dict) -> list[str]:
     """Each arm's end-of-training mechanism values: mean over warm starts [min, max]."""
-    cols = [(k, label) for k, label in run_report.MECHANISM_COLUMNS
-            if any(v is not None for per in mech.values() for v in per.get(k, []))]
+    cols = _logged_columns(mech)
     if not cols:
         return []
 
@@ -1088,7 +1093,8 @@ def _mechanism_lines(mech: dict) -> list[str]:
              "Validation pairs of each warm start, unweighted: log-prob changes from the "
              "reference (nats per pair; negative: the policy lost probability there), the "
              "change of the logit margin at the first divergent token, KL to the reference "
-             "(docs/training.md#mechanism-metrics). Mean over warm starts [min, max].", "",
+             "(docs/training.md#mechanism-metrics; metrics no run logged are left out). Mean "
+             "over warm starts [min, max].", "",
              "![mechanism](mechanism.png)", "",
              "| arm | " + " | ".join(label for _, label in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -1100,8 +1106,7 @@ def _mechanism_lines(mech: dict) -> list[str]:
 def mechanism_plot(mech: dict, path: pathlib.Path) -> bool:
     """A panel per mechanism metric: each arm's warm starts as dots and their mean as a
     bar. False (and nothing written) when no run logged any."""
-    keys = [(k, label) for k, label in run_report.MECHANISM_COLUMNS
-            if any(v is not None for per in mech.values() for v in per.get(k, []))]
+    keys = _logged_columns(mech)
     if not keys:
         return False
     arms = list(mech)

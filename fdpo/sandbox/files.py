@@ -105,10 +105,10 @@ def execute_file(in_path, out_path, limits: executor.Limits, *, workers: int | N
     differs: `problem_fingerprint`), appending one result line per problem as it finishes;
     stale results and those of ids no longer in the input are removed first (the output
     is rewritten without them), and the finished output is put in the input's order.
-    Malformed input lines are reported on stderr and skipped. Prints a summary by status. Raises OSError (unreadable input), ResumeError,
-    executor.IsolationUnavailable and ValueError (bad `workers`). Returns {"problems",
-    "malformed", "done" (kept), "redone", "new", "dropped", "run", "cells", "counts"
-    (cells by status), "seconds"}."""
+    Malformed input lines are reported on stderr and skipped. Prints a summary by status.
+    Raises OSError (unreadable input), ResumeError, executor.IsolationUnavailable and
+    ValueError (bad `workers`). Returns {"problems", "malformed", "done" (kept), "redone",
+    "new", "dropped", "run", "cells", "counts" (cells by status), "seconds"}."""
     problems, errors = read_problems(in_path)
     for msg in errors:
         print(f"malformed input: {msg}", file=sys.stderr)
