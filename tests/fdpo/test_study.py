@@ -169,6 +169,26 @@ def test_the_confirmatory_run_uses_fresh_warm_starts_and_the_tuned_lrs(tmp_path)
         config("confirm,fast")
 
 
+def test_the_second_confirmatory_run_is_gated_short_and_on_unused_warm_starts():
+    """`confirm50`: the primary pair at 50 steps and lrs frozen by the pilot, the premise gate
+    on, warm starts and spares that no other variant uses."""
+    cfg = config("confirm50")
+    study.check_config(cfg)
+    used = {w for arg in (None, "full", "fast", "warm_starts=5", "confirm")
+            for w in config(arg).warm_starts}
+    fresh = set(cfg.warm_starts) | set(cfg.premise_gate.spares)
+    assert len(cfg.warm_starts) == 8 and len(fresh) == 8 * 3 and not fresh & used
+    assert cfg.train.steps == 50 and sorted(cfg.arms) == ["dpo", "focused_dpo"]
+    assert study.frozen_lrs(cfg) == {"dpo": 1e-4, "focused_dpo": 1e-4}
+    p = study.plan(cfg)
+    assert p["tuning_runs"] == 0 and p["test_runs"] == 2 * 8
+    # The earlier protocols keep their digests (their finished studies stay resumable).
+    assert study.protocol_digest(config("confirm")) == "75915ff2e668d24c"
+    assert study.protocol_digest(config()) == "bd606eacda04fe21"
+    with pytest.raises(ValueError, match="exclude each other"):
+        config("confirm,confirm50")
+
+
 @pytest.mark.parametrize("frozen, message", [
     (dict(dpo=3.33e-5), r"frozen_lrs: arms \['dpo'\], expected one lr for each arm"),
     (dict(dpo=3.33e-5, focused_dpo=0.0), r"frozen_lrs.focused_dpo=0.0: expected > 0"),
