@@ -401,11 +401,14 @@ class WarmStart(pipeline.Pipeline):
             return
         super().run(stage, module, *args)
 
-    def prepare(self) -> None:
+    def prepare(self, until: str | None = None) -> None:
+        """The stages up to the reference, or up to and including `until`."""
         self.check_inputs()
         for name in self.enabled():
             if name in self.PREPARE:
                 self.stage(name, getattr(self, name))
+                if name == until:
+                    return
 
     def models(self):
         return self._models
@@ -515,15 +518,19 @@ class Study:
         gate = self.cfg.get("premise_gate")
         while True:
             ws = self.ws(k)
-            ws.prepare()
             if gate is None or ws.recorded is not None:
+                ws.prepare()
                 return
+            # The check reads only the start model: a rejected warm start costs its warm-start
+            # training, not its sampling and execution too.
+            ws.prepare(until="warm_start")
             verdict = self.start_premise(k, gate.split)
             record = self._gate_record()
             seeds = list(self.seeds(k))
             if verdict["holds"]:
                 record["seeds"][str(k)] = seeds
                 atomic.write_text(self.w / "warm_starts.json", json.dumps(record, indent=1))
+                ws.prepare()
                 return
             used = record["spares_used"]
             if used >= len(gate.spares):

@@ -544,9 +544,12 @@ def test_the_premise_gate_replaces_a_failing_warm_start_with_the_next_spare(tmp_
     trap = {f"t{i}": i < 10 for i in range(40)}
     failing = {0: "non_trap", 2: "trap"}
 
-    def planted_prepare(ws):
+    prepared = []
+
+    def planted_prepare(ws, until=None):
         seed = ws.cfg.init.seed
-        (ws.w / "data").mkdir(parents=True)
+        prepared.append((seed, until))
+        (ws.w / "data").mkdir(parents=True, exist_ok=True)
         (ws.w / "data" / "eval_validation.jsonl").write_text("".join(
             json.dumps({"task_id": t, "trap": is_trap}) + "\n" for t, is_trap in trap.items()))
         right = {t: int(not is_trap) for t, is_trap in trap.items()}
@@ -567,6 +570,10 @@ def test_the_premise_gate_replaces_a_failing_warm_start_with_the_next_spare(tmp_
     assert sorted(p.name for p in (tmp_path / "rejected").iterdir()) == [
         "ws0-seeds0_0", "ws0-seeds2_2"]
     assert s.ws(0).cfg.init.seed == 3 and s.ws(0).cfg.toy.seed == 3
+    # A warm start is checked after its warm-start stage; only an accepted one goes on to
+    # sampling, execution and its reference.
+    assert prepared == [(0, "warm_start"), (2, "warm_start"), (3, "warm_start"), (3, None),
+                        (1, "warm_start"), (1, None)]
     # The arms train on the accepted warm starts with their data seeds.
     frozen = {name: {"lr": 1e-4, "nll_weight": 0.0} for name in s.arms}
     trained = [a for _, m, a in s.commands(s.run_all, frozen) if m == "launch.train"]
