@@ -1,6 +1,6 @@
 """Decode throughput of fdpo's sampler against transformers' `generate`, on CPU.
 
-    python -m benchmarks.bench_sample [--workload equal,spread] [--models tiny,small]
+    python -m benchmarks.bench_sample [--workload equal,spread] [--models tiny,small,spec]
 
 Two workloads, each on the same tiny random model(s) in both libraries; tokens/s = response
 tokens / wall time of the whole call (prefill included), median of `repeats` runs after one
@@ -46,6 +46,12 @@ MODELS = {
     # larger, still CPU-sized
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768,
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
+    # the train-step benchmark's model (../shared/bench/README.md: 55.3M parameters), whose
+    # step, like a real model's, is dominated by the weights' products rather than the
+    # cache reads that dominate the two above
+    "spec": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                 num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                 tie_word_embeddings=False, initializer_range=0.02),
 }
 
 
