@@ -171,18 +171,24 @@ def spread_workload(args, name, cfg, hf, graphdef, state, mesh):
     a, r = run_plain(), run_refill()
     differ = sum(x.tokens != y.tokens for x, y in zip(a, r))
     assert differ == 0, f"refill differs from the plain loop on {differ} of {n} prompts"
-    hf_lengths = [next((i for i, t in enumerate(row) if t == eos), len(row))
-                  for row in run_hf()]
-    assert hf_lengths == lengths.tolist(), "transformers' lengths not as planted"
-
-    t_hf, t_plain, t_refill = timed_alternately([run_hf, run_plain, run_refill], args.repeats)
+    if args.transformers:
+        hf_lengths = [next((i for i, t in enumerate(row) if t == eos), len(row))
+                      for row in run_hf()]
+        assert hf_lengths == lengths.tolist(), "transformers' lengths not as planted"
+        t_hf, t_plain, t_refill = timed_alternately([run_hf, run_plain, run_refill],
+                                                    args.repeats)
+    else:
+        t_hf = None
+        t_plain, t_refill = timed_alternately([run_plain, run_refill], args.repeats)
     tokens = int(lengths.sum())
     bound = sum(lengths[i:i + b].max() * len(lengths[i:i + b]) for i in range(0, n, b)) / tokens
+    hf_cols = (f"{tokens / t_hf:,.0f}", f"{t_hf / t_plain:.1f}x", f"{t_hf / t_refill:.1f}x") \
+        if t_hf else ("-", "-", "-")
     print(f"| {name} ({cfg.num_params / 1e6:.2f}M) | {args.lengths} {args.min_len}-{n_new}, "
-          f"mean {lengths.mean():.0f} | {tokens / t_hf:,.0f} | {tokens / t_plain:,.0f} | "
+          f"mean {lengths.mean():.0f} | {hf_cols[0]} | {tokens / t_plain:,.0f} | "
           f"{tokens / t_refill:,.0f} | {t_plain / t_refill:.2f}x (bound {bound:.2f}x) | "
-          f"{t_hf / t_plain:.1f}x | {t_hf / t_refill:.1f}x | "
-          f"{compile_s[0]:.0f} / {compile_s[1]:.0f} |", flush=True)
+          f"{hf_cols[1]} | {hf_cols[2]} | {compile_s[0]:.0f} / {compile_s[1]:.0f} |",
+          flush=True)
 
 
 def main():
@@ -197,7 +203,10 @@ def main():
     ap.add_argument("--lengths", default="loguniform", help="spread: loguniform or uniform")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch_threads", type=int, default=2)
-    ap.add_argument("--models", default="tiny,small")
+    ap.add_argument("--models", default="tiny,small", help="of " + ",".join(MODELS))
+    ap.add_argument("--no_transformers", dest="transformers", action="store_false",
+                    help="spread: fdpo's plain and refill loops only (transformers' generate "
+                         "on the spec model takes minutes a run on 2 cores)")
     args = ap.parse_args()
 
     import jax
