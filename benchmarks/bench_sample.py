@@ -49,9 +49,8 @@ MODELS = {
     # larger, still CPU-sized
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768,
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
-    # the train-step benchmark's model (../shared/bench/README.md: 55.3M parameters), whose
-    # step, like a real model's, is dominated by the weights' products rather than the
-    # cache reads that dominate the two above
+    # the train-step benchmark's model (../shared/bench/README.md: 55.3M parameters, vocab
+    # 32k), closer in shape to a real model than the two above
     "spec": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                  tie_word_embeddings=False, initializer_range=0.02),
@@ -191,12 +190,13 @@ def spread_workload(args, name, cfg, hf, graphdef, state, mesh):
     free = [0] * b
     for length in lengths:
         heapq.heappush(free, heapq.heappop(free) + int(length))
-    schedule = sum(lengths[i:i + b].max() for i in range(0, n, b)) / max(free)
+    queue_bound = sum(lengths[i:i + b].max() for i in range(0, n, b)) / max(free)
     hf_cols = (f"{tokens / t_hf:,.0f}", f"{t_hf / t_plain:.1f}x", f"{t_hf / t_refill:.1f}x") \
         if t_hf else ("-", "-", "-")
     print(f"| {name} ({cfg.num_params / 1e6:.2f}M) | {args.lengths} {args.min_len}-{n_new}, "
           f"mean {lengths.mean():.0f} | {hf_cols[0]} | {tokens / t_plain:,.0f} | "
-          f"{tokens / t_refill:,.0f} | {t_plain / t_refill:.2f}x (bound {bound:.2f}x, queue {schedule:.2f}x) | "
+          f"{tokens / t_refill:,.0f} | {t_plain / t_refill:.2f}x "
+          f"(bound {bound:.2f}x, queue {queue_bound:.2f}x) | "
           f"{hf_cols[1]} | {hf_cols[2]} | {compile_s[0]:.0f} / {compile_s[1]:.0f} |",
           flush=True)
 

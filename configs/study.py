@@ -197,7 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (seeds 0-2, runs/study-ws5's start models), scored on their validation split only,
         # each arm at 3.33e-5, 1e-4, 3e-4 (mean greedy pass@1 over the three warm starts):
         #   50 steps: dpo 85.1 / 94.7 / 60.7, focused_dpo 91.8 / 98.3 / 93.4;
-        #   25 steps (1e-4, 3e-4 only): dpo 94.1 / < 91, focused_dpo 95.6 / 96.1 (its best at
+        #   25 steps (1e-4, 3e-4 only): dpo 94.1 / 71.1, focused_dpo 95.6 / 96.1 (its best at
         #   the grid's edge).
         # At 50 steps both arms are best at 1e-4, inside the grid, and below the ceiling on the
         # mean; that budget and those lrs are frozen here. Warm starts no run has used: seeds
