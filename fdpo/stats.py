@@ -89,10 +89,48 @@ class Bootstrap:
         return self.ci_excludes_zero and self.sign_holds
 
 
-def sign_holds(per_warm_start: Sequence[float]) -> bool:
-    """True when every value is nonzero and all share one sign (a zero or a flip: False)."""
+def sign_holds(per_warm_start: Sequence[float], set_aside: Sequence[bool] = ()) -> bool:
+    """True when every value is nonzero and all share one sign (a zero or a flip: False).
+    `set_aside[i]` True leaves value i out of the rule (a ceiling tie, `CeilingTies`); with
+    nothing left the sign does not hold."""
     v = np.asarray(per_warm_start, float)
+    if len(set_aside):
+        v = v[~np.asarray(set_aside, bool)]
     return bool(v.size) and (bool(np.all(v > 0)) or bool(np.all(v < 0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingTies:
+    """A sign rule that sets ceiling ties aside, registered by a protocol before its runs
+    (configs/study.py `stats.max_ceiling_ties`). A warm start where both arms score the top
+    on every task cannot show a difference either way, so it carries no sign: it is left out
+    of the sign rule, at most `max_ties` of them (more: no claim), and it stays in the
+    estimate and the CI as the zero it is. Any other zero still fails the rule."""
+    at_ceiling: tuple[bool, ...]   # per warm start: both arms at the top on every task
+    max_ties: int
+
+    @property
+    def count(self) -> int:
+        return int(sum(self.at_ceiling))
+
+
+def sign_rule(res: Bootstrap, ceiling: CeilingTies | None = None) -> tuple[bool, str]:
+    """(whether the sign rule holds, why not): every warm start has the estimate's sign,
+    or, with `ceiling`, every warm start not tied at the ceiling, with at most
+    `ceiling.max_ties` such ties."""
+    per = ", ".join(f"{v:+.2f}" for v in res.per_warm_start)
+    if ceiling is None:
+        return res.sign_holds, f"not every warm start has the sign of the estimate ({per})"
+    if len(ceiling.at_ceiling) != len(res.per_warm_start):
+        raise StatsError(f"{len(ceiling.at_ceiling)} ceiling flags for "
+                         f"{len(res.per_warm_start)} warm starts")
+    if ceiling.count > ceiling.max_ties:
+        return False, (f"{ceiling.count} warm starts tie at the ceiling, more than the "
+                       f"{ceiling.max_ties} the rule may set aside")
+    if not sign_holds(res.per_warm_start, ceiling.at_ceiling):
+        return False, ("not every warm start off the ceiling has the sign of the estimate "
+                       f"({per})")
+    return True, ""
 
 
 INTERVALS = ("cluster_t", "percentile")
@@ -223,16 +261,21 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return adj
 
 
-def outcome(res: Bootstrap, label: str, unit: str = "points", p_adjusted: float | None = None
-            ) -> str:
+def outcome(res: Bootstrap, label: str, unit: str = "points", p_adjusted: float | None = None,
+            ceiling: CeilingTies | None = None) -> str:
     """One sentence stating the result whatever it is. With `p_adjusted` (a secondary
     comparison) the rule is Holm-adjusted p < 1 - level and the sign in every warm start;
-    without it the primary rule (:attr:`Bootstrap.claim`)."""
+    without it the primary rule (:attr:`Bootstrap.claim`). With `ceiling`, the sign rule
+    sets its ceiling ties aside (`sign_rule`)."""
     pct = f"{100 * res.level:.0f}%"
     ci = f"{pct} CI [{res.ci[0]:+.2f}, {res.ci[1]:+.2f}]"
     per = ", ".join(f"{v:+.2f}" for v in res.per_warm_start)
     p = f"p = {res.p_value:.4f}" + ("" if p_adjusted is None else f", Holm {p_adjusted:.4f}")
     facts = f"{label}: {res.estimate:+.2f} {unit} ({ci}, {p}; per warm start {per})"
+    if ceiling is not None and ceiling.count:
+        tied = ", ".join(f"{i}" for i, t in enumerate(ceiling.at_ceiling) if t)
+        facts += (f"; tied at the ceiling, set aside from the sign rule: warm start"
+                  f"{'s' if ceiling.count > 1 else ''} {tied} (of at most {ceiling.max_ties})")
     if p_adjusted is None:
         ok, why = res.ci_excludes_zero, f"CI [{res.ci[0]:+.2f}, {res.ci[1]:+.2f}] includes 0"
     else:
@@ -240,13 +283,20 @@ def outcome(res: Bootstrap, label: str, unit: str = "points", p_adjusted: float 
         why = f"Holm-adjusted p {p_adjusted:.4f} >= {1 - res.level:.2f}"
     if not ok:
         return f"no claim: {why}. {facts}"
-    if not res.sign_holds:
-        return f"no claim: not every warm start has the sign of the estimate ({per}). {facts}"
+    holds, why = sign_rule(res, ceiling)
+    if not holds:
+        return f"no claim: {why}. {facts}"
     return f"claim ({'ahead' if res.estimate > 0 else 'behind'}): {facts}"
 
 
-def secondary_claim(res: Bootstrap, p_adjusted: float) -> bool:
-    return p_adjusted < 1 - res.level and res.sign_holds
+def primary_claim(res: Bootstrap, ceiling: CeilingTies | None = None) -> bool:
+    """:attr:`Bootstrap.claim`, with the sign rule of `sign_rule(res, ceiling)`."""
+    return res.ci_excludes_zero and sign_rule(res, ceiling)[0]
+
+
+def secondary_claim(res: Bootstrap, p_adjusted: float, ceiling: CeilingTies | None = None
+                    ) -> bool:
+    return p_adjusted < 1 - res.level and sign_rule(res, ceiling)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -302,6 +302,11 @@ def check_config(cfg) -> None:
             if len(arms[name].nll_weights) != 1:
                 raise ValueError(f"config.tuning.frozen_lrs: arm {name!r} has NLL weights "
                                  f"{arms[name].nll_weights}; a frozen arm needs exactly one")
+    max_ties = cfg.stats.get("max_ceiling_ties")
+    if max_ties is not None and (isinstance(max_ties, bool) or not isinstance(max_ties, int)
+                                 or not 0 <= max_ties < len(cfg.warm_starts)):
+        raise ValueError(f"config.stats.max_ceiling_ties={max_ties!r}: expected an int from 0 "
+                         f"to {len(cfg.warm_starts) - 1} (fewer than the warm starts)")
     keys = [a.key for a in arms.values()]
     if len(set(keys)) != len(keys):
         raise ValueError("config.arms: two arms with the same table, NLL and data")
@@ -857,6 +862,17 @@ class Study:
         return {name: [by_kind(per[name], kd) for per, kd in zip(results, kinds)]
                 for name in results[0]}
 
+    def ceiling_ties(self, a: dict, b: dict) -> stats.CeilingTies | None:
+        """With `stats.max_ceiling_ties` registered: which warm starts have both arms at 100
+        points on every test task ({warm start: {task: points}} each), for the sign rule
+        (`fdpo.stats.CeilingTies`). None (the strict rule) without it."""
+        max_ties = self.cfg.stats.get("max_ceiling_ties")
+        if max_ties is None:
+            return None
+        return stats.CeilingTies(tuple(
+            all(v == 100 for v in a[w].values()) and all(v == 100 for v in b[w].values())
+            for w in a), int(max_ties))
+
     def comparisons(self, results: list[dict]) -> list[dict]:
         """The primary comparison (claimed by the CI and the sign in every warm start) and
         the secondary ones (Holm over them; claimed by the adjusted p and the sign), test
@@ -878,12 +894,16 @@ class Study:
                                  if len(boots) > 1 else [])
         out = []
         for (a, b), res, adj in zip(pairs, boots, adjusted):
+            ceiling = self.ceiling_ties(points(a), points(b))
             out.append({"arm": a, "baseline": b, "estimate": res.estimate, "ci": list(res.ci),
                         "p_value": res.p_value, "p_holm": None if adj is None else float(adj),
                         "per_warm_start": list(res.per_warm_start),
                         "n_tasks": list(res.n_tasks), "interval": res.interval,
-                        "claim": res.claim if adj is None else stats.secondary_claim(res, adj),
-                        "outcome": stats.outcome(res, f"{a} - {b}", p_adjusted=adj)})
+                        "ceiling_ties": None if ceiling is None else list(ceiling.at_ceiling),
+                        "claim": (stats.primary_claim(res, ceiling) if adj is None else
+                                  stats.secondary_claim(res, adj, ceiling)),
+                        "outcome": stats.outcome(res, f"{a} - {b}", p_adjusted=adj,
+                                                 ceiling=ceiling)})
         rows = [stats.Row(f"{e['arm']} - {e['baseline']}" + (" (Holm)" if i else " (primary)"),
                           e["estimate"], e["ci"][0], e["ci"][1], e["claim"])
                 for i, e in enumerate(out)]
@@ -1016,7 +1036,10 @@ def render(cfg, data: dict) -> str:
              f"Primary comparison, test greedy pass@1 of {first['arm']} minus "
              f"{first['baseline']} (points, paired by task, {n_ws} warm starts; CI: "
              f"{_INTERVAL_TEXT[cfg.stats.interval].format(df=n_ws - 1)}; a claim needs the CI "
-             f"to exclude 0 and the sign to hold in every warm start):", "",
+             f"to exclude 0 and the sign to hold in every warm start"
+             + ("" if cfg.stats.get("max_ceiling_ties") is None else
+                f" not tied at the ceiling (both arms at 100% on every test task), at most "
+                f"{cfg.stats.max_ceiling_ties} such ties") + "):", "",
              f"**{first['outcome']}**", "",
              *_premise_lines(data.get("by_kind", {})),
              *_gate_lines(cfg, data.get("premise_gate", {})),

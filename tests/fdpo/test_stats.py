@@ -149,6 +149,37 @@ def test_the_sign_rule_blocks_a_claim_the_ci_alone_would_make():
     assert agreed.claim and stats.outcome(agreed, "x").startswith("claim (ahead): x: +")
 
 
+def test_ceiling_ties_are_set_aside_from_the_sign_rule_and_nothing_else_is():
+    """`CeilingTies`: a warm start flagged as both arms at the ceiling leaves the sign rule
+    (at most max_ties of them); an unflagged zero or a flip still fails it; the tie stays in
+    the estimate as a zero."""
+    diffs = [np.full(40, 0.5) + np.r_[np.zeros(39), 1.0] * k for k in range(6)] + [np.zeros(40)]
+    res = stats.hierarchical_bootstrap(diffs, n_boot=500, seed=0)
+    assert res.per_warm_start[6] == 0 and res.estimate == pytest.approx(
+        np.mean([d.mean() for d in diffs]))
+    assert res.ci_excludes_zero and not res.claim  # the strict rule: a zero fails
+    tie = stats.CeilingTies((False,) * 6 + (True,), max_ties=1)
+    assert stats.sign_rule(res, tie) == (True, "") and stats.primary_claim(res, tie)
+    text = stats.outcome(res, "a - b", ceiling=tie)
+    assert text.startswith("claim (ahead): a - b: +") and "set aside from the sign rule: warm start 6 (of at most 1)" in text
+    # The same zero not flagged (a tie below the ceiling) fails, as does one tie too many.
+    unflagged = stats.CeilingTies((False,) * 7, max_ties=1)
+    assert not stats.primary_claim(res, unflagged)
+    assert "off the ceiling" in stats.outcome(res, "a - b", ceiling=unflagged)
+    too_many = stats.CeilingTies((False,) * 6 + (True,), max_ties=0)
+    assert not stats.primary_claim(res, too_many)
+    assert "more than the 0" in stats.outcome(res, "a - b", ceiling=too_many)
+    # A flip elsewhere still fails with the tie set aside.
+    flipped = stats.hierarchical_bootstrap([*diffs[:5], -np.full(40, 0.01), diffs[6]],
+                                           n_boot=500, seed=0)
+    assert not stats.primary_claim(flipped, tie)
+    assert not stats.secondary_claim(flipped, 0.001, tie) and stats.secondary_claim(res, 0.001, tie)
+    with pytest.raises(stats.StatsError, match="3 ceiling flags for 7 warm starts"):
+        stats.sign_rule(res, stats.CeilingTies((True, False, False), 1))
+    assert stats.sign_holds([1.0, 0.0], set_aside=[False, True])
+    assert not stats.sign_holds([0.0], set_aside=[True])  # nothing left: no sign
+
+
 def test_sign_holds_needs_every_value_nonzero_and_of_one_sign():
     assert stats.sign_holds([0.5, 1.0, 2.0]) and stats.sign_holds([-0.1, -3.0])
     assert not stats.sign_holds([0.5, 0.0, 2.0])

@@ -531,6 +531,89 @@ def test_the_report_splits_trap_tasks_and_checks_the_premise(tmp_path):
     assert "| focused_dpo | 60.0 / 20.0 | 100.0 / 20.0 |" in report
 
 
+@pytest.mark.parametrize("max_ties", [None, 1])
+def test_the_report_flags_ties_at_the_ceiling_only_where_a_rule_registers_them(tmp_path,
+                                                                               max_ties):
+    """Planted results: in warm start 0 both arms pass all 40 test tasks (a tie at the
+    ceiling), in warm start 1 focused_dpo passes 5 more than dpo. With
+    `stats.max_ceiling_ties` the comparison flags warm start 0 as set aside from the sign
+    rule and the report states the rule; without it (every protocol before replicate50) the
+    strict rule stands and nothing is flagged."""
+    cfg = config("fast")
+    if max_ties is not None:
+        cfg.stats.max_ceiling_ties = max_ties
+    s = study.Study(cfg, tmp_path)
+    s.register()
+    setting = {"lr": 1e-4, "nll_weight": 0.0}
+    (tmp_path / "tuning.json").write_text(json.dumps({"arms": {
+        n: {**setting, "extensions": 0, "stopped": "cap", "history": [],
+            "scores": [{"lr": 1e-4, "nll_weight": 0.0, "pass@1": 50.0}]}
+        for n in ("dpo", "focused_dpo")}}))
+    tasks = [f"t{i}" for i in range(40)]
+    for k, (dpo_right, focused_right) in enumerate(((40, 40), (30, 35))):
+        ws = tmp_path / f"ws{k}"
+        _results(ws / "eval" / "start" / "test", {t: int(i < 20) for i, t in enumerate(tasks)})
+        for name, right in (("dpo", dpo_right), ("focused_dpo", focused_right)):
+            _results(ws / "eval" / s.run_path(s.arms[name], k, setting) / "test",
+                     {t: int(i < right) for i, t in enumerate(tasks)})
+    s.report()
+    primary = json.loads((tmp_path / "report.json").read_text())["comparisons"][0]
+    assert primary["per_warm_start"] == pytest.approx([0.0, 100 * 5 / 40])
+    report = (tmp_path / "report.md").read_text()
+    if max_ties is None:
+        assert primary["ceiling_ties"] is None and "ceiling" not in primary["outcome"]
+        assert "not tied at the ceiling" not in report
+    else:
+        assert primary["ceiling_ties"] == [True, False]
+        assert ("tied at the ceiling, set aside from the sign rule: warm start 0 (of at most 1)"
+                in primary["outcome"])
+        assert "CI [" in primary["outcome"] and primary["outcome"].startswith("no claim: CI")
+        assert "not tied at the ceiling (both arms at 100% on every test task), at most 1" \
+            in report
+
+
+def test_a_tie_below_the_ceiling_is_not_a_ceiling_tie(tmp_path):
+    cfg = config("fast")
+    cfg.stats.max_ceiling_ties = 1
+    s = study.Study(cfg, tmp_path)
+    top = {"ws0": {"a": 100.0, "b": 100.0}, "ws1": {"a": 100.0, "b": 0.0}}
+    assert s.ceiling_ties(top, top).at_ceiling == (True, False)
+    assert s.ceiling_ties(top, {"ws0": {"a": 100.0, "b": 0.0}, "ws1": top["ws1"]}).at_ceiling \
+        == (False, False)
+    assert study.Study(config("fast"), tmp_path).ceiling_ties(top, top) is None
+
+
+def test_the_third_confirmatory_run_replicates_confirm50_on_unused_seeds_with_the_tie_rule():
+    """`replicate50`: confirm50's protocol (50 steps, lrs 1e-4, the gate) on warm starts and
+    spares no other variant uses, with at most 2 ceiling ties set aside from the sign rule;
+    earlier protocols keep their digests."""
+    cfg, c50 = config("replicate50"), config("confirm50")
+    study.check_config(cfg)
+    used = {w for arg in (None, "full", "fast", "warm_starts=5", "confirm", "confirm50")
+            for w in config(arg).warm_starts}
+    used |= set(c50.premise_gate.spares)
+    fresh = set(cfg.warm_starts) | set(cfg.premise_gate.spares)
+    assert len(cfg.warm_starts) == 8 and len(fresh) == 8 * 3 and not fresh & used
+    assert cfg.stats.max_ceiling_ties == 2 and "max_ceiling_ties" not in c50.stats
+    def plain(v):
+        return v.to_dict() if hasattr(v, "to_dict") else v
+
+    for field in ("train", "arms", "primary", "secondary", "tuning", "metric", "splits",
+                  "pipeline", "family"):
+        assert plain(cfg[field]) == plain(c50[field]), field
+    assert {**plain(cfg.stats), "max_ceiling_ties": None} == {**plain(c50.stats),
+                                                              "max_ceiling_ties": None}
+    assert study.protocol_digest(c50) == "b874cf8773f951fc"
+    assert study.protocol_digest(cfg) not in ("b874cf8773f951fc", "75915ff2e668d24c",
+                                              "bd606eacda04fe21")
+    bad = config("replicate50")
+    bad.stats.max_ceiling_ties = 8
+    with pytest.raises(ValueError, match=r"max_ceiling_ties=8: expected an int from 0 to 7"):
+        study.check_config(bad)
+    with pytest.raises(ValueError, match="exclude each other"):
+        config("confirm50,replicate50")
+
+
 def test_the_premise_gate_replaces_a_failing_warm_start_with_the_next_spare(tmp_path,
                                                                            monkeypatch):
     """`gate`: warm starts are prepared (here: planted start-model results on the validation
