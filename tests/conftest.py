@@ -4,9 +4,14 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The programs the tests start get the flags the suite was started with, not the 8 devices:
+# a user's program on a CPU sees one device, and a test that wants a mesh in a program asks
+# for it in the program's env (tests/launch/test_train.py). Besides being the user's path,
+# 8 fake devices on 2 cores cost compile and run time and expose XLA CPU's in-process
+# collectives, which once aborted a program on a stuck all-gather under the suite's load
+# (launch.train's gradient share, CI 2026-12-08; not reproduced in ~3,700 calls alone).
+PROGRAM_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = (PROGRAM_XLA_FLAGS + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The programs the tests start run without torch, as in a user's install
@@ -65,10 +70,12 @@ def shared_dir() -> pathlib.Path:
 def run_program(module: str, *args, env: dict | None = None, cwd=REPO, timeout: float = 300,
                 check: bool = True) -> subprocess.CompletedProcess:
     """`python -m module args...` as a user runs it (cwd the checkout, this interpreter,
-    the test environment plus `env`), output captured as text. With `check`, a non-zero
-    exit fails the test showing the end of stderr."""
+    the test environment with the suite's starting XLA_FLAGS, so one CPU device, plus `env`),
+    output captured as text. With `check`, a non-zero exit fails the test showing the end of
+    stderr."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})},
+    proc = subprocess.run(cmd, cwd=cwd,
+                          env={**os.environ, "XLA_FLAGS": PROGRAM_XLA_FLAGS, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"`{' '.join(cmd[1:])}` exited with {proc.returncode}:\n"

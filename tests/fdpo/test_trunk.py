@@ -218,11 +218,24 @@ def test_trunk_rows_give_the_same_step_and_mechanism_metrics(arch, preset, pairs
     assert_same_step(*step_both_ways(arch, preset, pairs, mechanism=True))
 
 
-# Every preset on one architecture: a preset changes only how the loss weighs the segment
+# The presets on one architecture: a preset changes only how the loss weighs the segment
 # sums the layout gives, while what the layout changes in the model (positions, the branch
-# mask, grouped vs single KV heads, rope types) is covered per architecture above.
+# mask, grouped vs single KV heads, rope types) is covered per architecture above. One
+# preset per kind of input the loss reads from the layout: per-segment sums at one weight
+# (dpo), the NLL and its token count (sft, dpo_nll), the DPOP penalty (dpop), per-side
+# token counts (ipo_length_norm) and token-level KL (tdpo1). focused_dpo (non-uniform
+# weights) and tdpo2 run above; mid_only and target_dpo_like are weight tables only, as
+# focused_dpo is. Each preset costs two compiles (~12 s on a loaded 2-core machine).
+LAYOUT_PRESETS = ("dpo", "sft", "dpo_nll", "dpop", "ipo_length_norm", "tdpo1")
+
+
+def test_the_layout_presets_cover_every_preset_by_kind():
+    assert set(LAYOUT_PRESETS) | {"focused_dpo", "tdpo2", "mid_only", "target_dpo_like"} \
+        == set(PRESETS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", LAYOUT_PRESETS)
 def test_trunk_rows_give_the_same_step_for_every_preset(preset, pairs):
     assert_same_step(*step_both_ways("qwen2", preset, pairs, mechanism=False))
 
