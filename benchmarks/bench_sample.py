@@ -1,6 +1,6 @@
 """Decode throughput of fdpo's sampler against transformers' `generate`, on CPU.
 
-    python -m benchmarks.bench_sample [--workload equal,spread,stops] [--models tiny,small,spec]
+    python -m benchmarks.bench_sample [--workload equal,spread] [--models tiny,small,spec]
 
 Two workloads, each on the same tiny random model(s) in both libraries; tokens/s = response
 tokens / wall time of the whole call (prefill included), median of `repeats` runs after one
@@ -26,15 +26,6 @@ spread: `prompts` prompts (lengths drawn in 8..prompt_len) on `batch` rows, samp
     sum over batches of the longest length x batch / sum of lengths; "queue" the speed-up
     with this queue's tail counted: the plain loop's steps over the steps refill takes if
     each row that frees takes the next prompt at once.
-
-stops: the spread workload's prompts and lengths, but each sample ends with a stop string
-    instead of an EOS: the hook forces a stop token at step L_i, and the stop string is that
-    token's text under a decode that writes token t as "<t>" (so the text is the
-    concatenation of the tokens' bytes). fdpo's plain and refill loops with the stop string
-    checked on the host every `stop_check_steps` steps (a stopped row runs on until the
-    check; the refill loop returns to the host at every check) against the same loops with
-    it matched on the device (`Sampler(stop_tokens=...)`); every completion is checked equal
-    across the four. tokens/s counts the kept tokens (through the stop token).
 """
 
 from __future__ import annotations
@@ -210,53 +201,6 @@ def spread_workload(args, name, cfg, hf, graphdef, state, mesh):
           flush=True)
 
 
-def stops_workload(args, name, cfg, graphdef, state, mesh):
-    import jax.numpy as jnp
-
-    from fdpo import sampling
-    b, n_new, n = args.batch, args.max_new_tokens, args.prompts
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(1, cfg.vocab_size - 1, k).tolist()
-               for k in rng.integers(8, args.prompt_len + 1, n)]
-    lengths = draw_lengths(rng, n, args.min_len, n_new - 1, args.lengths)
-    stop_tok = cfg.vocab_size - 1
-    target = jnp.asarray(lengths, jnp.int32)
-    is_stop = jnp.arange(cfg.vocab_size) == stop_tok
-
-    def hook(logits, sample, step):  # the stop token at step L_i, never before
-        end = (step >= target[jnp.minimum(sample, n - 1)])[:, None]
-        return jnp.where(is_stop, jnp.where(end, 0.0, -jnp.inf),
-                         jnp.where(end, -jnp.inf, logits))
-
-    decode = lambda ids: "".join(f"<{t}>" for t in ids)
-    names = [f"<{t}>".encode() for t in range(cfg.vocab_size)]
-    params = sampling.SamplingParams(max_new_tokens=n_new, temperature=1.5, eos_ids=(),
-                                     stop=(f"<{stop_tok}>",))
-    kw = dict(length_bucket=args.prompt_len, logits_hook=hook, decode=decode,
-              stop_check_steps=args.stop_check_steps)
-    runs = {}
-    for refill in (False, True):
-        for where in ("host", "device"):
-            s = sampling.Sampler(cfg, graphdef, state, mesh, refill=refill,
-                                 stop_tokens=names if where == "device" else None, **kw)
-            runs[("refill" if refill else "plain", where)] = (
-                lambda s=s: s.generate(prompts, params, seed=3, batch_rows=b))
-    outs = {}
-    for key, fn in runs.items():
-        got = fn()  # compiles
-        assert [len(c.tokens) for c in got] == (lengths + 1).tolist(), f"{key}: lengths"
-        assert all(c.finish_reason == "stop" for c in got), key
-        outs[key] = [c.tokens for c in got]
-    first = next(iter(outs.values()))
-    assert all(o == first for o in outs.values()), "the four loops' samples differ"
-    times = dict(zip(runs, timed_alternately(list(runs.values()), args.repeats)))
-    tokens = int((lengths + 1).sum())
-    for loop in ("plain", "refill"):
-        h, d = times[(loop, "host")], times[(loop, "device")]
-        print(f"| {name} ({cfg.num_params / 1e6:.2f}M) | {loop} | {args.stop_check_steps} | "
-              f"{tokens / h:,.0f} | {tokens / d:,.0f} | {h / d:.2f}x |", flush=True)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="equal,spread")
@@ -268,8 +212,6 @@ def main():
     ap.add_argument("--min_len", type=int, default=20, help="spread: the shortest response")
     ap.add_argument("--lengths", default="loguniform", help="spread: loguniform or uniform")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--stop_check_steps", type=int, default=32,
-                    help="stops: the host check's interval")
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--models", default="tiny,small", help="of " + ",".join(MODELS))
     ap.add_argument("--no_transformers", dest="transformers", action="store_false",
@@ -311,14 +253,6 @@ def main():
         print("|---|---|---|---|---|---|---|---|---|")
         for name, (cfg, hf, graphdef, state) in models.items():
             spread_workload(args, name, cfg, hf, graphdef, state, mesh)
-    if "stops" in workloads:
-        print(f"\nstops: {args.prompts} prompts of 8-{args.prompt_len} tokens on {args.batch} "
-              f"rows, T=1.5, {args.lengths} lengths {args.min_len}-{args.max_new_tokens - 1} "
-              f"then the stop token, median of {args.repeats}")
-        print("| model | loop | host check every | host tok/s | device tok/s | device / host |")
-        print("|---|---|---|---|---|---|")
-        for name, (cfg, hf, graphdef, state) in models.items():
-            stops_workload(args, name, cfg, graphdef, state, mesh)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
