@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 from jax.sharding import Mesh
 
-from fdpo import sampling, sharding, stop_match
+from fdpo import sampling, sharding
 from fdpo.models.checkpoint import load_checkpoint_or_hf, read_config
 from fdpo.models.config import ModelConfig
 from fdpo.sampling import Completion, Sampler, SamplingParams
@@ -119,11 +119,7 @@ class Policy:
         self.sampler = Sampler(cfg, graphdef, state, mesh, rules,
                                decode=self.decode if tokenizer is not None else None,
                                length_bucket=length_bucket, stop_check_steps=stop_check_steps,
-                               pad_id=pad, refill=refill,
-                               # Stop strings on the device where the tokenizer's text is its
-                               # tokens' bytes (fdpo.stop_match), read when first needed.
-                               stop_tokens=(lambda: stop_match.token_bytes(tokenizer))
-                               if tokenizer is not None else None)
+                               pad_id=pad, refill=refill)
         self.scorer = Scorer(cfg, graphdef, state, mesh, rules, chunk=logprob_chunk)
 
     @classmethod

@@ -16,16 +16,11 @@ has finished (EOS) or after `max_new_tokens`. A step reads only a window of the 
 that holds its filled slots: the smallest power of two above them (capped at S), so the
 loop runs in at most log2(S / P) + 1 phases, one compiled program each, and reads on
 average ~25% fewer slots than the whole buffer (P=32, 128 new tokens: 119 of 160).
-Stop strings: where the tokenizer's text is the concatenation of its tokens' bytes
-(byte-level BPE; `stop_tokens`, fdpo.stop_match) they are matched on the device, an
-automaton over the stop strings' bytes advanced by one table lookup per row and step, and
-a row whose token completes one ends at once (STOP, that token kept). Otherwise (another
-tokenizer, or a stop string holding U+FFFD) the host checks: the loop runs
-`stop_check_steps` steps at a time, the host decodes the unfinished rows, marks rows whose
-text holds a stop string finished, and re-enters the loop with its (donated) carry. Both
-cut after the same token. In this plain loop rows finished early keep running through the
-model until the whole batch is done (their tokens are discarded): a batch costs its
-longest sample.
+Stop strings need detokenisation, so they are checked on the host: with stop strings the
+loop runs `stop_check_steps` steps at a time, the host decodes the unfinished rows, marks
+rows whose text holds a stop string finished, and re-enters the loop with its (donated)
+carry. In this plain loop rows finished early keep running through the model until the
+whole batch is done (their tokens are discarded): a batch costs its longest sample.
 
 Refill (`Sampler(refill=True)`; continuous batching over the same fixed-shape cache). All
 prompts of a `generate` call wait in a queue on the device; the B cache rows are slots for
@@ -36,9 +31,9 @@ prompt waits. Each row keeps its own step, rope position and slot (P + step), so
 holds exactly what it would in the plain loop, and a batch costs the mean sample length,
 not the longest. The cache window is the smallest power of two above the fullest running
 row's filled slots; the loop returns to the host when that changes (growing or shrinking),
-at a host stop-string check, or when the queue is done. Stop strings are matched as in the
-plain loop (on the device, or every `stop_check_steps` decode steps on the host), and a
-stopped row takes the next prompt (on the device: within the loop).
+at a stop-string check, or when the queue is done. Stop strings are checked as in the plain
+loop, every `stop_check_steps` decode steps on the host (the text needs detokenising; no
+token-level check runs on the device), and a stopped row takes the next prompt.
 
 Sampling. On float32 logits, in the order transformers' `generate` applies them:
 temperature, then top-k, then top-p (the smallest set of most likely tokens whose
@@ -74,7 +69,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fdpo import sharding, stop_match
+from fdpo import sharding
 from fdpo.models.config import ModelConfig
 from fdpo.models.transformer import KVCache
 
@@ -97,7 +92,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
-    stop: tuple[str, ...] = ()  # stop strings (needs `decode`; see the module docstring)
+    stop: tuple[str, ...] = ()  # stop strings, checked on the host (needs `decode`)
     eos_ids: tuple[int, ...] | None = None  # None: the model config's eos_token_id
 
     def __post_init__(self):
@@ -202,7 +197,6 @@ class DecodeState(NamedTuple):
     finished: Array  # [B] int8: RUNNING, EOS, STOP, LENGTH, DUMMY
     keys: Array  # [B, 2] uint32: per-row PRNG keys
     step: Array  # int32 scalar
-    stop_state: Array  # [B] int32: each row's stop-string automaton state (fdpo.stop_match)
 
 
 def _last_logits(model, hidden: Array) -> Array:
@@ -233,8 +227,7 @@ def _prefill(state, cache, ids, positions, segment_ids, lengths, seed, row_seeds
     return DecodeState(cache=cache, logits=logits,
                        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                        num_tokens=jnp.zeros((b,), jnp.int32), positions=lengths,
-                       finished=finished, keys=keys, step=jnp.zeros((), jnp.int32),
-                       stop_state=jnp.zeros((b,), jnp.int32))
+                       finished=finished, keys=keys, step=jnp.zeros((), jnp.int32))
 
 
 def _next_token(logits: Array, keys: Array, samples: Array, steps: Array, running: Array, *,
@@ -254,24 +247,12 @@ def _next_token(logits: Array, keys: Array, samples: Array, steps: Array, runnin
     return jnp.where(keep, token, pad_id), is_eos, keep
 
 
-def _stop_step(stop_table: Array | None, stop_state: Array, token: Array, keep: Array
-               ) -> tuple[Array, Array]:
-    """The stop-string automaton (fdpo.stop_match) after each kept token -> (state [B],
-    stopped [B]: the token completes a stop string). Without a table: unchanged, none."""
-    if stop_table is None:
-        return stop_state, jnp.zeros_like(keep)
-    v = stop_table[stop_state, token]
-    return jnp.where(keep, v >> 1, stop_state), keep & ((v & 1) == 1)
-
-
-def _decode(state, carry: DecodeState, limit, first_sample, stop_table, *, graphdef, mesh,
-            rules, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int, window: int,
+def _decode(state, carry: DecodeState, limit, first_sample, *, graphdef, mesh, rules,
+            params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int, window: int,
             logits_hook: LogitsHook | None) -> DecodeState:
     """Runs steps until `limit` (<= max_new_tokens) or until every row has finished; every
     step must find its filled cache slots within the first `window`. Row r holds sample
-    `first_sample + r` of the `generate` call (what `logits_hook` is told). `stop_table`
-    (None: stop strings, if any, are the host's): a row whose token completes a stop string
-    finishes STOP at that token, which it keeps."""
+    `first_sample + r` of the `generate` call (what `logits_hook` is told)."""
     model = nnx.merge(graphdef, state)
     b, n = carry.tokens.shape
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -288,15 +269,14 @@ def _decode(state, carry: DecodeState, limit, first_sample, stop_table, *, graph
                                           logits_hook=logits_hook)
         tokens = jax.lax.dynamic_update_slice_in_dim(c.tokens, token[:, None], c.step, axis=1)
         num_tokens = c.num_tokens + keep
-        stop_state, stopped = _stop_step(stop_table, c.stop_state, token, keep)
-        finished = jnp.where(is_eos, EOS, jnp.where(stopped, STOP, c.finished))
+        finished = jnp.where(is_eos, EOS, c.finished)
         finished = jnp.where((finished == RUNNING) & (c.step + 1 >= n), LENGTH, finished)
         with sharding.use_mesh(mesh, rules):
             hidden, cache = model(token[:, None], c.positions[:, None], return_hidden=True,
                                   cache=c.cache, cache_window=window)
             logits = _last_logits(model, hidden)
         return DecodeState(cache, logits, tokens, num_tokens, c.positions + 1,
-                           finished.astype(jnp.int8), c.keys, c.step + 1, stop_state)
+                           finished.astype(jnp.int8), c.keys, c.step + 1)
 
     return jax.lax.while_loop(cond, body, carry)
 
@@ -328,7 +308,6 @@ class RefillState(NamedTuple):
     num_tokens: Array  # [Q] int32: tokens kept per sample (EOS not counted)
     finish: Array  # [Q] int8: RUNNING until the sample ends, then EOS, STOP or LENGTH
     step: Array  # int32 scalar: decode steps run (for the host's stop-string checks)
-    stop_state: Array  # [B] int32: each row's stop-string automaton state (fdpo.stop_match)
 
 
 def _refill_init(cache, *, rows: int, vocab: int, queue_len: int, max_new_tokens: int,
@@ -341,8 +320,7 @@ def _refill_init(cache, *, rows: int, vocab: int, queue_len: int, max_new_tokens
         keys=jnp.zeros((rows, 2), jnp.uint32), next=jnp.zeros((), jnp.int32),
         tokens=jnp.full((queue_len, max_new_tokens), pad_id, jnp.int32),
         num_tokens=jnp.zeros((queue_len,), jnp.int32),
-        finish=jnp.full((queue_len,), RUNNING, jnp.int8), step=jnp.zeros((), jnp.int32),
-        stop_state=jnp.zeros((rows,), jnp.int32))
+        finish=jnp.full((queue_len,), RUNNING, jnp.int8), step=jnp.zeros((), jnp.int32))
 
 
 def _window_for(fill: Array, slots: int) -> Array:
@@ -351,9 +329,9 @@ def _window_for(fill: Array, slots: int) -> Array:
     return jnp.minimum(jnp.left_shift(1, 32 - jax.lax.clz(fill)), slots)
 
 
-def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, stop_table, *,
-                   graphdef, mesh, rules, params: SamplingParams, eos_ids: tuple[int, ...],
-                   pad_id: int, window: int, logits_hook: LogitsHook | None) -> RefillState:
+def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, *, graphdef, mesh,
+                   rules, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
+                   window: int, logits_hook: LogitsHook | None) -> RefillState:
     """The refill loop: start the next queued sample in each free row (a prefill of that
     row alone, one row at a time), then run decode steps of every row until a row is free
     and a sample waits; repeat. It exits
@@ -408,8 +386,7 @@ def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, stop_ta
             cache=cache, logits=jax.lax.dynamic_update_slice(c.logits, logits, (r, 0)),
             sample=c.sample.at[r].set(q), steps=c.steps.at[r].set(0),
             positions=c.positions.at[r].set(queue.lengths[q]),
-            finished=c.finished.at[r].set(RUNNING), keys=c.keys.at[r].set(key), next=q + 1,
-            stop_state=c.stop_state.at[r].set(0))
+            finished=c.finished.at[r].set(RUNNING), keys=c.keys.at[r].set(key), next=q + 1)
 
     def decode(c: RefillState) -> RefillState:
         running = c.finished == RUNNING
@@ -418,8 +395,7 @@ def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, stop_ta
                                           logits_hook=logits_hook)
         q = jnp.where(running, c.sample, queue_len)  # out of range: dropped
         steps = c.steps + running
-        stop_state, stopped = _stop_step(stop_table, c.stop_state, token, keep)
-        finished = jnp.where(is_eos, EOS, jnp.where(stopped, STOP, c.finished))
+        finished = jnp.where(is_eos, EOS, c.finished)
         finished = jnp.where((finished == RUNNING) & (steps >= n), LENGTH, finished)
         finished = finished.astype(jnp.int8)
         with sharding.use_mesh(mesh, rules):
@@ -438,8 +414,7 @@ def _refill_decode(state, carry: RefillState, queue: Queue, seed, limit, stop_ta
             positions=c.positions + running, finished=finished,
             tokens=c.tokens.at[q, c.steps].set(token, mode="drop"),
             num_tokens=c.num_tokens.at[q].set(c.steps + keep, mode="drop"),
-            finish=c.finish.at[q].set(finished, mode="drop"), step=c.step + 1,
-            stop_state=stop_state)
+            finish=c.finish.at[q].set(finished, mode="drop"), step=c.step + 1)
 
     def can_start(c: RefillState):
         return jnp.any(c.finished != RUNNING) & (c.next < queue.count)
@@ -469,12 +444,7 @@ class Sampler:
     """Generates completions for token-id prompts.
 
     `decode` (token ids -> text, e.g. `lambda ids: tok.decode(ids)`) is needed for stop
-    strings and fills `Completion.text`. `stop_tokens`: each token id's bytes, such that a
-    text `decode` gives is the concatenation of its tokens' bytes (`fdpo.stop_match.
-    token_bytes`; or a function returning them or None, called once, when stop strings are
-    first used): stop strings are then matched on the device, token by token, and a
-    stopped row ends at once with no host check (None: the host decodes the running rows
-    every `stop_check_steps` steps). `refill`: run the refill loop (continuous
+    strings and fills `Completion.text`. `refill`: run the refill loop (continuous
     batching, see the module docstring) instead of one batch after another.
     `logits_hook`: see LogitsHook. One compilation per (rows, prompt bucket,
     SamplingParams, and for refill the queue length); rows are padded up to a multiple of
@@ -484,13 +454,10 @@ class Sampler:
     def __init__(self, cfg: ModelConfig, graphdef, state, mesh: Mesh,
                  rules=sharding.DEFAULT_RULES, *, decode: Callable[[list[int]], str] | None = None,
                  length_bucket: int = 64, stop_check_steps: int = 32, pad_id: int | None = None,
-                 refill: bool = False, logits_hook: LogitsHook | None = None,
-                 stop_tokens: Sequence[bytes | None] | Callable[[], Sequence[bytes | None] | None]
-                 | None = None):
+                 refill: bool = False, logits_hook: LogitsHook | None = None):
         self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
         self.rules = tuple(rules)
         self.decode = decode
-        self._stop_tokens = stop_tokens
         self.length_bucket = length_bucket
         self.stop_check_steps = stop_check_steps
         self.pad_id = int(pad_id if pad_id is not None else (cfg.pad_token_id or 0))
@@ -505,25 +472,7 @@ class Sampler:
         self._empty_cache = functools.lru_cache(maxsize=None)(self._make_empty_cache)
         self._refill_init = functools.lru_cache(maxsize=None)(self._make_refill_init)
         self._refill_decode = functools.lru_cache(maxsize=None)(self._make_refill_decode)
-        self._stop_tables = functools.lru_cache(maxsize=8)(self._make_stop_table)
 
-    def stop_table(self, stop: tuple[str, ...]):
-        """The device table for `stop` (fdpo.stop_match, [states, vocab] int32, replicated),
-        or None where the stop strings are checked on the host."""
-        if not stop or any("\ufffd" in s for s in stop):
-            # U+FFFD stands in the text for bytes that are no whole character: no bytes to
-            # match (fdpo.stop_match), so only the decoded text can find it.
-            return None
-        if callable(self._stop_tokens):
-            self._stop_tokens = self._stop_tokens()
-        return None if self._stop_tokens is None else self._stop_tables(stop)
-
-    def _make_stop_table(self, stop: tuple[str, ...]):
-        vocab = self.cfg.vocab_size
-        tokens = list(self._stop_tokens)[:vocab]
-        tokens += [None] * (vocab - len(tokens))  # ids past the tokenizer's: no text
-        table = stop_match.build(stop, tokens).table
-        return sharding.global_array(table, NamedSharding(self.mesh, P()))
     def _make_prefill(self, max_new_tokens: int):
         fn = functools.partial(_prefill, graphdef=self.graphdef, mesh=self.mesh,
                                rules=self.rules, max_new_tokens=max_new_tokens,
@@ -611,22 +560,20 @@ class Sampler:
         per_call = min(n, batch_rows) if batch_rows > 0 else n
         rows = -(-max(per_call, pad_rows_to) // self.batch_multiple) * self.batch_multiple
         seeds = np.asarray(row_seeds, np.uint64).astype(np.uint32)
-        table = self.stop_table(params.stop)
         if self.refill:
             tokens, counts, finished, stop_at = self._generate_refill(
-                prompts, params, seed, seeds, plen, rows, table)
+                prompts, params, seed, seeds, plen, rows)
         else:
             tokens, counts, finished, stop_at = [], [], [], {}
             for first in range(0, n, per_call):
                 part = self._generate_batch(prompts[first:first + per_call], params, seed,
-                                            seeds[first:first + per_call], plen, rows, first,
-                                            table)
+                                            seeds[first:first + per_call], plen, rows, first)
                 tokens += part[0]
                 counts += part[1]
                 finished += part[2]
                 stop_at.update({first + r: cut for r, cut in part[3].items()})
         return [self._completion(tokens[i][:counts[i]], int(finished[i]), stop_at.get(i),
-                                 params, on_device=table is not None) for i in range(n)]
+                                 params) for i in range(n)]
 
     @staticmethod
     def _padded_prompts(prompts, plen: int, rows: int, pad_id: int):
@@ -646,7 +593,7 @@ class Sampler:
         return ids, positions, segment_ids, lengths
 
     def _generate_batch(self, prompts, params: SamplingParams, seed: int, row_seeds, plen: int,
-                        rows: int, first: int, table=None):
+                        rows: int, first: int):
         """The prompts in one batch of `rows` rows (the plain loop). Returns the rows'
         tokens, kept-token counts and finish states, and {row: tokens kept} for rows a stop
         string ended during the loop."""
@@ -665,8 +612,7 @@ class Sampler:
         eos = self.eos_ids(params)
         total = params.max_new_tokens
         slots = plen + total
-        host_stops = bool(params.stop) and table is None
-        chunk = self.stop_check_steps if host_stops else total
+        chunk = self.stop_check_steps if params.stop else total
         stop_at: dict[int, int] = {}  # row -> tokens kept, for rows stopped by a string
         step, next_check = 0, chunk
         while True:
@@ -674,12 +620,12 @@ class Sampler:
             window = self.cache_window(plen, step, slots)
             limit = min(next_check, total, window - plen + 1)
             carry = self._decode(params, eos, window)(self.state, carry, jnp.int32(limit),
-                                                      jnp.int32(first), table)
+                                                      jnp.int32(first))
             step = int(carry.step)
             finished = sharding.to_host(carry.finished).copy()  # a writable copy
             if step >= total or not (finished == RUNNING).any():
                 break
-            if host_stops and step >= next_check:
+            if params.stop and step >= next_check:
                 next_check = step + chunk
                 tokens, counts = self._host(carry.tokens, carry.num_tokens)
                 newly = self._check_stops(tokens, counts, np.flatnonzero(finished[:n] == RUNNING),
@@ -695,7 +641,7 @@ class Sampler:
                 stop_at)
 
     def _generate_refill(self, prompts, params: SamplingParams, seed: int, row_seeds,
-                         plen: int, rows: int, table=None):
+                         plen: int, rows: int):
         """Every prompt queued for `rows` cache rows (the refill loop). Returns as
         `_generate_batch`, by prompt."""
         n = len(prompts)
@@ -711,13 +657,13 @@ class Sampler:
         cache = self._empty_cache(rows, slots + 1)()  # + the scratch slot
         carry = self._refill_init(rows, queue_len, total)(cache)
         eos = self.eos_ids(params)
-        chunk = self.stop_check_steps if params.stop and table is None else None
+        chunk = self.stop_check_steps if params.stop else None
         stop_at: dict[int, int] = {}  # sample -> tokens kept, for samples a stop string ended
         window, next_check = self.cache_window(plen, 0, slots), chunk
         while True:
             limit = next_check if chunk else np.iinfo(np.int32).max
             carry = self._refill_decode(params, eos, window)(
-                self.state, carry, queue, jnp.uint32(seed), jnp.int32(limit), table)
+                self.state, carry, queue, jnp.uint32(seed), jnp.int32(limit))
             finished, steps = self._host(carry.finished, carry.steps)
             finished = finished.copy()
             running = finished == RUNNING
@@ -753,15 +699,10 @@ class Sampler:
         return found
 
     def _completion(self, tokens, finished: int, stop_at: int | None,
-                    params: SamplingParams, on_device: bool = False) -> Completion:
-        """`on_device`: the stop strings were matched on the device, so a row ended STOP
-        holds its tokens through the one completing a stop string, and no other row holds
-        one."""
+                    params: SamplingParams) -> Completion:
         toks = [int(t) for t in tokens]
         reason = FINISH_REASONS.get(finished, "length")
-        if on_device:
-            stop_at = len(toks) if finished == STOP else None
-        elif params.stop and stop_at is None:  # a stop in the last chunk
+        if params.stop and stop_at is None:  # a stop in the last chunk
             stop_at = self._stop_cut(toks, params.stop)
         if stop_at is not None:
             toks, reason = toks[:stop_at], "stop"

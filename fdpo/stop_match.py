@@ -1,4 +1,10 @@
-"""Stop strings matched token by token, as a table the sampler can read on the device.
+"""Stop strings matched token by token, as a table a sampler could read on the device.
+
+Not used by the sampler yet: wired into both decode loops (2026-12-08) it passed the
+single-process tests, but a 2-process `launch.evaluate` (tests/launch/
+test_pipeline_multihost.py) then hung, its processes in different collectives, with no
+stop strings in play (the loops' carry had gained the automaton's state); taken out until
+that is understood.
 
 The sampler's host check (`fdpo.sampling.Sampler`) decodes a row's tokens every
 `stop_check_steps` steps and looks for the stop strings in the text. Where a tokenizer's
@@ -19,7 +25,7 @@ the decoder resynchronises on its first byte). Special tokens decode to nothing
 (`skip_special_tokens=True`, as `fdpo.policy.Policy.decode`) and leave the state as it is.
 
 A stop string holding U+FFFD has no bytes to match (the character stands in the text for
-bytes that are no whole character): `Sampler.stop_table` leaves such a set to the host.
+bytes that are no whole character): such a set has to stay with the host check.
 `token_bytes(tokenizer)` returns None where that does not hold (another decoder, clean-up
 of tokenization spaces, a token whose bytes do not decode to what the tokenizer decodes it
 to); the sampler then keeps the host check. Tables for a 151,646-token vocabulary and

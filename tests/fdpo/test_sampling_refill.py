@@ -122,34 +122,6 @@ def test_refill_stop_strings_as_the_plain_loop(model):
         assert b[i].tokens == free[i].tokens[:len(b[i].tokens)]
 
 
-def test_stop_strings_matched_on_the_device_equal_the_host_check(model):
-    """With `stop_tokens` (each id's text, here the "<id>" of the decode below, so the text
-    is the concatenation of its tokens) the stop strings are matched on the device in both
-    loops, with no host check (a `stop_check_steps` longer than the samples), and every
-    completion (tokens, finish reason, text) equals the host check's every 4 steps. Stop
-    strings that end inside a token and span two tokens, at T=1.5 on 3 rows."""
-    decode = lambda ids: "".join(f"<{t}>" for t in ids)
-    names = [f"<{t}>".encode() for t in range(VOCAB)]
-    host = samplers(model, decode=decode, stop_check_steps=4)
-    device = samplers(model, decode=decode, stop_check_steps=10 * NEW_TOKENS,
-                      stop_tokens=lambda: names)
-    prompts = prompts_for(17, seed=5)
-    free = sampling.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.5, eos_ids=(5,))
-    texts = [decode(c.tokens) for c in host[0].generate(prompts, free, batch_rows=3)]
-    # "><a" spans two tokens; "<1" ends inside one (the start of "<1>", "<12>", ...).
-    pieces = [t[t.index(">", 8):t.index(">", 8) + 3] for t in texts[:4] if len(t) > 14]
-    stops = tuple(dict.fromkeys(p for p in pieces if p.startswith("><"))) + ("<1",)
-    params = dataclasses.replace(free, stop=stops)
-    want = [(c.tokens, c.finish_reason, c.text)
-            for c in host[0].generate(prompts, params, batch_rows=3)]
-    assert {r for _, r, _ in want} >= {"stop"} and any(s.startswith("><") for s in stops)
-    for sampler in device:
-        assert sampler.stop_table(stops) is not None
-        got = sampler.generate(prompts, params, batch_rows=3)
-        assert [(c.tokens, c.finish_reason, c.text) for c in got] == want
-    assert host[0].stop_table(stops) is None
-
-
 def test_logits_hook_plants_the_lengths_in_both_loops(model):
     """The benchmark's way of fixing response lengths: the hook forbids EOS before a
     sample's drawn length and forces it there."""

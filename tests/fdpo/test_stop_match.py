@@ -159,39 +159,3 @@ def test_tables_for_a_qwen_sized_vocabulary():
         hits += want is not None
     assert 30 <= hits <= 270, hits
 
-
-@pytest.mark.torch
-def test_a_policy_with_a_byte_level_tokenizer_stops_on_the_device_as_on_the_host(tmp_path):
-    """Policy (the samplers of launch.sample and launch.evaluate): a byte-level tokenizer
-    gives the sampler its stop table, and the completions equal the host check's (the
-    same sampler with `stop_tokens` taken away), in the refill loop at T=1.0."""
-    import dataclasses
-
-    import jax
-
-    from fdpo import sampling, sharding
-    from fdpo.policy import Policy
-    from fdpo.testing import make_hf_model
-
-    build_tiny_tokenizer(tmp_path)
-    make_hf_model(tmp_path, "qwen2", vocab_size=400, hidden_size=32, intermediate_size=48,
-                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    policy = Policy.load(one, hf_dir=str(tmp_path), length_bucket=16, stop_check_steps=4)
-    prompts = policy.encode_prompts(["def add(a, b):", "class Stack:", "import math"] * 3)
-    free = sampling.SamplingParams(max_new_tokens=24, temperature=1.0,
-                                   eos_ids=policy.eos_ids)
-    texts = [c.text for c in policy.sampler.generate(prompts, free, batch_rows=4)]
-    stops = tuple(dict.fromkeys(t[k:k + 3] for t in texts for k in (5, 9)
-                                if len(t) > k + 3 and "\ufffd" not in t[k:k + 3]))[:4]
-    params = dataclasses.replace(free, stop=stops)
-    assert policy.sampler.stop_table(stops) is not None
-    # Bytes that are no whole character decode to U+FFFD: such a stop string is the host's.
-    assert policy.sampler.stop_table(stops + ("a\ufffd",)) is None
-    got = policy.sampler.generate(prompts, params, batch_rows=4)
-    policy.sampler._stop_tokens = None  # the host check
-    assert policy.sampler.stop_table(stops) is None
-    want = policy.sampler.generate(prompts, params, batch_rows=4)
-    assert [(c.tokens, c.finish_reason, c.text) for c in got] == \
-        [(c.tokens, c.finish_reason, c.text) for c in want]
-    assert sum(c.finish_reason == "stop" for c in got) >= 3
